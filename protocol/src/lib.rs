@@ -1,0 +1,27 @@
+//! grid's protocol, without IO.
+//!
+//! This crate owns everything the real node and the simulator must agree on: content ids and
+//! their verification ([`content`]), the tree manifest ([`manifest`]), and, as they land, job
+//! specs, messages and the job state machines. It does no IO: no sockets, no files, no clock, no
+//! thread-local randomness. Time and randomness come in as arguments; effects go out as values.
+//!
+//! ```
+//! use grid_protocol::content::{block_id, verify_block};
+//! use grid_protocol::manifest::{Entry, Manifest};
+//!
+//! let data = b"#!/bin/sh\necho ok\n";
+//! let mut tree = Manifest::new();
+//! tree.entries.insert(
+//!     "run.sh".into(),
+//!     Entry::File { size: data.len() as u64, executable: true, blocks: vec![block_id(data)] },
+//! );
+//! let bytes = tree.encode();
+//! assert_eq!(Manifest::decode(&bytes).unwrap(), tree);
+//! verify_block(&block_id(data), data).unwrap();
+//! println!("{}", tree.id());
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod content;
+pub mod manifest;
