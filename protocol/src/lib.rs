@@ -1,8 +1,9 @@
 //! grid's protocol, without IO.
 //!
 //! This crate owns everything the real node and the simulator must agree on: content ids and
-//! their verification ([`content`]), the tree manifest ([`manifest`]), and, as they land, job
-//! specs, messages and the job state machines. It does no IO: no sockets, no files, no clock, no
+//! their verification ([`content`]), the tree manifest ([`manifest`]), the `.isolate` source
+//! format that says which files a test needs ([`isolate`]), and, as they land, job specs,
+//! messages and the job state machines. It does no IO: no sockets, no files, no clock, no
 //! thread-local randomness. Time and randomness come in as arguments; effects go out as values.
 //!
 //! ```
@@ -24,4 +25,5 @@
 #![deny(missing_docs)]
 
 pub mod content;
+pub mod isolate;
 pub mod manifest;
