@@ -24,4 +24,9 @@
 #![deny(missing_docs)]
 
 pub mod content;
+pub mod dims;
+pub mod job;
 pub mod manifest;
+pub mod message;
+pub mod record;
+pub mod time;
