@@ -1,0 +1,690 @@
+//! The worker: one node's side of every job it sees.
+//!
+//! A [`Worker`] receives announcements, keeps the ones its [`TrustPolicy`] and its dimensions
+//! accept, decides what to claim with its free slots (priority first, then age), starts the
+//! executions of the leases it is granted, heartbeats them to their submitters, kills what a
+//! submitter cancels or revokes, and signs each result with the node's key and keeps it (an
+//! [`Record::Outbox`] record) until the submitter acknowledges it, resending with backoff.
+//!
+//! It is sans-IO in the manner of quinn-proto; the driver contract is the submitter's
+//! ([`crate::submitter`]): drain [`Worker::poll_output`] after every call and carry the outputs
+//! out in order (a [`Output::Persist`] durable before what follows), then call
+//! [`Worker::handle_timeout`] at [`Worker::poll_timeout`]. Deliver gossip announcements to
+//! [`Worker::handle_announcement`] and direct messages to [`Worker::handle_message`]; report the
+//! end of every [`Output::StartExecution`] with [`Worker::execution_finished`], also after a
+//! [`Output::KillExecution`].
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use libp2p_identity::{Keypair, PeerId};
+
+use crate::content::ContentId;
+use crate::dims::{Dimensions, Mismatch};
+use crate::message::{
+    Ack, Cancel, Claim, Grant, Heartbeat, HeartbeatReply, LeaseRef, MAX_LEASE_REFS,
+    MAX_LEASES_PER_GRANT, Message, Refusal, RefuseReason,
+};
+use crate::output::{Event, ExecOutcome, Execution, LeaseId, Output, Record};
+use crate::record::{
+    Announcement, MAX_ERROR_BYTES, RESULT_VERSION, ShardResult, Signed, SignedAnnouncement,
+    SignedResult, truncate,
+};
+use crate::time::{Rng, Time};
+
+/// Which submitters a node runs jobs for.
+///
+/// A submitter listed in `submitters` is trusted for the pools listed with it (`None`: every
+/// pool); its jobs run normally. A job announced in one of `open_pools` by anyone else runs
+/// only inside the sandbox. Everything else is ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustPolicy {
+    /// Trusted submitter keys, each with the pools it may use (`None` for all).
+    pub submitters: BTreeMap<PeerId, Option<BTreeSet<String>>>,
+    /// Pools open to any submitter, sandboxed.
+    pub open_pools: BTreeSet<String>,
+}
+
+/// How far a node trusts a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// A trusted submitter: run normally.
+    Trusted,
+    /// An open pool: run in the sandbox.
+    Sandboxed,
+}
+
+impl TrustPolicy {
+    /// Trusts `submitter` for every pool (builder style).
+    pub fn trust(mut self, submitter: PeerId) -> Self {
+        self.submitters.insert(submitter, None);
+        self
+    }
+
+    /// How far a job from `submitter` in `pool` is trusted; `None` if not at all.
+    pub fn judge(&self, submitter: &PeerId, pool: &str) -> Option<Trust> {
+        match self.submitters.get(submitter) {
+            Some(None) => return Some(Trust::Trusted),
+            Some(Some(pools)) if pools.contains(pool) => return Some(Trust::Trusted),
+            _ => {}
+        }
+        self.open_pools.contains(pool).then_some(Trust::Sandboxed)
+    }
+}
+
+/// Tuning of a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Shards this node runs at once.
+    pub slots: u32,
+    /// Period of heartbeats for running leases (default 20 s, a third of the default lease).
+    pub heartbeat_interval: Duration,
+    /// A claim with no answer after this long is given up (default 10 s).
+    pub claim_timeout: Duration,
+    /// After a refusal or a lost claim, wait at least this long before claiming the same job
+    /// again (default 5 s, plus up to 50 % jitter).
+    pub claim_backoff: Duration,
+    /// First resend delay of an unacknowledged result (default 10 s; doubles each time).
+    pub result_retry: Duration,
+    /// Longest resend delay (default 5 min).
+    pub result_retry_max: Duration,
+    /// A job whose announcement has not been seen for this long is forgotten, unless this node
+    /// runs some of it (default 2 min, four announcement periods).
+    pub announcement_ttl: Duration,
+    /// Most jobs remembered at once.
+    pub max_jobs: usize,
+    /// Most unacknowledged results kept; beyond it the oldest is dropped.
+    pub max_outbox: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            slots: 1,
+            heartbeat_interval: Duration::from_secs(20),
+            claim_timeout: Duration::from_secs(10),
+            claim_backoff: Duration::from_secs(5),
+            result_retry: Duration::from_secs(10),
+            result_retry_max: Duration::from_secs(300),
+            announcement_ttl: Duration::from_secs(120),
+            max_jobs: 1024,
+            max_outbox: 4096,
+        }
+    }
+}
+
+/// Counters of what the worker did and refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// Announcements whose signature did not verify.
+    pub forged_announcements: u64,
+    /// Announcements from submitters (or pools) not trusted.
+    pub untrusted: u64,
+    /// Claims sent.
+    pub claims: u64,
+    /// Leases started.
+    pub started: u64,
+    /// Grants refused because the spec did not match the announcement or this node.
+    pub bad_grants: u64,
+    /// Results signed.
+    pub results: u64,
+    /// Results resent.
+    pub resends: u64,
+    /// Results dropped because the outbox was full.
+    pub dropped: u64,
+}
+
+/// Why an announcement was not taken up. Informational: none of these needs an answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AnnouncementError {
+    /// The signature does not verify.
+    #[error("announcement signature does not verify")]
+    Forged,
+    /// The submitter or pool is not trusted.
+    #[error("submitter {0} is not trusted for this pool")]
+    Untrusted(PeerId),
+    /// This node does not have the job's dimensions.
+    #[error("this node does not fit: {0}")]
+    Mismatch(Mismatch),
+    /// An older or repeated announcement of a job already known.
+    #[error("announcement is not newer than one already seen")]
+    Stale,
+    /// Too many jobs remembered and none can be forgotten.
+    #[error("too many jobs known")]
+    Full,
+}
+
+/// Why a grant was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum GrantError {
+    /// No known job from that submitter with that id and submission.
+    #[error("grant for a job this node does not know")]
+    UnknownJob,
+    /// The spec is not the announced job, or this node does not fit it.
+    #[error("granted spec does not match: {0}")]
+    BadSpec(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct JobKey {
+    submitter: PeerId,
+    job: ContentId,
+    submission: u64,
+}
+
+#[derive(Debug, Clone)]
+struct PendingClaim {
+    id: u64,
+    slots: u32,
+    deadline: Time,
+}
+
+#[derive(Debug, Clone)]
+struct JobView {
+    ann: Announcement,
+    trust: Trust,
+    last_seen: Time,
+    claim: Option<PendingClaim>,
+    backoff_until: Time,
+    /// After a "no shards" refusal: claim again only after an announcement newer than this.
+    refused_at_seq: Option<u64>,
+    /// This node can never run it (dimension mismatch reported by the submitter).
+    incompatible: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Running {
+    killing: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Unacked {
+    result: SignedResult,
+    queued: Time,
+    next_send: Time,
+    backoff: Duration,
+}
+
+/// One node's worker (see the module docs).
+#[derive(Debug)]
+pub struct Worker {
+    keypair: Keypair,
+    me: PeerId,
+    dimensions: Dimensions,
+    trust: TrustPolicy,
+    config: WorkerConfig,
+    rng: Rng,
+    jobs: BTreeMap<JobKey, JobView>,
+    running: BTreeMap<LeaseId, Running>,
+    outbox: BTreeMap<LeaseId, Unacked>,
+    outputs: VecDeque<Output>,
+    next_heartbeat: Time,
+    claim_seq: u64,
+    stats: WorkerStats,
+    /// The latest `now` seen, so [`Worker::poll_timeout`] never returns a past deadline that
+    /// [`Worker::handle_timeout`] would not clear.
+    now: Time,
+}
+
+impl Worker {
+    /// A worker with the node's identity, its dimensions, its trust policy and its slots.
+    /// `seed` fixes claim ids and jitter.
+    pub fn new(
+        keypair: Keypair,
+        dimensions: Dimensions,
+        trust: TrustPolicy,
+        config: WorkerConfig,
+        seed: u64,
+    ) -> Self {
+        let me = keypair.public().to_peer_id();
+        Worker {
+            keypair,
+            me,
+            dimensions,
+            trust,
+            config,
+            rng: Rng::new(seed),
+            jobs: BTreeMap::new(),
+            running: BTreeMap::new(),
+            outbox: BTreeMap::new(),
+            outputs: VecDeque::new(),
+            next_heartbeat: Time::NEVER,
+            claim_seq: 0,
+            stats: WorkerStats::default(),
+            now: Time::ZERO,
+        }
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.me
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    /// Leases running now.
+    pub fn running(&self) -> impl Iterator<Item = &LeaseId> {
+        self.running.keys()
+    }
+
+    /// Results waiting for an acknowledgement.
+    pub fn unacknowledged(&self) -> impl Iterator<Item = &SignedResult> {
+        self.outbox.values().map(|u| &u.result)
+    }
+
+    /// Slots neither running nor reserved by a pending claim.
+    pub fn free_slots(&self) -> u32 {
+        let reserved: u32 =
+            self.jobs.values().filter_map(|j| j.claim.as_ref()).map(|c| c.slots).sum();
+        self.config.slots.saturating_sub(self.running.len() as u32).saturating_sub(reserved)
+    }
+
+    /// The next output to carry out. Call until `None` after every other call.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Worker::handle_timeout`] must next be called, if ever.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let mut t = Time::NEVER;
+        if !self.running.is_empty() {
+            t = t.min(self.next_heartbeat);
+        }
+        for u in self.outbox.values() {
+            t = t.min(u.next_send);
+        }
+        let later = |d: Time| if d > self.now { d } else { Time::NEVER };
+        for j in self.jobs.values() {
+            match &j.claim {
+                Some(c) => t = t.min(c.deadline),
+                // A job we would claim once its backoff ends.
+                None if self.free_slots() > 0 && self.claimable(j, j.backoff_until) => {
+                    t = t.min(later(j.backoff_until));
+                }
+                None => {}
+            }
+            t = t.min(later(j.last_seen + self.config.announcement_ttl));
+        }
+        (t != Time::NEVER).then_some(t)
+    }
+
+    /// Handles deadlines up to `now`: heartbeats, result resends, lost claims, forgetting old
+    /// announcements, and claiming after a backoff.
+    pub fn handle_timeout(&mut self, now: Time) {
+        self.now = self.now.max(now);
+        if !self.running.is_empty() && now >= self.next_heartbeat {
+            self.send_heartbeats();
+            self.next_heartbeat = now + self.config.heartbeat_interval;
+        }
+        let due: Vec<LeaseId> =
+            self.outbox.iter().filter(|(_, u)| u.next_send <= now).map(|(l, _)| *l).collect();
+        for l in due {
+            let u = self.outbox.get_mut(&l).expect("listed");
+            u.backoff = (u.backoff * 2).min(self.config.result_retry_max);
+            u.next_send = now + u.backoff;
+            self.stats.resends += 1;
+            self.outputs.push_back(Output::Send {
+                to: l.submitter,
+                msg: Message::Result(u.result.clone()),
+            });
+        }
+        let backoff = self.config.claim_backoff;
+        for j in self.jobs.values_mut() {
+            if j.claim.as_ref().is_some_and(|c| c.deadline <= now) {
+                j.claim = None;
+                j.backoff_until = now + self.rng.jitter(backoff, 50);
+            }
+        }
+        let ttl = self.config.announcement_ttl;
+        let busy: BTreeSet<JobKey> = self.running.keys().map(key_of).collect();
+        self.jobs.retain(|k, j| now < j.last_seen + ttl || busy.contains(k) || j.claim.is_some());
+        self.schedule(now);
+    }
+
+    /// A gossip announcement. Verifies it, judges trust and fit, remembers it, and claims if
+    /// there are free slots. An ended job's running leases are killed.
+    pub fn handle_announcement(
+        &mut self,
+        now: Time,
+        signed: SignedAnnouncement,
+    ) -> Result<(), AnnouncementError> {
+        self.now = self.now.max(now);
+        let submitter = match signed.verify() {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.forged_announcements += 1;
+                return Err(AnnouncementError::Forged);
+            }
+        };
+        let ann = signed.body;
+        let Some(trust) = self.trust.judge(&submitter, ann.dimensions.pool()) else {
+            self.stats.untrusted += 1;
+            return Err(AnnouncementError::Untrusted(submitter));
+        };
+        let key = JobKey { submitter, job: ann.job, submission: ann.submission };
+        if let Some(j) = self.jobs.get(&key)
+            && j.ann.seq >= ann.seq
+        {
+            return Err(AnnouncementError::Stale);
+        }
+        if ann.ended {
+            self.kill_job(&key, &[]);
+        }
+        if let Err(m) = ann.dimensions.check(&self.dimensions) {
+            self.jobs.remove(&key);
+            return Err(AnnouncementError::Mismatch(m));
+        }
+        if !self.jobs.contains_key(&key) && self.jobs.len() >= self.config.max_jobs {
+            let busy: BTreeSet<JobKey> = self.running.keys().map(key_of).collect();
+            let victim = self
+                .jobs
+                .iter()
+                .filter(|(k, j)| !busy.contains(k) && j.claim.is_none())
+                .min_by_key(|(k, j)| (j.last_seen, **k))
+                .map(|(k, _)| *k);
+            match victim {
+                Some(v) => {
+                    self.jobs.remove(&v);
+                }
+                None => return Err(AnnouncementError::Full),
+            }
+        }
+        let view = self.jobs.entry(key).or_insert_with(|| JobView {
+            ann: ann.clone(),
+            trust,
+            last_seen: now,
+            claim: None,
+            backoff_until: Time::ZERO,
+            refused_at_seq: None,
+            incompatible: false,
+        });
+        view.ann = ann;
+        view.trust = trust;
+        view.last_seen = now;
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// Dispatches a direct message from `from`: grants, refusals, heartbeat replies, acks and
+    /// cancels. Other kinds are ignored (they are the submitter's).
+    pub fn handle_message(&mut self, now: Time, from: PeerId, msg: Message) {
+        match msg {
+            Message::Grant(g) => {
+                let _ = self.handle_grant(now, from, g);
+            }
+            Message::Refuse(r) => self.handle_refusal(now, from, r),
+            Message::HeartbeatReply(h) => self.handle_heartbeat_reply(now, from, h),
+            Message::Ack(a) => self.handle_ack(now, from, a),
+            Message::Cancel(c) => self.handle_cancel(now, from, c),
+            _ => {}
+        }
+    }
+
+    /// A grant from a submitter: checks the spec against the announcement and this node, then
+    /// starts one execution per lease, up to the free slots (extra leases are left to lapse).
+    pub fn handle_grant(
+        &mut self,
+        now: Time,
+        from: PeerId,
+        grant: Grant,
+    ) -> Result<(), GrantError> {
+        self.now = self.now.max(now);
+        let key = JobKey { submitter: from, job: grant.job, submission: grant.submission };
+        let Some(view) = self.jobs.get_mut(&key) else {
+            return Err(GrantError::UnknownJob);
+        };
+        // The slots this claim reserved become free for the grant itself.
+        let reserved = match &view.claim {
+            Some(c) if c.id == grant.claim_id => c.slots,
+            _ => 0,
+        };
+        if reserved > 0 {
+            view.claim = None;
+        }
+        let spec = &grant.spec;
+        let ann = &view.ann;
+        let problem = if spec.id() != grant.job {
+            Some("spec does not hash to the job id".to_string())
+        } else if spec.manifest != ann.manifest
+            || spec.shards != ann.shards
+            || spec.dimensions != ann.dimensions
+        {
+            Some("spec differs from the announcement".to_string())
+        } else {
+            spec.dimensions.check(&self.dimensions).err().map(|m| m.to_string())
+        };
+        if let Some(p) = problem {
+            self.stats.bad_grants += 1;
+            self.schedule(now);
+            return Err(GrantError::BadSpec(p));
+        }
+        let sandbox = view.trust == Trust::Sandboxed;
+        let mut free = self.free_slots();
+        for l in grant.leases {
+            let id =
+                LeaseId { submitter: from, job: grant.job, submission: grant.submission, lease: l };
+            if free == 0 || self.running.contains_key(&id) || self.outbox.contains_key(&id) {
+                continue;
+            }
+            free -= 1;
+            self.running.insert(id, Running { killing: false });
+            self.stats.started += 1;
+            self.outputs.push_back(Output::StartExecution(Execution {
+                lease: id,
+                spec: spec.clone(),
+                env: spec.shard_env(l.shard),
+                sandbox,
+            }));
+        }
+        if self.next_heartbeat == Time::NEVER || self.next_heartbeat < now {
+            self.next_heartbeat = now + self.config.heartbeat_interval;
+        }
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// A refusal: release the reserved slots and back off from that job (until a newer
+    /// announcement when the job was full; for good when this node does not fit).
+    pub fn handle_refusal(&mut self, now: Time, from: PeerId, refusal: Refusal) {
+        self.now = self.now.max(now);
+        let key = JobKey { submitter: from, job: refusal.job, submission: refusal.submission };
+        let backoff = self.rng.jitter(self.config.claim_backoff, 50);
+        if let Some(view) = self.jobs.get_mut(&key)
+            && view.claim.as_ref().is_some_and(|c| c.id == refusal.claim_id)
+        {
+            view.claim = None;
+            view.backoff_until = now + backoff;
+            match refusal.reason {
+                RefuseReason::UnknownJob | RefuseReason::Ended => {
+                    self.jobs.remove(&key);
+                }
+                RefuseReason::NoShards => view.refused_at_seq = Some(view.ann.seq),
+                RefuseReason::Mismatch(_) => view.incompatible = true,
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// A heartbeat reply: kill what was revoked.
+    pub fn handle_heartbeat_reply(&mut self, now: Time, from: PeerId, reply: HeartbeatReply) {
+        self.now = self.now.max(now);
+        let key = JobKey { submitter: from, job: reply.job, submission: reply.submission };
+        self.kill_job(&key, &reply.revoked);
+    }
+
+    /// A cancel from a submitter: kill the named leases of its job (all if none are named).
+    /// A cancel naming another submitter's job does nothing.
+    pub fn handle_cancel(&mut self, now: Time, from: PeerId, cancel: Cancel) {
+        self.now = self.now.max(now);
+        let key = JobKey { submitter: from, job: cancel.job, submission: cancel.submission };
+        self.kill_job(&key, &cancel.leases);
+    }
+
+    /// An acknowledgement: forget the result (whatever the verdict: the submitter has seen it).
+    pub fn handle_ack(&mut self, now: Time, from: PeerId, ack: Ack) {
+        self.now = self.now.max(now);
+        let id =
+            LeaseId { submitter: from, job: ack.job, submission: ack.submission, lease: ack.lease };
+        if self.outbox.remove(&id).is_some() {
+            self.outputs.push_back(Output::Forget(id));
+            self.outputs
+                .push_back(Output::Event(Event::Acknowledged { lease: id, verdict: ack.verdict }));
+        }
+    }
+
+    /// An execution ended (also after a kill). Signs the result, persists it in the outbox,
+    /// sends it, and claims again with the freed slot. Returns `false` for a lease this worker
+    /// does not run.
+    pub fn execution_finished(&mut self, now: Time, lease: LeaseId, outcome: ExecOutcome) -> bool {
+        self.now = self.now.max(now);
+        if self.running.remove(&lease).is_none() {
+            return false;
+        }
+        let body = ShardResult {
+            version: RESULT_VERSION,
+            job: lease.job,
+            submission: lease.submission,
+            shard: lease.lease.shard,
+            attempt: lease.lease.attempt,
+            state: outcome.state,
+            exit_code: outcome.exit_code,
+            duration: outcome.duration,
+            overhead: outcome.overhead,
+            finished: now,
+            log: outcome.log,
+            outputs: outcome.outputs,
+            dimensions: self.dimensions.clone(),
+            error: truncate(outcome.error, MAX_ERROR_BYTES),
+        };
+        let signed = Signed::sign(&self.keypair, body);
+        self.stats.results += 1;
+        self.queue_result(now, lease, signed);
+        self.schedule(now);
+        true
+    }
+
+    /// Puts back a result persisted before a restart ([`Record::Outbox`]), to be resent until
+    /// acknowledged (`grid collect` gathers these later).
+    pub fn restore_result(&mut self, now: Time, lease: LeaseId, result: SignedResult) {
+        self.now = self.now.max(now);
+        if !self.outbox.contains_key(&lease) {
+            self.make_room(now);
+            let backoff = self.config.result_retry;
+            self.outbox.insert(lease, Unacked { result, queued: now, next_send: now, backoff });
+        }
+    }
+
+    // ---- internals ----
+
+    fn queue_result(&mut self, now: Time, lease: LeaseId, result: SignedResult) {
+        self.make_room(now);
+        self.outputs.push_back(Output::Persist(Record::Outbox { lease, result: result.clone() }));
+        self.outputs
+            .push_back(Output::Send { to: lease.submitter, msg: Message::Result(result.clone()) });
+        let backoff = self.rng.jitter(self.config.result_retry, 10);
+        self.outbox
+            .insert(lease, Unacked { result, queued: now, next_send: now + backoff, backoff });
+    }
+
+    fn make_room(&mut self, _now: Time) {
+        while self.outbox.len() >= self.config.max_outbox.max(1) {
+            let Some(oldest) =
+                self.outbox.iter().min_by_key(|(l, u)| (u.queued, **l)).map(|(l, _)| *l)
+            else {
+                break;
+            };
+            self.outbox.remove(&oldest);
+            self.stats.dropped += 1;
+            self.outputs.push_back(Output::Forget(oldest));
+            self.outputs.push_back(Output::Event(Event::ResultDropped { lease: oldest }));
+        }
+    }
+
+    fn kill_job(&mut self, key: &JobKey, leases: &[LeaseRef]) {
+        let wanted: BTreeSet<&LeaseRef> = leases.iter().collect();
+        for (id, r) in self.running.iter_mut() {
+            if key_of(id) == *key && (wanted.is_empty() || wanted.contains(&id.lease)) && !r.killing
+            {
+                r.killing = true;
+                self.outputs.push_back(Output::KillExecution(*id));
+            }
+        }
+    }
+
+    fn send_heartbeats(&mut self) {
+        let mut per_job: BTreeMap<JobKey, Vec<LeaseRef>> = BTreeMap::new();
+        for (id, r) in &self.running {
+            if !r.killing {
+                per_job.entry(key_of(id)).or_default().push(id.lease);
+            }
+        }
+        for (key, leases) in per_job {
+            for chunk in leases.chunks(MAX_LEASE_REFS) {
+                self.outputs.push_back(Output::Send {
+                    to: key.submitter,
+                    msg: Message::Heartbeat(Heartbeat {
+                        job: key.job,
+                        submission: key.submission,
+                        leases: chunk.to_vec(),
+                    }),
+                });
+            }
+        }
+    }
+
+    fn claimable(&self, j: &JobView, now: Time) -> bool {
+        !j.ann.ended
+            && !j.incompatible
+            && j.ann.open > 0
+            && j.claim.is_none()
+            && now >= j.backoff_until
+            && j.refused_at_seq.is_none_or(|s| j.ann.seq > s)
+    }
+
+    /// Claims with the free slots: most urgent priority first, then the oldest job.
+    fn schedule(&mut self, now: Time) {
+        let mut free = self.free_slots();
+        if free == 0 {
+            return;
+        }
+        let mut candidates: Vec<(u8, Time, JobKey)> = self
+            .jobs
+            .iter()
+            .filter(|(_, j)| self.claimable(j, now) && now < j.ann.expires)
+            .map(|(k, j)| (j.ann.priority, j.ann.created, *k))
+            .collect();
+        candidates.sort();
+        for (_, _, key) in candidates {
+            if free == 0 {
+                break;
+            }
+            let j = self.jobs.get_mut(&key).expect("listed");
+            let slots = free.min(j.ann.open).min(MAX_LEASES_PER_GRANT);
+            self.claim_seq += 1;
+            let id = self.claim_seq;
+            j.claim = Some(PendingClaim { id, slots, deadline: now + self.config.claim_timeout });
+            j.refused_at_seq = None;
+            free -= slots;
+            self.stats.claims += 1;
+            self.outputs.push_back(Output::Send {
+                to: key.submitter,
+                msg: Message::Claim(Claim {
+                    job: key.job,
+                    submission: key.submission,
+                    claim_id: id,
+                    slots,
+                    dimensions: self.dimensions.clone(),
+                }),
+            });
+        }
+    }
+}
+
+fn key_of(id: &LeaseId) -> JobKey {
+    JobKey { submitter: id.submitter, job: id.job, submission: id.submission }
+}
