@@ -985,3 +985,727 @@ impl Submitter {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dims::{Dimensions, Requirements};
+    use crate::job::{JobSpec, Scheduling};
+    use crate::record::tests::key;
+    use crate::record::{RESULT_VERSION, ShardResult};
+    use proptest::prelude::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    pub(crate) fn request(shards: u32, k: u8) -> JobRequest {
+        let mut spec = JobSpec::new("./t", crate::content::manifest_id(b"tree"), "ci");
+        spec.shards = shards;
+        spec.hard_timeout = Duration::from_secs(600);
+        JobRequest {
+            spec,
+            scheduling: Scheduling::with_redundancy(k),
+            name: "t".into(),
+            tags: vec![],
+        }
+    }
+
+    fn linux() -> Dimensions {
+        Dimensions::new().with("pool", "ci").with("os", "Linux").with("cpu", "x86-64")
+    }
+
+    struct Node {
+        key: Keypair,
+        id: PeerId,
+        dims: Dimensions,
+    }
+
+    fn node(seed: u8) -> Node {
+        let key = key(seed);
+        Node { id: key.public().to_peer_id(), key, dims: linux() }
+    }
+
+    fn submitter(req: JobRequest) -> Submitter {
+        let mut s = Submitter::new(req, key(100), Time(0), SubmitterConfig::default(), 1).unwrap();
+        s.handle_timeout(Time(0));
+        drain(&mut s);
+        s
+    }
+
+    fn drain(s: &mut Submitter) -> Vec<Output> {
+        std::iter::from_fn(|| s.poll_output()).collect()
+    }
+
+    fn claim_msg(s: &Submitter, n: &Node, slots: u32) -> Claim {
+        Claim {
+            job: s.job(),
+            submission: s.submission(),
+            claim_id: 1,
+            slots,
+            dimensions: n.dims.clone(),
+        }
+    }
+
+    /// Claims and returns the leases granted (empty on refusal).
+    fn claim(s: &mut Submitter, now: u64, n: &Node, slots: u32) -> Vec<LeaseRef> {
+        s.handle_claim(Time(now), n.id, claim_msg(s, n, slots));
+        drain(s)
+            .into_iter()
+            .find_map(|o| match o {
+                Output::Send { msg: Message::Grant(g), to } => {
+                    assert_eq!(to, n.id);
+                    Some(g.leases)
+                }
+                Output::Send { msg: Message::Refuse(_), .. } => Some(vec![]),
+                _ => None,
+            })
+            .expect("a claim is always answered")
+    }
+
+    fn result(s: &Submitter, n: &Node, lease: LeaseRef, exit: i32) -> SignedResult {
+        Signed::sign(
+            &n.key,
+            ShardResult {
+                version: RESULT_VERSION,
+                job: s.job(),
+                submission: s.submission(),
+                shard: lease.shard,
+                attempt: lease.attempt,
+                state: RunState::Completed,
+                exit_code: Some(exit),
+                duration: Duration::from_secs(1),
+                overhead: Duration::ZERO,
+                finished: Time(1),
+                log: None,
+                outputs: None,
+                dimensions: n.dims.clone(),
+                error: String::new(),
+            },
+        )
+    }
+
+    /// Sends a result and returns the verdict of the ack, plus everything else output.
+    fn report(s: &mut Submitter, now: u64, n: &Node, r: SignedResult) -> (Verdict, Vec<Output>) {
+        s.handle_result(Time(now), n.id, r);
+        let out = drain(s);
+        let v = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Send { msg: Message::Ack(a), .. } => Some(a.verdict),
+                _ => None,
+            })
+            .expect("every result is acknowledged");
+        (v, out)
+    }
+
+    /// Reports `n`'s honest result for `lease`.
+    fn run(
+        s: &mut Submitter,
+        now: u64,
+        n: &Node,
+        lease: LeaseRef,
+        exit: i32,
+    ) -> (Verdict, Vec<Output>) {
+        let r = result(s, n, lease, exit);
+        report(s, now, n, r)
+    }
+
+    fn cancels(out: &[Output]) -> Vec<(PeerId, Vec<LeaseRef>)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { to, msg: Message::Cancel(c) } => Some((*to, c.leases.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn announcements(out: &[Output]) -> Vec<Announcement> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Publish { msg: Message::Announce(a), topic } => {
+                    assert_eq!(topic, "grid/jobs/v1/ci");
+                    a.verify().unwrap();
+                    Some(a.body.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    const fn l(shard: u32, attempt: u32) -> LeaseRef {
+        LeaseRef { shard, attempt }
+    }
+
+    #[test]
+    fn start_persists_the_job_provides_the_tree_then_announces() {
+        let mut s = Submitter::new(request(3, 1), key(100), Time(0), SubmitterConfig::default(), 1)
+            .unwrap();
+        let out = drain(&mut s);
+        assert!(matches!(out[0], Output::Persist(Record::Job { .. })));
+        assert!(matches!(out[1], Output::Provide(_)));
+        assert_eq!(s.poll_timeout(), Some(Time(0)));
+        s.handle_timeout(Time(0));
+        let anns = announcements(&drain(&mut s));
+        assert_eq!(anns.len(), 1);
+        assert_eq!((anns[0].open, anns[0].shards, anns[0].seq), (3, 3, 1));
+        // Re-announced every 30 s plus jitter.
+        let next = s.poll_timeout().unwrap();
+        assert!(next >= Time(30_000) && next <= Time(33_000), "{next}");
+    }
+
+    #[test]
+    fn a_lease_is_persisted_before_it_is_granted() {
+        let mut s = submitter(request(3, 1));
+        let a = node(1);
+        s.handle_claim(Time(5), a.id, claim_msg(&s, &a, 2));
+        let out = drain(&mut s);
+        let persisted: Vec<usize> = out
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| matches!(o, Output::Persist(Record::Lease { .. })))
+            .map(|(i, _)| i)
+            .collect();
+        let grant = out
+            .iter()
+            .position(|o| matches!(o, Output::Send { msg: Message::Grant(_), .. }))
+            .unwrap();
+        assert_eq!(persisted.len(), 2);
+        assert!(persisted.iter().all(|p| *p < grant));
+        let Output::Send { msg: Message::Grant(g), .. } = &out[grant] else { unreachable!() };
+        assert_eq!(g.leases, vec![l(0, 1), l(1, 1)]);
+        assert_eq!(g.spec.id(), s.job());
+        assert_eq!(g.ttl_ms, 60_000);
+        assert_eq!(s.shard_states()[..2], [ShardState::Running, ShardState::Running]);
+        assert_eq!(s.shard_states()[2], ShardState::Pending);
+    }
+
+    #[test]
+    fn two_claims_race_for_the_last_shard() {
+        let mut s = submitter(request(1, 1));
+        let (a, b) = (node(1), node(2));
+        assert_eq!(claim(&mut s, 10, &a, 1), vec![l(0, 1)]);
+        s.handle_claim(Time(10), b.id, claim_msg(&s, &b, 1));
+        let out = drain(&mut s);
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Send { to, msg: Message::Refuse(Refusal { reason: RefuseReason::NoShards, .. }) }
+                if *to == b.id
+        )));
+        assert_eq!(s.stats().grants, 1);
+        assert_eq!(s.stats().refusals, 1);
+    }
+
+    #[test]
+    fn heartbeats_renew_held_leases_and_revoke_the_rest() {
+        let mut s = submitter(request(2, 1));
+        let (a, b) = (node(1), node(2));
+        claim(&mut s, 0, &a, 1);
+        let (job, submission) = (s.job(), s.submission());
+        let hb = |leases| Heartbeat { job, submission, leases };
+        let msg = hb(vec![l(0, 1), l(1, 1)]);
+        s.handle_heartbeat(Time(50_000), a.id, msg);
+        let out = drain(&mut s);
+        let Output::Send { msg: Message::HeartbeatReply(r), .. } = &out[0] else { panic!() };
+        assert_eq!(r.renewed, vec![l(0, 1)]);
+        assert_eq!(r.revoked, vec![l(1, 1)]);
+        // Renewed: still running past the first deadline.
+        s.handle_timeout(Time(100_000));
+        drain(&mut s);
+        assert_eq!(s.shard_states()[0], ShardState::Running);
+        // Someone else's heartbeat for that lease does not renew it.
+        let msg = hb(vec![l(0, 1)]);
+        s.handle_heartbeat(Time(100_000), b.id, msg);
+        let out = drain(&mut s);
+        let Output::Send { msg: Message::HeartbeatReply(r), .. } = &out[0] else { panic!() };
+        assert_eq!(r.revoked, vec![l(0, 1)]);
+        s.handle_timeout(Time(110_000));
+        assert_eq!(s.shard_states()[0], ShardState::Pending);
+    }
+
+    #[test]
+    fn a_lease_is_not_renewed_past_its_life() {
+        let mut s = submitter(request(1, 1));
+        let a = node(1);
+        claim(&mut s, 0, &a, 1);
+        // hard 600 s + grace 30 s + allowance 600 s = 1230 s.
+        let mut t = 0;
+        while t < 1_300_000 {
+            t += 20_000;
+            let hb = Heartbeat { job: s.job(), submission: s.submission(), leases: vec![l(0, 1)] };
+            s.handle_heartbeat(Time(t), a.id, hb);
+            drain(&mut s);
+        }
+        assert_eq!(s.shard(0).unwrap().attempts[0].2, AttemptState::WorkerDied);
+    }
+
+    #[test]
+    fn lease_expiry_then_a_late_result_from_the_first_holder() {
+        let mut s = submitter(request(1, 1));
+        let (a, b) = (node(1), node(2));
+        claim(&mut s, 0, &a, 1);
+        // The next deadline is the re-announcement (30 s + jitter), before the lease's 60 s.
+        assert!(s.poll_timeout().unwrap() < Time(millis(TTL)));
+        s.handle_timeout(Time(60_000));
+        let out = drain(&mut s);
+        assert_eq!(s.shard_states()[0], ShardState::Pending);
+        assert!(out.contains(&Output::Event(Event::Attempt {
+            job: s.job(),
+            lease: l(0, 1),
+            node: a.id,
+            state: AttemptState::WorkerDied
+        })));
+        // Re-offered at once, not at the next period.
+        assert_eq!(announcements(&out).last().unwrap().open, 1);
+        // A may not take it back right away; B may.
+        assert!(claim(&mut s, 61_000, &a, 1).is_empty());
+        assert_eq!(claim(&mut s, 61_000, &b, 1), vec![l(0, 2)]);
+        // A's result arrives late: the work is done and signed, so it counts; B's lease is
+        // canceled.
+        let (v, out) = run(&mut s, 62_000, &a, l(0, 1), 0);
+        assert_eq!(v, Verdict::Accepted);
+        assert_eq!(s.shard_states()[0], ShardState::Completed);
+        assert_eq!(cancels(&out), vec![(b.id, vec![l(0, 2)])]);
+        assert!(s.is_finished());
+        let final_ann = announcements(&out);
+        assert!(final_ann.last().unwrap().ended);
+        // B's result for the canceled lease is late, not an error.
+        let (v, _) = run(&mut s, 63_000, &b, l(0, 2), 0);
+        assert_eq!(v, Verdict::Late);
+        assert_eq!(s.stats().late, 1);
+        assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn a_worker_dying_with_two_leases() {
+        let mut s = submitter(request(3, 1));
+        let (a, b) = (node(1), node(2));
+        assert_eq!(claim(&mut s, 0, &a, 2), vec![l(0, 1), l(1, 1)]);
+        assert_eq!(claim(&mut s, 0, &b, 1), vec![l(2, 1)]);
+        s.peer_gone(Time(1_000), a.id);
+        drain(&mut s);
+        assert_eq!(
+            s.shard_states(),
+            vec![ShardState::Pending, ShardState::Pending, ShardState::Running]
+        );
+        // B finishes and claims two more: it gets both re-offered shards.
+        run(&mut s, 2_000, &b, l(2, 1), 0);
+        assert_eq!(claim(&mut s, 2_000, &b, 2), vec![l(0, 2), l(1, 2)]);
+        // The dead node coming back gets nothing meanwhile.
+        assert!(claim(&mut s, 3_000, &a, 2).is_empty());
+        assert_eq!(s.stats().lost, 2);
+    }
+
+    #[test]
+    fn the_node_that_failed_a_shard_gets_it_again_only_when_nobody_else_does() {
+        let mut s = submitter(request(1, 1));
+        let a = node(1);
+        claim(&mut s, 0, &a, 1);
+        s.peer_gone(Time(1_000), a.id);
+        assert!(claim(&mut s, 2_000, &a, 1).is_empty());
+        assert_eq!(claim(&mut s, 61_000, &a, 1), vec![l(0, 2)]);
+    }
+
+    #[test]
+    fn a_poison_shard_ends_instead_of_looping() {
+        // Nodes that vanish: WORKER_DIED after max_attempts (3).
+        let mut s = submitter(request(1, 1));
+        for i in 0..3 {
+            let n = node(i + 1);
+            assert_eq!(claim(&mut s, u64::from(i) * 1000, &n, 1).len(), 1);
+            s.peer_gone(Time(u64::from(i) * 1000 + 500), n.id);
+        }
+        drain(&mut s);
+        assert_eq!(s.shard_states(), vec![ShardState::WorkerDied]);
+        assert!(s.is_finished());
+        // Nodes that report they cannot run it: FAILED.
+        let mut s = submitter(request(1, 1));
+        for i in 0..3 {
+            let n = node(i + 1);
+            let lease = claim(&mut s, 0, &n, 1)[0];
+            let mut r = result(&s, &n, lease, 0);
+            r.body.state = RunState::Error;
+            r.body.exit_code = None;
+            r.body.error = "fetch failed".into();
+            let r = Signed::sign(&n.key, r.body);
+            assert_eq!(report(&mut s, 1, &n, r).0, Verdict::Accepted);
+        }
+        assert_eq!(s.shard_states(), vec![ShardState::Failed]);
+    }
+
+    #[test]
+    fn forged_replayed_unleased_and_duplicate_results_are_rejected_and_counted() {
+        let mut s = submitter(request(2, 1));
+        let (a, b) = (node(1), node(2));
+        claim(&mut s, 0, &a, 1);
+        // Forged: B signs, but claims to be A (A's key, B's signature).
+        let mut forged = result(&s, &b, l(0, 1), 0);
+        forged.key = a.key.public().encode_protobuf();
+        let (v, out) = report(&mut s, 1, &b, forged);
+        assert_eq!(v, Verdict::Rejected(Rejection::Forged));
+        assert!(out.iter().any(|o| matches!(
+            o,
+            Output::Event(Event::ResultRejected { rejection: Rejection::Forged, .. })
+        )));
+        // Tampered after signing.
+        let mut tampered = result(&s, &a, l(0, 1), 1);
+        tampered.body.exit_code = Some(0);
+        assert_eq!(report(&mut s, 1, &a, tampered).0, Verdict::Rejected(Rejection::Forged));
+        // Replayed from another job, and from another submission of this one.
+        let mut other = result(&s, &a, l(0, 1), 0).body;
+        other.job = crate::content::job_id(b"another job");
+        let other = Signed::sign(&a.key, other);
+        assert_eq!(report(&mut s, 1, &a, other).0, Verdict::Rejected(Rejection::WrongJob));
+        let mut old = result(&s, &a, l(0, 1), 0).body;
+        old.submission ^= 1;
+        let old = Signed::sign(&a.key, old);
+        assert_eq!(report(&mut s, 1, &a, old).0, Verdict::Rejected(Rejection::WrongJob));
+        // B never held a lease on shard 0 (nor shard 1).
+        let r = result(&s, &b, l(0, 1), 0);
+        assert_eq!(report(&mut s, 1, &b, r).0, Verdict::Rejected(Rejection::NoLease));
+        let r = result(&s, &b, l(1, 1), 0);
+        assert_eq!(report(&mut s, 1, &b, r).0, Verdict::Rejected(Rejection::NoLease));
+        assert_eq!(s.shard_states()[0], ShardState::Running);
+        // The real one, then a second copy (and a second, different result) of it.
+        let r = result(&s, &a, l(0, 1), 0);
+        assert_eq!(report(&mut s, 2, &a, r.clone()).0, Verdict::Accepted);
+        assert_eq!(report(&mut s, 3, &a, r).0, Verdict::Duplicate);
+        let r = result(&s, &a, l(0, 1), 1);
+        assert_eq!(report(&mut s, 3, &a, r).0, Verdict::Duplicate);
+        let st = s.stats();
+        assert_eq!((st.forged, st.replayed, st.no_lease, st.duplicates), (2, 2, 2, 2));
+        assert_eq!(s.shard(0).unwrap().accepted.unwrap().exit_code, Some(0));
+    }
+
+    #[test]
+    fn an_accepted_result_is_persisted_before_it_is_acknowledged() {
+        let mut s = submitter(request(1, 1));
+        let a = node(1);
+        claim(&mut s, 0, &a, 1);
+        let (_, out) = run(&mut s, 1, &a, l(0, 1), 0);
+        let p = out.iter().position(|o| matches!(o, Output::Persist(Record::Result(_)))).unwrap();
+        let ack = out.iter().position(|o| matches!(o, Output::Send { msg: Message::Ack(_), .. }));
+        assert!(p < ack.unwrap());
+    }
+
+    #[test]
+    fn k3_with_one_lying_node() {
+        for liar_first in [true, false] {
+            let mut s = submitter(request(1, 3));
+            let nodes = [node(1), node(2), node(3)];
+            for n in &nodes {
+                assert_eq!(claim(&mut s, 0, n, 1).len(), 1);
+            }
+            // Nobody gets a second replica of the same shard.
+            assert!(claim(&mut s, 0, &nodes[0], 1).is_empty());
+            let liar = &nodes[2];
+            let mut order: Vec<&Node> = nodes.iter().collect();
+            if liar_first {
+                order.rotate_right(1);
+            }
+            let mut verdicts = vec![];
+            for n in order {
+                let lease = s.shard(0).unwrap().attempts.iter().find(|a| a.1 == n.id).unwrap().0;
+                let exit = if n.id == liar.id { 1 } else { 0 };
+                verdicts.push(run(&mut s, 5, n, lease, exit).0);
+            }
+            assert_eq!(s.shard_states(), vec![ShardState::Completed]);
+            assert_eq!(s.shard(0).unwrap().accepted.unwrap().exit_code, Some(0));
+            assert_eq!(s.stats().dissents, 1, "liar first: {liar_first}");
+            if !liar_first {
+                // Decided by the two honest nodes; the liar's replica was canceled.
+                assert_eq!(verdicts, vec![Verdict::Accepted, Verdict::Accepted, Verdict::Late]);
+            }
+        }
+    }
+
+    #[test]
+    fn disagreement_adds_replicas_up_to_the_cap_then_disputes() {
+        let mut s = submitter(request(1, 2)); // k = 2, cap 3
+        let nodes: Vec<Node> = (1..=4).map(node).collect();
+        for (i, n) in nodes[..2].iter().enumerate() {
+            let lease = claim(&mut s, 0, n, 1)[0];
+            run(&mut s, 1, n, lease, i as i32);
+        }
+        assert_eq!(s.shard_states(), vec![ShardState::Pending]);
+        assert_eq!(s.stats().extra_replicas, 1);
+        let lease = claim(&mut s, 2, &nodes[2], 1)[0];
+        assert_eq!(lease, l(0, 3));
+        run(&mut s, 3, &nodes[2], lease, 2);
+        assert_eq!(s.shard_states(), vec![ShardState::Disputed]);
+        assert!(claim(&mut s, 4, &nodes[3], 1).is_empty());
+    }
+
+    #[test]
+    fn replicas_stay_within_one_platform_class() {
+        let mut req = request(1, 2);
+        req.spec.dimensions = Requirements::in_pool("ci");
+        let mut s = submitter(req);
+        let a = node(1);
+        let mut mac = node(2);
+        mac.dims = Dimensions::new().with("pool", "ci").with("os", "Mac").with("cpu", "arm64");
+        claim(&mut s, 0, &a, 1);
+        assert!(claim(&mut s, 0, &mac, 1).is_empty());
+        let b = node(3);
+        let lease = claim(&mut s, 0, &b, 1)[0];
+        // B claimed as Linux but reports as Mac: not comparable.
+        let mut r = result(&s, &b, lease, 0).body;
+        r.dimensions = mac.dims.clone();
+        let r = Signed::sign(&b.key, r);
+        assert_eq!(report(&mut s, 1, &b, r).0, Verdict::Rejected(Rejection::WrongClass));
+        assert_eq!(s.stats().wrong_class, 1);
+    }
+
+    #[test]
+    fn cancel_while_running() {
+        let mut s = submitter(request(3, 1));
+        let (a, b) = (node(1), node(2));
+        claim(&mut s, 0, &a, 2);
+        run(&mut s, 1, &a, l(0, 1), 0);
+        claim(&mut s, 1, &b, 1);
+        s.cancel(Time(2));
+        let out = drain(&mut s);
+        assert_eq!(cancels(&out), vec![(a.id, vec![l(1, 1)]), (b.id, vec![l(2, 1)])]);
+        assert_eq!(
+            s.shard_states(),
+            vec![ShardState::Completed, ShardState::Canceled, ShardState::Canceled]
+        );
+        assert!(out.contains(&Output::Event(Event::JobFinished { job: s.job() })));
+        assert!(announcements(&out).last().unwrap().ended);
+        // The killed execution reports; it is late, not an error.
+        let mut r = result(&s, &b, l(2, 1), 0).body;
+        r.state = RunState::Canceled;
+        r.exit_code = None;
+        let r = Signed::sign(&b.key, r);
+        assert_eq!(report(&mut s, 3, &b, r).0, Verdict::Late);
+        // Claims after the end are refused as ended.
+        s.handle_claim(Time(4), a.id, claim_msg(&s, &a, 1));
+        assert!(drain(&mut s).iter().any(|o| matches!(
+            o,
+            Output::Send { msg: Message::Refuse(Refusal { reason: RefuseReason::Ended, .. }), .. }
+        )));
+    }
+
+    #[test]
+    fn expiry_ends_pending_shards_and_running_ones_that_lose_their_lease() {
+        let mut req = request(2, 1);
+        req.scheduling.expiration = Duration::from_secs(100);
+        let mut s = submitter(req);
+        let a = node(1);
+        claim(&mut s, 0, &a, 1);
+        for t in (20_000..=100_000).step_by(20_000) {
+            let hb = Heartbeat { job: s.job(), submission: s.submission(), leases: vec![l(0, 1)] };
+            s.handle_heartbeat(Time(t), a.id, hb);
+        }
+        assert_eq!(s.shard_states(), vec![ShardState::Running, ShardState::Expired]);
+        s.peer_gone(Time(101_000), a.id);
+        assert_eq!(s.shard_states(), vec![ShardState::Expired, ShardState::Expired]);
+        assert!(s.is_finished());
+    }
+
+    #[test]
+    fn no_resource_when_nobody_fits_and_the_job_does_not_wait() {
+        let mut req = request(2, 1);
+        req.scheduling.wait_for_capacity = false;
+        req.spec.dimensions = req.spec.dimensions.clone().with("os", &["Mac"]);
+        let mut s = submitter(req);
+        let a = node(1);
+        s.handle_claim(Time(1), a.id, claim_msg(&s, &a, 1));
+        let out = drain(&mut s);
+        let refusal = out.iter().find_map(|o| match o {
+            Output::Send { msg: Message::Refuse(r), .. } => Some(r.reason.clone()),
+            _ => None,
+        });
+        let Some(RefuseReason::Mismatch(m)) = refusal else { panic!("{refusal:?}") };
+        assert_eq!(m.to_string(), "needs os=Mac, node has os=Linux");
+        assert_eq!(s.pending_reason().to_string(), "no node has os=Mac");
+        assert!(s.poll_timeout().unwrap() <= Time(60_000));
+        s.handle_timeout(Time(59_999));
+        assert_eq!(s.shard_states(), vec![ShardState::Pending; 2]);
+        s.handle_timeout(Time(60_000));
+        assert_eq!(s.shard_states(), vec![ShardState::NoResource; 2]);
+        assert!(s.is_finished());
+    }
+
+    #[test]
+    fn idempotent_jobs_reuse_an_earlier_success_unless_forced() {
+        let mut req = request(2, 1);
+        req.spec.idempotent = true;
+        let a = node(1);
+        // An earlier run of the same job.
+        let mut first = submitter(req.clone());
+        claim(&mut first, 0, &a, 1);
+        let ok = result(&first, &a, l(0, 1), 0);
+        let bad = result(&first, &a, l(0, 1), 1);
+        report(&mut first, 1, &a, ok.clone());
+
+        let mut s =
+            Submitter::new(req.clone(), key(100), Time(5), SubmitterConfig::default(), 2).unwrap();
+        assert_ne!(s.submission(), first.submission());
+        assert_eq!(s.reuse(Time(5), 0, &[bad]), Err(ReuseError::Mismatch));
+        let mut forged = ok.clone();
+        forged.body.exit_code = Some(0);
+        forged.signature[0] ^= 1;
+        assert!(matches!(s.reuse(Time(5), 0, &[forged]), Err(ReuseError::Forged(_))));
+        assert_eq!(s.reuse(Time(5), 1, std::slice::from_ref(&ok)), Err(ReuseError::Mismatch));
+        s.reuse(Time(5), 0, std::slice::from_ref(&ok)).unwrap();
+        assert_eq!(s.shard_states(), vec![ShardState::Completed, ShardState::Pending]);
+        assert!(s.shard(0).unwrap().reused);
+        assert_eq!(s.reuse(Time(5), 0, std::slice::from_ref(&ok)), Err(ReuseError::NotPending(0)));
+        s.handle_timeout(Time(5));
+        assert_eq!(announcements(&drain(&mut s))[0].open, 1);
+        let week = Duration::from_secs(8 * 24 * 3600);
+        assert_eq!(s.reuse(Time(1) + week, 1, &[]), Err(ReuseError::NoQuorum));
+
+        let forced = SubmitterConfig { force: true, ..SubmitterConfig::default() };
+        let mut f = Submitter::new(req.clone(), key(100), Time(5), forced, 3).unwrap();
+        assert_eq!(f.reuse(Time(5), 0, std::slice::from_ref(&ok)), Err(ReuseError::Forced));
+        let mut t =
+            Submitter::new(req.clone(), key(100), Time(0) + week, SubmitterConfig::default(), 3)
+                .unwrap();
+        assert_eq!(t.reuse(Time(0) + week, 0, std::slice::from_ref(&ok)), Err(ReuseError::TooOld));
+        req.spec.idempotent = false;
+        let mut n = Submitter::new(req, key(100), Time(5), SubmitterConfig::default(), 4).unwrap();
+        assert_eq!(n.reuse(Time(5), 0, &[ok]), Err(ReuseError::NotIdempotent));
+    }
+
+    #[test]
+    fn claims_for_another_job_or_submission_are_refused() {
+        let mut s = submitter(request(1, 1));
+        let a = node(1);
+        let mut c = claim_msg(&s, &a, 1);
+        c.submission ^= 1;
+        s.handle_claim(Time(1), a.id, c);
+        assert!(drain(&mut s).iter().any(|o| matches!(
+            o,
+            Output::Send {
+                msg: Message::Refuse(Refusal { reason: RefuseReason::UnknownJob, .. }),
+                ..
+            }
+        )));
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Claim { node: u8, slots: u32 },
+        Heartbeat { node: u8 },
+        Result { node: u8, exit: i32 },
+        Forge { node: u8 },
+        Replay { node: u8 },
+        Gone { node: u8 },
+        Advance { ms: u64 },
+        Cancel,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u8..5, 1u32..3).prop_map(|(node, slots)| Op::Claim { node, slots }),
+            2 => (0u8..5).prop_map(|node| Op::Heartbeat { node }),
+            4 => (0u8..5, 0i32..2).prop_map(|(node, exit)| Op::Result { node, exit }),
+            1 => (0u8..5).prop_map(|node| Op::Forge { node }),
+            1 => (0u8..5).prop_map(|node| Op::Replay { node }),
+            1 => (0u8..5).prop_map(|node| Op::Gone { node }),
+            2 => (1u64..40_000).prop_map(|ms| Op::Advance { ms }),
+            1 => Just(Op::Cancel),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any sequence of claims, heartbeats, honest, forged and replayed results, departures,
+        /// time and cancels keeps the invariants: leases persisted before granted, final states
+        /// final, no node holding two replicas of a shard, live replicas within the target,
+        /// forged or replayed results never counted, and every accepted outcome a strict
+        /// majority of its counted votes.
+        #[test]
+        fn invariants_hold_under_any_inputs(k in 1u8..4, ops in proptest::collection::vec(op(), 1..60)) {
+            let mut s = submitter(request(3, k));
+            let nodes: Vec<Node> = (1..=5).map(node).collect();
+            let mut now = 0u64;
+            let mut finals: BTreeMap<u32, ShardState> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Claim { node, slots } => {
+                        let n = &nodes[node as usize];
+                        s.handle_claim(Time(now), n.id, claim_msg(&s, n, slots));
+                    }
+                    Op::Heartbeat { node } => {
+                        let n = &nodes[node as usize];
+                        let leases = s.attempts.iter().filter(|(_, a)| a.node == n.id).map(|(l, _)| *l).collect();
+                        s.handle_heartbeat(Time(now), n.id, Heartbeat { job: s.job(), submission: s.submission(), leases });
+                    }
+                    Op::Result { node, exit } => {
+                        let n = &nodes[node as usize];
+                        let lease = s.attempts.iter().find(|(_, a)| a.node == n.id && !a.reported).map(|(l, _)| *l).unwrap_or(l(0, 1));
+                        s.handle_result(Time(now), n.id, result(&s, n, lease, exit));
+                    }
+                    Op::Forge { node } => {
+                        let n = &nodes[node as usize];
+                        let victim = s.attempts.iter().find(|(_, a)| a.node != n.id).map(|(l, a)| (*l, a.node));
+                        if let Some((lease, holder)) = victim {
+                            let holder = nodes.iter().find(|m| m.id == holder).unwrap();
+                            let mut r = result(&s, n, lease, 7);
+                            r.key = holder.key.public().encode_protobuf();
+                            s.handle_result(Time(now), n.id, r);
+                        }
+                    }
+                    Op::Replay { node } => {
+                        let n = &nodes[node as usize];
+                        let mut r = result(&s, n, l(0, 1), 7).body;
+                        r.submission ^= 1;
+                        s.handle_result(Time(now), n.id, Signed::sign(&n.key, r));
+                    }
+                    Op::Gone { node } => s.peer_gone(Time(now), nodes[node as usize].id),
+                    Op::Advance { ms } => {
+                        now += ms;
+                        s.handle_timeout(Time(now));
+                    }
+                    Op::Cancel => s.cancel(Time(now)),
+                }
+                let out = drain(&mut s);
+                // Persist before grant, lease by lease.
+                let mut persisted = BTreeSet::new();
+                for o in &out {
+                    match o {
+                        Output::Persist(Record::Lease { lease, .. }) => { persisted.insert(lease.lease); }
+                        Output::Send { msg: Message::Grant(g), .. } => {
+                            for lease in &g.leases {
+                                prop_assert!(persisted.contains(lease));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                for (i, st) in s.shard_states().into_iter().enumerate() {
+                    let i = i as u32;
+                    if let Some(f) = finals.get(&i) {
+                        prop_assert_eq!(*f, st, "a final state changed");
+                    } else if st.is_final() {
+                        finals.insert(i, st);
+                    }
+                    let shard = &s.shards[i as usize];
+                    let live = s.live_replicas(i as usize);
+                    prop_assert!(shard.votes.len() + live <= usize::from(shard.target.max(k)) + shard.lost as usize);
+                    let holders: Vec<PeerId> = s.shard(i).unwrap().attempts.iter().map(|a| a.1).collect();
+                    if k > 1 {
+                        let distinct: BTreeSet<&PeerId> = holders.iter().collect();
+                        prop_assert_eq!(distinct.len(), holders.len(), "a node got two replicas");
+                    }
+                    for (_, r) in &shard.votes {
+                        prop_assert!(r.verify().is_ok());
+                        prop_assert_eq!(r.body.submission, s.submission());
+                        prop_assert_ne!(r.body.exit_code, Some(7), "a forged result was counted");
+                    }
+                    if let Some(acc) = shard.accepted {
+                        let agree = shard.votes.iter().filter(|(_, r)| r.body.outcome() == acc).count();
+                        prop_assert!(2 * agree > shard.votes.len().min(usize::from(shard.target)));
+                    }
+                }
+                if s.is_finished() {
+                    prop_assert_eq!(s.poll_timeout(), None);
+                } else {
+                    prop_assert!(s.poll_timeout().is_some());
+                }
+            }
+        }
+    }
+}
