@@ -688,3 +688,347 @@ impl Worker {
 fn key_of(id: &LeaseId) -> JobKey {
     JobKey { submitter: id.submitter, job: id.job, submission: id.submission }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::JobSpec;
+    use crate::message::{Rejection, Verdict};
+    use crate::record::tests::key;
+    use crate::record::{ANNOUNCEMENT_VERSION, RunState};
+
+    fn dims() -> Dimensions {
+        Dimensions::new().with("pool", "ci").with("os", "Linux").with("cpu", "x86-64")
+    }
+
+    fn spec(cmd: &str, shards: u32) -> JobSpec {
+        let mut s = JobSpec::new(cmd, crate::content::manifest_id(b"tree"), "ci");
+        s.shards = shards;
+        s
+    }
+
+    fn ann(spec: &JobSpec, seq: u64, priority: u8, created: u64) -> Announcement {
+        Announcement {
+            version: ANNOUNCEMENT_VERSION,
+            job: spec.id(),
+            submission: 5,
+            seq,
+            manifest: spec.manifest,
+            dimensions: spec.dimensions.clone(),
+            shards: spec.shards,
+            open: spec.shards,
+            priority,
+            created: Time(created),
+            expires: Time(10_000_000),
+            ended: false,
+        }
+    }
+
+    fn submitter() -> Keypair {
+        key(50)
+    }
+
+    fn worker(slots: u32) -> Worker {
+        let trust = TrustPolicy::default().trust(submitter().public().to_peer_id());
+        let config = WorkerConfig { slots, ..WorkerConfig::default() };
+        Worker::new(key(1), dims(), trust, config, 9)
+    }
+
+    fn drain(w: &mut Worker) -> Vec<Output> {
+        std::iter::from_fn(|| w.poll_output()).collect()
+    }
+
+    fn claims(out: &[Output]) -> Vec<Claim> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { msg: Message::Claim(c), .. } => Some(c.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn grant(spec: &JobSpec, claim_id: u64, shards: &[u32]) -> Grant {
+        Grant {
+            job: spec.id(),
+            submission: 5,
+            claim_id,
+            spec: spec.clone(),
+            leases: shards.iter().map(|&shard| LeaseRef { shard, attempt: 1 }).collect(),
+            ttl_ms: 60_000,
+        }
+    }
+
+    fn sub_id() -> PeerId {
+        submitter().public().to_peer_id()
+    }
+
+    #[test]
+    fn trust_decides_whether_and_how_a_job_runs() {
+        let p = sub_id();
+        let other = key(51).public().to_peer_id();
+        let mut t = TrustPolicy::default();
+        assert_eq!(t.judge(&p, "ci"), None);
+        t.submitters.insert(p, Some(["ci".to_string()].into()));
+        t.open_pools.insert("public".into());
+        assert_eq!(t.judge(&p, "ci"), Some(Trust::Trusted));
+        assert_eq!(t.judge(&p, "release"), None);
+        assert_eq!(t.judge(&other, "public"), Some(Trust::Sandboxed));
+        assert_eq!(t.judge(&other, "ci"), None);
+    }
+
+    #[test]
+    fn forged_untrusted_and_unfitting_announcements_are_ignored() {
+        let mut w = worker(1);
+        let s = spec("./t", 1);
+        let mut forged = Signed::sign(&submitter(), ann(&s, 1, 100, 0));
+        forged.body.priority = 1;
+        assert_eq!(w.handle_announcement(Time(0), forged), Err(AnnouncementError::Forged));
+        let stranger = key(51);
+        let r = w.handle_announcement(Time(0), Signed::sign(&stranger, ann(&s, 1, 100, 0)));
+        assert_eq!(r, Err(AnnouncementError::Untrusted(stranger.public().to_peer_id())));
+        let mut mac = s.clone();
+        mac.dimensions = mac.dimensions.clone().with("os", &["Mac"]);
+        let r = w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&mac, 1, 100, 0)));
+        assert!(matches!(r, Err(AnnouncementError::Mismatch(_))));
+        assert!(drain(&mut w).is_empty());
+        assert_eq!((w.stats().forged_announcements, w.stats().untrusted), (1, 1));
+    }
+
+    #[test]
+    fn free_slots_go_to_priority_then_age() {
+        let mut w = worker(3);
+        let old_low = spec("./old-low", 5);
+        let new_high = spec("./new-high", 1);
+        let old_high = spec("./old-high", 1);
+        // All arrive while the node is busy: give it no slots by a first claim that is pending.
+        let blocker = spec("./blocker", 3);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&blocker, 1, 200, 0)))
+            .unwrap();
+        assert_eq!(claims(&drain(&mut w))[0].slots, 3);
+        for (s, p, c) in [(&old_low, 100, 1), (&new_high, 10, 3), (&old_high, 10, 2)] {
+            w.handle_announcement(Time(5), Signed::sign(&submitter(), ann(s, 1, p, c))).unwrap();
+        }
+        assert!(drain(&mut w).is_empty(), "no free slot");
+        // The blocker is full: its slots come back and go by priority, then age.
+        let refusal = Refusal {
+            job: blocker.id(),
+            submission: 5,
+            claim_id: 1,
+            reason: RefuseReason::NoShards,
+        };
+        w.handle_refusal(Time(6), sub_id(), refusal);
+        let c = claims(&drain(&mut w));
+        let order: Vec<(ContentId, u32)> = c.iter().map(|c| (c.job, c.slots)).collect();
+        assert_eq!(order, vec![(old_high.id(), 1), (new_high.id(), 1), (old_low.id(), 1)]);
+        // The refused job is not claimed again until a newer announcement, even after backoff.
+        w.handle_timeout(Time(60_000));
+        assert!(claims(&drain(&mut w)).is_empty());
+    }
+
+    #[test]
+    fn a_grant_starts_executions_with_the_shard_environment() {
+        let mut w = worker(2);
+        let s = spec("./t", 4);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w));
+        assert_eq!(c[0].slots, 2);
+        w.handle_grant(Time(10), sub_id(), grant(&s, c[0].claim_id, &[1, 3])).unwrap();
+        let out = drain(&mut w);
+        let starts: Vec<&Execution> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::StartExecution(e) => Some(e),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts.len(), 2);
+        assert_eq!(starts[1].env["GTEST_SHARD_INDEX"], "3");
+        assert_eq!(starts[1].env["GTEST_TOTAL_SHARDS"], "4");
+        assert!(!starts[0].sandbox);
+        assert_eq!(w.free_slots(), 0);
+        assert_eq!(w.poll_timeout(), Some(Time(20_010)));
+    }
+
+    #[test]
+    fn grants_that_do_not_match_the_announcement_are_refused() {
+        let mut w = worker(1);
+        let s = spec("./t", 2);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        let mut other = s.clone();
+        other.command = "./evil".into();
+        let mut g = grant(&other, c, &[0]);
+        g.job = s.id();
+        assert!(matches!(w.handle_grant(Time(1), sub_id(), g), Err(GrantError::BadSpec(_))));
+        // From someone who is not the submitter: unknown.
+        let g = grant(&s, c, &[0]);
+        assert_eq!(
+            w.handle_grant(Time(1), key(51).public().to_peer_id(), g),
+            Err(GrantError::UnknownJob)
+        );
+        assert!(!drain(&mut w).iter().any(|o| matches!(o, Output::StartExecution(_))));
+        assert_eq!(w.stats().bad_grants, 1);
+    }
+
+    #[test]
+    fn heartbeats_flow_and_revocations_and_cancels_kill() {
+        let mut w = worker(2);
+        let s = spec("./t", 2);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        w.handle_grant(Time(0), sub_id(), grant(&s, c, &[0, 1])).unwrap();
+        drain(&mut w);
+        w.handle_timeout(Time(20_000));
+        let out = drain(&mut w);
+        let hb = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Send { to, msg: Message::Heartbeat(h) } if *to == sub_id() => Some(h),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(hb.leases.len(), 2);
+        let lease = |shard| LeaseId {
+            submitter: sub_id(),
+            job: s.id(),
+            submission: 5,
+            lease: LeaseRef { shard, attempt: 1 },
+        };
+        let reply = HeartbeatReply {
+            job: s.id(),
+            submission: 5,
+            renewed: vec![LeaseRef { shard: 0, attempt: 1 }],
+            revoked: vec![LeaseRef { shard: 1, attempt: 1 }],
+            ttl_ms: 60_000,
+        };
+        w.handle_heartbeat_reply(Time(20_001), sub_id(), reply);
+        assert_eq!(drain(&mut w), vec![Output::KillExecution(lease(1))]);
+        // A cancel from a stranger does nothing; from the submitter it kills.
+        let cancel = Cancel { job: s.id(), submission: 5, leases: vec![] };
+        w.handle_cancel(Time(20_002), key(51).public().to_peer_id(), cancel.clone());
+        assert!(drain(&mut w).is_empty());
+        w.handle_cancel(Time(20_002), sub_id(), cancel);
+        assert_eq!(drain(&mut w), vec![Output::KillExecution(lease(0))]);
+        // Killed leases are not heartbeated.
+        w.handle_timeout(Time(40_000));
+        assert!(drain(&mut w).is_empty());
+    }
+
+    #[test]
+    fn results_are_signed_persisted_resent_and_forgotten_on_ack() {
+        let mut w = worker(1);
+        let s = spec("./t", 1);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        w.handle_grant(Time(0), sub_id(), grant(&s, c, &[0])).unwrap();
+        drain(&mut w);
+        let id = *w.running().next().unwrap();
+        assert!(w.execution_finished(
+            Time(5_000),
+            id,
+            ExecOutcome::exited(1, Duration::from_secs(4))
+        ));
+        assert!(!w.execution_finished(Time(5_000), id, ExecOutcome::exited(1, Duration::ZERO)));
+        let out = drain(&mut w);
+        let Output::Persist(Record::Outbox { result, .. }) = &out[0] else { panic!("{out:?}") };
+        assert_eq!(result.verify().unwrap(), w.peer_id());
+        assert_eq!(result.body.exit_code, Some(1));
+        assert_eq!(result.body.dimensions, dims());
+        assert!(matches!(&out[1], Output::Send { msg: Message::Result(_), .. }));
+        // Not acknowledged: resent with a growing delay (other deadlines, such as the new
+        // claim the freed slot made, come in between).
+        let mut resends = vec![];
+        while resends.len() < 2 {
+            let t = w.poll_timeout().unwrap();
+            w.handle_timeout(t);
+            if drain(&mut w)
+                .iter()
+                .any(|o| matches!(o, Output::Send { msg: Message::Result(_), .. }))
+            {
+                resends.push(t);
+            }
+        }
+        assert!(resends[0] >= Time(15_000));
+        assert!(resends[1].saturating_since(resends[0]) >= Duration::from_secs(20));
+        // An ack from someone else changes nothing; the submitter's ack forgets it.
+        let ack = Ack {
+            job: s.id(),
+            submission: 5,
+            lease: id.lease,
+            verdict: Verdict::Rejected(Rejection::NoLease),
+        };
+        w.handle_ack(Time(6_000), key(51).public().to_peer_id(), ack.clone());
+        assert_eq!(w.unacknowledged().count(), 1);
+        w.handle_ack(Time(6_000), sub_id(), ack);
+        assert_eq!(drain(&mut w)[0], Output::Forget(id));
+        assert_eq!(w.unacknowledged().count(), 0);
+    }
+
+    #[test]
+    fn the_outbox_is_bounded() {
+        let trust = TrustPolicy::default().trust(sub_id());
+        let config = WorkerConfig { slots: 3, max_outbox: 2, ..WorkerConfig::default() };
+        let mut w = Worker::new(key(1), dims(), trust, config, 9);
+        let s = spec("./t", 3);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        w.handle_grant(Time(0), sub_id(), grant(&s, c, &[0, 1, 2])).unwrap();
+        let ids: Vec<LeaseId> = w.running().copied().collect();
+        for (i, id) in ids.iter().enumerate() {
+            w.execution_finished(Time(i as u64), *id, ExecOutcome::exited(0, Duration::ZERO));
+        }
+        assert_eq!(w.unacknowledged().count(), 2);
+        assert_eq!(w.stats().dropped, 1);
+        assert!(drain(&mut w).contains(&Output::Event(Event::ResultDropped { lease: ids[0] })));
+    }
+
+    #[test]
+    fn open_pools_run_sandboxed_and_ended_jobs_are_killed() {
+        let stranger = key(51);
+        let trust = TrustPolicy { open_pools: ["ci".to_string()].into(), ..TrustPolicy::default() };
+        let mut w = Worker::new(key(1), dims(), trust, WorkerConfig::default(), 9);
+        let s = spec("./t", 1);
+        w.handle_announcement(Time(0), Signed::sign(&stranger, ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        let from = stranger.public().to_peer_id();
+        w.handle_grant(Time(0), from, grant(&s, c, &[0])).unwrap();
+        let out = drain(&mut w);
+        assert!(out.iter().any(|o| matches!(o, Output::StartExecution(e) if e.sandbox)));
+        // Stale announcements are ignored; an ended one kills what runs.
+        assert_eq!(
+            w.handle_announcement(Time(1), Signed::sign(&stranger, ann(&s, 1, 100, 0))),
+            Err(AnnouncementError::Stale)
+        );
+        let mut end = ann(&s, 2, 100, 0);
+        end.ended = true;
+        end.open = 0;
+        w.handle_announcement(Time(2), Signed::sign(&stranger, end)).unwrap();
+        assert!(matches!(drain(&mut w)[..], [Output::KillExecution(_)]));
+        let id = *w.running().next().unwrap();
+        w.execution_finished(Time(3), id, ExecOutcome::ended(RunState::Canceled, "killed"));
+        assert!(claims(&drain(&mut w)).is_empty(), "an ended job is not claimed");
+    }
+
+    #[test]
+    fn a_lost_claim_is_retried_after_a_backoff() {
+        let mut w = worker(1);
+        let s = spec("./t", 1);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        assert_eq!(claims(&drain(&mut w)).len(), 1);
+        assert_eq!(w.poll_timeout(), Some(Time(10_000)));
+        w.handle_timeout(Time(10_000));
+        assert!(claims(&drain(&mut w)).is_empty());
+        let t = w.poll_timeout().unwrap();
+        assert!(t > Time(10_000) && t <= Time(17_500), "{t}");
+        w.handle_timeout(t);
+        assert_eq!(claims(&drain(&mut w)).len(), 1);
+        // Forgotten when not re-announced.
+        w.handle_refusal(
+            Time(t.0 + 1),
+            sub_id(),
+            Refusal { job: s.id(), submission: 5, claim_id: 2, reason: RefuseReason::NoShards },
+        );
+        w.handle_timeout(Time(200_000));
+        assert_eq!(w.poll_timeout(), None);
+    }
+}
