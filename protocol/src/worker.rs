@@ -373,7 +373,7 @@ impl Worker {
             return Err(AnnouncementError::Stale);
         }
         if ann.ended {
-            self.kill_job(&key, &[]);
+            self.kill_job(&key, None);
         }
         if let Err(m) = ann.dimensions.check(&self.dimensions) {
             self.jobs.remove(&key);
@@ -514,7 +514,9 @@ impl Worker {
     pub fn handle_heartbeat_reply(&mut self, now: Time, from: PeerId, reply: HeartbeatReply) {
         self.now = self.now.max(now);
         let key = JobKey { submitter: from, job: reply.job, submission: reply.submission };
-        self.kill_job(&key, &reply.revoked);
+        if !reply.revoked.is_empty() {
+            self.kill_job(&key, Some(&reply.revoked));
+        }
     }
 
     /// A cancel from a submitter: kill the named leases of its job (all if none are named).
@@ -522,7 +524,8 @@ impl Worker {
     pub fn handle_cancel(&mut self, now: Time, from: PeerId, cancel: Cancel) {
         self.now = self.now.max(now);
         let key = JobKey { submitter: from, job: cancel.job, submission: cancel.submission };
-        self.kill_job(&key, &cancel.leases);
+        let only = (!cancel.leases.is_empty()).then_some(cancel.leases.as_slice());
+        self.kill_job(&key, only);
     }
 
     /// An acknowledgement: forget the result (whatever the verdict: the submitter has seen it).
@@ -605,11 +608,11 @@ impl Worker {
         }
     }
 
-    fn kill_job(&mut self, key: &JobKey, leases: &[LeaseRef]) {
-        let wanted: BTreeSet<&LeaseRef> = leases.iter().collect();
+    /// Kills the running leases of a job: those listed, or all of them for `None`.
+    fn kill_job(&mut self, key: &JobKey, leases: Option<&[LeaseRef]>) {
         for (id, r) in self.running.iter_mut() {
-            if key_of(id) == *key && (wanted.is_empty() || wanted.contains(&id.lease)) && !r.killing
-            {
+            let named = leases.is_none_or(|ls| ls.contains(&id.lease));
+            if key_of(id) == *key && named && !r.killing {
                 r.killing = true;
                 self.outputs.push_back(Output::KillExecution(*id));
             }
@@ -894,6 +897,17 @@ mod tests {
             submission: 5,
             lease: LeaseRef { shard, attempt: 1 },
         };
+        // Regression: a reply that revokes nothing kills nothing (an empty list once meant
+        // "all" here, and killed healthy leases at every heartbeat).
+        let all_renewed = HeartbeatReply {
+            job: s.id(),
+            submission: 5,
+            renewed: hb.leases.clone(),
+            revoked: vec![],
+            ttl_ms: 60_000,
+        };
+        w.handle_heartbeat_reply(Time(20_001), sub_id(), all_renewed);
+        assert!(drain(&mut w).is_empty());
         let reply = HeartbeatReply {
             job: s.id(),
             submission: 5,
