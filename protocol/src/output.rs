@@ -171,9 +171,27 @@ impl Record {
     }
 
     /// Decodes a stored record.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        serde_cbor::from_slice(bytes).map_err(|e| e.to_string())
+    pub fn decode(bytes: &[u8]) -> Result<Self, RecordError> {
+        if bytes.len() > MAX_RECORD_BYTES {
+            return Err(RecordError::TooLarge(bytes.len()));
+        }
+        serde_cbor::from_slice(bytes).map_err(|e| RecordError::Decode(e.to_string()))
     }
+}
+
+/// Largest stored record accepted, in bytes.
+pub const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// Why stored bytes are not a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// Larger than [`MAX_RECORD_BYTES`].
+    #[error("record of {0} bytes is over the {MAX_RECORD_BYTES}-byte limit")]
+    TooLarge(usize),
+    /// Not CBOR of a record.
+    #[error("record is not valid: {0}")]
+    Decode(String),
 }
 
 /// A shard's state, as the submitter reports it (Swarming's task states, per shard).
@@ -345,4 +363,37 @@ pub enum Output {
     KillExecution(LeaseId),
     /// Report something.
     Event(Event),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::Signed;
+    use crate::record::tests::{key, result_body};
+    use proptest::prelude::*;
+
+    #[test]
+    fn records_round_trip() {
+        let lease = LeaseId {
+            submitter: key(1).public().to_peer_id(),
+            job: crate::content::job_id(b"j"),
+            submission: 3,
+            lease: LeaseRef { shard: 0, attempt: 1 },
+        };
+        let records = [
+            Record::Lease { lease, node: key(2).public().to_peer_id(), granted: Time(5) },
+            Record::Result(Signed::sign(&key(2), result_body())),
+            Record::Outbox { lease, result: Signed::sign(&key(2), result_body()) },
+        ];
+        for r in records {
+            assert_eq!(Record::decode(&r.encode()).unwrap(), r);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Record::decode(&bytes);
+        }
+    }
 }
