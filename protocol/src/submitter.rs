@@ -1658,6 +1658,8 @@ mod tests {
                     Op::Advance { ms } => {
                         now += ms;
                         s.handle_timeout(Time(now));
+                        // A driver that sleeps until poll_timeout never spins.
+                        prop_assert!(s.poll_timeout().is_none_or(|t| t > Time(now)));
                     }
                     Op::Cancel => s.cancel(Time(now)),
                 }

@@ -162,6 +162,9 @@ pub enum GrantError {
     /// No known job from that submitter with that id and submission.
     #[error("grant for a job this node does not know")]
     UnknownJob,
+    /// Not the answer to this worker's outstanding claim for the job (late or duplicated).
+    #[error("grant does not answer an outstanding claim")]
+    Unsolicited,
     /// The spec is not the announced job, or this node does not fit it.
     #[error("granted spec does not match: {0}")]
     BadSpec(String),
@@ -425,8 +428,9 @@ impl Worker {
         }
     }
 
-    /// A grant from a submitter: checks the spec against the announcement and this node, then
-    /// starts one execution per lease, up to the free slots (extra leases are left to lapse).
+    /// A grant from a submitter, answering this worker's outstanding claim: checks the spec
+    /// against the announcement and this node, then starts one execution per lease, up to the
+    /// free slots (extra leases are left to lapse).
     pub fn handle_grant(
         &mut self,
         now: Time,
@@ -438,14 +442,13 @@ impl Worker {
         let Some(view) = self.jobs.get_mut(&key) else {
             return Err(GrantError::UnknownJob);
         };
-        // The slots this claim reserved become free for the grant itself.
-        let reserved = match &view.claim {
-            Some(c) if c.id == grant.claim_id => c.slots,
-            _ => 0,
-        };
-        if reserved > 0 {
-            view.claim = None;
+        // Only the answer to the outstanding claim is taken: a late, duplicated or unsolicited
+        // grant is dropped and its leases lapse at the submitter, so no lease ever runs twice.
+        if view.claim.as_ref().is_none_or(|c| c.id != grant.claim_id) {
+            return Err(GrantError::Unsolicited);
         }
+        // The slots this claim reserved become free for the grant itself.
+        view.claim = None;
         let spec = &grant.spec;
         let ann = &view.ann;
         let problem = if spec.id() != grant.job {
@@ -1044,5 +1047,134 @@ mod tests {
         );
         w.handle_timeout(Time(200_000));
         assert_eq!(w.poll_timeout(), None);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Announce { job: u8, open: u32, ended: bool, trusted: bool },
+        Grant { job: u8, shards: Vec<u32>, right_claim: bool },
+        Refuse { job: u8, reason: u8 },
+        Finish { pick: usize, exit: i32 },
+        Revoke { job: u8, shard: u32 },
+        Cancel { job: u8 },
+        Ack { pick: usize },
+        Advance { ms: u64 },
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::any;
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (0u8..3, 0u32..4, proptest::bool::weighted(0.1), proptest::bool::weighted(0.9))
+                .prop_map(|(job, open, ended, trusted)| Op::Announce { job, open, ended, trusted }),
+            3 => (0u8..3, proptest::collection::vec(0u32..4, 1..4), any::<bool>())
+                .prop_map(|(job, shards, right_claim)| Op::Grant { job, shards, right_claim }),
+            1 => (0u8..3, 0u8..4).prop_map(|(job, reason)| Op::Refuse { job, reason }),
+            3 => (any::<usize>(), 0i32..2).prop_map(|(pick, exit)| Op::Finish { pick, exit }),
+            1 => (0u8..3, 0u32..4).prop_map(|(job, shard)| Op::Revoke { job, shard }),
+            1 => (0u8..3).prop_map(|job| Op::Cancel { job }),
+            2 => any::<usize>().prop_map(|pick| Op::Ack { pick }),
+            2 => (1u64..30_000).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever arrives, a worker never runs more than its slots, never starts a granted lease
+        /// twice (not even from a duplicated grant),
+        /// keeps its outbox bounded, and never asks to be woken in the past.
+        #[test]
+        fn invariants_hold_under_any_inputs(ops in proptest::collection::vec(op(), 1..80)) {
+            let trust = TrustPolicy::default().trust(sub_id());
+            let config = WorkerConfig { slots: 2, max_outbox: 3, ..WorkerConfig::default() };
+            let mut w = Worker::new(key(1), dims(), trust, config, 9);
+            let specs: Vec<JobSpec> = (0..3).map(|i| spec(&format!("./job{i}"), 4)).collect();
+            let mut seq = [0u64; 3];
+            let mut now = 0u64;
+            let mut started = BTreeSet::new();
+            let mut attempts = 0u32;
+            let mut last_claim: BTreeMap<ContentId, u64> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Announce { job, open, ended, trusted } => {
+                        let s = &specs[job as usize];
+                        seq[job as usize] += 1;
+                        let mut a = ann(s, seq[job as usize], 100 + job, u64::from(job));
+                        a.open = open;
+                        a.ended = ended;
+                        let k = if trusted { submitter() } else { key(51) };
+                        let _ = w.handle_announcement(Time(now), Signed::sign(&k, a));
+                    }
+                    Op::Grant { job, shards, right_claim } => {
+                        let s = &specs[job as usize];
+                        let id = if right_claim { last_claim.get(&s.id()).copied().unwrap_or(0) } else { 999 };
+                        // A submitter numbers every grant of a shard anew.
+                        let mut g = grant(s, id, &shards);
+                        for l in &mut g.leases {
+                            attempts += 1;
+                            l.attempt = attempts;
+                        }
+                        // The same frame delivered twice.
+                        let _ = w.handle_grant(Time(now), sub_id(), g.clone());
+                        let _ = w.handle_grant(Time(now), sub_id(), g);
+                    }
+                    Op::Refuse { job, reason } => {
+                        let s = &specs[job as usize];
+                        let reason = match reason {
+                            0 => RefuseReason::NoShards,
+                            1 => RefuseReason::Ended,
+                            2 => RefuseReason::UnknownJob,
+                            _ => RefuseReason::Mismatch(crate::dims::Requirements::in_pool("x").check(&dims()).unwrap_err()),
+                        };
+                        let claim_id = last_claim.get(&s.id()).copied().unwrap_or(0);
+                        w.handle_refusal(Time(now), sub_id(), Refusal { job: s.id(), submission: 5, claim_id, reason });
+                    }
+                    Op::Finish { pick, exit } => {
+                        let running: Vec<LeaseId> = w.running().copied().collect();
+                        if !running.is_empty() {
+                            let id = running[pick % running.len()];
+                            proptest::prop_assert!(w.execution_finished(Time(now), id, ExecOutcome::exited(exit, Duration::ZERO)));
+                        }
+                    }
+                    Op::Revoke { job, shard } => {
+                        let s = &specs[job as usize];
+                        let attempt = w.running().find(|l| l.lease.shard == shard).map_or(1, |l| l.lease.attempt);
+                        let reply = HeartbeatReply { job: s.id(), submission: 5, renewed: vec![], revoked: vec![LeaseRef { shard, attempt }], ttl_ms: 60_000 };
+                        w.handle_heartbeat_reply(Time(now), sub_id(), reply);
+                    }
+                    Op::Cancel { job } => {
+                        let s = &specs[job as usize];
+                        w.handle_cancel(Time(now), sub_id(), Cancel { job: s.id(), submission: 5, leases: vec![] });
+                    }
+                    Op::Ack { pick } => {
+                        let ids: Vec<(ContentId, LeaseRef)> = w.unacknowledged().map(|r| (r.body.job, LeaseRef { shard: r.body.shard, attempt: r.body.attempt })).collect();
+                        if !ids.is_empty() {
+                            let (job, lease) = ids[pick % ids.len()];
+                            w.handle_ack(Time(now), sub_id(), Ack { job, submission: 5, lease, verdict: Verdict::Accepted });
+                        }
+                    }
+                    Op::Advance { ms } => {
+                        now += ms;
+                        w.handle_timeout(Time(now));
+                        proptest::prop_assert!(w.poll_timeout().is_none_or(|t| t > Time(now)), "would spin");
+                    }
+                }
+                for o in drain(&mut w) {
+                    match o {
+                        Output::StartExecution(e) => {
+                            proptest::prop_assert!(started.insert(e.lease), "started twice");
+                            proptest::prop_assert_eq!(e.lease.submitter, sub_id());
+                        }
+                        Output::Send { msg: Message::Claim(c), .. } => {
+                            last_claim.insert(c.job, c.claim_id);
+                        }
+                        _ => {}
+                    }
+                }
+                proptest::prop_assert!(w.running().count() <= 2);
+                proptest::prop_assert!(w.unacknowledged().count() <= 3);
+            }
+        }
     }
 }
