@@ -29,6 +29,9 @@ pub const MAX_ALTERNATIVES: usize = 8;
 pub const MAX_KEY_BYTES: usize = 64;
 /// Longest value, in bytes.
 pub const MAX_VALUE_BYTES: usize = 256;
+/// Most bytes of keys and values in one set of dimensions or requirements, so that claims and
+/// announcements that carry them stay within their frame limits.
+pub const MAX_DIMENSIONS_BYTES: usize = 8192;
 
 /// Why dimensions or requirements are invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,6 +68,9 @@ pub enum DimensionError {
     /// A key with no values.
     #[error("dimension {0:?} has no values")]
     NoValues(String),
+    /// More than [`MAX_DIMENSIONS_BYTES`] of keys and values in all.
+    #[error("dimensions hold {0} bytes of keys and values; the limit is {MAX_DIMENSIONS_BYTES}")]
+    TooLarge(usize),
     /// A job without a `pool`.
     #[error("a job must require exactly one pool (dimension \"pool\")")]
     NoPool,
@@ -91,6 +97,11 @@ fn validate_map(
 ) -> Result<(), DimensionError> {
     if map.len() > MAX_DIMENSION_KEYS {
         return Err(DimensionError::TooManyKeys(map.len()));
+    }
+    let bytes: usize =
+        map.iter().map(|(k, vs)| k.len() + vs.iter().map(String::len).sum::<usize>()).sum();
+    if bytes > MAX_DIMENSIONS_BYTES {
+        return Err(DimensionError::TooLarge(bytes));
     }
     for (k, vs) in map {
         if !valid_key(k) {
@@ -382,6 +393,13 @@ mod tests {
         }
         assert_eq!(d.validate().unwrap_err(), DimensionError::TooManyKeys(33));
         linux().validate().unwrap();
+        let mut big = Dimensions::new();
+        for k in 0..32 {
+            for v in 0..2 {
+                big = big.with(&format!("k{k}"), &format!("{v}{}", "x".repeat(200)));
+            }
+        }
+        assert!(matches!(big.validate().unwrap_err(), DimensionError::TooLarge(_)));
     }
 
     #[test]

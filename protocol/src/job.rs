@@ -278,6 +278,11 @@ impl JobSpec {
         if self.outputs.windows(2).any(|w| w[0] >= w[1]) {
             return Err(field("outputs", "must be sorted without duplicates"));
         }
+        // Each field within its bounds can still add up to more than a grant carries.
+        let len = self.encode().len();
+        if len > MAX_SPEC_BYTES {
+            return Err(JobError::TooLarge(len));
+        }
         Ok(())
     }
 
@@ -500,6 +505,9 @@ pub(crate) mod tests {
                 other => panic!("{name}: {other:?}"),
             }
         }
+        let mut s = spec();
+        s.args = vec!["a".repeat(MAX_ARG_BYTES); MAX_ARGS];
+        assert!(matches!(s.validate().unwrap_err(), JobError::TooLarge(_)));
         let mut s = spec();
         s.dimensions = Requirements(BTreeMap::new());
         assert_eq!(s.validate().unwrap_err(), JobError::Dimensions(DimensionError::NoPool));

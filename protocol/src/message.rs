@@ -553,6 +553,49 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn the_largest_valid_dimensions_fit_announcements_and_claims() {
+        // 32 keys of 8 values each, as close to MAX_DIMENSIONS_BYTES as the bounds allow.
+        let mut req = Requirements::in_pool(&"p".repeat(28));
+        let mut node = Dimensions::new();
+        for k in 0..31 {
+            let key = format!("k{k:02}{}", "k".repeat(61));
+            let values: Vec<String> = (0..8).map(|v| format!("{v}{}", "v".repeat(23))).collect();
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            req = req.with(&key, &refs);
+            for v in &values {
+                node = node.with(&key, v);
+            }
+        }
+        req.validate().unwrap();
+        node.validate().unwrap();
+        let spec = crate::job::tests::spec();
+        let ann = Announcement {
+            version: ANNOUNCEMENT_VERSION,
+            job: spec.id(),
+            submission: u64::MAX,
+            seq: u64::MAX,
+            manifest: spec.manifest,
+            dimensions: req,
+            shards: crate::job::MAX_SHARDS,
+            open: crate::job::MAX_SHARDS,
+            priority: 255,
+            created: Time(u64::MAX),
+            expires: Time(u64::MAX),
+            ended: true,
+        };
+        let a = Message::Announce(Signed::sign(&key(1), ann));
+        assert!(decode(&a.encode()).is_ok(), "{} bytes", a.encode().len());
+        let c = Message::Claim(Claim {
+            job: job(),
+            submission: u64::MAX,
+            claim_id: u64::MAX,
+            slots: MAX_LEASES_PER_GRANT,
+            dimensions: node,
+        });
+        assert!(decode(&c.encode()).is_ok(), "{} bytes", c.encode().len());
+    }
+
+    #[test]
     fn header_checks_come_first() {
         assert_eq!(decode(&[]).unwrap_err(), DecodeError::Truncated(0));
         assert_eq!(decode(&[1]).unwrap_err(), DecodeError::Truncated(1));

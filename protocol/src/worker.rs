@@ -20,7 +20,7 @@ use std::time::Duration;
 use libp2p_identity::{Keypair, PeerId};
 
 use crate::content::ContentId;
-use crate::dims::{Dimensions, Mismatch};
+use crate::dims::{DimensionError, Dimensions, Mismatch};
 use crate::message::{
     Ack, Cancel, Claim, Grant, Heartbeat, HeartbeatReply, LeaseRef, MAX_LEASE_REFS,
     MAX_LEASES_PER_GRANT, Message, Refusal, RefuseReason,
@@ -233,16 +233,18 @@ pub struct Worker {
 
 impl Worker {
     /// A worker with the node's identity, its dimensions, its trust policy and its slots.
-    /// `seed` fixes claim ids and jitter.
+    /// `seed` fixes claim ids and jitter. The dimensions must be valid: they travel in every
+    /// claim and result.
     pub fn new(
         keypair: Keypair,
         dimensions: Dimensions,
         trust: TrustPolicy,
         config: WorkerConfig,
         seed: u64,
-    ) -> Self {
+    ) -> Result<Self, DimensionError> {
+        dimensions.validate()?;
         let me = keypair.public().to_peer_id();
-        Worker {
+        Ok(Worker {
             keypair,
             me,
             dimensions,
@@ -257,7 +259,7 @@ impl Worker {
             claim_seq: 0,
             stats: WorkerStats::default(),
             now: Time::ZERO,
-        }
+        })
     }
 
     /// This node's peer id.
@@ -737,7 +739,7 @@ mod tests {
     fn worker(slots: u32) -> Worker {
         let trust = TrustPolicy::default().trust(submitter().public().to_peer_id());
         let config = WorkerConfig { slots, ..WorkerConfig::default() };
-        Worker::new(key(1), dims(), trust, config, 9)
+        Worker::new(key(1), dims(), trust, config, 9).unwrap()
     }
 
     fn drain(w: &mut Worker) -> Vec<Output> {
@@ -985,7 +987,7 @@ mod tests {
     fn the_outbox_is_bounded() {
         let trust = TrustPolicy::default().trust(sub_id());
         let config = WorkerConfig { slots: 3, max_outbox: 2, ..WorkerConfig::default() };
-        let mut w = Worker::new(key(1), dims(), trust, config, 9);
+        let mut w = Worker::new(key(1), dims(), trust, config, 9).unwrap();
         let s = spec("./t", 3);
         w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
         let c = claims(&drain(&mut w))[0].claim_id;
@@ -1003,7 +1005,7 @@ mod tests {
     fn open_pools_run_sandboxed_and_ended_jobs_are_killed() {
         let stranger = key(51);
         let trust = TrustPolicy { open_pools: ["ci".to_string()].into(), ..TrustPolicy::default() };
-        let mut w = Worker::new(key(1), dims(), trust, WorkerConfig::default(), 9);
+        let mut w = Worker::new(key(1), dims(), trust, WorkerConfig::default(), 9).unwrap();
         let s = spec("./t", 1);
         w.handle_announcement(Time(0), Signed::sign(&stranger, ann(&s, 1, 100, 0))).unwrap();
         let c = claims(&drain(&mut w))[0].claim_id;
@@ -1088,7 +1090,7 @@ mod tests {
         fn invariants_hold_under_any_inputs(ops in proptest::collection::vec(op(), 1..80)) {
             let trust = TrustPolicy::default().trust(sub_id());
             let config = WorkerConfig { slots: 2, max_outbox: 3, ..WorkerConfig::default() };
-            let mut w = Worker::new(key(1), dims(), trust, config, 9);
+            let mut w = Worker::new(key(1), dims(), trust, config, 9).unwrap();
             let specs: Vec<JobSpec> = (0..3).map(|i| spec(&format!("./job{i}"), 4)).collect();
             let mut seq = [0u64; 3];
             let mut now = 0u64;

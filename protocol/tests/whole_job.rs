@@ -95,7 +95,7 @@ impl World {
                     .with("cpu", "x86-64")
                     .with("id", &format!("bot{i}"));
                 let config = WorkerConfig { slots: 2, ..WorkerConfig::default() };
-                Worker::new(keypair(i + 1), dims, trust.clone(), config, rng.next_u64())
+                Worker::new(keypair(i + 1), dims, trust.clone(), config, rng.next_u64()).unwrap()
             })
             .collect();
         let mut w = World {
