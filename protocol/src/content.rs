@@ -222,6 +222,15 @@ pub fn manifest_id(bytes: &[u8]) -> ContentId {
     ContentId::from_digest(Kind::Manifest, HashAlg::Sha1, &digest)
 }
 
+/// The id of a job: the CID of its spec's canonical CBOR (see [`crate::job::JobSpec::id`]).
+///
+/// It is hashed exactly like a manifest (codec dag-cbor, SHA-1), so it is a [`Kind::Manifest`]
+/// id: both name canonical CBOR documents. Which document it names is known from where the id
+/// is used, never from the id itself.
+pub fn job_id(spec_bytes: &[u8]) -> ContentId {
+    manifest_id(spec_bytes)
+}
+
 /// The ids of the blocks of a whole file held in memory.
 pub fn block_ids(data: &[u8]) -> Vec<ContentId> {
     data.chunks(BLOCK_SIZE).map(block_id).collect()

@@ -1,10 +1,21 @@
 //! grid's protocol, without IO.
 //!
-//! This crate owns everything the real node and the simulator must agree on: content ids and
-//! their verification ([`content`]), the tree manifest ([`manifest`]), the `.isolate` source
-//! format that says which files a test needs ([`isolate`]), and, as they land, job specs,
-//! messages and the job state machines. It does no IO: no sockets, no files, no clock, no
-//! thread-local randomness. Time and randomness come in as arguments; effects go out as values.
+//! This crate owns everything the real node and the simulator must agree on, and the one
+//! implementation of grid's coordination logic both of them drive:
+//! - [`content`] and [`manifest`]: content ids, their verification, the tree manifest;
+//! - [`isolate`]: the Chromium `.isolate` source format that says which files a test needs;
+//! - [`job`]: job specs (the job id is the CID of the run-affecting part) and scheduling;
+//! - [`dims`]: node dimensions, job requirements, matching and its explanation;
+//! - [`record`]: signed announcements and signed results;
+//! - [`message`]: the messages between submitters and workers and their wire codec;
+//! - [`quorum`]: the redundancy rule;
+//! - [`submitter`] and [`worker`]: the two state machines, in the manner of quinn-proto;
+//! - [`output`]: what the machines ask their driver to do; [`time`]: virtual time and the
+//!   seeded generator.
+//!
+//! It does no IO: no sockets, no files, no clock, no thread-local randomness. Time and
+//! randomness come in as arguments; effects go out as values. `docs/protocol.md` specifies the
+//! protocol these modules implement.
 //!
 //! ```
 //! use grid_protocol::content::{block_id, verify_block};
@@ -25,5 +36,14 @@
 #![deny(missing_docs)]
 
 pub mod content;
+pub mod dims;
 pub mod isolate;
+pub mod job;
 pub mod manifest;
+pub mod message;
+pub mod output;
+pub mod quorum;
+pub mod record;
+pub mod submitter;
+pub mod time;
+pub mod worker;

@@ -1,0 +1,550 @@
+//! Job specs: what to run (the part that names the job) and how to schedule it (the part that
+//! does not).
+//!
+//! A [`JobSpec`] is everything that changes what runs: command, args, env, cwd, the input tree's
+//! manifest id, shard count, required dimensions, timeouts, the idempotent flag and the declared
+//! outputs. Its canonical CBOR encoding is hashed into the job id ([`JobSpec::id`], a CID with the
+//! dag-cbor codec, see [`crate::content::job_id`]): two submissions of the same spec have the same
+//! id, which is what lets an idempotent job reuse an earlier result. [`Scheduling`] (redundancy,
+//! attempts, priority, expiry) and the labels of a [`JobRequest`] (name, tags) change when and
+//! where it runs, or what people call it, so they stay out of the id.
+//!
+//! Everything is bounded and validated here; bytes from the network go through
+//! [`JobSpec::decode`], which accepts only canonical, valid encodings.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::content::{self, ContentId, Kind};
+use crate::dims::{DimensionError, Requirements};
+use crate::manifest::validate_path;
+
+/// The job spec format version this code writes and reads.
+pub const JOB_SPEC_VERSION: u32 = 1;
+/// Largest encoded spec, in bytes.
+pub const MAX_SPEC_BYTES: usize = 256 << 10;
+/// Most shards in one job.
+pub const MAX_SHARDS: u32 = 10_000;
+/// Longest command, in bytes.
+pub const MAX_COMMAND_BYTES: usize = 4096;
+/// Most arguments.
+pub const MAX_ARGS: usize = 1024;
+/// Longest argument, in bytes.
+pub const MAX_ARG_BYTES: usize = 8192;
+/// Most environment variables.
+pub const MAX_ENV: usize = 64;
+/// Longest environment variable name, in bytes.
+pub const MAX_ENV_KEY_BYTES: usize = 64;
+/// Longest environment variable value, in bytes.
+pub const MAX_ENV_VALUE_BYTES: usize = 4096;
+/// Most declared outputs.
+pub const MAX_OUTPUTS: usize = 64;
+/// Shortest hard timeout.
+pub const MIN_HARD_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest hard timeout (7 days).
+pub const MAX_HARD_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest grace period between SIGTERM and SIGKILL.
+pub const MAX_GRACE: Duration = Duration::from_secs(3600);
+/// Largest redundancy k.
+pub const MAX_REDUNDANCY: u8 = 7;
+/// Most replicas of one shard, disputes included.
+pub const MAX_REPLICAS: u8 = 15;
+/// Most lost attempts per shard before it ends.
+pub const MAX_ATTEMPTS: u8 = 16;
+/// Longest time a job may stay pending (7 days).
+pub const MAX_EXPIRATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Environment variables the worker sets for each shard; a spec may not set them.
+pub const RESERVED_ENV: [&str; 4] =
+    ["GRID_SHARD_INDEX", "GRID_TOTAL_SHARDS", "GTEST_SHARD_INDEX", "GTEST_TOTAL_SHARDS"];
+
+/// Serde for durations as whole milliseconds (u64).
+pub(crate) mod ms {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(crate::time::millis(*d))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+pub(crate) fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// What runs: the part of a job that names it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Format version, [`JOB_SPEC_VERSION`].
+    #[serde(rename = "v")]
+    pub version: u32,
+    /// The program, relative to the run dir (or a name looked up in PATH).
+    #[serde(rename = "c")]
+    pub command: String,
+    /// Its arguments, in order.
+    #[serde(rename = "a", default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables added to the worker's base environment.
+    #[serde(rename = "e", default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory relative to the run dir; empty for the run dir itself.
+    #[serde(rename = "w", default, skip_serializing_if = "String::is_empty")]
+    pub cwd: String,
+    /// The input tree.
+    #[serde(rename = "m")]
+    pub manifest: ContentId,
+    /// Number of shards, at least 1.
+    #[serde(rename = "n")]
+    pub shards: u32,
+    /// Required dimensions, with exactly one pool.
+    #[serde(rename = "d")]
+    pub dimensions: Requirements,
+    /// Kill the process group after this long.
+    #[serde(rename = "th", with = "ms")]
+    pub hard_timeout: Duration,
+    /// Kill it after this long without output; zero for no limit.
+    #[serde(rename = "ti", with = "ms", default, skip_serializing_if = "Duration::is_zero")]
+    pub io_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL.
+    #[serde(rename = "tg", with = "ms")]
+    pub grace: Duration,
+    /// Whether a successful result of the same job id may be reused instead of running.
+    #[serde(rename = "i", default, skip_serializing_if = "is_false")]
+    pub idempotent: bool,
+    /// Paths (relative to the run dir) archived as outputs, sorted, without duplicates.
+    #[serde(rename = "o", default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+}
+
+/// Why a job spec or its scheduling is invalid, or its bytes are not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JobError {
+    /// Encoding larger than [`MAX_SPEC_BYTES`].
+    #[error("job spec is {0} bytes; the limit is {MAX_SPEC_BYTES}")]
+    TooLarge(usize),
+    /// Not CBOR of a job spec.
+    #[error("job spec is not valid: {0}")]
+    Decode(String),
+    /// Valid, but not the canonical encoding.
+    #[error("job spec is not canonically encoded")]
+    NotCanonical,
+    /// A version this code does not read.
+    #[error("job spec version {0} is not supported (this grid reads version {JOB_SPEC_VERSION})")]
+    Version(u32),
+    /// An invalid field, named.
+    #[error("job spec field {field}: {reason}")]
+    Field {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Invalid required dimensions.
+    #[error("job spec dimensions: {0}")]
+    Dimensions(#[from] DimensionError),
+}
+
+fn field(field: &'static str, reason: impl Into<String>) -> JobError {
+    JobError::Field { field, reason: reason.into() }
+}
+
+fn valid_env_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= MAX_ENV_KEY_BYTES
+        && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !k.starts_with(|c: char| c.is_ascii_digit())
+}
+
+impl JobSpec {
+    /// A spec running `command` on the tree `manifest` in `pool`, one shard, with default
+    /// timeouts (1 h hard, no I/O timeout, 30 s grace).
+    pub fn new(command: &str, manifest: ContentId, pool: &str) -> Self {
+        JobSpec {
+            version: JOB_SPEC_VERSION,
+            command: command.to_string(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            cwd: String::new(),
+            manifest,
+            shards: 1,
+            dimensions: Requirements::in_pool(pool),
+            hard_timeout: Duration::from_secs(3600),
+            io_timeout: Duration::ZERO,
+            grace: Duration::from_secs(30),
+            idempotent: false,
+            outputs: Vec::new(),
+        }
+    }
+
+    /// The canonical encoding.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_cbor::to_vec(self).expect("a job spec always encodes")
+    }
+
+    /// The job id: the CID (dag-cbor, SHA-1) of the canonical encoding.
+    pub fn id(&self) -> ContentId {
+        content::job_id(&self.encode())
+    }
+
+    /// Decodes and validates bytes from anywhere.
+    pub fn decode(bytes: &[u8]) -> Result<Self, JobError> {
+        if bytes.len() > MAX_SPEC_BYTES {
+            return Err(JobError::TooLarge(bytes.len()));
+        }
+        let spec: JobSpec =
+            serde_cbor::from_slice(bytes).map_err(|e| JobError::Decode(e.to_string()))?;
+        spec.validate()?;
+        if spec.encode() != bytes {
+            return Err(JobError::NotCanonical);
+        }
+        Ok(spec)
+    }
+
+    /// Checks every field against the limits of this module.
+    pub fn validate(&self) -> Result<(), JobError> {
+        if self.version != JOB_SPEC_VERSION {
+            return Err(JobError::Version(self.version));
+        }
+        if self.command.is_empty() || self.command.len() > MAX_COMMAND_BYTES {
+            return Err(field("command", "must be 1 to 4096 bytes"));
+        }
+        if self.command.contains('\0') || self.args.iter().any(|a| a.contains('\0')) {
+            return Err(field("args", "NUL byte"));
+        }
+        if self.args.len() > MAX_ARGS {
+            return Err(field(
+                "args",
+                format!("{} arguments; the limit is {MAX_ARGS}", self.args.len()),
+            ));
+        }
+        if self.args.iter().any(|a| a.len() > MAX_ARG_BYTES) {
+            return Err(field("args", format!("an argument is longer than {MAX_ARG_BYTES} bytes")));
+        }
+        if self.env.len() > MAX_ENV {
+            return Err(field(
+                "env",
+                format!("{} variables; the limit is {MAX_ENV}", self.env.len()),
+            ));
+        }
+        for (k, v) in &self.env {
+            if !valid_env_key(k) {
+                return Err(field("env", format!("{k:?} is not a valid variable name")));
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return Err(field("env", format!("{k} is set by the worker for each shard")));
+            }
+            if v.len() > MAX_ENV_VALUE_BYTES || v.contains('\0') {
+                return Err(field("env", format!("the value of {k} is too long or holds NUL")));
+            }
+        }
+        if !self.cwd.is_empty() {
+            validate_path(&self.cwd).map_err(|e| field("cwd", e.to_string()))?;
+        }
+        if self.manifest.kind() != Kind::Manifest {
+            return Err(field("manifest", format!("{} is not a manifest id", self.manifest)));
+        }
+        if self.shards == 0 || self.shards > MAX_SHARDS {
+            return Err(field("shards", format!("{}; must be 1 to {MAX_SHARDS}", self.shards)));
+        }
+        self.dimensions.validate()?;
+        if self.hard_timeout < MIN_HARD_TIMEOUT || self.hard_timeout > MAX_HARD_TIMEOUT {
+            return Err(field("hard_timeout", "must be 1 s to 7 days"));
+        }
+        if !self.io_timeout.is_zero()
+            && (self.io_timeout < MIN_HARD_TIMEOUT || self.io_timeout > self.hard_timeout)
+        {
+            return Err(field("io_timeout", "must be 0 or 1 s up to the hard timeout"));
+        }
+        if self.grace > MAX_GRACE {
+            return Err(field("grace", "must be at most 1 hour"));
+        }
+        if self.outputs.len() > MAX_OUTPUTS {
+            return Err(field(
+                "outputs",
+                format!("{} paths; the limit is {MAX_OUTPUTS}", self.outputs.len()),
+            ));
+        }
+        for o in &self.outputs {
+            validate_path(o).map_err(|e| field("outputs", e.to_string()))?;
+        }
+        if self.outputs.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(field("outputs", "must be sorted without duplicates"));
+        }
+        // Each field within its bounds can still add up to more than a grant carries.
+        let len = self.encode().len();
+        if len > MAX_SPEC_BYTES {
+            return Err(JobError::TooLarge(len));
+        }
+        Ok(())
+    }
+
+    /// The environment of `shard`: the spec's env plus the shard variables.
+    pub fn shard_env(&self, shard: u32) -> BTreeMap<String, String> {
+        let mut env = self.env.clone();
+        for (k, v) in [
+            ("GRID_SHARD_INDEX", shard),
+            ("GRID_TOTAL_SHARDS", self.shards),
+            ("GTEST_SHARD_INDEX", shard),
+            ("GTEST_TOTAL_SHARDS", self.shards),
+        ] {
+            env.insert(k.to_string(), v.to_string());
+        }
+        env
+    }
+}
+
+/// How a job is scheduled: the part that does not name it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scheduling {
+    /// k: how many independent nodes must agree on each shard's outcome.
+    #[serde(rename = "k")]
+    pub redundancy: u8,
+    /// Most replicas of one shard when replicas disagree (k <= this <= [`MAX_REPLICAS`]).
+    #[serde(rename = "r")]
+    pub max_replicas: u8,
+    /// Lost attempts (no result: node gone, lease expired, worker error) per shard before the
+    /// shard ends; a poison shard ends, it does not loop.
+    #[serde(rename = "x")]
+    pub max_attempts: u8,
+    /// Lower runs first (1 most urgent, 255 least), as in Swarming.
+    #[serde(rename = "p")]
+    pub priority: u8,
+    /// How long shards may wait for a node; after that, pending shards are EXPIRED.
+    #[serde(rename = "e", with = "ms")]
+    pub expiration: Duration,
+    /// If false, shards that no matching node claimed within the submitter's
+    /// `no_resource_after` end as NO_RESOURCE instead of waiting.
+    #[serde(rename = "wc")]
+    pub wait_for_capacity: bool,
+}
+
+impl Default for Scheduling {
+    /// k = 1, 3 attempts, priority 100, 1 hour expiration, waits for capacity.
+    fn default() -> Self {
+        Scheduling {
+            redundancy: 1,
+            max_replicas: 1,
+            max_attempts: 3,
+            priority: 100,
+            expiration: Duration::from_secs(3600),
+            wait_for_capacity: true,
+        }
+    }
+}
+
+impl Scheduling {
+    /// Default scheduling with redundancy `k` and room for `k - 1` extra replicas on dispute.
+    pub fn with_redundancy(k: u8) -> Self {
+        let k = k.max(1);
+        Scheduling {
+            redundancy: k,
+            max_replicas: k.saturating_mul(2).saturating_sub(1).min(MAX_REPLICAS),
+            ..Scheduling::default()
+        }
+    }
+
+    /// Checks the bounds.
+    pub fn validate(&self) -> Result<(), JobError> {
+        if self.redundancy == 0 || self.redundancy > MAX_REDUNDANCY {
+            return Err(field("redundancy", format!("must be 1 to {MAX_REDUNDANCY}")));
+        }
+        if self.max_replicas < self.redundancy || self.max_replicas > MAX_REPLICAS {
+            return Err(field("max_replicas", format!("must be k to {MAX_REPLICAS}")));
+        }
+        if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS {
+            return Err(field("max_attempts", format!("must be 1 to {MAX_ATTEMPTS}")));
+        }
+        if self.priority == 0 {
+            return Err(field("priority", "0 is reserved; use 1 (most urgent) to 255"));
+        }
+        if self.expiration.is_zero() || self.expiration > MAX_EXPIRATION {
+            return Err(field("expiration", "must be more than 0 and at most 7 days"));
+        }
+        Ok(())
+    }
+}
+
+/// A job as a user submits it: spec, scheduling and labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// What runs.
+    #[serde(rename = "s")]
+    pub spec: JobSpec,
+    /// How it is scheduled.
+    #[serde(rename = "h")]
+    pub scheduling: Scheduling,
+    /// A display name; not part of the id.
+    #[serde(rename = "n", default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// Tags (`key:value`); not part of the id.
+    #[serde(rename = "t", default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+impl JobRequest {
+    /// A request for `spec` with default scheduling and no labels.
+    pub fn new(spec: JobSpec) -> Self {
+        JobRequest {
+            spec,
+            scheduling: Scheduling::default(),
+            name: String::new(),
+            tags: Vec::new(),
+        }
+    }
+
+    /// Validates spec and scheduling.
+    pub fn validate(&self) -> Result<(), JobError> {
+        self.spec.validate()?;
+        self.scheduling.validate()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub(crate) fn spec() -> JobSpec {
+        let mut s = JobSpec::new("./run_tests", content::manifest_id(b"tree"), "ci");
+        s.args = vec!["--gtest_filter=*".into()];
+        s.env.insert("LANG".into(), "C".into());
+        s.shards = 4;
+        s.dimensions = s.dimensions.clone().with("os", &["Linux"]);
+        s
+    }
+
+    #[test]
+    fn id_covers_what_runs_and_nothing_else() {
+        let a = JobRequest::new(spec());
+        let mut b = a.clone();
+        b.name = "nightly".into();
+        b.tags = vec!["team:infra".into()];
+        b.scheduling.priority = 5;
+        b.scheduling.redundancy = 3;
+        assert_eq!(a.spec.id(), b.spec.id());
+        let mut c = a.spec.clone();
+        c.args.push("--verbose".into());
+        assert_ne!(c.id(), a.spec.id());
+        let mut d = a.spec.clone();
+        d.hard_timeout = Duration::from_secs(10);
+        assert_ne!(d.id(), a.spec.id());
+        assert_eq!(a.spec.id().kind(), Kind::Manifest, "job ids use the dag-cbor codec");
+    }
+
+    #[test]
+    fn decode_round_trips_and_refuses_non_canonical() {
+        let s = spec();
+        let bytes = s.encode();
+        assert_eq!(JobSpec::decode(&bytes).unwrap(), s);
+        #[derive(Serialize)]
+        struct Loose<'a> {
+            v: u32,
+            c: &'a str,
+            a: Vec<String>,
+            m: ContentId,
+            n: u32,
+            d: &'a Requirements,
+            th: u64,
+            tg: u64,
+        }
+        let loose = Loose {
+            v: 1,
+            c: "x",
+            a: vec![],
+            m: s.manifest,
+            n: 1,
+            d: &s.dimensions,
+            th: 1000,
+            tg: 0,
+        };
+        let bytes = serde_cbor::to_vec(&loose).unwrap();
+        assert_eq!(JobSpec::decode(&bytes).unwrap_err(), JobError::NotCanonical);
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        type Case = (fn(&mut JobSpec), &'static str);
+        let cases: Vec<Case> = vec![
+            (|s| s.command.clear(), "command"),
+            (|s| s.shards = 0, "shards"),
+            (|s| s.shards = MAX_SHARDS + 1, "shards"),
+            (|s| s.cwd = "../up".into(), "cwd"),
+            (
+                |s| {
+                    s.env.insert("GTEST_SHARD_INDEX".into(), "1".into());
+                },
+                "env",
+            ),
+            (
+                |s| {
+                    s.env.insert("1BAD".into(), "1".into());
+                },
+                "env",
+            ),
+            (|s| s.hard_timeout = Duration::ZERO, "hard_timeout"),
+            (|s| s.io_timeout = Duration::from_secs(7200), "io_timeout"),
+            (|s| s.grace = Duration::from_secs(7200), "grace"),
+            (|s| s.outputs = vec!["b".into(), "a".into()], "outputs"),
+            (|s| s.manifest = content::block_id(b"x"), "manifest"),
+        ];
+        for (f, name) in cases {
+            let mut s = spec();
+            f(&mut s);
+            match s.validate() {
+                Err(JobError::Field { field, .. }) => assert_eq!(field, name),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        let mut s = spec();
+        s.args = vec!["a".repeat(MAX_ARG_BYTES); MAX_ARGS];
+        assert!(matches!(s.validate().unwrap_err(), JobError::TooLarge(_)));
+        let mut s = spec();
+        s.dimensions = Requirements(BTreeMap::new());
+        assert_eq!(s.validate().unwrap_err(), JobError::Dimensions(DimensionError::NoPool));
+    }
+
+    #[test]
+    fn scheduling_bounds() {
+        Scheduling::default().validate().unwrap();
+        let s = Scheduling::with_redundancy(3);
+        assert_eq!((s.redundancy, s.max_replicas), (3, 5));
+        s.validate().unwrap();
+        let mut bad = s.clone();
+        bad.max_replicas = 2;
+        assert!(bad.validate().is_err());
+        let mut bad = s;
+        bad.priority = 0;
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn shard_env_adds_the_gtest_pair() {
+        let env = spec().shard_env(2);
+        assert_eq!(env["GTEST_SHARD_INDEX"], "2");
+        assert_eq!(env["GRID_TOTAL_SHARDS"], "4");
+        assert_eq!(env["LANG"], "C");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = JobSpec::decode(&bytes);
+        }
+
+        #[test]
+        fn truncations_never_panic(cut in 0usize..300) {
+            let bytes = spec().encode();
+            let _ = JobSpec::decode(&bytes[..cut.min(bytes.len())]);
+        }
+    }
+}

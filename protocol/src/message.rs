@@ -1,0 +1,682 @@
+//! Messages between submitters and workers, and their wire codec.
+//!
+//! A message on the wire is a frame: one byte of protocol version ([`PROTOCOL_VERSION`]), one
+//! byte of message kind ([`MessageKind`]), then the canonical CBOR of the body. Version, kind and
+//! the kind's size limit are checked before any CBOR is decoded; after decoding, the body's bounds
+//! are checked, and the frame must re-encode to exactly the bytes received (so a signed thing has
+//! one encoding). [`decode`] never panics, whatever the bytes.
+//!
+//! Only [`Message::Announce`] travels by gossip (on [`announce_topic`]); every other message goes
+//! directly to one peer. Gossip is a hint: nothing depends on one announcement arriving.
+//! Signatures (of announcements and results) are checked by the state machines, not here, so
+//! that forged records are counted where they are refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::content::ContentId;
+use crate::dims::{Dimensions, Mismatch};
+use crate::job::{JobSpec, MAX_SHARDS};
+use crate::record::{SignedAnnouncement, SignedBody, SignedResult};
+
+/// Version byte of every frame this code writes and reads.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Largest frame of any kind, checked first.
+pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Largest announcement (it travels by gossip, whose default limit is 64 KiB).
+pub const MAX_ANNOUNCEMENT_BYTES: usize = 16 << 10;
+/// Largest claim.
+pub const MAX_CLAIM_BYTES: usize = 16 << 10;
+/// Largest grant (it carries the job spec).
+pub const MAX_GRANT_BYTES: usize = 512 << 10;
+/// Largest refusal.
+pub const MAX_REFUSAL_BYTES: usize = 4 << 10;
+/// Largest heartbeat or heartbeat reply.
+pub const MAX_HEARTBEAT_BYTES: usize = 64 << 10;
+/// Largest result.
+pub const MAX_RESULT_BYTES: usize = 64 << 10;
+/// Largest acknowledgement.
+pub const MAX_ACK_BYTES: usize = 1 << 10;
+/// Largest cancel.
+pub const MAX_CANCEL_BYTES: usize = 64 << 10;
+/// Most leases in one grant (and most slots one claim asks for).
+pub const MAX_LEASES_PER_GRANT: u32 = 64;
+/// Most lease references in one heartbeat, heartbeat reply or cancel.
+pub const MAX_LEASE_REFS: usize = 1024;
+
+/// The gossipsub topic on which jobs of `pool` are announced.
+pub fn announce_topic(pool: &str) -> String {
+    format!("grid/jobs/v1/{pool}")
+}
+
+/// One lease, named within its job: shard and attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRef {
+    /// The shard.
+    #[serde(rename = "i")]
+    pub shard: u32,
+    /// The attempt: the how-manieth grant of this shard (1-based).
+    #[serde(rename = "a")]
+    pub attempt: u32,
+}
+
+/// A worker asks the submitter for up to `slots` shards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Claim {
+    /// The job.
+    #[serde(rename = "j")]
+    pub job: ContentId,
+    /// The submission.
+    #[serde(rename = "u")]
+    pub submission: u64,
+    /// Correlates the answer.
+    #[serde(rename = "c")]
+    pub claim_id: u64,
+    /// How many shards the worker will run now (1 to [`MAX_LEASES_PER_GRANT`]).
+    #[serde(rename = "n")]
+    pub slots: u32,
+    /// The worker's dimensions.
+    #[serde(rename = "d")]
+    pub dimensions: Dimensions,
+}
+
+/// The submitter leases shards to a claiming worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// The job.
+    #[serde(rename = "j")]
+    pub job: ContentId,
+    /// The submission.
+    #[serde(rename = "u")]
+    pub submission: u64,
+    /// The claim answered.
+    #[serde(rename = "c")]
+    pub claim_id: u64,
+    /// The full spec; its id must be `job`.
+    #[serde(rename = "s")]
+    pub spec: JobSpec,
+    /// The leases granted (at least one).
+    #[serde(rename = "l")]
+    pub leases: Vec<LeaseRef>,
+    /// Each lease lapses this many milliseconds after the last grant or renewal the worker got.
+    #[serde(rename = "t")]
+    pub ttl_ms: u64,
+}
+
+/// Why a claim got nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefuseReason {
+    /// Not a job (or submission) this submitter runs.
+    #[serde(rename = "unknown")]
+    UnknownJob,
+    /// The job is over or expired.
+    #[serde(rename = "ended")]
+    Ended,
+    /// No shard needs a node now (all leased or done).
+    #[serde(rename = "full")]
+    NoShards,
+    /// The claimant's dimensions do not fit.
+    #[serde(rename = "mismatch")]
+    Mismatch(Mismatch),
+}
+
+/// The answer to a claim that got nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// The job.
+    #[serde(rename = "j")]
+    pub job: ContentId,
+    /// The submission.
+    #[serde(rename = "u")]
+    pub submission: u64,
+    /// The claim answered.
+    #[serde(rename = "c")]
+    pub claim_id: u64,
+    /// Why.
+    #[serde(rename = "r")]
+    pub reason: RefuseReason,
+}
+
+/// A worker says it still runs these leases of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    /// The job.
+    #[serde(rename = "j")]
+    pub job: ContentId,
+    /// The submission.
+    #[serde(rename = "u")]
+    pub submission: u64,
+    /// The leases it runs.
+    #[serde(rename = "l")]
+    pub leases: Vec<LeaseRef>,
+}
+
+/// The submitter renews what it still honours and revokes the rest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatReply {
+    /// The job.
+    #[serde(rename = "j")]
+    pub job: ContentId,
+    /// The submission.
+    #[serde(rename = "u")]
+    pub submission: u64,
+    /// Leases renewed for another `ttl_ms`.
+    #[serde(rename = "r")]
+    pub renewed: Vec<LeaseRef>,
+    /// Leases the submitter no longer honours: kill them.
+    #[serde(rename = "x")]
+    pub revoked: Vec<LeaseRef>,
+    /// The renewal, in milliseconds.
+    #[serde(rename = "t")]
+    pub ttl_ms: u64,
+}
+
+/// Why a result was not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Rejection {
+    /// The signature does not verify.
+    #[serde(rename = "forged")]
+    Forged,
+    /// For another job or another submission of it (a replay).
+    #[serde(rename = "replay")]
+    WrongJob,
+    /// The signer never held this lease.
+    #[serde(rename = "nolease")]
+    NoLease,
+    /// The signer ran on another platform class than the shard's replicas.
+    #[serde(rename = "class")]
+    WrongClass,
+}
+
+/// What the submitter made of a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Verdict {
+    /// Counted (and, for k = 1, accepted).
+    #[serde(rename = "ok")]
+    Accepted,
+    /// The same lease already reported; this copy is ignored.
+    #[serde(rename = "dup")]
+    Duplicate,
+    /// The shard was already decided; recorded for statistics only.
+    #[serde(rename = "late")]
+    Late,
+    /// Refused.
+    #[serde(rename = "no")]
+    Rejected(Rejection),
+}
+
+/// The submitter has a result: the worker may forget it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ack {
+    /// The job named by the result.
+    #[serde(rename = "j")]
+    pub job: ContentId,
+    /// The submission named by the result.
+    #[serde(rename = "u")]
+    pub submission: u64,
+    /// The lease named by the result.
+    #[serde(rename = "l")]
+    pub lease: LeaseRef,
+    /// What became of it.
+    #[serde(rename = "r")]
+    pub verdict: Verdict,
+}
+
+/// The submitter no longer wants these leases (all of the job's if empty): kill them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cancel {
+    /// The job.
+    #[serde(rename = "j")]
+    pub job: ContentId,
+    /// The submission.
+    #[serde(rename = "u")]
+    pub submission: u64,
+    /// The leases; empty for all.
+    #[serde(rename = "l", default, skip_serializing_if = "Vec::is_empty")]
+    pub leases: Vec<LeaseRef>,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Submitter -> everyone (gossip): a job wants nodes.
+    Announce(SignedAnnouncement),
+    /// Worker -> submitter: give me shards.
+    Claim(Claim),
+    /// Submitter -> worker: here are leases.
+    Grant(Grant),
+    /// Submitter -> worker: nothing for you.
+    Refuse(Refusal),
+    /// Worker -> submitter: still running these.
+    Heartbeat(Heartbeat),
+    /// Submitter -> worker: renewed and revoked leases.
+    HeartbeatReply(HeartbeatReply),
+    /// Worker -> submitter: a signed result.
+    Result(SignedResult),
+    /// Submitter -> worker: result received.
+    Ack(Ack),
+    /// Submitter -> worker: stop these leases.
+    Cancel(Cancel),
+}
+
+/// The kind byte of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum MessageKind {
+    /// [`Message::Announce`].
+    Announce = 1,
+    /// [`Message::Claim`].
+    Claim = 2,
+    /// [`Message::Grant`].
+    Grant = 3,
+    /// [`Message::Refuse`].
+    Refuse = 4,
+    /// [`Message::Heartbeat`].
+    Heartbeat = 5,
+    /// [`Message::HeartbeatReply`].
+    HeartbeatReply = 6,
+    /// [`Message::Result`].
+    Result = 7,
+    /// [`Message::Ack`].
+    Ack = 8,
+    /// [`Message::Cancel`].
+    Cancel = 9,
+}
+
+impl MessageKind {
+    /// Every kind, in byte order.
+    pub const ALL: [MessageKind; 9] = [
+        MessageKind::Announce,
+        MessageKind::Claim,
+        MessageKind::Grant,
+        MessageKind::Refuse,
+        MessageKind::Heartbeat,
+        MessageKind::HeartbeatReply,
+        MessageKind::Result,
+        MessageKind::Ack,
+        MessageKind::Cancel,
+    ];
+
+    /// The kind a byte names.
+    pub fn from_byte(b: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(b).wrapping_sub(1)).copied()
+    }
+
+    /// The largest frame of this kind.
+    pub fn max_bytes(self) -> usize {
+        match self {
+            MessageKind::Announce => MAX_ANNOUNCEMENT_BYTES,
+            MessageKind::Claim => MAX_CLAIM_BYTES,
+            MessageKind::Grant => MAX_GRANT_BYTES,
+            MessageKind::Refuse => MAX_REFUSAL_BYTES,
+            MessageKind::Heartbeat | MessageKind::HeartbeatReply => MAX_HEARTBEAT_BYTES,
+            MessageKind::Result => MAX_RESULT_BYTES,
+            MessageKind::Ack => MAX_ACK_BYTES,
+            MessageKind::Cancel => MAX_CANCEL_BYTES,
+        }
+    }
+}
+
+/// Why bytes are not a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// Shorter than the two header bytes.
+    #[error("message of {0} bytes is shorter than its header")]
+    Truncated(usize),
+    /// Longer than the kind's limit (or [`MAX_MESSAGE_BYTES`] before the kind is known).
+    #[error("message of {len} bytes is over the {limit}-byte limit")]
+    TooLarge {
+        /// Length received.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Another protocol version.
+    #[error("message version {0} is not supported (this grid speaks version {PROTOCOL_VERSION})")]
+    Version(u8),
+    /// An unknown kind byte.
+    #[error("unknown message kind {0}")]
+    Kind(u8),
+    /// The body is not CBOR of that kind.
+    #[error("message body is not valid: {0}")]
+    Body(String),
+    /// The body breaks a bound or rule.
+    #[error("message is not valid: {0}")]
+    Invalid(String),
+    /// Valid, but not the canonical encoding.
+    #[error("message is not canonically encoded")]
+    NotCanonical,
+}
+
+impl Message {
+    /// The kind of this message.
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Message::Announce(_) => MessageKind::Announce,
+            Message::Claim(_) => MessageKind::Claim,
+            Message::Grant(_) => MessageKind::Grant,
+            Message::Refuse(_) => MessageKind::Refuse,
+            Message::Heartbeat(_) => MessageKind::Heartbeat,
+            Message::HeartbeatReply(_) => MessageKind::HeartbeatReply,
+            Message::Result(_) => MessageKind::Result,
+            Message::Ack(_) => MessageKind::Ack,
+            Message::Cancel(_) => MessageKind::Cancel,
+        }
+    }
+
+    /// The frame: version, kind, canonical CBOR body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![PROTOCOL_VERSION, self.kind() as u8];
+        let r = match self {
+            Message::Announce(m) => serde_cbor::to_writer(&mut out, m),
+            Message::Claim(m) => serde_cbor::to_writer(&mut out, m),
+            Message::Grant(m) => serde_cbor::to_writer(&mut out, m),
+            Message::Refuse(m) => serde_cbor::to_writer(&mut out, m),
+            Message::Heartbeat(m) => serde_cbor::to_writer(&mut out, m),
+            Message::HeartbeatReply(m) => serde_cbor::to_writer(&mut out, m),
+            Message::Result(m) => serde_cbor::to_writer(&mut out, m),
+            Message::Ack(m) => serde_cbor::to_writer(&mut out, m),
+            Message::Cancel(m) => serde_cbor::to_writer(&mut out, m),
+        };
+        r.expect("messages always encode");
+        out
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let refs = |n: usize| {
+            if n > MAX_LEASE_REFS { Err(format!("{n} lease references")) } else { Ok(()) }
+        };
+        match self {
+            Message::Announce(a) => a.body.validate(),
+            Message::Claim(c) => {
+                if c.slots == 0 || c.slots > MAX_LEASES_PER_GRANT {
+                    return Err(format!("claim for {} slots", c.slots));
+                }
+                c.dimensions.validate().map_err(|e| e.to_string())
+            }
+            Message::Grant(g) => {
+                g.spec.validate().map_err(|e| e.to_string())?;
+                if g.leases.is_empty() || g.leases.len() > MAX_LEASES_PER_GRANT as usize {
+                    return Err(format!("grant of {} leases", g.leases.len()));
+                }
+                if g.leases.iter().any(|l| l.shard >= g.spec.shards) {
+                    return Err("grant of a shard the job does not have".into());
+                }
+                Ok(())
+            }
+            Message::Refuse(_) | Message::Ack(_) => Ok(()),
+            Message::Heartbeat(h) => refs(h.leases.len()),
+            Message::HeartbeatReply(h) => refs(h.renewed.len().saturating_add(h.revoked.len())),
+            Message::Result(r) => {
+                if r.body.shard >= MAX_SHARDS {
+                    return Err("result for an impossible shard".into());
+                }
+                Ok(())
+            }
+            Message::Cancel(c) => refs(c.leases.len()),
+        }
+    }
+}
+
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    serde_cbor::from_slice(bytes).map_err(|e| DecodeError::Body(e.to_string()))
+}
+
+/// Decodes a frame from anywhere. Never panics; checks size before decoding and canonical form
+/// after.
+pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(DecodeError::TooLarge { len: bytes.len(), limit: MAX_MESSAGE_BYTES });
+    }
+    let [version, kind, rest @ ..] = bytes else {
+        return Err(DecodeError::Truncated(bytes.len()));
+    };
+    if *version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(*version));
+    }
+    let kind = MessageKind::from_byte(*kind).ok_or(DecodeError::Kind(*kind))?;
+    if bytes.len() > kind.max_bytes() {
+        return Err(DecodeError::TooLarge { len: bytes.len(), limit: kind.max_bytes() });
+    }
+    let msg = match kind {
+        MessageKind::Announce => Message::Announce(body(rest)?),
+        MessageKind::Claim => Message::Claim(body(rest)?),
+        MessageKind::Grant => Message::Grant(body(rest)?),
+        MessageKind::Refuse => Message::Refuse(body(rest)?),
+        MessageKind::Heartbeat => Message::Heartbeat(body(rest)?),
+        MessageKind::HeartbeatReply => Message::HeartbeatReply(body(rest)?),
+        MessageKind::Result => Message::Result(body(rest)?),
+        MessageKind::Ack => Message::Ack(body(rest)?),
+        MessageKind::Cancel => Message::Cancel(body(rest)?),
+    };
+    msg.validate().map_err(DecodeError::Invalid)?;
+    if msg.encode() != bytes {
+        return Err(DecodeError::NotCanonical);
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::content;
+    use crate::dims::Requirements;
+    use crate::record::tests::{key, result_body};
+    use crate::record::{ANNOUNCEMENT_VERSION, Announcement, Signed};
+    use crate::time::Time;
+    use proptest::prelude::*;
+
+    fn job() -> ContentId {
+        content::job_id(b"job")
+    }
+
+    pub(crate) fn samples() -> Vec<Message> {
+        let spec = crate::job::tests::spec();
+        let lease = LeaseRef { shard: 1, attempt: 2 };
+        let ann = Announcement {
+            version: ANNOUNCEMENT_VERSION,
+            job: spec.id(),
+            submission: 9,
+            seq: 3,
+            manifest: spec.manifest,
+            dimensions: spec.dimensions.clone(),
+            shards: 4,
+            open: 2,
+            priority: 100,
+            created: Time(1),
+            expires: Time(1_000_000),
+            ended: false,
+        };
+        vec![
+            Message::Announce(Signed::sign(&key(1), ann)),
+            Message::Claim(Claim {
+                job: job(),
+                submission: 9,
+                claim_id: 4,
+                slots: 2,
+                dimensions: Dimensions::new().with("pool", "ci"),
+            }),
+            Message::Grant(Grant {
+                job: spec.id(),
+                submission: 9,
+                claim_id: 4,
+                spec: spec.clone(),
+                leases: vec![lease],
+                ttl_ms: 60_000,
+            }),
+            Message::Refuse(Refusal {
+                job: job(),
+                submission: 9,
+                claim_id: 4,
+                reason: RefuseReason::Mismatch(
+                    Requirements::in_pool("ci").check(&Dimensions::new()).unwrap_err(),
+                ),
+            }),
+            Message::Heartbeat(Heartbeat { job: job(), submission: 9, leases: vec![lease] }),
+            Message::HeartbeatReply(HeartbeatReply {
+                job: job(),
+                submission: 9,
+                renewed: vec![lease],
+                revoked: vec![],
+                ttl_ms: 60_000,
+            }),
+            Message::Result(Signed::sign(&key(2), result_body())),
+            Message::Ack(Ack {
+                job: job(),
+                submission: 9,
+                lease,
+                verdict: Verdict::Rejected(Rejection::NoLease),
+            }),
+            Message::Cancel(Cancel { job: job(), submission: 9, leases: vec![] }),
+        ]
+    }
+
+    #[test]
+    fn every_kind_round_trips_within_its_limit() {
+        let msgs = samples();
+        assert_eq!(msgs.len(), MessageKind::ALL.len());
+        for m in msgs {
+            let bytes = m.encode();
+            assert_eq!(bytes[0], PROTOCOL_VERSION);
+            assert_eq!(MessageKind::from_byte(bytes[1]), Some(m.kind()));
+            assert!(bytes.len() <= m.kind().max_bytes(), "{:?}", m.kind());
+            assert_eq!(decode(&bytes).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn the_largest_valid_dimensions_fit_announcements_and_claims() {
+        // 32 keys of 8 values each, as close to MAX_DIMENSIONS_BYTES as the bounds allow.
+        let mut req = Requirements::in_pool(&"p".repeat(28));
+        let mut node = Dimensions::new();
+        for k in 0..31 {
+            let key = format!("k{k:02}{}", "k".repeat(61));
+            let values: Vec<String> = (0..8).map(|v| format!("{v}{}", "v".repeat(23))).collect();
+            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+            req = req.with(&key, &refs);
+            for v in &values {
+                node = node.with(&key, v);
+            }
+        }
+        req.validate().unwrap();
+        node.validate().unwrap();
+        let spec = crate::job::tests::spec();
+        let ann = Announcement {
+            version: ANNOUNCEMENT_VERSION,
+            job: spec.id(),
+            submission: u64::MAX,
+            seq: u64::MAX,
+            manifest: spec.manifest,
+            dimensions: req,
+            shards: crate::job::MAX_SHARDS,
+            open: crate::job::MAX_SHARDS,
+            priority: 255,
+            created: Time(u64::MAX),
+            expires: Time(u64::MAX),
+            ended: true,
+        };
+        let a = Message::Announce(Signed::sign(&key(1), ann));
+        assert!(decode(&a.encode()).is_ok(), "{} bytes", a.encode().len());
+        let c = Message::Claim(Claim {
+            job: job(),
+            submission: u64::MAX,
+            claim_id: u64::MAX,
+            slots: MAX_LEASES_PER_GRANT,
+            dimensions: node,
+        });
+        assert!(decode(&c.encode()).is_ok(), "{} bytes", c.encode().len());
+    }
+
+    #[test]
+    fn header_checks_come_first() {
+        assert_eq!(decode(&[]).unwrap_err(), DecodeError::Truncated(0));
+        assert_eq!(decode(&[1]).unwrap_err(), DecodeError::Truncated(1));
+        assert_eq!(decode(&[2, 1, 0]).unwrap_err(), DecodeError::Version(2));
+        assert_eq!(decode(&[1, 0]).unwrap_err(), DecodeError::Kind(0));
+        assert_eq!(decode(&[1, 10]).unwrap_err(), DecodeError::Kind(10));
+        let big = vec![0u8; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(decode(&big).unwrap_err(), DecodeError::TooLarge { .. }));
+        // An ack-sized limit is enforced before its body is looked at.
+        let mut ack = vec![PROTOCOL_VERSION, MessageKind::Ack as u8];
+        ack.resize(MAX_ACK_BYTES + 1, 0);
+        assert_eq!(
+            decode(&ack).unwrap_err(),
+            DecodeError::TooLarge { len: MAX_ACK_BYTES + 1, limit: MAX_ACK_BYTES }
+        );
+    }
+
+    #[test]
+    fn bounds_are_checked_after_decoding() {
+        let m = Message::Claim(Claim {
+            job: job(),
+            submission: 1,
+            claim_id: 1,
+            slots: 0,
+            dimensions: Dimensions::new(),
+        });
+        assert!(matches!(decode(&m.encode()).unwrap_err(), DecodeError::Invalid(_)));
+        let mut g = match samples().remove(2) {
+            Message::Grant(g) => g,
+            _ => unreachable!(),
+        };
+        g.leases[0].shard = g.spec.shards;
+        assert!(matches!(
+            decode(&Message::Grant(g).encode()).unwrap_err(),
+            DecodeError::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn non_canonical_bodies_are_refused() {
+        // A cancel with an explicit empty lease list decodes to the same value but not the same
+        // bytes.
+        #[derive(Serialize)]
+        struct Loose {
+            j: ContentId,
+            u: u64,
+            l: Vec<LeaseRef>,
+        }
+        let mut bytes = vec![PROTOCOL_VERSION, MessageKind::Cancel as u8];
+        serde_cbor::to_writer(&mut bytes, &Loose { j: job(), u: 1, l: vec![] }).unwrap();
+        assert_eq!(decode(&bytes).unwrap_err(), DecodeError::NotCanonical);
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn random_bodies_behind_a_valid_header_never_panic(
+            kind in 1u8..=9,
+            body in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let mut bytes = vec![PROTOCOL_VERSION, kind];
+            bytes.extend(body);
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn truncated_and_flipped_messages_never_panic(which in 0usize..9, cut in 0usize..2000, flip in any::<(usize, u8)>()) {
+            let bytes = samples()[which].encode();
+            let cut = cut.min(bytes.len());
+            let r = decode(&bytes[..cut]);
+            if cut < bytes.len() {
+                prop_assert!(r.is_err());
+            }
+            let mut flipped = bytes.clone();
+            let i = flip.0 % flipped.len();
+            flipped[i] ^= flip.1;
+            let _ = decode(&flipped);
+        }
+    }
+}
