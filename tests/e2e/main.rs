@@ -1,1 +1,3 @@
+//! End-to-end tests: grid's real binaries on real files and sockets.
 
+mod content;

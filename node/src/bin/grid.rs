@@ -1,1 +1,5 @@
-fn main() {}
+//! `grid`: the user's command line.
+
+fn main() -> std::process::ExitCode {
+    grid_node::cli::main()
+}

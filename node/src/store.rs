@@ -1,0 +1,1158 @@
+//! The local content store: a RocksDB index beside a directory of read-only object files.
+//!
+//! Layout of a store directory:
+//! - `index/`: RocksDB. Column families: `objects` (object key -> [`ObjectMeta`]), `blocks`
+//!   (block id -> where its bytes live), `lru` (last use, kind, key -> nothing: eviction order),
+//!   `manifests` (manifest id -> canonical bytes), `pins` (pin name -> manifest ids), `stat`
+//!   (absolute path -> what it hashed to last time), `totals` (sizes and counts).
+//! - `objects/ab/abcdef...`: one file per distinct (content, executable bit), mode 0444 or 0555,
+//!   so it can be hardlinked read-only into a run directory, as Swarming's bots do. A file of
+//!   several blocks is one object; its blocks are served from offsets within it.
+//! - `tmp/`: objects being written. Emptied at open.
+//!
+//! Crash safety: an object is written to `tmp/`, renamed into `objects/`, and only then indexed,
+//! in one RocksDB write batch together with its block locations and the new totals. A crash
+//! (kill -9) at any point leaves either no index entry (the orphan file is removed by
+//! [`Store::verify`]) or a complete one. A manifest is indexed only after every object it names.
+//!
+//! Eviction is least-recently-used under four limits: total size, free disk, item count and
+//! age. Content pinned by a running job (a persistent pin) or by an operation in this process
+//! (a [`Session`]) is never evicted; when new content cannot fit beside it, the store says so.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use grid_protocol::content::{self, BLOCK_SIZE, ContentId, Kind};
+use grid_protocol::manifest::{self, Entry, Manifest, ManifestError};
+use rocksdb::{ColumnFamilyDescriptor, DB, IteratorMode, Options, WriteBatch};
+use serde::{Deserialize, Serialize};
+use sha1::Digest as _;
+
+const CF_OBJECTS: &str = "objects";
+const CF_BLOCKS: &str = "blocks";
+const CF_LRU: &str = "lru";
+const CF_MANIFESTS: &str = "manifests";
+const CF_PINS: &str = "pins";
+const CF_STAT: &str = "stat";
+const CF_TOTALS: &str = "totals";
+const ALL_CFS: [&str; 7] =
+    [CF_OBJECTS, CF_BLOCKS, CF_LRU, CF_MANIFESTS, CF_PINS, CF_STAT, CF_TOTALS];
+const TOTALS_KEY: &[u8] = b"totals";
+/// Deepest chain of manifest includes followed.
+pub const MAX_INCLUDE_DEPTH: usize = 8;
+/// Uses of an item closer together than this do not rewrite its last-use time.
+pub const TOUCH_GRANULARITY_SECS: u64 = 60;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The index failed.
+    #[error("store index: {0}")]
+    Db(#[from] rocksdb::Error),
+    /// A record in the index could not be read: the index is damaged.
+    #[error("store index record {what} is damaged: {detail}")]
+    Corrupt {
+        /// Which record.
+        what: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The content is not in the store.
+    #[error("{0} is not in the store")]
+    Missing(ContentId),
+    /// A manifest is invalid.
+    #[error("manifest {id}: {source}")]
+    Manifest {
+        /// The manifest.
+        id: ContentId,
+        /// Why.
+        source: ManifestError,
+    },
+    /// Content cannot fit beside pinned content within the limits.
+    #[error(
+        "no room for {needed} bytes: {reason}; {pinned} bytes are pinned by running jobs or \
+         operations in progress (raise the cache limits or free disk)"
+    )]
+    NoRoom {
+        /// Bytes asked for.
+        needed: u64,
+        /// Which limit cannot be met.
+        reason: String,
+        /// Bytes that may not be evicted.
+        pinned: u64,
+    },
+    /// Materializing into a directory that already has content.
+    #[error("{0} exists and is not empty; choose a new or empty directory")]
+    OutputNotEmpty(PathBuf),
+    /// An include chain deeper than [`MAX_INCLUDE_DEPTH`].
+    #[error("manifest {0} includes manifests deeper than {MAX_INCLUDE_DEPTH} levels")]
+    IncludeDepth(ContentId),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// Limits the store keeps by evicting least-recently-used content. `None` means no limit.
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Most bytes of content.
+    pub max_bytes: Option<u64>,
+    /// Least free space to leave on the store's file system.
+    pub min_free_bytes: Option<u64>,
+    /// Most items (objects and manifests).
+    pub max_items: Option<u64>,
+    /// Content unused for longer than this is dropped.
+    pub max_age: Option<Duration>,
+}
+
+/// What the index keeps about one object file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether the object file is executable.
+    pub executable: bool,
+    /// Its blocks, in order.
+    pub blocks: Vec<ContentId>,
+    /// Last use, seconds since the Unix epoch.
+    pub last_use: u64,
+}
+
+/// Where a block's bytes live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BlockLoc {
+    object: [u8; 20],
+    offset: u64,
+    len: u32,
+}
+
+impl BlockLoc {
+    fn encode(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[..20].copy_from_slice(&self.object);
+        out[20..28].copy_from_slice(&self.offset.to_be_bytes());
+        out[28..].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != 32 {
+            return None;
+        }
+        Some(BlockLoc {
+            object: b[..20].try_into().ok()?,
+            offset: u64::from_be_bytes(b[20..28].try_into().ok()?),
+            len: u32::from_be_bytes(b[28..].try_into().ok()?),
+        })
+    }
+}
+
+/// Sizes and counts of what the store holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Bytes of objects and manifests.
+    pub bytes: u64,
+    /// Objects plus manifests.
+    pub items: u64,
+}
+
+/// What the stat cache remembers about a local file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StatEntry {
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    dev: u64,
+    executable: bool,
+    blocks: Vec<ContentId>,
+}
+
+impl StatEntry {
+    fn matches(&self, md: &fs::Metadata) -> bool {
+        self.size == md.size()
+            && self.mtime_ns == md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128
+            && self.ctime_ns == md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128
+            && self.ino == md.ino()
+            && self.dev == md.dev()
+            && self.executable == is_executable(md)
+    }
+}
+
+/// Whether a file's mode has any execute bit.
+pub fn is_executable(md: &fs::Metadata) -> bool {
+    md.mode() & 0o111 != 0
+}
+
+/// Kinds of items in the LRU order.
+const ITEM_OBJECT: u8 = b'o';
+const ITEM_MANIFEST: u8 = b'm';
+
+fn lru_key(last_use: u64, kind: u8, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9 + key.len());
+    k.extend_from_slice(&last_use.to_be_bytes());
+    k.push(kind);
+    k.extend_from_slice(key);
+    k
+}
+
+/// The key of the object holding a file of these blocks with this executable bit.
+pub fn object_key(blocks: &[ContentId], executable: bool) -> [u8; 20] {
+    let mut h = sha1::Sha1::new();
+    for b in blocks {
+        h.update(b.to_bytes());
+    }
+    h.update([executable as u8]);
+    h.finalize().into()
+}
+
+/// Content protected from eviction while an operation in this process runs.
+///
+/// Dropping the session releases its protection.
+#[derive(Debug)]
+pub struct Session {
+    pins: Arc<Mutex<SessionPins>>,
+    id: u64,
+}
+
+#[derive(Debug, Default)]
+struct SessionPins {
+    next: u64,
+    objects: BTreeMap<u64, HashSet<[u8; 20]>>,
+    manifests: BTreeMap<u64, HashSet<ContentId>>,
+}
+
+impl Session {
+    fn add_object(&self, key: [u8; 20]) {
+        let mut p = self.pins.lock().expect("session pins lock");
+        p.objects.entry(self.id).or_default().insert(key);
+    }
+
+    fn add_manifest(&self, id: ContentId) {
+        let mut p = self.pins.lock().expect("session pins lock");
+        p.manifests.entry(self.id).or_default().insert(id);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pins.lock() {
+            p.objects.remove(&self.id);
+            p.manifests.remove(&self.id);
+        }
+    }
+}
+
+/// Source of the current time, in seconds since the Unix epoch.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0))
+}
+
+/// A file stored (or found) in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredFile {
+    /// Size in bytes.
+    pub size: u64,
+    /// Executable bit.
+    pub executable: bool,
+    /// Its blocks.
+    pub blocks: Vec<ContentId>,
+    /// Whether the stat cache answered without reading the file.
+    pub from_stat_cache: bool,
+}
+
+/// What [`Store::materialize`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaterializeStats {
+    /// Files hardlinked from the cache.
+    pub linked: u64,
+    /// Files copied (hardlinking was not possible).
+    pub copied: u64,
+    /// Empty files created.
+    pub empty: u64,
+    /// Symlinks created.
+    pub symlinks: u64,
+    /// Bytes of file content in the tree.
+    pub bytes: u64,
+}
+
+/// What [`Store::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Objects whose content matched.
+    pub objects_ok: u64,
+    /// Objects dropped: missing, wrong size or wrong content.
+    pub objects_dropped: Vec<String>,
+    /// Manifests whose bytes matched their id and decoded.
+    pub manifests_ok: u64,
+    /// Manifests dropped.
+    pub manifests_dropped: Vec<ContentId>,
+    /// Files in `objects/` that the index did not know, removed.
+    pub orphans_removed: u64,
+}
+
+/// What an eviction pass removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EvictReport {
+    /// Items removed.
+    pub items: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+}
+
+/// The local content store.
+pub struct Store {
+    root: PathBuf,
+    db: DB,
+    limits: Limits,
+    clock: Clock,
+    /// Serializes index writes that change totals; file IO happens outside it.
+    totals: Mutex<Totals>,
+    sessions: Arc<Mutex<SessionPins>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("root", &self.root).field("limits", &self.limits).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `root` with the system clock.
+    pub fn open(root: &Path, limits: Limits) -> Result<Store, StoreError> {
+        Self::open_with_clock(root, limits, system_clock())
+    }
+
+    /// Opens the store with a given clock (tests use a virtual one).
+    pub fn open_with_clock(root: &Path, limits: Limits, clock: Clock) -> Result<Store, StoreError> {
+        for sub in ["objects", "tmp", "index"] {
+            let p = root.join(sub);
+            fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        }
+        // Anything in tmp/ was being written when a previous process stopped.
+        let tmp = root.join("tmp");
+        for e in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
+            let e = e.map_err(io_err("list", &tmp))?;
+            let _ = fs::remove_file(e.path());
+        }
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_open_files(256);
+        opts.set_keep_log_file_num(4);
+        opts.increase_parallelism(2);
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, root.join("index"), cfs)?;
+        let totals = match db.get_cf(cf(&db, CF_TOTALS), TOTALS_KEY)? {
+            Some(b) => serde_cbor::from_slice(&b).map_err(|e| StoreError::Corrupt {
+                what: "totals".into(),
+                detail: e.to_string(),
+            })?,
+            None => Totals::default(),
+        };
+        Ok(Store {
+            root: root.to_path_buf(),
+            db,
+            limits,
+            clock,
+            totals: Mutex::new(totals),
+            sessions: Arc::new(Mutex::new(SessionPins::default())),
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Current sizes and counts.
+    pub fn totals(&self) -> Totals {
+        *self.totals.lock().expect("totals lock")
+    }
+
+    /// Starts a session: content it touches is protected from eviction until it is dropped.
+    pub fn session(&self) -> Session {
+        let mut p = self.sessions.lock().expect("session pins lock");
+        p.next += 1;
+        Session { pins: self.sessions.clone(), id: p.next }
+    }
+
+    fn object_path(&self, key: &[u8; 20]) -> PathBuf {
+        let hex = hex::encode(key);
+        self.root.join("objects").join(&hex[..2]).join(hex)
+    }
+
+    fn object_meta(&self, key: &[u8; 20]) -> Result<Option<ObjectMeta>, StoreError> {
+        match self.db.get_pinned_cf(cf(&self.db, CF_OBJECTS), key)? {
+            None => Ok(None),
+            Some(b) => serde_cbor::from_slice(&b).map(Some).map_err(|e| StoreError::Corrupt {
+                what: format!("object {}", hex::encode(key)),
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    /// Whether the store holds the object for these blocks and executable bit.
+    pub fn has_object(&self, blocks: &[ContentId], executable: bool) -> Result<bool, StoreError> {
+        if blocks.is_empty() {
+            return Ok(true);
+        }
+        Ok(self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_OBJECTS), object_key(blocks, executable))?
+            .is_some())
+    }
+
+    /// Stores a local file, reading and hashing it, unless the stat cache already knows it.
+    ///
+    /// The file is copied into the store, so later changes to the original do not change what
+    /// was stored.
+    pub fn put_file(&self, src: &Path, session: &Session) -> Result<StoredFile, StoreError> {
+        let md = fs::metadata(src).map_err(io_err("stat", src))?;
+        let stat_key = src.as_os_str().as_encoded_bytes();
+        if let Some(b) = self.db.get_pinned_cf(cf(&self.db, CF_STAT), stat_key)?
+            && let Ok(hit) = serde_cbor::from_slice::<StatEntry>(&b)
+            && hit.matches(&md)
+            && self.has_object(&hit.blocks, hit.executable)?
+        {
+            if !hit.blocks.is_empty() {
+                session.add_object(object_key(&hit.blocks, hit.executable));
+            }
+            return Ok(StoredFile {
+                size: hit.size,
+                executable: hit.executable,
+                blocks: hit.blocks,
+                from_stat_cache: true,
+            });
+        }
+        let executable = is_executable(&md);
+        let mut f = File::open(src).map_err(io_err("open", src))?;
+        let (blocks, size, tmp) = if md.size() == 0 {
+            (Vec::new(), 0, None)
+        } else {
+            self.reserve(md.size())?;
+            let (blocks, size, tmp) = self.copy_to_tmp(&mut f, src)?;
+            (blocks, size, Some(tmp))
+        };
+        if let Some(tmp) = tmp {
+            self.commit_object(&tmp, &blocks, size, executable, session)?;
+        }
+        let entry = StatEntry {
+            size,
+            mtime_ns: md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128,
+            ctime_ns: md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128,
+            ino: md.ino(),
+            dev: md.dev(),
+            executable,
+            blocks: blocks.clone(),
+        };
+        // Only remember what was read when the file did not change while being read.
+        if size == md.size() {
+            self.db.put_cf(cf(&self.db, CF_STAT), stat_key, encode(&entry))?;
+        }
+        Ok(StoredFile { size, executable, blocks, from_stat_cache: false })
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        self.root.join("tmp").join(format!("{}-{n}", std::process::id()))
+    }
+
+    /// Copies `src` into a new temporary file, hashing it block by block.
+    fn copy_to_tmp(
+        &self,
+        src: &mut File,
+        src_path: &Path,
+    ) -> Result<(Vec<ContentId>, u64, PathBuf), StoreError> {
+        let tmp = self.tmp_path();
+        let mut out = File::create(&tmp).map_err(io_err("create", &tmp))?;
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        let mut blocks = Vec::new();
+        let mut size = 0u64;
+        loop {
+            let n = read_full(src, &mut buf).map_err(io_err("read", src_path))?;
+            if n == 0 {
+                break;
+            }
+            blocks.push(content::block_id(&buf[..n]));
+            out.write_all(&buf[..n]).map_err(io_err("write", &tmp))?;
+            size += n as u64;
+            if n < BLOCK_SIZE {
+                break;
+            }
+        }
+        Ok((blocks, size, tmp))
+    }
+
+    /// Moves a complete temporary file into `objects/` and indexes it, unless an identical
+    /// object is already there.
+    fn commit_object(
+        &self,
+        tmp: &Path,
+        blocks: &[ContentId],
+        size: u64,
+        executable: bool,
+        session: &Session,
+    ) -> Result<(), StoreError> {
+        let key = object_key(blocks, executable);
+        session.add_object(key);
+        if self.object_meta(&key)?.is_some() {
+            let _ = fs::remove_file(tmp);
+            self.touch(ITEM_OBJECT, &key)?;
+            return Ok(());
+        }
+        let mode = if executable { 0o555 } else { 0o444 };
+        fs::set_permissions(tmp, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", tmp))?;
+        let dst = self.object_path(&key);
+        if let Some(dir) = dst.parent() {
+            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        }
+        fs::rename(tmp, &dst).map_err(io_err("rename into", &dst))?;
+        let now = (self.clock)();
+        let meta = ObjectMeta { size, executable, blocks: blocks.to_vec(), last_use: now };
+        let mut batch = WriteBatch::default();
+        batch.put_cf(cf(&self.db, CF_OBJECTS), key, encode(&meta));
+        batch.put_cf(cf(&self.db, CF_LRU), lru_key(now, ITEM_OBJECT, &key), []);
+        let mut offset = 0u64;
+        for (i, b) in blocks.iter().enumerate() {
+            let len = manifest::block_len(size, i as u64) as u32;
+            let loc = BlockLoc { object: key, offset, len };
+            batch.put_cf(cf(&self.db, CF_BLOCKS), b.to_bytes(), loc.encode());
+            offset += len as u64;
+        }
+        let mut totals = self.totals.lock().expect("totals lock");
+        // Another thread may have committed the same object meanwhile.
+        if self.object_meta(&key)?.is_some() {
+            return Ok(());
+        }
+        let new = Totals { bytes: totals.bytes + size, items: totals.items + 1 };
+        batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
+        self.db.write(batch)?;
+        *totals = new;
+        Ok(())
+    }
+
+    /// Stores a manifest, after checking that every object it names is present.
+    pub fn put_manifest(&self, m: &Manifest, session: &Session) -> Result<ContentId, StoreError> {
+        let bytes = m.encode();
+        let id = content::manifest_id(&bytes);
+        m.validate().map_err(|source| StoreError::Manifest { id, source })?;
+        for entry in m.entries.values() {
+            if let Entry::File { blocks, executable, .. } = entry
+                && !self.has_object(blocks, *executable)?
+            {
+                return Err(StoreError::Missing(blocks[0]));
+            }
+        }
+        for inc in &m.includes {
+            if self.manifest_bytes(inc)?.is_none() {
+                return Err(StoreError::Missing(*inc));
+            }
+        }
+        self.put_manifest_bytes(id, &bytes, session)?;
+        Ok(id)
+    }
+
+    /// Indexes manifest bytes already known to hash to `id`.
+    fn put_manifest_bytes(
+        &self,
+        id: ContentId,
+        bytes: &[u8],
+        session: &Session,
+    ) -> Result<(), StoreError> {
+        session.add_manifest(id);
+        let key = id.to_bytes();
+        if self.manifest_bytes(&id)?.is_some() {
+            return self.touch(ITEM_MANIFEST, &key);
+        }
+        self.reserve(bytes.len() as u64)?;
+        let now = (self.clock)();
+        let mut batch = WriteBatch::default();
+        let mut value = now.to_be_bytes().to_vec();
+        value.extend_from_slice(bytes);
+        batch.put_cf(cf(&self.db, CF_MANIFESTS), &key, value);
+        batch.put_cf(cf(&self.db, CF_LRU), lru_key(now, ITEM_MANIFEST, &key), []);
+        let mut totals = self.totals.lock().expect("totals lock");
+        let new = Totals { bytes: totals.bytes + bytes.len() as u64, items: totals.items + 1 };
+        batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
+        self.db.write(batch)?;
+        *totals = new;
+        Ok(())
+    }
+
+    /// Stores manifest bytes received from elsewhere, after verifying them against `id`.
+    pub fn put_verified_manifest(
+        &self,
+        id: ContentId,
+        bytes: &[u8],
+        session: &Session,
+    ) -> Result<Manifest, StoreError> {
+        content::verify_manifest(&id, bytes).map_err(|e| StoreError::Corrupt {
+            what: format!("manifest {id}"),
+            detail: e.to_string(),
+        })?;
+        let m = Manifest::decode(bytes).map_err(|source| StoreError::Manifest { id, source })?;
+        self.put_manifest_bytes(id, bytes, session)?;
+        Ok(m)
+    }
+
+    /// The canonical bytes of a stored manifest.
+    pub fn manifest_bytes(&self, id: &ContentId) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get_pinned_cf(cf(&self.db, CF_MANIFESTS), id.to_bytes())?
+            .map(|v| v.get(8..).unwrap_or_default().to_vec()))
+    }
+
+    /// A stored manifest, decoded and validated.
+    pub fn manifest(&self, id: &ContentId) -> Result<Manifest, StoreError> {
+        let bytes = self.manifest_bytes(id)?.ok_or(StoreError::Missing(*id))?;
+        Manifest::decode(&bytes).map_err(|source| StoreError::Manifest { id: *id, source })
+    }
+
+    /// The whole tree a manifest names, with its includes merged in.
+    pub fn tree(&self, id: &ContentId) -> Result<BTreeMap<String, Entry>, StoreError> {
+        self.tree_at_depth(id, 0)
+    }
+
+    fn tree_at_depth(
+        &self,
+        id: &ContentId,
+        depth: usize,
+    ) -> Result<BTreeMap<String, Entry>, StoreError> {
+        if depth > MAX_INCLUDE_DEPTH {
+            return Err(StoreError::IncludeDepth(*id));
+        }
+        let m = self.manifest(id)?;
+        let includes = m
+            .includes
+            .iter()
+            .map(|inc| self.tree_at_depth(inc, depth + 1))
+            .collect::<Result<Vec<_>, _>>()?;
+        manifest::merge(&m, &includes).map_err(|source| StoreError::Manifest { id: *id, source })
+    }
+
+    /// Reads one block's bytes, to serve it to a peer.
+    pub fn read_block(&self, id: &ContentId) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(b) = self.db.get_pinned_cf(cf(&self.db, CF_BLOCKS), id.to_bytes())? else {
+            return Ok(None);
+        };
+        let loc = BlockLoc::decode(&b).ok_or_else(|| StoreError::Corrupt {
+            what: format!("block {id}"),
+            detail: format!("location record of {} bytes", b.len()),
+        })?;
+        let path = self.object_path(&loc.object);
+        let f = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let mut buf = vec![0u8; loc.len as usize];
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut buf, loc.offset).map_err(io_err("read", &path))?;
+        Ok(Some(buf))
+    }
+
+    /// Writes a tree into `out` (new or empty): files hardlinked read-only from the store
+    /// (copied where a hardlink is impossible), modes and symlinks restored.
+    pub fn materialize(&self, id: &ContentId, out: &Path) -> Result<MaterializeStats, StoreError> {
+        let session = self.session();
+        session.add_manifest(*id);
+        let tree = self.tree(id)?;
+        if out.exists() {
+            let mut rd = fs::read_dir(out).map_err(io_err("list", out))?;
+            if rd.next().is_some() {
+                return Err(StoreError::OutputNotEmpty(out.to_path_buf()));
+            }
+        }
+        fs::create_dir_all(out).map_err(io_err("create", out))?;
+        // Pin every object first, so nothing this tree needs is evicted half way.
+        let mut objects = Vec::new();
+        for entry in tree.values() {
+            if let Entry::File { blocks, executable, .. } = entry
+                && !blocks.is_empty()
+            {
+                let key = object_key(blocks, *executable);
+                session.add_object(key);
+                objects.push((key, blocks[0]));
+            }
+        }
+        let metas = self.db.batched_multi_get_cf(
+            cf(&self.db, CF_OBJECTS),
+            objects.iter().map(|(k, _)| k.as_slice()),
+            false,
+        );
+        for ((_, first), meta) in objects.iter().zip(metas) {
+            if meta?.is_none() {
+                return Err(StoreError::Missing(*first));
+            }
+        }
+        let mut dirs = BTreeSet::new();
+        for path in tree.keys() {
+            if let Some((parent, _)) = path.rsplit_once('/') {
+                dirs.insert(parent);
+            }
+        }
+        for d in &dirs {
+            let p = out.join(d);
+            fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        }
+        let entries: Vec<(&String, &Entry)> = tree.iter().collect();
+        use rayon::prelude::*;
+        let stats = entries
+            .par_chunks(256)
+            .map(|chunk| {
+                let mut s = MaterializeStats::default();
+                for (path, entry) in chunk {
+                    self.materialize_entry(path, entry, out, &mut s)?;
+                }
+                Ok::<_, StoreError>(s)
+            })
+            .try_reduce(MaterializeStats::default, |a, b| {
+                Ok(MaterializeStats {
+                    linked: a.linked + b.linked,
+                    copied: a.copied + b.copied,
+                    empty: a.empty + b.empty,
+                    symlinks: a.symlinks + b.symlinks,
+                    bytes: a.bytes + b.bytes,
+                })
+            })?;
+        let keys: Vec<[u8; 20]> = objects.iter().map(|(k, _)| *k).collect();
+        for k in keys {
+            self.touch(ITEM_OBJECT, &k)?;
+        }
+        self.touch(ITEM_MANIFEST, &id.to_bytes())?;
+        Ok(stats)
+    }
+
+    fn materialize_entry(
+        &self,
+        path: &str,
+        entry: &Entry,
+        out: &Path,
+        s: &mut MaterializeStats,
+    ) -> Result<(), StoreError> {
+        let dst = out.join(path);
+        match entry {
+            Entry::Symlink { target } => {
+                std::os::unix::fs::symlink(target, &dst).map_err(io_err("symlink", &dst))?;
+                s.symlinks += 1;
+            }
+            Entry::File { size: 0, executable, .. } => {
+                File::create(&dst).map_err(io_err("create", &dst))?;
+                let mode = if *executable { 0o555 } else { 0o444 };
+                fs::set_permissions(&dst, fs::Permissions::from_mode(mode))
+                    .map_err(io_err("chmod", &dst))?;
+                s.empty += 1;
+            }
+            Entry::File { size, executable, blocks } => {
+                let src = self.object_path(&object_key(blocks, *executable));
+                match fs::hard_link(&src, &dst) {
+                    Ok(()) => s.linked += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                        return Err(StoreError::Missing(blocks[0]));
+                    }
+                    Err(_) => {
+                        // Another file system, or too many links: copy instead.
+                        fs::copy(&src, &dst).map_err(io_err("copy to", &dst))?;
+                        s.copied += 1;
+                    }
+                }
+                s.bytes += size;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a use of an item, moving it to the young end of the LRU order.
+    fn touch(&self, kind: u8, key: &[u8]) -> Result<(), StoreError> {
+        let now = (self.clock)();
+        let (cf_name, old) = match kind {
+            ITEM_OBJECT => {
+                let Some(k) = <[u8; 20]>::try_from(key).ok() else { return Ok(()) };
+                let Some(meta) = self.object_meta(&k)? else { return Ok(()) };
+                (CF_OBJECTS, meta.last_use)
+            }
+            _ => {
+                let Some(v) = self.db.get_pinned_cf(cf(&self.db, CF_MANIFESTS), key)? else {
+                    return Ok(());
+                };
+                let old = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+                (CF_MANIFESTS, old.unwrap_or(0))
+            }
+        };
+        if now.saturating_sub(old) < TOUCH_GRANULARITY_SECS {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(cf(&self.db, CF_LRU), lru_key(old, kind, key));
+        batch.put_cf(cf(&self.db, CF_LRU), lru_key(now, kind, key), []);
+        if cf_name == CF_OBJECTS {
+            let k: [u8; 20] = key.try_into().expect("checked above");
+            if let Some(mut meta) = self.object_meta(&k)? {
+                meta.last_use = now;
+                batch.put_cf(cf(&self.db, CF_OBJECTS), key, encode(&meta));
+            }
+        } else if let Some(v) = self.db.get_cf(cf(&self.db, CF_MANIFESTS), key)? {
+            let mut v = v;
+            if v.len() >= 8 {
+                v[..8].copy_from_slice(&now.to_be_bytes());
+                batch.put_cf(cf(&self.db, CF_MANIFESTS), key, v);
+            }
+        }
+        let _guard = self.totals.lock().expect("totals lock");
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Pins manifests (and everything they name) under `name`, for a running job.
+    pub fn pin(&self, name: &str, ids: &[ContentId]) -> Result<(), StoreError> {
+        self.db.put_cf(cf(&self.db, CF_PINS), name.as_bytes(), encode(&ids.to_vec()))?;
+        Ok(())
+    }
+
+    /// Releases a pin.
+    pub fn unpin(&self, name: &str) -> Result<(), StoreError> {
+        self.db.delete_cf(cf(&self.db, CF_PINS), name.as_bytes())?;
+        Ok(())
+    }
+
+    /// Everything protected from eviction now: object keys and manifest ids.
+    fn protected(&self) -> Result<(HashSet<[u8; 20]>, HashSet<Vec<u8>>), StoreError> {
+        let mut objects = HashSet::new();
+        let mut manifests: Vec<ContentId> = Vec::new();
+        {
+            let p = self.sessions.lock().expect("session pins lock");
+            for s in p.objects.values() {
+                objects.extend(s.iter().copied());
+            }
+            for s in p.manifests.values() {
+                manifests.extend(s.iter().copied());
+            }
+        }
+        for item in self.db.iterator_cf(cf(&self.db, CF_PINS), IteratorMode::Start) {
+            let (k, v) = item?;
+            let ids: Vec<ContentId> =
+                serde_cbor::from_slice(&v).map_err(|e| StoreError::Corrupt {
+                    what: format!("pin {}", String::from_utf8_lossy(&k)),
+                    detail: e.to_string(),
+                })?;
+            manifests.extend(ids);
+        }
+        let mut manifest_keys = HashSet::new();
+        for id in manifests {
+            manifest_keys.insert(id.to_bytes());
+            // A pinned tree whose manifests are gone protects what is left of it.
+            let Ok(tree) = self.tree(&id) else { continue };
+            let m = self.manifest(&id)?;
+            for inc in &m.includes {
+                manifest_keys.insert(inc.to_bytes());
+            }
+            for e in tree.values() {
+                if let Entry::File { blocks, executable, .. } = e
+                    && !blocks.is_empty()
+                {
+                    objects.insert(object_key(blocks, *executable));
+                }
+            }
+        }
+        Ok((objects, manifest_keys))
+    }
+
+    fn free_disk(&self) -> Option<u64> {
+        nix::sys::statvfs::statvfs(&self.root)
+            .ok()
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+    }
+
+    /// Makes room for `incoming` more bytes (and one more item) within the limits.
+    pub fn reserve(&self, incoming: u64) -> Result<EvictReport, StoreError> {
+        self.evict_for(incoming, 1)
+    }
+
+    /// Drops content that breaks a limit now (age included), least recently used first.
+    pub fn evict(&self) -> Result<EvictReport, StoreError> {
+        self.evict_for(0, 0)
+    }
+
+    fn evict_for(&self, incoming: u64, items: u64) -> Result<EvictReport, StoreError> {
+        let l = &self.limits;
+        let now = (self.clock)();
+        let age_cutoff = l.max_age.map(|a| now.saturating_sub(a.as_secs()));
+        let over = |t: &Totals, free: Option<u64>| -> Option<String> {
+            if let Some(max) = l.max_bytes
+                && t.bytes + incoming > max
+            {
+                return Some(format!("the cache holds at most {max} bytes"));
+            }
+            if let Some(max) = l.max_items
+                && t.items + items > max
+            {
+                return Some(format!("the cache holds at most {max} items"));
+            }
+            if let (Some(min), Some(free)) = (l.min_free_bytes, free)
+                && free < min.saturating_add(incoming)
+            {
+                return Some(format!("{min} bytes of disk must stay free ({free} are)"));
+            }
+            None
+        };
+        let mut free = if l.min_free_bytes.is_some() { self.free_disk() } else { None };
+        let first_reason = over(&self.totals(), free);
+        let oldest_is_expired = || -> Result<bool, StoreError> {
+            let Some(cutoff) = age_cutoff else { return Ok(false) };
+            let first = self.db.iterator_cf(cf(&self.db, CF_LRU), IteratorMode::Start).next();
+            Ok(match first {
+                Some(item) => {
+                    let (k, _) = item?;
+                    k.get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes)
+                        .is_some_and(|t| t < cutoff)
+                }
+                None => false,
+            })
+        };
+        let mut report = EvictReport::default();
+        if first_reason.is_none() && !oldest_is_expired()? {
+            return Ok(report);
+        }
+        let (protected_objects, protected_manifests) = self.protected()?;
+        let mut pinned_bytes = 0u64;
+        let lru: Vec<Box<[u8]>> = self
+            .db
+            .iterator_cf(cf(&self.db, CF_LRU), IteratorMode::Start)
+            .map(|r| r.map(|(k, _)| k))
+            .collect::<Result<_, _>>()?;
+        for k in lru {
+            let last_use = k.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+            let expired = matches!((age_cutoff, last_use), (Some(c), Some(t)) if t < c);
+            if !expired && over(&self.totals(), free).is_none() {
+                break;
+            }
+            let (Some(&kind), Some(key)) = (k.get(8), k.get(9..)) else { continue };
+            let freed = match kind {
+                ITEM_OBJECT => {
+                    let Ok(key) = <[u8; 20]>::try_from(key) else { continue };
+                    if protected_objects.contains(&key) {
+                        pinned_bytes += self.object_meta(&key)?.map_or(0, |m| m.size);
+                        continue;
+                    }
+                    self.drop_object(&key)?
+                }
+                _ => {
+                    if protected_manifests.contains(key) {
+                        continue;
+                    }
+                    self.drop_manifest(key)?
+                }
+            };
+            report.items += 1;
+            report.bytes += freed;
+            if l.min_free_bytes.is_some() {
+                free = self.free_disk();
+            }
+        }
+        if let Some(reason) = over(&self.totals(), free) {
+            return Err(StoreError::NoRoom { needed: incoming, reason, pinned: pinned_bytes });
+        }
+        Ok(report)
+    }
+
+    /// Removes an object from the index and the disk; returns the bytes freed.
+    fn drop_object(&self, key: &[u8; 20]) -> Result<u64, StoreError> {
+        let Some(meta) = self.object_meta(key)? else {
+            return Ok(0);
+        };
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(cf(&self.db, CF_OBJECTS), key);
+        batch.delete_cf(cf(&self.db, CF_LRU), lru_key(meta.last_use, ITEM_OBJECT, key));
+        for b in &meta.blocks {
+            // The block may live in the other-mode twin of this object too; keep that location.
+            if let Some(loc) = self.db.get_pinned_cf(cf(&self.db, CF_BLOCKS), b.to_bytes())?
+                && BlockLoc::decode(&loc).is_some_and(|l| &l.object == key)
+            {
+                batch.delete_cf(cf(&self.db, CF_BLOCKS), b.to_bytes());
+            }
+        }
+        let mut totals = self.totals.lock().expect("totals lock");
+        let new = Totals {
+            bytes: totals.bytes.saturating_sub(meta.size),
+            items: totals.items.saturating_sub(1),
+        };
+        batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
+        self.db.write(batch)?;
+        *totals = new;
+        drop(totals);
+        let path = self.object_path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &path)(e)),
+        }
+        Ok(meta.size)
+    }
+
+    fn drop_manifest(&self, key: &[u8]) -> Result<u64, StoreError> {
+        let Some(v) = self.db.get_cf(cf(&self.db, CF_MANIFESTS), key)? else {
+            return Ok(0);
+        };
+        let last_use = v.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let size = v.len().saturating_sub(8) as u64;
+        let mut batch = WriteBatch::default();
+        batch.delete_cf(cf(&self.db, CF_MANIFESTS), key);
+        batch.delete_cf(cf(&self.db, CF_LRU), lru_key(last_use.unwrap_or(0), ITEM_MANIFEST, key));
+        let mut totals = self.totals.lock().expect("totals lock");
+        let new = Totals {
+            bytes: totals.bytes.saturating_sub(size),
+            items: totals.items.saturating_sub(1),
+        };
+        batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
+        self.db.write(batch)?;
+        *totals = new;
+        Ok(size)
+    }
+
+    /// Re-hashes everything in the store; drops what is missing, damaged or unknown.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let mut known = HashSet::new();
+        let objects: Vec<(Box<[u8]>, Box<[u8]>)> = self
+            .db
+            .iterator_cf(cf(&self.db, CF_OBJECTS), IteratorMode::Start)
+            .collect::<Result<_, _>>()?;
+        for (k, v) in objects {
+            let Ok(key) = <[u8; 20]>::try_from(&k[..]) else {
+                self.db.delete_cf(cf(&self.db, CF_OBJECTS), &k)?;
+                report.objects_dropped.push(hex::encode(&k));
+                continue;
+            };
+            let good = match serde_cbor::from_slice::<ObjectMeta>(&v) {
+                Ok(meta) => {
+                    object_key(&meta.blocks, meta.executable) == key
+                        && self.object_content_matches(&key, &meta)
+                }
+                Err(_) => false,
+            };
+            if good {
+                known.insert(key);
+                report.objects_ok += 1;
+            } else {
+                self.drop_object_even_if_damaged(&key, &v)?;
+                report.objects_dropped.push(hex::encode(key));
+            }
+        }
+        let manifests: Vec<(Box<[u8]>, Box<[u8]>)> = self
+            .db
+            .iterator_cf(cf(&self.db, CF_MANIFESTS), IteratorMode::Start)
+            .collect::<Result<_, _>>()?;
+        for (k, v) in manifests {
+            let id = ContentId::from_bytes(&k).ok();
+            let good = id.is_some_and(|id| {
+                id.kind() == Kind::Manifest
+                    && v.len() >= 8
+                    && content::verify_manifest(&id, &v[8..]).is_ok()
+                    && Manifest::decode(&v[8..]).is_ok()
+            });
+            if good {
+                report.manifests_ok += 1;
+            } else {
+                self.drop_manifest(&k)?;
+                if let Some(id) = id {
+                    report.manifests_dropped.push(id);
+                }
+            }
+        }
+        // Files renamed into objects/ whose index write never happened.
+        let objdir = self.root.join("objects");
+        for sub in fs::read_dir(&objdir).map_err(io_err("list", &objdir))? {
+            let sub = sub.map_err(io_err("list", &objdir))?.path();
+            let Ok(rd) = fs::read_dir(&sub) else { continue };
+            for f in rd.flatten() {
+                let name = f.file_name();
+                let key = hex::decode(name.as_encoded_bytes())
+                    .ok()
+                    .and_then(|b| <[u8; 20]>::try_from(b).ok());
+                if key.is_none_or(|k| !known.contains(&k)) {
+                    let _ = fs::remove_file(f.path());
+                    report.orphans_removed += 1;
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn object_content_matches(&self, key: &[u8; 20], meta: &ObjectMeta) -> bool {
+        let path = self.object_path(key);
+        let Ok(mut f) = File::open(&path) else { return false };
+        let Ok(md) = f.metadata() else { return false };
+        if md.size() != meta.size {
+            return false;
+        }
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for b in &meta.blocks {
+            let Ok(n) = read_full(&mut f, &mut buf) else { return false };
+            if content::verify_block(b, &buf[..n]).is_err() {
+                return false;
+            }
+        }
+        matches!(read_full(&mut f, &mut buf[..1]), Ok(0))
+    }
+
+    fn drop_object_even_if_damaged(&self, key: &[u8; 20], raw: &[u8]) -> Result<(), StoreError> {
+        if serde_cbor::from_slice::<ObjectMeta>(raw).is_ok() {
+            self.drop_object(key)?;
+        } else {
+            self.db.delete_cf(cf(&self.db, CF_OBJECTS), key)?;
+            let _ = fs::remove_file(self.object_path(key));
+        }
+        Ok(())
+    }
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    db.cf_handle(name).expect("column families are created at open")
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_cbor::to_vec(v).expect("index records always encode")
+}
+
+/// Reads until `buf` is full or the end of the file.
+fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,313 @@
+//! Tests of the content store against a real RocksDB and real files.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use grid_protocol::content::BLOCK_SIZE;
+use grid_protocol::manifest::{Entry, Manifest};
+
+use super::*;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    src: PathBuf,
+    store_dir: PathBuf,
+    now: Arc<AtomicU64>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let store_dir = dir.path().join("store");
+        Fixture { src, store_dir, _dir: dir, now: Arc::new(AtomicU64::new(1_000_000)) }
+    }
+
+    fn open(&self, limits: Limits) -> Store {
+        let now = self.now.clone();
+        Store::open_with_clock(
+            &self.store_dir,
+            limits,
+            Arc::new(move || now.load(Ordering::SeqCst)),
+        )
+        .unwrap()
+    }
+
+    fn advance(&self, secs: u64) {
+        self.now.fetch_add(secs, Ordering::SeqCst);
+    }
+
+    fn write(&self, rel: &str, data: &[u8], mode: u32) -> PathBuf {
+        let p = self.src.join(rel);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, data).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+}
+
+fn tree_of(store: &Store, files: &[(&str, &Path)], session: &Session) -> ContentId {
+    let mut m = Manifest::new();
+    for (rel, p) in files {
+        let s = store.put_file(p, session).unwrap();
+        m.entries.insert(
+            rel.to_string(),
+            Entry::File { size: s.size, executable: s.executable, blocks: s.blocks },
+        );
+    }
+    store.put_manifest(&m, session).unwrap()
+}
+
+#[test]
+fn files_round_trip_with_modes_empty_files_and_large_files() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    let big: Vec<u8> = (0..BLOCK_SIZE * 2 + 123).map(|i| (i % 251) as u8).collect();
+    let a = fx.write("bin/run", b"#!/bin/sh\necho ok\n", 0o755);
+    let b = fx.write("data/big", &big, 0o644);
+    let c = fx.write("data/empty", b"", 0o644);
+    let session = store.session();
+    let mut m = Manifest::new();
+    for (rel, p) in [("bin/run", &a), ("data/nested/big", &b), ("empty", &c)] {
+        let s = store.put_file(p, &session).unwrap();
+        m.entries.insert(
+            rel.into(),
+            Entry::File { size: s.size, executable: s.executable, blocks: s.blocks },
+        );
+    }
+    m.entries.insert("link".into(), Entry::Symlink { target: "data/nested/big".into() });
+    let id = store.put_manifest(&m, &session).unwrap();
+    assert_eq!(store.manifest(&id).unwrap(), m);
+
+    let out = fx.src.parent().unwrap().join("out");
+    let stats = store.materialize(&id, &out).unwrap();
+    assert_eq!((stats.linked, stats.empty, stats.symlinks), (2, 1, 1));
+    assert_eq!(fs::read(out.join("data/nested/big")).unwrap(), big);
+    assert_eq!(fs::read(out.join("bin/run")).unwrap(), b"#!/bin/sh\necho ok\n");
+    let mode = |p: &str| fs::metadata(out.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("bin/run"), 0o555);
+    assert_eq!(mode("data/nested/big"), 0o444);
+    assert_eq!(fs::read_link(out.join("link")).unwrap(), Path::new("data/nested/big"));
+    assert_eq!(fs::read(out.join("link")).unwrap(), big);
+    assert_eq!(fs::metadata(out.join("empty")).unwrap().len(), 0);
+
+    // Blocks are served from offsets inside the object.
+    let Entry::File { blocks, .. } = &m.entries["data/nested/big"] else { unreachable!() };
+    assert_eq!(blocks.len(), 3);
+    assert_eq!(store.read_block(&blocks[1]).unwrap().unwrap(), big[BLOCK_SIZE..2 * BLOCK_SIZE]);
+    assert_eq!(store.read_block(&blocks[2]).unwrap().unwrap(), big[2 * BLOCK_SIZE..]);
+
+    // A second fetch into the same directory is refused, not merged.
+    let err = store.materialize(&id, &out).unwrap_err();
+    assert!(matches!(err, StoreError::OutputNotEmpty(_)), "{err}");
+}
+
+#[test]
+fn identical_content_is_stored_once_per_mode() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    let s = store.session();
+    let a = fx.write("a", b"same bytes", 0o644);
+    let b = fx.write("b", b"same bytes", 0o644);
+    let x = fx.write("x", b"same bytes", 0o755);
+    store.put_file(&a, &s).unwrap();
+    store.put_file(&b, &s).unwrap();
+    assert_eq!(store.totals(), Totals { bytes: 10, items: 1 });
+    store.put_file(&x, &s).unwrap();
+    assert_eq!(store.totals(), Totals { bytes: 20, items: 2 });
+}
+
+#[test]
+fn stat_cache_skips_unchanged_files_and_notices_changes() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    let s = store.session();
+    let p = fx.write("f", b"version 1", 0o644);
+    assert!(!store.put_file(&p, &s).unwrap().from_stat_cache);
+    let again = store.put_file(&p, &s).unwrap();
+    assert!(again.from_stat_cache);
+    // A change (content and mtime) is noticed.
+    std::thread::sleep(std::time::Duration::from_millis(10));
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&p, b"version 2").unwrap();
+    let changed = store.put_file(&p, &s).unwrap();
+    assert!(!changed.from_stat_cache);
+    assert_ne!(changed.blocks, again.blocks);
+    // A mode change alone is noticed too.
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+    let exec = store.put_file(&p, &s).unwrap();
+    assert!(exec.executable && !exec.from_stat_cache);
+}
+
+#[test]
+fn stat_cache_entry_is_ignored_once_its_object_is_evicted() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits { max_items: Some(1), ..Limits::default() });
+    let p = fx.write("f", b"content", 0o644);
+    let q = fx.write("g", b"other content", 0o644);
+    {
+        let s = store.session();
+        store.put_file(&p, &s).unwrap();
+    }
+    fx.advance(100);
+    {
+        let s = store.session();
+        store.put_file(&q, &s).unwrap(); // evicts f's object
+    }
+    fx.advance(100);
+    let s = store.session();
+    let again = store.put_file(&p, &s).unwrap();
+    assert!(!again.from_stat_cache, "the stat cache must not vouch for evicted content");
+}
+
+#[test]
+fn lru_eviction_drops_the_least_recently_used_first() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits { max_bytes: Some(2500), ..Limits::default() });
+    let a = fx.write("a", &[1u8; 1000], 0o644);
+    let b = fx.write("b", &[2u8; 1000], 0o644);
+    let tree_a = {
+        let s = store.session();
+        let id = tree_of(&store, &[("a", &a)], &s);
+        fx.advance(3600);
+        store.put_file(&b, &s).unwrap();
+        id
+    };
+    fx.advance(3600);
+    // Using a's tree makes b the least recently used.
+    store.materialize(&tree_a, &fx.src.parent().unwrap().join("use")).unwrap();
+    fx.advance(3600);
+    let s = store.session();
+    store.put_file(&fx.write("c", &[3u8; 1000], 0o644), &s).unwrap();
+    use grid_protocol::content::block_ids;
+    assert!(store.has_object(&block_ids(&[1u8; 1000]), false).unwrap(), "a was used recently");
+    assert!(!store.has_object(&block_ids(&[2u8; 1000]), false).unwrap(), "b was evicted");
+    assert!(store.totals().bytes <= 2500);
+    // Content held by an operation in progress is not evicted for another one.
+    assert!(store.put_file(&a, &s).unwrap().from_stat_cache);
+    let err = store.put_file(&b, &s).unwrap_err();
+    assert!(matches!(err, StoreError::NoRoom { .. }), "{err}");
+}
+
+#[test]
+fn pinned_content_is_never_evicted_and_no_room_is_explained() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits { max_bytes: Some(1500), ..Limits::default() });
+    let a = fx.write("a", &[1u8; 1000], 0o644);
+    let id = {
+        let s = store.session();
+        tree_of(&store, &[("a", &a)], &s)
+    };
+    store.pin("job-1", &[id]).unwrap();
+    fx.advance(100_000);
+    let s = store.session();
+    let err = store.put_file(&fx.write("b", &[2u8; 1000], 0o644), &s).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, StoreError::NoRoom { pinned: 1000, .. }), "{msg}");
+    assert!(msg.contains("at most 1500 bytes"), "{msg}");
+    // The pinned tree is intact; once unpinned, room is made.
+    assert!(store.manifest(&id).is_ok());
+    store.unpin("job-1").unwrap();
+    store.put_file(&fx.write("c", &[3u8; 1000], 0o644), &s).unwrap();
+    assert!(store.manifest(&id).is_err());
+}
+
+#[test]
+fn age_and_item_limits_and_free_disk() {
+    let fx = Fixture::new();
+    {
+        let store = fx.open(Limits::default());
+        let s = store.session();
+        store.put_file(&fx.write("old", b"old", 0o644), &s).unwrap();
+    }
+    fx.advance(8 * 86400);
+    let store =
+        fx.open(Limits { max_age: Some(Duration::from_secs(7 * 86400)), ..Limits::default() });
+    let r = store.evict().unwrap();
+    assert_eq!(r, EvictReport { items: 1, bytes: 3 }, "the week-old object is dropped");
+    let s = store.session();
+    store.put_file(&fx.write("new", b"new", 0o644), &s).unwrap();
+    assert_eq!(store.totals(), Totals { bytes: 3, items: 1 });
+    drop((s, store));
+
+    let store = fx.open(Limits { min_free_bytes: Some(u64::MAX / 4), ..Limits::default() });
+    let s = store.session();
+    let err = store.put_file(&fx.write("x", b"xyz", 0o644), &s).unwrap_err();
+    assert!(err.to_string().contains("must stay free"), "{err}");
+}
+
+#[test]
+fn verify_drops_damaged_content_and_orphans() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    let s = store.session();
+    let good = fx.write("good", b"good content", 0o644);
+    let bad = fx.write("bad", b"content that will rot", 0o644);
+    let id = tree_of(&store, &[("good", &good), ("bad", &bad)], &s);
+    let bad_meta = store.put_file(&bad, &s).unwrap();
+    let bad_obj = store.object_path(&object_key(&bad_meta.blocks, false));
+    fs::set_permissions(&bad_obj, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&bad_obj, b"content that will ROT").unwrap();
+    let orphan = store.root().join("objects/00/00000000000000000000000000000000000000aa");
+    fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    fs::write(&orphan, b"stray").unwrap();
+
+    let r = store.verify().unwrap();
+    assert_eq!(r.objects_ok, 1);
+    assert_eq!(r.objects_dropped, vec![hex::encode(object_key(&bad_meta.blocks, false))]);
+    assert_eq!(r.manifests_ok, 1);
+    assert_eq!(r.orphans_removed, 1);
+    assert!(!orphan.exists() && !bad_obj.exists());
+    // The tree now names missing content, and says so.
+    let err = store.materialize(&id, &fx.src.parent().unwrap().join("o")).unwrap_err();
+    assert!(matches!(err, StoreError::Missing(b) if b == bad_meta.blocks[0]), "{err}");
+    // Re-storing the file repairs the tree.
+    drop(s);
+    let s = store.session();
+    fs::write(&bad, b"content that will rot").unwrap();
+    store.put_file(&bad, &s).unwrap();
+    store.materialize(&id, &fx.src.parent().unwrap().join("o2")).unwrap();
+}
+
+#[test]
+fn leftovers_of_a_crash_are_invisible_after_reopening() {
+    let fx = Fixture::new();
+    let id = {
+        let store = fx.open(Limits::default());
+        let s = store.session();
+        tree_of(&store, &[("a", &fx.write("a", b"a", 0o644))], &s)
+    };
+    // A half-written temporary and a renamed-but-unindexed object, as a kill -9 leaves them.
+    fs::write(fx.store_dir.join("tmp/123-0"), b"half").unwrap();
+    let unindexed = fx.store_dir.join("objects/ab/ab00000000000000000000000000000000000000");
+    fs::create_dir_all(unindexed.parent().unwrap()).unwrap();
+    fs::write(&unindexed, b"whole but not indexed").unwrap();
+    let store = fx.open(Limits::default());
+    assert_eq!(fs::read_dir(fx.store_dir.join("tmp")).unwrap().count(), 0);
+    assert_eq!(
+        store.totals(),
+        Totals { bytes: 1 + store.manifest_bytes(&id).unwrap().unwrap().len() as u64, items: 2 }
+    );
+    let r = store.verify().unwrap();
+    assert_eq!((r.objects_dropped.len(), r.orphans_removed), (0, 1));
+}
+
+#[test]
+fn manifests_from_elsewhere_are_verified() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    let s = store.session();
+    let m = Manifest::new();
+    let bytes = m.encode();
+    let id = m.id();
+    let mut forged = bytes.clone();
+    forged.push(0);
+    assert!(store.put_verified_manifest(id, &forged, &s).is_err());
+    assert!(store.manifest_bytes(&id).unwrap().is_none());
+    store.put_verified_manifest(id, &bytes, &s).unwrap();
+    assert_eq!(store.manifest(&id).unwrap(), m);
+}

@@ -1,0 +1,197 @@
+//! The content round trip: `grid isolate` -> `grid show` -> `grid fetch`, and the store's
+//! behaviour under bad input, damage and crashes.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use grid_tests::{Scratch, snapshot};
+
+/// A tree with everything a materializer must restore.
+fn sample_tree(s: &Scratch) {
+    s.write("tree/bin/run_me", b"#!/bin/sh\necho hello\n", 0o755);
+    s.write("tree/data/empty", b"", 0o644);
+    s.write("tree/data/empty_exec", b"", 0o755);
+    let big: Vec<u8> = (0..(1 << 20) * 3 + 4321)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    s.write("tree/data/big.bin", &big, 0o644);
+    s.write("tree/a/b/c/d/deep.txt", b"deep\n", 0o600);
+    s.write("tree/with space/ünïcode.txt", b"names\n", 0o644);
+    std::os::unix::fs::symlink("../data/big.bin", s.path("tree/bin/big_link")).unwrap();
+    std::os::unix::fs::symlink("a/b", s.path("tree/dir_link")).unwrap();
+}
+
+fn isolate_id(out: &str) -> String {
+    let id = out.trim().to_string();
+    assert!(id.starts_with('b') && !id.contains(char::is_whitespace), "not an id: {out:?}");
+    id
+}
+
+/// Files keep content, executable bit and links; directories are recreated.
+fn assert_same_tree(a: &Path, b: &Path) {
+    let sa = snapshot(a);
+    let sb = snapshot(b);
+    assert_eq!(sa.len(), sb.len(), "different number of paths");
+    for ((pa, na), (pb, nb)) in sa.iter().zip(&sb) {
+        assert_eq!(pa, pb);
+        assert_eq!(na, nb, "{} differs", pa.display());
+    }
+}
+
+#[test]
+fn isolate_show_fetch_round_trip_is_byte_identical() {
+    let s = Scratch::new();
+    sample_tree(&s);
+    let id = isolate_id(&s.ok(["isolate", "--root", "tree", "--input", "tree"]));
+
+    let shown: serde_json::Value = serde_json::from_str(&s.ok(["show", &id])).unwrap();
+    let files = shown["files"].as_object().unwrap();
+    assert_eq!(files.len(), 8, "{shown:#}");
+    assert_eq!(files["bin/run_me"]["executable"], true);
+    assert_eq!(files["data/big.bin"]["blocks"].as_array().unwrap().len(), 4);
+    assert_eq!(files["data/empty"]["size"], 0);
+    assert_eq!(files["bin/big_link"]["symlink"], "../data/big.bin");
+
+    s.ok(["fetch", &id, "--out", "out"]);
+    assert_same_tree(&s.path("tree"), &s.path("out"));
+    // Inputs are hardlinked read-only, so a test cannot change the cache through them.
+    let md = fs::metadata(s.path("out/data/big.bin")).unwrap();
+    assert_eq!(md.permissions().mode() & 0o222, 0, "fetched files are read-only");
+    use std::os::unix::fs::MetadataExt;
+    assert!(md.nlink() >= 2, "fetched files are hardlinks into the cache");
+
+    // Isolating the same tree again gives the same id without hashing anything.
+    let again = s.run(["isolate", "--root", "tree", "--input", "tree"]);
+    assert_eq!(isolate_id(&String::from_utf8_lossy(&again.stdout)), id);
+    let note = String::from_utf8_lossy(&again.stderr);
+    assert!(note.contains("0 hashed"), "{note}");
+}
+
+#[test]
+fn isolate_reads_chromium_isolate_files() {
+    let s = Scratch::new();
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/suite");
+    let iso = suite.join("suite.isolate");
+    let iso = iso.to_str().unwrap();
+    let id = isolate_id(&s.ok(["isolate", "--isolate", iso, "--var", "OS=linux"]));
+    let shown: serde_json::Value = serde_json::from_str(&s.ok(["show", &id])).unwrap();
+    let files = shown["files"].as_object().unwrap();
+    assert!(files.contains_key("run_tests.sh"), "{shown:#}");
+    assert!(files.contains_key("platform/linux.txt"));
+    assert!(!files.contains_key("platform/other.txt"), "the condition excludes it");
+    assert_eq!(files["lib/assertions.sh"]["symlink"], "assert.sh");
+
+    // The fetched tree runs: the suite's own tests check what they were given.
+    s.ok(["fetch", &id, "--out", "run"]);
+    let out = std::process::Command::new("sh").arg(s.path("run/run_tests.sh")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Another condition branch picks the other file.
+    let other = isolate_id(&s.ok(["isolate", "--isolate", iso, "--var", "OS=mac"]));
+    let shown: serde_json::Value = serde_json::from_str(&s.ok(["show", &other])).unwrap();
+    assert!(shown["files"].as_object().unwrap().contains_key("platform/other.txt"));
+}
+
+#[test]
+fn bad_input_is_named_and_leaves_no_manifest() {
+    let s = Scratch::new();
+    s.write("ok.txt", b"ok", 0o644);
+    let err = s.fails(["isolate", "--input", "ok.txt", "--input", "nope/missing.txt"]);
+    assert!(err.contains("missing.txt") && err.contains("no such file"), "{err}");
+
+    s.write("broken.isolate", b"{\n  'variables': {\n    'files': ['a' 'b'],\n  },\n}\n", 0o644);
+    let err = s.fails(["isolate", "--isolate", "broken.isolate"]);
+    assert!(err.contains("broken.isolate:3:19"), "syntax errors name file:line:column: {err}");
+
+    s.write("vars.isolate", b"{'variables': {'files': ['<(PRODUCT_DIR)/x']}}", 0o644);
+    let err = s.fails(["isolate", "--isolate", "vars.isolate"]);
+    assert!(err.contains("PRODUCT_DIR"), "unknown variables are named: {err}");
+
+    s.write("gone.isolate", b"{'variables': {'files': ['ok.txt', 'gone.bin']}}", 0o644);
+    let err = s.fails(["isolate", "--isolate", "gone.isolate"]);
+    assert!(err.contains("gone.bin"), "missing files are named: {err}");
+
+    // None of the failures left a manifest behind.
+    let report = s.ok(["verify"]);
+    assert!(report.contains("0 manifests ok"), "{report}");
+
+    let err = s.fails(["show", "not-an-id"]);
+    assert!(err.contains("not-an-id"), "{err}");
+}
+
+#[test]
+fn verify_drops_damaged_content_and_fetch_says_what_is_missing() {
+    let s = Scratch::new();
+    s.write("t/a.txt", b"alpha", 0o644);
+    s.write("t/b.txt", b"bravo", 0o644);
+    let id = isolate_id(&s.ok(["isolate", "--root", "t", "--input", "t"]));
+    // Damage one object in the cache behind grid's back.
+    let objects = s.data_dir().join("store/objects");
+    let victim = fs::read_dir(&objects)
+        .unwrap()
+        .flat_map(|d| fs::read_dir(d.unwrap().path()).unwrap())
+        .map(|f| f.unwrap().path())
+        .find(|p| fs::read(p).unwrap() == b"bravo")
+        .expect("object of b.txt");
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(&victim, b"BRAVO").unwrap();
+
+    let report = s.ok(["verify"]);
+    assert!(report.contains("1 objects ok, 1 dropped"), "{report}");
+    let err = s.fails(["fetch", &id, "--out", "o"]);
+    assert!(err.contains("not in the store"), "{err}");
+    // Isolating again restores it.
+    s.ok(["isolate", "--root", "t", "--input", "t"]);
+    s.ok(["fetch", &id, "--out", "o2"]);
+    assert_eq!(fs::read(s.path("o2/b.txt")).unwrap(), b"bravo");
+}
+
+#[test]
+fn kill_9_while_storing_leaves_a_store_with_no_half_written_entry() {
+    let s = Scratch::new();
+    // Enough content that isolating takes a while.
+    for i in 0..400 {
+        let data: Vec<u8> = (0..256 * 1024).map(|j: u32| (j ^ (i * 7919)) as u8).collect();
+        s.write(&format!("t/f{i:03}"), &data, 0o644);
+    }
+    let objects = s.data_dir().join("store/objects");
+    let mut killed_mid_way = false;
+    for _attempt in 0..5 {
+        let mut child = s
+            .grid(["isolate", "--root", "t", "--input", "t"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until some objects are stored, then kill without warning.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            let n = fs::read_dir(&objects).map(|d| d.count()).unwrap_or(0);
+            if n >= 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap(); // SIGKILL
+        let status = child.wait().unwrap();
+        if !status.success() {
+            killed_mid_way = true;
+            break;
+        }
+        // It finished before the kill landed; start over with a fresh store.
+        fs::remove_dir_all(s.data_dir()).unwrap();
+    }
+    assert!(killed_mid_way, "could not kill grid isolate while it was storing");
+
+    // The store opens, and every indexed entry is whole.
+    let report = s.ok(["verify"]);
+    assert!(report.contains(" 0 dropped; 0 manifests ok, 0 dropped"), "{report}");
+    // Storing again completes and the tree is intact.
+    let id = isolate_id(&s.ok(["isolate", "--root", "t", "--input", "t"]));
+    s.ok(["fetch", &id, "--out", "o"]);
+    assert_same_tree(&s.path("t"), &s.path("o"));
+    assert_eq!(snapshot(&s.path("o")).len(), 400);
+}
