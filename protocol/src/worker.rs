@@ -304,11 +304,13 @@ impl Worker {
             t = t.min(u.next_send);
         }
         let later = |d: Time| if d > self.now { d } else { Time::NEVER };
+        // Computed once: it walks every job, and this loop does too.
+        let free = self.free_slots() > 0;
         for j in self.jobs.values() {
             match &j.claim {
                 Some(c) => t = t.min(c.deadline),
                 // A job we would claim once its backoff ends.
-                None if self.free_slots() > 0 && self.claimable(j, j.backoff_until) => {
+                None if free && self.claimable(j, j.backoff_until) => {
                     t = t.min(later(j.backoff_until));
                 }
                 None => {}
@@ -358,15 +360,28 @@ impl Worker {
         now: Time,
         signed: SignedAnnouncement,
     ) -> Result<(), AnnouncementError> {
-        self.now = self.now.max(now);
         let submitter = match signed.verify() {
             Ok(p) => p,
             Err(_) => {
+                self.now = self.now.max(now);
                 self.stats.forged_announcements += 1;
                 return Err(AnnouncementError::Forged);
             }
         };
-        let ann = signed.body;
+        self.handle_verified_announcement(now, submitter, signed.body)
+    }
+
+    /// An announcement whose signature the driver has already verified as `submitter`'s (a
+    /// driver that validates gossip before forwarding it, as gossipsub's message validation
+    /// does, need not verify twice; the simulator verifies once per publication). Otherwise as
+    /// [`Worker::handle_announcement`].
+    pub fn handle_verified_announcement(
+        &mut self,
+        now: Time,
+        submitter: PeerId,
+        ann: Announcement,
+    ) -> Result<(), AnnouncementError> {
+        self.now = self.now.max(now);
         let Some(trust) = self.trust.judge(&submitter, ann.dimensions.pool()) else {
             self.stats.untrusted += 1;
             return Err(AnnouncementError::Untrusted(submitter));
