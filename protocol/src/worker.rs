@@ -294,6 +294,11 @@ impl Worker {
         self.outputs.pop_front()
     }
 
+    /// Whether [`Worker::poll_output`] has something.
+    pub fn has_output(&self) -> bool {
+        !self.outputs.is_empty()
+    }
+
     /// When [`Worker::handle_timeout`] must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t = Time::NEVER;
@@ -368,7 +373,7 @@ impl Worker {
                 return Err(AnnouncementError::Forged);
             }
         };
-        self.handle_verified_announcement(now, submitter, signed.body)
+        self.handle_verified_announcement(now, submitter, &signed.body)
     }
 
     /// An announcement whose signature the driver has already verified as `submitter`'s (a
@@ -379,7 +384,7 @@ impl Worker {
         &mut self,
         now: Time,
         submitter: PeerId,
-        ann: Announcement,
+        ann: &Announcement,
     ) -> Result<(), AnnouncementError> {
         self.now = self.now.max(now);
         let Some(trust) = self.trust.judge(&submitter, ann.dimensions.pool()) else {
@@ -414,18 +419,26 @@ impl Worker {
                 None => return Err(AnnouncementError::Full),
             }
         }
-        let view = self.jobs.entry(key).or_insert_with(|| JobView {
-            ann: ann.clone(),
-            trust,
-            last_seen: now,
-            claim: None,
-            backoff_until: Time::ZERO,
-            refused_at_seq: None,
-            incompatible: false,
-        });
-        view.ann = ann;
-        view.trust = trust;
-        view.last_seen = now;
+        // Cloned only once it is kept: most announcements a large grid hears are not.
+        match self.jobs.get_mut(&key) {
+            Some(view) => {
+                view.ann = ann.clone();
+                view.trust = trust;
+                view.last_seen = now;
+            }
+            None => {
+                let view = JobView {
+                    ann: ann.clone(),
+                    trust,
+                    last_seen: now,
+                    claim: None,
+                    backoff_until: Time::ZERO,
+                    refused_at_seq: None,
+                    incompatible: false,
+                };
+                self.jobs.insert(key, view);
+            }
+        }
         self.schedule(now);
         Ok(())
     }

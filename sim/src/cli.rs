@@ -44,6 +44,9 @@ pub enum Command {
         /// Also write the JSON report here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Print a progress line to stderr every this many events.
+        #[arg(long, default_value_t = 0)]
+        progress: u64,
     },
     /// Run a scenario at several sizes and seeds (on every core), write the reports as JSON
     /// lines and plot completion time and messages per job against the number of nodes.
@@ -79,7 +82,9 @@ pub enum Command {
 /// Runs the command line; returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Run { scenario, seed, nodes, out } => run(&scenario, seed, nodes, out),
+        Command::Run { scenario, seed, nodes, out, progress } => {
+            run(&scenario, seed, nodes, out, progress)
+        }
         Command::Sweep { scenario, sizes, seeds, seed, out_dir } => {
             sweep(&scenario, sizes, seeds, seed, &out_dir)
         }
@@ -103,9 +108,9 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 /// Runs one seed and fills in the wall-clock fields.
-pub fn timed(sc: &Scenario, seed: u64) -> Result<Report, Box<world::Failure>> {
+pub fn timed(sc: &Scenario, seed: u64, progress: u64) -> Result<Report, Box<world::Failure>> {
     let t = Instant::now();
-    let r = world::run(sc, seed);
+    let r = world::run_with_progress(sc, seed, progress);
     let wall = t.elapsed().as_secs_f64();
     let fill = |mut rep: Report| {
         rep.wall_s = Some(wall);
@@ -126,7 +131,13 @@ fn replay_hint(path: &Path, seed: u64, nodes: Option<u32>) -> String {
     format!("grid-sim run {} --seed {seed}{n}", path.display())
 }
 
-fn run(path: &Path, seed: Option<u64>, nodes: Option<u32>, out: Option<PathBuf>) -> ExitCode {
+fn run(
+    path: &Path,
+    seed: Option<u64>,
+    nodes: Option<u32>,
+    out: Option<PathBuf>,
+    progress: u64,
+) -> ExitCode {
     let mut sc = match load(path) {
         Ok(s) => s,
         Err(c) => return c,
@@ -135,7 +146,7 @@ fn run(path: &Path, seed: Option<u64>, nodes: Option<u32>, out: Option<PathBuf>)
         sc = sc.with_nodes(n);
     }
     let seed = seed.unwrap_or(sc.seed);
-    let (mut report, code) = match timed(&sc, seed) {
+    let (mut report, code) = match timed(&sc, seed, progress) {
         Ok(r) => (r, ExitCode::SUCCESS),
         Err(f) => {
             eprintln!("FAILED: {f}");
@@ -211,7 +222,7 @@ fn sweep(path: &Path, sizes: Vec<u32>, seeds: Option<u32>, first: u64, dir: &Pat
     let results: Vec<(u32, u64, Result<Report, Box<world::Failure>>)> = runs
         .par_iter()
         .map(|&(n, seed)| {
-            let r = timed(&sc.with_nodes(n), seed);
+            let r = timed(&sc.with_nodes(n), seed, 0);
             match &r {
                 Ok(rep) => eprintln!(
                     "nodes {n} seed {seed}: p50 {:.1}s p95 {:.1}s, {:.0} msgs/job, {:.1}s wall",

@@ -19,7 +19,7 @@ use std::rc::Rc;
 use grid_protocol::time::Rng;
 
 /// Most spreads cached.
-pub const MAX_CACHED_SPREADS: usize = 256;
+pub const MAX_CACHED_SPREADS: usize = 64;
 
 /// One publication's reach.
 #[derive(Debug)]

@@ -6,8 +6,8 @@
 //! - No shard is accepted twice: once a shard is final, no further result is counted for it and
 //!   it never becomes final again.
 //! - A lying node never wins a quorum where honest nodes form the majority: when a shard is
-//!   accepted and the honest votes among its counted votes are a strict majority and agree,
-//!   the accepted outcome is theirs.
+//!   accepted and honest nodes are a strict majority of its counted votes, or of its replicas
+//!   that were not lost, the accepted outcome is the honest one.
 //! - Executions per shard stay within the redundancy plus counted re-runs: started executions
 //!   of a shard never exceed `max_replicas` plus its attempts that ended without an outcome.
 //! - Liveness: after the fault phase, every job finishes within the bound.
@@ -84,8 +84,10 @@ impl Checker {
         Ok(())
     }
 
-    /// Shard `shard` of `job` became `state`. `votes` are its counted votes: (the voter is
-    /// honest, its outcome).
+    /// Shard `shard` of `job` became `state`. `votes` are its counted votes (the voter is
+    /// honest, its outcome); `replicas` are its replicas not lost (the holder is honest);
+    /// `truth` is what an honest run reports.
+    #[expect(clippy::too_many_arguments, reason = "one call site, every argument is needed")]
     pub fn state(
         &mut self,
         at: Time,
@@ -94,6 +96,8 @@ impl Checker {
         state: ShardState,
         accepted: Option<Outcome>,
         votes: &[(bool, Outcome)],
+        replicas: &[bool],
+        truth: Outcome,
     ) -> Result<(), Violation> {
         let d = &mut self.jobs[job as usize].decided[shard as usize];
         if *d {
@@ -105,15 +109,23 @@ impl Checker {
         *d = true;
         let Some(acc) = accepted else { return Ok(()) };
         let honest: Vec<&Outcome> = votes.iter().filter(|v| v.0).map(|v| &v.1).collect();
-        let agree = honest.windows(2).all(|w| w[0] == w[1]);
-        if 2 * honest.len() > votes.len() && agree && *honest[0] != acc {
+        if !honest.windows(2).all(|w| w[0] == w[1]) {
+            // Honest nodes disagree (a slow one timed out): no single honest outcome.
+            return Ok(());
+        }
+        let expected = honest.first().copied().copied().unwrap_or(truth);
+        let honest_replicas = replicas.iter().filter(|h| **h).count();
+        let majority = 2 * honest.len() > votes.len() || 2 * honest_replicas > replicas.len();
+        if majority && expected != acc {
             return Self::fail(
                 at,
                 format!(
-                    "job {job} shard {shard}: a lie won the quorum ({} honest of {} votes said {:?}, accepted {:?})",
+                    "job {job} shard {shard}: a lie won the quorum ({} of {} votes and {} of {} replicas honest, honest exit {:?}, accepted exit {:?})",
                     honest.len(),
                     votes.len(),
-                    honest[0].exit_code,
+                    honest_replicas,
+                    replicas.len(),
+                    expected.exit_code,
                     acc.exit_code
                 ),
             );
@@ -160,21 +172,31 @@ mod tests {
     fn a_lie_winning_over_an_honest_majority_is_caught() {
         let mut c = Checker::new([2]);
         let votes = [(false, o(1)), (true, o(0)), (true, o(0))];
-        c.state(Time(1), 0, 0, ShardState::Completed, Some(o(0)), &votes).unwrap();
-        let e = c.state(Time(1), 0, 1, ShardState::Completed, Some(o(1)), &votes).unwrap_err();
+        let reps = [false, true, true];
+        c.state(Time(1), 0, 0, ShardState::Completed, Some(o(0)), &votes, &reps, o(0)).unwrap();
+        let e = c
+            .state(Time(1), 0, 1, ShardState::Completed, Some(o(1)), &votes, &reps, o(0))
+            .unwrap_err();
+        assert!(e.what.contains("lie won"), "{e}");
+        // Decided by the liar's lone vote while honest replicas were the majority: caught.
+        let mut c = Checker::new([1]);
+        let e = c
+            .state(Time(1), 0, 0, ShardState::Completed, Some(o(1)), &votes[..1], &reps, o(0))
+            .unwrap_err();
         assert!(e.what.contains("lie won"), "{e}");
         // A liar majority may win: that is what redundancy cannot prevent.
         let mut c = Checker::new([1]);
         let votes = [(false, o(1)), (false, o(1)), (true, o(0))];
-        c.state(Time(1), 0, 0, ShardState::Completed, Some(o(1)), &votes).unwrap();
+        let reps = [false, false, true];
+        c.state(Time(1), 0, 0, ShardState::Completed, Some(o(1)), &votes, &reps, o(0)).unwrap();
     }
 
     #[test]
     fn deciding_twice_and_too_many_executions_are_caught() {
         let mut c = Checker::new([1]);
-        c.state(Time(1), 0, 0, ShardState::Running, None, &[]).unwrap();
-        c.state(Time(1), 0, 0, ShardState::WorkerDied, None, &[]).unwrap();
-        assert!(c.state(Time(2), 0, 0, ShardState::Completed, Some(o(0)), &[]).is_err());
+        c.state(Time(1), 0, 0, ShardState::Running, None, &[], &[], o(0)).unwrap();
+        c.state(Time(1), 0, 0, ShardState::WorkerDied, None, &[], &[], o(0)).unwrap();
+        assert!(c.state(Time(2), 0, 0, ShardState::Completed, Some(o(0)), &[], &[], o(0)).is_err());
         c.started(Time(1), 0, 0, 2).unwrap();
         c.started(Time(1), 0, 0, 2).unwrap();
         assert!(c.started(Time(1), 0, 0, 2).is_err());

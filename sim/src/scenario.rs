@@ -384,8 +384,12 @@ pub struct Run {
     pub peer_gone_after: f64,
     /// A finished job's submitter stays up this long, s.
     pub linger: f64,
-    /// Lease time-to-live, s.
+    /// Lease time-to-live, s (workers heartbeat every third of it).
     pub lease_ttl: f64,
+    /// Re-publication period of announcements, s.
+    pub announce_interval: f64,
+    /// A worker forgets a job not announced for this long, s.
+    pub announcement_ttl: f64,
     /// Test only: a deliberate submitter bug (`skip-signature-check`, `count-late-results`,
     /// `ignore-live-replicas`, `first-vote-wins`).
     pub planted_bug: Option<String>,
@@ -399,6 +403,8 @@ impl Default for Run {
             peer_gone_after: 20.0,
             linger: 60.0,
             lease_ttl: 60.0,
+            announce_interval: 30.0,
+            announcement_ttl: 120.0,
             planted_bug: None,
         }
     }

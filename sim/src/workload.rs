@@ -87,13 +87,10 @@ pub fn pick_weighted(weights: &[u32], rng: &mut Rng) -> usize {
     weights.len() - 1
 }
 
-/// The dimensions of a worker of `class`; `id` makes them unique like a real bot's.
-pub fn dimensions(class: &Class, id: u32) -> Dimensions {
-    Dimensions::new()
-        .with("pool", POOL)
-        .with("os", &class.os)
-        .with("cpu", &class.cpu)
-        .with("id", &format!("bot{id}"))
+/// The dimensions of a worker of `class` (pool, os, cpu: what jobs here ask for; a real bot
+/// has more, which only costs memory).
+pub fn dimensions(class: &Class) -> Dimensions {
+    Dimensions::new().with("pool", POOL).with("os", &class.os).with("cpu", &class.cpu)
 }
 
 /// The request of job `job`; with `require_os`, it needs the os of a class drawn by weight.
@@ -162,6 +159,6 @@ mod tests {
         a.validate().unwrap();
         assert_ne!(a.spec.id(), request(&w, &classes, 1, 1).spec.id());
         assert!(a.spec.dimensions.0.contains_key("os"));
-        dimensions(&classes[1], 7).validate().unwrap();
+        dimensions(&classes[1]).validate().unwrap();
     }
 }

@@ -22,7 +22,7 @@ use grid_protocol::message::{self, MAX_LEASES_PER_GRANT, Message, MessageKind};
 use grid_protocol::output::{
     AttemptState, Event, ExecOutcome, Execution, LeaseId, Output, Record, ShardState,
 };
-use grid_protocol::record::{Announcement, RunState, SignedResult};
+use grid_protocol::record::{Announcement, Outcome, RunState, SignedResult};
 use grid_protocol::submitter::{Submitter, SubmitterConfig, SubmitterStats};
 use grid_protocol::time::{Rng, Time};
 use grid_protocol::worker::{TrustPolicy, Worker, WorkerConfig};
@@ -170,7 +170,7 @@ struct JobRun {
 #[derive(Debug)]
 struct Publication {
     submitter: PeerId,
-    ann: Announcement,
+    ann: Rc<Announcement>,
     spread: Rc<Spread>,
     at: u64,
     pending: u32,
@@ -233,11 +233,19 @@ pub struct World {
     submitter_cfg: SubmitterConfig,
     worker_cfg: WorkerConfig,
     finished_jobs: u32,
+    /// Print a progress line to stderr every this many events (0: never).
+    pub progress_every: u64,
 }
 
 /// Runs `sc` with `seed` to the end; a broken invariant is a [`Failure`].
 pub fn run(sc: &Scenario, seed: u64) -> Result<Report, Box<Failure>> {
+    run_with_progress(sc, seed, 0)
+}
+
+/// [`run`], printing a progress line every `every` events (0: never).
+pub fn run_with_progress(sc: &Scenario, seed: u64, every: u64) -> Result<Report, Box<Failure>> {
     let mut w = World::new(sc, seed);
+    w.progress_every = every;
     w.run_to_end();
     let report = w.report();
     match w.violation {
@@ -314,12 +322,19 @@ impl World {
         if let Some(b) = &sc.run.planted_bug {
             planted = crate::planted_bug(b).ok();
         }
+        let secs = |s: f64| std::time::Duration::from_millis(ms(s).max(1000));
         let submitter_cfg = SubmitterConfig {
-            lease_ttl: std::time::Duration::from_millis(ms(sc.run.lease_ttl).max(1000)),
+            lease_ttl: secs(sc.run.lease_ttl),
+            announce_interval: secs(sc.run.announce_interval),
             planted_bug: planted,
             ..SubmitterConfig::default()
         };
-        let worker_cfg = WorkerConfig { slots: p.slots.max(1), ..WorkerConfig::default() };
+        let worker_cfg = WorkerConfig {
+            slots: p.slots.max(1),
+            announcement_ttl: secs(sc.run.announcement_ttl),
+            heartbeat_interval: secs(sc.run.lease_ttl / 3.0),
+            ..WorkerConfig::default()
+        };
         let arrivals = workload::arrivals(&sc.workload, seed);
         let mut w = World {
             sc: sc.clone(),
@@ -356,6 +371,7 @@ impl World {
             submitter_cfg,
             worker_cfg,
             finished_jobs: 0,
+            progress_every: 0,
         };
         // Jobs (their submitters start at arrival).
         for (j, &at) in arrivals.iter().enumerate() {
@@ -432,6 +448,16 @@ impl World {
             self.fold(e.at);
             self.fold(e.ev.tag());
             self.dispatch(e.ev);
+            if self.progress_every > 0 && self.events % self.progress_every == 0 {
+                eprintln!(
+                    "{}: {} events, {} queued, {} of {} jobs finished",
+                    Time(self.now),
+                    self.events,
+                    self.queue.len(),
+                    self.finished_jobs,
+                    self.jobs.len()
+                );
+            }
             if self.violation.is_some() {
                 break;
             }
@@ -520,7 +546,7 @@ impl World {
         let sc = &self.sc;
         let n = &self.nodes[iu];
         let class = &sc.population.classes[n.class];
-        let dims = workload::dimensions(class, i);
+        let dims = workload::dimensions(class);
         let mut trust = TrustPolicy::default();
         for c in self.workers..self.nodes.len() as u32 {
             trust = trust.trust(self.nodes[c as usize].peer);
@@ -758,22 +784,32 @@ impl World {
 
     fn shard_state(&mut self, j: u32, shard: u32, state: ShardState) {
         let Some(s) = self.jobs[j as usize].submitter.as_ref() else { return };
+        let honest = |p: &PeerId| {
+            self.peers.get(p).is_some_and(|&n| self.nodes[n as usize].behavior.is_honest())
+        };
         let mut votes = Vec::new();
+        let mut replicas = Vec::new();
         let mut accepted = None;
         if state.is_final() {
             for r in s.results(shard) {
-                let honest = r
-                    .claimed_signer()
-                    .and_then(|p| self.peers.get(&p))
-                    .is_some_and(|&n| self.nodes[n as usize].behavior.is_honest());
-                votes.push((honest, r.body.outcome()));
+                votes.push((r.claimed_signer().is_some_and(|p| honest(&p)), r.body.outcome()));
             }
-            accepted = s.shard(shard).and_then(|x| x.accepted);
+            if let Some(st) = s.shard(shard) {
+                accepted = st.accepted;
+                for (_, node, a) in &st.attempts {
+                    if !matches!(a, AttemptState::WorkerDied | AttemptState::Error) {
+                        replicas.push(honest(node));
+                    }
+                }
+            }
             if let Some((t, _)) = self.crashed.remove(&(j, shard)) {
                 self.counters.recovered.push((self.now - t) as f64);
             }
         }
-        let r = self.checker.state(Time(self.now), j, shard, state, accepted, &votes);
+        let t = workload::truth(&self.sc.workload, self.seed, j, shard);
+        let truth = Outcome { state: RunState::Completed, exit_code: Some(t.exit), outputs: None };
+        let r =
+            self.checker.state(Time(self.now), j, shard, state, accepted, &votes, &replicas, truth);
         self.check(r);
     }
 
@@ -902,8 +938,16 @@ impl World {
             start = end;
         }
         if batches > 0 {
-            self.publications
-                .insert(id, Publication { submitter, ann, spread, at: self.now, pending: batches });
+            self.publications.insert(
+                id,
+                Publication {
+                    submitter,
+                    ann: Rc::new(ann),
+                    spread,
+                    at: self.now,
+                    pending: batches,
+                },
+            );
         }
     }
 
@@ -924,8 +968,13 @@ impl World {
                 self.counters.gossip_delays.push((self.now - at) as f64);
             }
             let t = self.local(node);
-            if let Some(w) = self.nodes[node as usize].worker.as_mut() {
-                let _ = w.handle_verified_announcement(t, submitter, ann.clone());
+            let Some(w) = self.nodes[node as usize].worker.as_mut() else { continue };
+            let taken = w.handle_verified_announcement(t, submitter, &ann).is_ok();
+            // A refused announcement (stale, untrusted, not this node's kind) that asked for
+            // nothing can only have dropped a job view: the armed timer may now be early,
+            // which the contract allows, never late. Skipping the re-arm saves a walk of the
+            // worker's jobs on most deliveries of a large grid.
+            if taken || self.nodes[node as usize].worker.as_ref().is_some_and(|w| w.has_output()) {
                 self.drain_worker(node);
             }
         }
