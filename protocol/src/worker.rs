@@ -20,7 +20,7 @@ use std::time::Duration;
 use libp2p_identity::{Keypair, PeerId};
 
 use crate::content::ContentId;
-use crate::dims::{DimensionError, Dimensions, Mismatch};
+use crate::dims::{DimensionError, Dimensions, Mismatch, Requirements};
 use crate::message::{
     Ack, Cancel, Claim, Grant, Heartbeat, HeartbeatReply, LeaseRef, MAX_LEASE_REFS,
     MAX_LEASES_PER_GRANT, Message, Refusal, RefuseReason,
@@ -422,7 +422,27 @@ impl Worker {
         // Cloned only once it is kept: most announcements a large grid hears are not.
         match self.jobs.get_mut(&key) {
             Some(view) => {
-                view.ann = ann.clone();
+                // Between announcements of one job only the scalar fields change: keep the
+                // requirements already held rather than allocate a copy on every delivery.
+                let dimensions = if view.ann.dimensions == ann.dimensions {
+                    std::mem::replace(&mut view.ann.dimensions, Requirements(BTreeMap::new()))
+                } else {
+                    ann.dimensions.clone()
+                };
+                view.ann = Announcement {
+                    version: ann.version,
+                    job: ann.job,
+                    submission: ann.submission,
+                    seq: ann.seq,
+                    manifest: ann.manifest,
+                    dimensions,
+                    shards: ann.shards,
+                    open: ann.open,
+                    priority: ann.priority,
+                    created: ann.created,
+                    expires: ann.expires,
+                    ended: ann.ended,
+                };
                 view.trust = trust;
                 view.last_seen = now;
             }

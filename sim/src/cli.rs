@@ -287,6 +287,7 @@ pub fn write_sweep(sc: &Scenario, reports: &[Report], dir: &Path) -> std::io::Re
         x_label: "worker nodes".into(),
         y_label: "seconds".into(),
         log_x: true,
+        log_y: false,
         series: vec![
             Series { name: "p50".into(), points: by_size(reports, |r| r.completion_s.p50) },
             Series { name: "p95".into(), points: by_size(reports, |r| r.completion_s.p95) },
@@ -312,8 +313,9 @@ pub fn write_sweep(sc: &Scenario, reports: &[Report], dir: &Path) -> std::io::Re
     let messages = Chart {
         title: format!("{name}: messages per job against nodes"),
         x_label: "worker nodes".into(),
-        y_label: "messages per job".into(),
+        y_label: "messages per job (log scale)".into(),
         log_x: true,
+        log_y: true,
         series: vec![
             Series { name: "announce deliveries".into(), points: by_size(reports, m("announce")) },
             Series {

@@ -22,6 +22,8 @@ pub struct Chart {
     pub y_label: String,
     /// Logarithmic x axis.
     pub log_x: bool,
+    /// Logarithmic y axis (values below 1 are drawn at 1).
+    pub log_y: bool,
     /// The lines.
     pub series: Vec<Series>,
 }
@@ -58,7 +60,7 @@ impl Chart {
     /// The chart as an SVG document.
     pub fn svg(&self) -> String {
         let pts = self.series.iter().flat_map(|s| s.points.iter());
-        let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
+        let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 1.0f64);
         for &(x, y) in pts {
             x0 = x0.min(x);
             x1 = x1.max(x);
@@ -70,9 +72,14 @@ impl Chart {
         let tx = |x: f64| if self.log_x { x.max(1e-9).log10() } else { x };
         let (a, b) = (tx(x0), tx(x1).max(tx(x0) + 1e-9));
         let ys = step(y1.max(1e-9), 5.0);
-        let ytop = (y1 / ys).ceil().max(1.0) * ys;
+        let ytop = if self.log_y {
+            10f64.powf(y1.max(1.0).log10().ceil().max(1.0))
+        } else {
+            (y1 / ys).ceil().max(1.0) * ys
+        };
+        let ty = |y: f64| if self.log_y { y.max(1.0).log10() / ytop.log10() } else { y / ytop };
         let px = |x: f64| L + (tx(x) - a) / (b - a) * (W - L - R);
-        let py = |y: f64| H - B - y / ytop * (H - T - B);
+        let py = |y: f64| H - B - ty(y) * (H - T - B);
         let mut s = String::new();
         let _ = write!(
             s,
@@ -86,8 +93,12 @@ impl Chart {
             esc(&self.title)
         );
         // Axes, grid and ticks.
-        let mut y = 0.0;
-        while y <= ytop + ys / 2.0 {
+        let yticks: Vec<f64> = if self.log_y {
+            (0..=ytop.log10().round() as i32).map(|e| 10f64.powi(e)).collect()
+        } else {
+            (0..).map(|k| f64::from(k) * ys).take_while(|y| *y <= ytop + ys / 2.0).collect()
+        };
+        for y in yticks {
             let p = py(y);
             let _ = write!(
                 s,
@@ -97,7 +108,6 @@ impl Chart {
                 p + 4.0,
                 trim(y)
             );
-            y += ys;
         }
         let xticks: Vec<f64> = if self.log_x {
             let mut v = Vec::new();
@@ -201,6 +211,7 @@ mod tests {
             x_label: "nodes".into(),
             y_label: "s".into(),
             log_x: true,
+            log_y: false,
             series: vec![
                 Series { name: "p50".into(), points: vec![(100.0, 3.0), (10_000.0, 3.5)] },
                 Series { name: "p95".into(), points: vec![(100.0, 5.0), (10_000.0, 6.0)] },
@@ -211,5 +222,7 @@ mod tests {
         assert_eq!(s.matches("<polyline").count(), 2);
         assert!(s.contains("a &lt; b"));
         assert!(s.contains(">1000<") && s.contains(">100<"));
+        let log = Chart { log_y: true, ..c }.svg();
+        assert!(log.contains(">10<") && log.contains(">1<"));
     }
 }

@@ -174,6 +174,8 @@ struct Publication {
     spread: Rc<Spread>,
     at: u64,
     pending: u32,
+    /// Per machine class: whether its nodes have the job's dimensions.
+    fits: Vec<bool>,
 }
 
 /// A run that broke an invariant.
@@ -937,12 +939,20 @@ impl World {
             batches += 1;
             start = end;
         }
+        let fits = self
+            .sc
+            .population
+            .classes
+            .iter()
+            .map(|c| ann.dimensions.matches(&workload::dimensions(c)))
+            .collect();
         if batches > 0 {
             self.publications.insert(
                 id,
                 Publication {
                     submitter,
                     ann: Rc::new(ann),
+                    fits,
                     spread,
                     at: self.now,
                     pending: batches,
@@ -955,6 +965,7 @@ impl World {
         let Some(p) = self.publications.get_mut(&id) else { return };
         p.pending -= 1;
         let (submitter, ann, spread, at) = (p.submitter, p.ann.clone(), p.spread.clone(), p.at);
+        let fits = p.fits.clone();
         if p.pending == 0 {
             self.publications.remove(&id);
         }
@@ -966,6 +977,11 @@ impl World {
             self.counters.gossip_deliveries += 1;
             if self.counters.gossip_deliveries % GOSSIP_SAMPLE == 0 {
                 self.counters.gossip_delays.push((self.now - at) as f64);
+            }
+            if !fits[self.nodes[node as usize].class] {
+                // The worker would refuse it as not its kind, and it never holds a view of a
+                // job it does not fit: handing it over is a no-op, so it is skipped.
+                continue;
             }
             let t = self.local(node);
             let Some(w) = self.nodes[node as usize].worker.as_mut() else { continue };
