@@ -126,7 +126,7 @@ pub struct Counters {
     pub messages: BTreeMap<&'static str, u64>,
     /// Bytes sent plus received, per node.
     pub bytes: Vec<u64>,
-    /// Gossip delivery delays, ms (sampled: at most one in `GOSSIP_SAMPLE`).
+    /// Gossip delivery delays, ms (one in [`GOSSIP_SAMPLE`], at most [`MAX_GOSSIP_SAMPLES`]).
     pub gossip_delays: Vec<f64>,
     /// Gossip deliveries.
     pub gossip_deliveries: u64,
@@ -150,6 +150,8 @@ pub struct Counters {
 
 /// One gossip delay in this many is kept for the percentiles.
 pub const GOSSIP_SAMPLE: u64 = 97;
+/// Most gossip delays kept (later deliveries are not sampled).
+pub const MAX_GOSSIP_SAMPLES: usize = 1 << 20;
 
 impl Counters {
     /// Counters for `nodes` nodes.

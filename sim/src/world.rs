@@ -33,7 +33,7 @@ use crate::dht::Dht;
 use crate::faults::{self, Fault};
 use crate::gossip::{Mesh, Spread};
 use crate::invariants::{Checker, Violation};
-use crate::metrics::{Counters, GOSSIP_SAMPLE, Percentiles, Report};
+use crate::metrics::{Counters, GOSSIP_SAMPLE, MAX_GOSSIP_SAMPLES, Percentiles, Report};
 use crate::net::{Cut, Net};
 use crate::scenario::Scenario;
 use crate::transfer::{Links, Source};
@@ -975,7 +975,9 @@ impl World {
                 continue;
             }
             self.counters.gossip_deliveries += 1;
-            if self.counters.gossip_deliveries % GOSSIP_SAMPLE == 0 {
+            if self.counters.gossip_deliveries % GOSSIP_SAMPLE == 0
+                && self.counters.gossip_delays.len() < MAX_GOSSIP_SAMPLES
+            {
                 self.counters.gossip_delays.push((self.now - at) as f64);
             }
             if !fits[self.nodes[node as usize].class] {
