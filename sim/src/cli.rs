@@ -331,3 +331,36 @@ pub fn write_sweep(sc: &Scenario, reports: &[Report], dir: &Path) -> std::io::Re
     std::fs::write(dir.join(format!("{name}-messages.svg")), messages.svg())?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_writes_its_reports_and_plots() {
+        let mut sc = Scenario::parse(
+            "name = \"t\"\n[population]\nnodes = 10\n[workload]\njobs = 1\nshards = 4\n[sweep]\nsizes = [10, 20]\nseeds = 1\n",
+        )
+        .unwrap();
+        sc.run.max_time = 3600.0;
+        let reports: Vec<Report> =
+            [10, 20].iter().map(|&n| world::run(&sc.with_nodes(n), 1).unwrap()).collect();
+        let dir = std::env::temp_dir().join(format!("grid-sim-sweep-{}", std::process::id()));
+        write_sweep(&sc, &reports, &dir).unwrap();
+        let lines = std::fs::read_to_string(dir.join("t-sweep.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 2);
+        let svg = std::fs::read_to_string(dir.join("t-completion.svg")).unwrap();
+        assert!(svg.contains("1.5 x longest shard"));
+        assert!(dir.join("t-messages.svg").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(by_size(&reports, |r| f64::from(r.nodes)), vec![(10.0, 10.0), (20.0, 20.0)]);
+    }
+
+    #[test]
+    fn the_replay_hint_is_one_command() {
+        assert_eq!(
+            replay_hint(Path::new("sim/scenarios/smoke.toml"), 9, Some(300)),
+            "grid-sim run sim/scenarios/smoke.toml --seed 9 --nodes 300"
+        );
+    }
+}
