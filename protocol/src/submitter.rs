@@ -63,6 +63,25 @@ pub struct SubmitterConfig {
     pub force: bool,
     /// Oldest result [`Submitter::reuse`] accepts (default 7 days, as Swarming).
     pub reuse_max_age: Duration,
+    /// Test only: a deliberate bug, so the simulator's invariant checkers can be shown to catch
+    /// it. Always `None` outside those tests.
+    #[doc(hidden)]
+    pub planted_bug: Option<PlantedBug>,
+}
+
+/// Test only: the deliberate bugs [`SubmitterConfig::planted_bug`] can switch on. Each breaks
+/// one safety property the simulator checks; none is ever on in a real submitter.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PlantedBug {
+    /// Results are counted without verifying their signature (the claimed key is believed).
+    SkipSignatureCheck,
+    /// A result arriving after its shard was decided is counted again, as if still open.
+    CountLateResults,
+    /// Shards are granted without counting the replicas already running.
+    IgnoreLiveReplicas,
+    /// The first counted vote decides the shard, whatever the redundancy.
+    FirstVoteWins,
 }
 
 impl Default for SubmitterConfig {
@@ -75,6 +94,7 @@ impl Default for SubmitterConfig {
             setup_allowance: Duration::from_secs(600),
             force: false,
             reuse_max_age: Duration::from_secs(7 * 24 * 3600),
+            planted_bug: None,
         }
     }
 }
@@ -527,9 +547,14 @@ impl Submitter {
             s.outputs.push_back(Output::Event(Event::ResultRejected { job, from, rejection }));
             ack(s, Verdict::Rejected(rejection));
         };
-        let signer = match signed.verify() {
+        let verified = if self.config.planted_bug == Some(PlantedBug::SkipSignatureCheck) {
+            signed.claimed_signer().ok_or(())
+        } else {
+            signed.verify().map_err(|_| ())
+        };
+        let signer = match verified {
             Ok(p) => p,
-            Err(_) => {
+            Err(()) => {
                 self.stats.forged += 1;
                 reject(self, Rejection::Forged);
                 return self.flush(now);
@@ -574,7 +599,9 @@ impl Submitter {
             RunState::Error => AttemptState::Error,
             RunState::Canceled => AttemptState::Canceled,
         };
-        if self.shards[idx].state.is_final() {
+        let late_counted = self.config.planted_bug == Some(PlantedBug::CountLateResults)
+            && matches!(body.state, RunState::Completed | RunState::TimedOut);
+        if self.shards[idx].state.is_final() && !late_counted {
             // Decided without it: a replica canceled after the quorum, or a lease that lapsed.
             self.stats.late += 1;
             if was_running {
@@ -741,6 +768,9 @@ impl Submitter {
         if s.state.is_final() {
             return 0;
         }
+        if self.config.planted_bug == Some(PlantedBug::IgnoreLiveReplicas) {
+            return usize::from(s.target).saturating_sub(s.votes.len());
+        }
         usize::from(s.target).saturating_sub(s.votes.len() + self.live_replicas(idx))
     }
 
@@ -859,7 +889,12 @@ impl Submitter {
         let k = self.request.scheduling.redundancy;
         let s = &self.shards[idx];
         let votes: Vec<Outcome> = s.votes.iter().map(|(_, r)| r.body.outcome()).collect();
-        match quorum::decide(k, s.target, &votes) {
+        let decision = if self.config.planted_bug == Some(PlantedBug::FirstVoteWins) {
+            quorum::decide(1, 1, &votes[..1])
+        } else {
+            quorum::decide(k, s.target, &votes)
+        };
+        match decision {
             Decision::Accepted { outcome, .. } => {
                 let dissenters: Vec<PeerId> = s
                     .votes

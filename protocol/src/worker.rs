@@ -20,7 +20,7 @@ use std::time::Duration;
 use libp2p_identity::{Keypair, PeerId};
 
 use crate::content::ContentId;
-use crate::dims::{DimensionError, Dimensions, Mismatch};
+use crate::dims::{DimensionError, Dimensions, Mismatch, Requirements};
 use crate::message::{
     Ack, Cancel, Claim, Grant, Heartbeat, HeartbeatReply, LeaseRef, MAX_LEASE_REFS,
     MAX_LEASES_PER_GRANT, Message, Refusal, RefuseReason,
@@ -294,6 +294,11 @@ impl Worker {
         self.outputs.pop_front()
     }
 
+    /// Whether [`Worker::poll_output`] has something.
+    pub fn has_output(&self) -> bool {
+        !self.outputs.is_empty()
+    }
+
     /// When [`Worker::handle_timeout`] must next be called, if ever.
     pub fn poll_timeout(&self) -> Option<Time> {
         let mut t = Time::NEVER;
@@ -304,11 +309,13 @@ impl Worker {
             t = t.min(u.next_send);
         }
         let later = |d: Time| if d > self.now { d } else { Time::NEVER };
+        // Computed once: it walks every job, and this loop does too.
+        let free = self.free_slots() > 0;
         for j in self.jobs.values() {
             match &j.claim {
                 Some(c) => t = t.min(c.deadline),
                 // A job we would claim once its backoff ends.
-                None if self.free_slots() > 0 && self.claimable(j, j.backoff_until) => {
+                None if free && self.claimable(j, j.backoff_until) => {
                     t = t.min(later(j.backoff_until));
                 }
                 None => {}
@@ -358,15 +365,28 @@ impl Worker {
         now: Time,
         signed: SignedAnnouncement,
     ) -> Result<(), AnnouncementError> {
-        self.now = self.now.max(now);
         let submitter = match signed.verify() {
             Ok(p) => p,
             Err(_) => {
+                self.now = self.now.max(now);
                 self.stats.forged_announcements += 1;
                 return Err(AnnouncementError::Forged);
             }
         };
-        let ann = signed.body;
+        self.handle_verified_announcement(now, submitter, &signed.body)
+    }
+
+    /// An announcement whose signature the driver has already verified as `submitter`'s (a
+    /// driver that validates gossip before forwarding it, as gossipsub's message validation
+    /// does, need not verify twice; the simulator verifies once per publication). Otherwise as
+    /// [`Worker::handle_announcement`].
+    pub fn handle_verified_announcement(
+        &mut self,
+        now: Time,
+        submitter: PeerId,
+        ann: &Announcement,
+    ) -> Result<(), AnnouncementError> {
+        self.now = self.now.max(now);
         let Some(trust) = self.trust.judge(&submitter, ann.dimensions.pool()) else {
             self.stats.untrusted += 1;
             return Err(AnnouncementError::Untrusted(submitter));
@@ -399,18 +419,46 @@ impl Worker {
                 None => return Err(AnnouncementError::Full),
             }
         }
-        let view = self.jobs.entry(key).or_insert_with(|| JobView {
-            ann: ann.clone(),
-            trust,
-            last_seen: now,
-            claim: None,
-            backoff_until: Time::ZERO,
-            refused_at_seq: None,
-            incompatible: false,
-        });
-        view.ann = ann;
-        view.trust = trust;
-        view.last_seen = now;
+        // Cloned only once it is kept: most announcements a large grid hears are not.
+        match self.jobs.get_mut(&key) {
+            Some(view) => {
+                // Between announcements of one job only the scalar fields change: keep the
+                // requirements already held rather than allocate a copy on every delivery.
+                let dimensions = if view.ann.dimensions == ann.dimensions {
+                    std::mem::replace(&mut view.ann.dimensions, Requirements(BTreeMap::new()))
+                } else {
+                    ann.dimensions.clone()
+                };
+                view.ann = Announcement {
+                    version: ann.version,
+                    job: ann.job,
+                    submission: ann.submission,
+                    seq: ann.seq,
+                    manifest: ann.manifest,
+                    dimensions,
+                    shards: ann.shards,
+                    open: ann.open,
+                    priority: ann.priority,
+                    created: ann.created,
+                    expires: ann.expires,
+                    ended: ann.ended,
+                };
+                view.trust = trust;
+                view.last_seen = now;
+            }
+            None => {
+                let view = JobView {
+                    ann: ann.clone(),
+                    trust,
+                    last_seen: now,
+                    claim: None,
+                    backoff_until: Time::ZERO,
+                    refused_at_seq: None,
+                    incompatible: false,
+                };
+                self.jobs.insert(key, view);
+            }
+        }
         self.schedule(now);
         Ok(())
     }

@@ -1,0 +1,538 @@
+//! Scenarios: what a run simulates, read from TOML files in `sim/scenarios/`.
+//!
+//! Every field has a default, so a scenario file names only what it changes. Times are in
+//! seconds (floats), rates are fractions. Unknown keys are errors: a typo must not silently
+//! run another experiment.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a scenario could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScenarioError {
+    /// The file could not be read.
+    #[error("failed to read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not a valid scenario.
+    #[error("failed to parse {path}: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The values do not make sense together.
+    #[error("invalid scenario: {0}")]
+    Invalid(String),
+}
+
+/// A whole scenario.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scenario {
+    /// A short name, used in reports.
+    pub name: String,
+    /// The seed used when none is given on the command line.
+    pub seed: u64,
+    /// The nodes.
+    pub population: Population,
+    /// Links between them.
+    pub network: Network,
+    /// The announcement gossip model.
+    pub gossip: Gossip,
+    /// The DHT model.
+    pub dht: Dht,
+    /// The jobs.
+    pub workload: Workload,
+    /// Crashes, churn, partitions.
+    pub faults: Faults,
+    /// Misbehaving nodes.
+    pub byzantine: Byzantine,
+    /// Run limits and checks.
+    pub run: Run,
+    /// What `grid-sim sweep` varies.
+    pub sweep: Sweep,
+}
+
+/// One class of machine (its platform dimensions) and its share of the population.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Class {
+    /// `os` dimension.
+    pub os: String,
+    /// `cpu` dimension.
+    pub cpu: String,
+    /// Relative share of nodes (and, with `require_os`, of jobs).
+    pub weight: u32,
+}
+
+/// The nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Population {
+    /// Worker nodes.
+    pub nodes: u32,
+    /// Client nodes that submit jobs (they run no worker).
+    pub clients: u32,
+    /// Slots per worker.
+    pub slots: u32,
+    /// Machine classes.
+    pub classes: Vec<Class>,
+    /// Fraction of workers that are slow.
+    pub slow_fraction: f64,
+    /// How many times slower a slow node runs and transfers.
+    pub slow_factor: f64,
+    /// Each node's clock is ahead by a uniform draw of up to this many seconds.
+    pub clock_skew_s: f64,
+    /// Worker link bandwidth, Mbit/s (both directions).
+    pub bandwidth_mbps: f64,
+    /// Client link bandwidth, Mbit/s.
+    pub client_bandwidth_mbps: f64,
+}
+
+impl Default for Population {
+    fn default() -> Self {
+        Population {
+            nodes: 100,
+            clients: 2,
+            slots: 1,
+            classes: vec![Class { os: "Linux".into(), cpu: "x86-64".into(), weight: 1 }],
+            slow_fraction: 0.0,
+            slow_factor: 3.0,
+            clock_skew_s: 0.0,
+            bandwidth_mbps: 1000.0,
+            client_bandwidth_mbps: 1000.0,
+        }
+    }
+}
+
+/// A region and its share of nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    /// Its name.
+    pub name: String,
+    /// Relative share of nodes.
+    pub weight: u32,
+}
+
+/// Links.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Network {
+    /// Regions.
+    pub regions: Vec<Region>,
+    /// One-way latency in ms between regions (`latency_ms[a][b]`), square.
+    pub latency_ms: Vec<Vec<u32>>,
+    /// Up to this many ms added per link (fixed per link) and per message (drawn each time).
+    pub jitter_ms: u32,
+    /// Fraction of direct messages lost.
+    pub loss: f64,
+    /// Pass every direct message through the wire codec (encode, decode). Off, sizes are still
+    /// measured by encoding.
+    pub codec: bool,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            regions: vec![
+                Region { name: "eu".into(), weight: 2 },
+                Region { name: "us".into(), weight: 2 },
+                Region { name: "asia".into(), weight: 1 },
+            ],
+            latency_ms: vec![vec![5, 45, 120], vec![45, 5, 90], vec![120, 90, 10]],
+            jitter_ms: 5,
+            loss: 0.0,
+            codec: true,
+        }
+    }
+}
+
+/// Gossipsub model parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gossip {
+    /// Target mesh degree D.
+    pub mesh_degree: u32,
+    /// Peers sent IHAVE per heartbeat (D_lazy).
+    pub lazy_degree: u32,
+    /// Heartbeats a message id stays in the gossip window.
+    pub history: u32,
+    /// Per-hop processing delay, ms.
+    pub hop_ms: u32,
+}
+
+impl Default for Gossip {
+    fn default() -> Self {
+        Gossip { mesh_degree: 6, lazy_degree: 6, history: 3, hop_ms: 1 }
+    }
+}
+
+/// Kademlia model parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Dht {
+    /// Lookup parallelism.
+    pub alpha: u32,
+    /// Replication (peers a provider record is stored on).
+    pub k: u32,
+    /// Provider records kept per content id (the most recent).
+    pub max_providers: u32,
+    /// Providers fetched from in parallel.
+    pub fetch_from: u32,
+}
+
+impl Default for Dht {
+    fn default() -> Self {
+        Dht { alpha: 3, k: 20, max_providers: 20, fetch_from: 4 }
+    }
+}
+
+/// A distribution of a duration, in seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum Dist {
+    /// Always `s`.
+    Fixed {
+        /// Seconds.
+        s: f64,
+    },
+    /// Uniform in `min..max`.
+    Uniform {
+        /// Least.
+        min: f64,
+        /// Most.
+        max: f64,
+    },
+    /// Exponential with this mean, capped at `max`.
+    Exponential {
+        /// Mean.
+        mean: f64,
+        /// Cap.
+        max: f64,
+    },
+    /// Log-normal with this median and shape sigma, capped at `max`.
+    Lognormal {
+        /// Median.
+        median: f64,
+        /// Shape.
+        sigma: f64,
+        /// Cap.
+        max: f64,
+    },
+}
+
+/// How jobs arrive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "kebab-case")]
+pub enum Arrival {
+    /// All at `start`.
+    AtOnce,
+    /// One every `interval` seconds.
+    Fixed {
+        /// Seconds between jobs.
+        interval: f64,
+    },
+    /// A Poisson process with this mean gap.
+    Poisson {
+        /// Mean seconds between jobs.
+        mean: f64,
+    },
+}
+
+/// The jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    /// Jobs submitted.
+    pub jobs: u32,
+    /// Shards per job.
+    pub shards: u32,
+    /// Redundancy k.
+    pub redundancy: u8,
+    /// When the first job arrives, s.
+    pub start: f64,
+    /// How the jobs arrive.
+    pub arrival: Arrival,
+    /// Shard run time.
+    pub duration: Dist,
+    /// Input tree size, MiB.
+    pub input_mib: f64,
+    /// Hard timeout, s.
+    pub hard_timeout: f64,
+    /// Each job requires the `os` of a class drawn by weight (else any node of the pool).
+    pub require_os: bool,
+    /// Fraction of shards whose test fails (exit 1) on an honest node.
+    pub fail_fraction: f64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            jobs: 10,
+            shards: 50,
+            redundancy: 1,
+            start: 1.0,
+            arrival: Arrival::Fixed { interval: 30.0 },
+            duration: Dist::Uniform { min: 30.0, max: 90.0 },
+            input_mib: 20.0,
+            hard_timeout: 600.0,
+            require_os: false,
+            fail_fraction: 0.05,
+        }
+    }
+}
+
+/// Crash of some workers at one time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Crash {
+    /// When, s.
+    pub at: f64,
+    /// How many workers.
+    pub count: u32,
+    /// Pick workers that are running a shard (else any).
+    #[serde(default)]
+    pub running: bool,
+    /// Restart after this long (never if absent).
+    #[serde(default)]
+    pub restart_after: Option<f64>,
+}
+
+/// A partition: a fraction of the nodes cut from the rest for a while.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// When, s.
+    pub at: f64,
+    /// How long, s.
+    pub duration: f64,
+    /// Share of nodes on the small side.
+    pub fraction: f64,
+    /// Only messages from the small side to the rest are lost.
+    #[serde(default)]
+    pub one_way: bool,
+}
+
+/// Faults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Faults {
+    /// Scheduled crashes.
+    pub crash: Vec<Crash>,
+    /// Scheduled partitions.
+    pub partition: Vec<Partition>,
+    /// Each worker leaves this many times per hour on average (0: no churn).
+    pub churn_per_hour: f64,
+    /// How long a leaving worker stays away, s.
+    pub churn_down: Dist,
+    /// Workers that start offline and join during the fault phase.
+    pub join: u32,
+    /// The fault phase ends here, s: no new faults, partitions heal. Zero: never.
+    pub until: f64,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Faults {
+            crash: Vec::new(),
+            partition: Vec::new(),
+            churn_per_hour: 0.0,
+            churn_down: Dist::Uniform { min: 30.0, max: 300.0 },
+            join: 0,
+            until: 0.0,
+        }
+    }
+}
+
+/// Fractions of workers that misbehave.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Byzantine {
+    /// Send results whose body was changed after signing.
+    pub forger: f64,
+    /// Report the wrong outcome, validly signed, and quickly.
+    pub liar: f64,
+    /// Claim, heartbeat, never answer.
+    pub withholder: f64,
+    /// Claim with many slots, never answer.
+    pub sybil: f64,
+    /// Serve corrupt blocks when asked for content.
+    pub corrupt_provider: f64,
+    /// Slots a sybil claims with.
+    pub sybil_slots: u32,
+}
+
+/// Run limits and checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Run {
+    /// Stop here whatever happens, s.
+    pub max_time: f64,
+    /// Every job must be finished this long after the later of the fault phase's end and the
+    /// last arrival, s.
+    pub liveness_bound: f64,
+    /// The transport gives up on a dead peer after this long, s (then the submitter is told).
+    pub peer_gone_after: f64,
+    /// A finished job's submitter stays up this long, s.
+    pub linger: f64,
+    /// Lease time-to-live, s (workers heartbeat every third of it).
+    pub lease_ttl: f64,
+    /// Re-publication period of announcements, s.
+    pub announce_interval: f64,
+    /// A worker forgets a job not announced for this long, s.
+    pub announcement_ttl: f64,
+    /// Test only: a deliberate submitter bug (`skip-signature-check`, `count-late-results`,
+    /// `ignore-live-replicas`, `first-vote-wins`).
+    pub planted_bug: Option<String>,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Run {
+            max_time: 86_400.0,
+            liveness_bound: 3600.0,
+            peer_gone_after: 20.0,
+            linger: 60.0,
+            lease_ttl: 60.0,
+            announce_interval: 30.0,
+            announcement_ttl: 120.0,
+            planted_bug: None,
+        }
+    }
+}
+
+/// What a sweep varies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sweep {
+    /// Worker counts.
+    pub sizes: Vec<u32>,
+    /// Seeds per size (seed, seed + 1, ...).
+    pub seeds: u32,
+}
+
+impl Default for Sweep {
+    fn default() -> Self {
+        Sweep { sizes: vec![100, 300, 1000, 3000, 10_000], seeds: 3 }
+    }
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Read { path: p.clone(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ScenarioError::Parse { message, .. } => ScenarioError::Parse { path: p, message },
+            other => other,
+        })
+    }
+
+    /// Parses and checks scenario text.
+    pub fn parse(text: &str) -> Result<Self, ScenarioError> {
+        let sc: Scenario = toml::from_str(text)
+            .map_err(|e| ScenarioError::Parse { path: String::new(), message: e.to_string() })?;
+        sc.validate()?;
+        Ok(sc)
+    }
+
+    /// Checks that the values make sense together.
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        let bad = |m: &str| Err(ScenarioError::Invalid(m.to_string()));
+        let n = self.network.regions.len();
+        if n == 0 || self.network.latency_ms.len() != n {
+            return bad("network.latency_ms must be a square matrix, one row per region");
+        }
+        if self.network.latency_ms.iter().any(|r| r.len() != n) {
+            return bad("network.latency_ms must be square");
+        }
+        if self.population.nodes == 0 || self.population.clients == 0 {
+            return bad("population needs at least one worker and one client");
+        }
+        if self.population.classes.is_empty()
+            || self.population.classes.iter().all(|c| c.weight == 0)
+        {
+            return bad("population.classes needs a class with a weight");
+        }
+        if self.workload.shards == 0 || self.workload.shards > grid_protocol::job::MAX_SHARDS {
+            return bad("workload.shards must be 1 to 10000");
+        }
+        if self.workload.redundancy == 0
+            || self.workload.redundancy > grid_protocol::job::MAX_REDUNDANCY
+        {
+            return bad("workload.redundancy must be 1 to 7");
+        }
+        if !(0.0..=1.0).contains(&self.network.loss) || self.network.loss >= 1.0 {
+            return bad("network.loss must be in 0..1");
+        }
+        let b = &self.byzantine;
+        let total = b.forger + b.liar + b.withholder + b.sybil + b.corrupt_provider;
+        if !(0.0..1.0).contains(&total) {
+            return bad("byzantine fractions must add up to less than 1");
+        }
+        if self.gossip.mesh_degree < 2 {
+            return bad("gossip.mesh_degree must be at least 2");
+        }
+        if let Some(bug) = &self.run.planted_bug {
+            crate::planted_bug(bug).map_err(ScenarioError::Invalid)?;
+        }
+        Ok(())
+    }
+
+    /// The same scenario with `nodes` workers (for sweeps).
+    pub fn with_nodes(&self, nodes: u32) -> Scenario {
+        let mut s = self.clone();
+        s.population.nodes = nodes;
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_the_default_scenario() {
+        let sc = Scenario::parse("").unwrap();
+        assert_eq!(sc.population.nodes, 100);
+        assert_eq!(sc.workload.shards, 50);
+    }
+
+    #[test]
+    fn fields_parse_and_typos_are_errors() {
+        let sc = Scenario::parse(
+            "name = \"x\"\n[workload]\njobs = 3\nduration = { kind = \"lognormal\", median = 60, sigma = 0.5, max = 300 }\narrival = { kind = \"poisson\", mean = 5 }\n[[faults.crash]]\nat = 10\ncount = 2\nrunning = true\n",
+        )
+        .unwrap();
+        assert_eq!(sc.workload.jobs, 3);
+        assert_eq!(sc.faults.crash[0].count, 2);
+        assert!(matches!(sc.workload.arrival, Arrival::Poisson { .. }));
+        assert!(Scenario::parse("[workload]\njobz = 3\n").is_err());
+        assert!(Scenario::parse("[run]\nplanted_bug = \"nope\"\n").is_err());
+        assert!(Scenario::parse("[population]\nnodes = 0\n").is_err());
+    }
+
+    #[test]
+    fn the_shipped_scenarios_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut n = 0;
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Scenario::load(&p).unwrap_or_else(|e| panic!("{e}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "{n} scenarios");
+    }
+}
