@@ -50,7 +50,7 @@ pub enum PackError {
     Io(PathBuf, io::Error),
     /// The tree breaks a manifest rule.
     #[error("tree is not valid: {0}")]
-    Manifest(#[from] manifest::ManifestError),
+    Manifest(Box<manifest::ManifestError>),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -189,7 +189,7 @@ pub fn pack_in(
         hashed += was_hashed as u64;
         m.entries.insert(rel, entry);
     }
-    m.validate()?;
+    m.validate().map_err(|e| PackError::Manifest(Box::new(e)))?;
     let id = store.put_manifest(&m, session)?;
     let (mut files, mut symlinks) = (0, 0);
     for e in m.entries.values() {

@@ -81,7 +81,7 @@ pub enum StoreError {
         /// The manifest.
         id: ContentId,
         /// Why.
-        source: ManifestError,
+        source: Box<ManifestError>,
     },
     /// Content cannot fit beside pinned content within the limits.
     #[error(
@@ -318,6 +318,11 @@ pub struct EvictReport {
     /// Bytes freed.
     pub bytes: u64,
 }
+
+/// Object keys and manifest ids that eviction must skip.
+type Protected = (HashSet<[u8; 20]>, HashSet<Vec<u8>>);
+/// A key and value read from the index.
+type RawRecord = (Box<[u8]>, Box<[u8]>);
 
 /// The local content store.
 pub struct Store {
@@ -557,7 +562,7 @@ impl Store {
     pub fn put_manifest(&self, m: &Manifest, session: &Session) -> Result<ContentId, StoreError> {
         let bytes = m.encode();
         let id = content::manifest_id(&bytes);
-        m.validate().map_err(|source| StoreError::Manifest { id, source })?;
+        m.validate().map_err(|source| StoreError::Manifest { id, source: Box::new(source) })?;
         for entry in m.entries.values() {
             if let Entry::File { blocks, executable, .. } = entry
                 && !self.has_object(blocks, *executable)?
@@ -612,7 +617,8 @@ impl Store {
             what: format!("manifest {id}"),
             detail: e.to_string(),
         })?;
-        let m = Manifest::decode(bytes).map_err(|source| StoreError::Manifest { id, source })?;
+        let m = Manifest::decode(bytes)
+            .map_err(|source| StoreError::Manifest { id, source: Box::new(source) })?;
         self.put_manifest_bytes(id, bytes, session)?;
         Ok(m)
     }
@@ -628,7 +634,8 @@ impl Store {
     /// A stored manifest, decoded and validated.
     pub fn manifest(&self, id: &ContentId) -> Result<Manifest, StoreError> {
         let bytes = self.manifest_bytes(id)?.ok_or(StoreError::Missing(*id))?;
-        Manifest::decode(&bytes).map_err(|source| StoreError::Manifest { id: *id, source })
+        Manifest::decode(&bytes)
+            .map_err(|source| StoreError::Manifest { id: *id, source: Box::new(source) })
     }
 
     /// The whole tree a manifest names, with its includes merged in.
@@ -650,7 +657,8 @@ impl Store {
             .iter()
             .map(|inc| self.tree_at_depth(inc, depth + 1))
             .collect::<Result<Vec<_>, _>>()?;
-        manifest::merge(&m, &includes).map_err(|source| StoreError::Manifest { id: *id, source })
+        manifest::merge(&m, &includes)
+            .map_err(|source| StoreError::Manifest { id: *id, source: Box::new(source) })
     }
 
     /// Reads one block's bytes, to serve it to a peer.
@@ -839,7 +847,7 @@ impl Store {
     }
 
     /// Everything protected from eviction now: object keys and manifest ids.
-    fn protected(&self) -> Result<(HashSet<[u8; 20]>, HashSet<Vec<u8>>), StoreError> {
+    fn protected(&self) -> Result<Protected, StoreError> {
         let mut objects = HashSet::new();
         let mut manifests: Vec<ContentId> = Vec::new();
         {
@@ -883,7 +891,7 @@ impl Store {
     fn free_disk(&self) -> Option<u64> {
         nix::sys::statvfs::statvfs(&self.root)
             .ok()
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
     }
 
     /// Makes room for `incoming` more bytes (and one more item) within the limits.
@@ -1038,7 +1046,7 @@ impl Store {
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         let mut known = HashSet::new();
-        let objects: Vec<(Box<[u8]>, Box<[u8]>)> = self
+        let objects: Vec<RawRecord> = self
             .db
             .iterator_cf(cf(&self.db, CF_OBJECTS), IteratorMode::Start)
             .collect::<Result<_, _>>()?;
@@ -1063,7 +1071,7 @@ impl Store {
                 report.objects_dropped.push(hex::encode(key));
             }
         }
-        let manifests: Vec<(Box<[u8]>, Box<[u8]>)> = self
+        let manifests: Vec<RawRecord> = self
             .db
             .iterator_cf(cf(&self.db, CF_MANIFESTS), IteratorMode::Start)
             .collect::<Result<_, _>>()?;
