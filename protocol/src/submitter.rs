@@ -41,7 +41,7 @@ use crate::record::{ANNOUNCEMENT_VERSION, Announcement, Outcome, RunState, Signe
 use crate::time::{Rng, Time, millis};
 
 /// Most nodes whose dimensions a submitter remembers for [`Submitter::pending_reason`].
-pub const MAX_KNOWN_NODES: usize = 4096;
+pub const MAX_KNOWN_NODES: usize = 256;
 
 /// Tuning of a submitter. The defaults suit a LAN or a small mesh.
 #[derive(Debug, Clone, PartialEq, Eq)]

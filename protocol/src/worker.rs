@@ -15,6 +15,7 @@
 //! [`Output::KillExecution`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use libp2p_identity::{Keypair, PeerId};
@@ -186,7 +187,9 @@ struct PendingClaim {
 
 #[derive(Debug, Clone)]
 struct JobView {
-    ann: Announcement,
+    /// Shared, not copied, when the driver hands the same decoded announcement to many
+    /// workers ([`Worker::handle_shared_announcement`]).
+    ann: Arc<Announcement>,
     trust: Trust,
     last_seen: Time,
     claim: Option<PendingClaim>,
@@ -386,21 +389,53 @@ impl Worker {
         submitter: PeerId,
         ann: &Announcement,
     ) -> Result<(), AnnouncementError> {
+        self.take_announcement(now, submitter, ann, None)
+    }
+
+    /// As [`Worker::handle_verified_announcement`], for a driver that hands one decoded
+    /// announcement to many workers (the simulator): a worker that keeps it holds a reference
+    /// to it rather than a copy of its requirements.
+    pub fn handle_shared_announcement(
+        &mut self,
+        now: Time,
+        submitter: PeerId,
+        ann: &Arc<Announcement>,
+    ) -> Result<(), AnnouncementError> {
+        self.take_announcement(now, submitter, ann, Some(ann))
+    }
+
+    fn take_announcement(
+        &mut self,
+        now: Time,
+        submitter: PeerId,
+        ann: &Announcement,
+        shared: Option<&Arc<Announcement>>,
+    ) -> Result<(), AnnouncementError> {
         self.now = self.now.max(now);
-        let Some(trust) = self.trust.judge(&submitter, ann.dimensions.pool()) else {
-            self.stats.untrusted += 1;
-            return Err(AnnouncementError::Untrusted(submitter));
-        };
         let key = JobKey { submitter, job: ann.job, submission: ann.submission };
-        if let Some(j) = self.jobs.get(&key)
-            && j.ann.seq >= ann.seq
-        {
+        // A view held with the same requirements was judged and checked when it was kept: the
+        // trust policy and this node's dimensions never change, so neither is done again (a
+        // large grid hears every job again and again).
+        let held =
+            self.jobs.get(&key).map(|j| (j.ann.seq, j.trust, j.ann.dimensions == ann.dimensions));
+        let same_dimensions = held.is_some_and(|(_, _, same)| same);
+        let trust = match held {
+            Some((_, trust, true)) => trust,
+            _ => match self.trust.judge(&submitter, ann.dimensions.pool()) {
+                Some(trust) => trust,
+                None => {
+                    self.stats.untrusted += 1;
+                    return Err(AnnouncementError::Untrusted(submitter));
+                }
+            },
+        };
+        if held.is_some_and(|(seq, _, _)| seq >= ann.seq) {
             return Err(AnnouncementError::Stale);
         }
         if ann.ended {
             self.kill_job(&key, None);
         }
-        if let Err(m) = ann.dimensions.check(&self.dimensions) {
+        if !same_dimensions && let Err(m) = ann.dimensions.check(&self.dimensions) {
             self.jobs.remove(&key);
             return Err(AnnouncementError::Mismatch(m));
         }
@@ -422,33 +457,26 @@ impl Worker {
         // Cloned only once it is kept: most announcements a large grid hears are not.
         match self.jobs.get_mut(&key) {
             Some(view) => {
-                // Between announcements of one job only the scalar fields change: keep the
-                // requirements already held rather than allocate a copy on every delivery.
-                let dimensions = if view.ann.dimensions == ann.dimensions {
-                    std::mem::replace(&mut view.ann.dimensions, Requirements(BTreeMap::new()))
-                } else {
-                    ann.dimensions.clone()
-                };
-                view.ann = Announcement {
-                    version: ann.version,
-                    job: ann.job,
-                    submission: ann.submission,
-                    seq: ann.seq,
-                    manifest: ann.manifest,
-                    dimensions,
-                    shards: ann.shards,
-                    open: ann.open,
-                    priority: ann.priority,
-                    created: ann.created,
-                    expires: ann.expires,
-                    ended: ann.ended,
-                };
+                match (shared, Arc::get_mut(&mut view.ann)) {
+                    (Some(a), _) => view.ann = Arc::clone(a),
+                    // Between announcements of one job only the scalar fields change: keep
+                    // the requirements already held rather than allocate a copy.
+                    (None, Some(held)) => {
+                        let dimensions = if same_dimensions {
+                            std::mem::replace(&mut held.dimensions, Requirements(BTreeMap::new()))
+                        } else {
+                            ann.dimensions.clone()
+                        };
+                        *held = Announcement { dimensions, ..scalars(ann) };
+                    }
+                    (None, None) => view.ann = Arc::new(ann.clone()),
+                }
                 view.trust = trust;
                 view.last_seen = now;
             }
             None => {
                 let view = JobView {
-                    ann: ann.clone(),
+                    ann: shared.cloned().unwrap_or_else(|| Arc::new(ann.clone())),
                     trust,
                     last_seen: now,
                     claim: None,
@@ -741,6 +769,24 @@ impl Worker {
     }
 }
 
+/// `ann`'s scalar fields, with empty requirements.
+fn scalars(ann: &Announcement) -> Announcement {
+    Announcement {
+        version: ann.version,
+        job: ann.job,
+        submission: ann.submission,
+        seq: ann.seq,
+        manifest: ann.manifest,
+        dimensions: Requirements(BTreeMap::new()),
+        shards: ann.shards,
+        open: ann.open,
+        priority: ann.priority,
+        created: ann.created,
+        expires: ann.expires,
+        ended: ann.ended,
+    }
+}
+
 fn key_of(id: &LeaseId) -> JobKey {
     JobKey { submitter: id.submitter, job: id.job, submission: id.submission }
 }
@@ -848,6 +894,30 @@ mod tests {
         assert!(matches!(r, Err(AnnouncementError::Mismatch(_))));
         assert!(drain(&mut w).is_empty());
         assert_eq!((w.stats().forged_announcements, w.stats().untrusted), (1, 1));
+    }
+
+    #[test]
+    fn shared_and_copied_announcements_are_handled_alike() {
+        let (mut a, mut b) = (worker(1), worker(1));
+        let p = sub_id();
+        let s = spec("./t", 2);
+        let mut mac = s.clone();
+        mac.dimensions = mac.dimensions.clone().with("os", &["Mac"]);
+        let mut changed = ann(&mac, 3, 100, 0);
+        changed.job = s.id();
+        let anns = [ann(&s, 1, 100, 0), ann(&s, 1, 100, 0), ann(&s, 2, 100, 0), changed];
+        for (i, x) in anns.into_iter().enumerate() {
+            let now = Time(i as u64 * 1_000);
+            let shared = Arc::new(x);
+            let ra = a.handle_verified_announcement(now, p, &shared);
+            let rb = b.handle_shared_announcement(now, p, &shared);
+            assert_eq!(ra, rb, "announcement {i}");
+            assert_eq!(format!("{:?}", drain(&mut a)), format!("{:?}", drain(&mut b)));
+            assert_eq!(a.poll_timeout(), b.poll_timeout());
+        }
+        // The re-announcement with the same requirements was taken without a second check;
+        // the one with other requirements was checked and the view dropped.
+        assert_eq!(b.jobs.len(), 0);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use grid_protocol::content::ContentId;
 use grid_protocol::message::{self, MAX_LEASES_PER_GRANT, Message, MessageKind};
@@ -170,7 +171,7 @@ struct JobRun {
 #[derive(Debug)]
 struct Publication {
     submitter: PeerId,
-    ann: Rc<Announcement>,
+    ann: Arc<Announcement>,
     spread: Rc<Spread>,
     at: u64,
     pending: u32,
@@ -951,7 +952,7 @@ impl World {
                 id,
                 Publication {
                     submitter,
-                    ann: Rc::new(ann),
+                    ann: Arc::new(ann),
                     fits,
                     spread,
                     at: self.now,
@@ -987,7 +988,7 @@ impl World {
             }
             let t = self.local(node);
             let Some(w) = self.nodes[node as usize].worker.as_mut() else { continue };
-            let taken = w.handle_verified_announcement(t, submitter, &ann).is_ok();
+            let taken = w.handle_shared_announcement(t, submitter, &ann).is_ok();
             // A refused announcement (stale, untrusted, not this node's kind) that asked for
             // nothing can only have dropped a job view: the armed timer may now be early,
             // which the contract allows, never late. Skipping the re-arm saves a walk of the
