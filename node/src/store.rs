@@ -563,11 +563,24 @@ impl Store {
         let bytes = m.encode();
         let id = content::manifest_id(&bytes);
         m.validate().map_err(|source| StoreError::Manifest { id, source: Box::new(source) })?;
-        for entry in m.entries.values() {
-            if let Entry::File { blocks, executable, .. } = entry
-                && !self.has_object(blocks, *executable)?
-            {
-                return Err(StoreError::Missing(blocks[0]));
+        let files: Vec<([u8; 20], ContentId)> = m
+            .entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::File { blocks, executable, .. } if !blocks.is_empty() => {
+                    Some((object_key(blocks, *executable), blocks[0]))
+                }
+                _ => None,
+            })
+            .collect();
+        let found = self.db.batched_multi_get_cf(
+            cf(&self.db, CF_OBJECTS),
+            files.iter().map(|(k, _)| k.as_slice()),
+            false,
+        );
+        for ((_, first), meta) in files.iter().zip(found) {
+            if meta?.is_none() {
+                return Err(StoreError::Missing(*first));
             }
         }
         for inc in &m.includes {
@@ -652,6 +665,10 @@ impl Store {
             return Err(StoreError::IncludeDepth(*id));
         }
         let m = self.manifest(id)?;
+        if m.includes.is_empty() {
+            // Decoding validated it already.
+            return Ok(m.entries);
+        }
         let includes = m
             .includes
             .iter()
@@ -711,9 +728,16 @@ impl Store {
             objects.iter().map(|(k, _)| k.as_slice()),
             false,
         );
-        for ((_, first), meta) in objects.iter().zip(metas) {
-            if meta?.is_none() {
+        let now = (self.clock)();
+        let mut stale = Vec::new();
+        for ((key, first), meta) in objects.iter().zip(metas) {
+            let Some(meta) = meta? else {
                 return Err(StoreError::Missing(*first));
+            };
+            // Only uses that move an object in the LRU order cost a write.
+            let last_use = serde_cbor::from_slice::<ObjectMeta>(&meta).map_or(0, |m| m.last_use);
+            if now.saturating_sub(last_use) >= TOUCH_GRANULARITY_SECS {
+                stale.push(*key);
             }
         }
         let mut dirs = BTreeSet::new();
@@ -746,8 +770,7 @@ impl Store {
                     bytes: a.bytes + b.bytes,
                 })
             })?;
-        let keys: Vec<[u8; 20]> = objects.iter().map(|(k, _)| *k).collect();
-        for k in keys {
+        for k in stale {
             self.touch(ITEM_OBJECT, &k)?;
         }
         self.touch(ITEM_MANIFEST, &id.to_bytes())?;
