@@ -74,8 +74,16 @@ pub struct Packed {
 /// One path to pack, found by walking the inputs.
 #[derive(Debug)]
 enum Found {
-    File { rel: String, abs: PathBuf },
-    Link { rel: String, target: String },
+    /// A file; `md` is its metadata when the walk already has it.
+    File {
+        rel: String,
+        abs: PathBuf,
+        md: Option<fs::Metadata>,
+    },
+    Link {
+        rel: String,
+        target: String,
+    },
 }
 
 fn rel_string(root: &Path, abs: &Path) -> Result<String, PackError> {
@@ -114,7 +122,7 @@ fn classify(root: &Path, abs: &Path, found: &mut Vec<Found>) -> Result<(), PackE
     let rel = rel_string(root, abs)?;
     let ft = md.file_type();
     if ft.is_file() {
-        found.push(Found::File { rel, abs: abs.to_path_buf() });
+        found.push(Found::File { rel, abs: abs.to_path_buf(), md: Some(md) });
     } else if ft.is_symlink() {
         let target = fs::read_link(abs).map_err(|e| PackError::Io(abs.to_path_buf(), e))?;
         let inside = target
@@ -132,7 +140,7 @@ fn classify(root: &Path, abs: &Path, found: &mut Vec<Found>) -> Result<(), PackE
                 if resolved.is_dir() {
                     return Err(PackError::LinkToOutsideDir { path: abs.to_path_buf(), target });
                 }
-                found.push(Found::File { rel, abs: abs.to_path_buf() });
+                found.push(Found::File { rel, abs: abs.to_path_buf(), md: None });
             }
         }
     } else if ft.is_dir() {
@@ -175,8 +183,11 @@ pub fn pack_in(
         .into_par_iter()
         .map(|f| match f {
             Found::Link { rel, target } => Ok((rel, Entry::Symlink { target }, false)),
-            Found::File { rel, abs } => {
-                let s = store.put_file(&abs, session)?;
+            Found::File { rel, abs, md } => {
+                let s = match md {
+                    Some(md) => store.put_file_stat(&abs, md, session)?,
+                    None => store.put_file(&abs, session)?,
+                };
                 let entry =
                     Entry::File { size: s.size, executable: s.executable, blocks: s.blocks };
                 Ok((rel, entry, !s.from_stat_cache))

@@ -433,6 +433,17 @@ impl Store {
     /// was stored.
     pub fn put_file(&self, src: &Path, session: &Session) -> Result<StoredFile, StoreError> {
         let md = fs::metadata(src).map_err(io_err("stat", src))?;
+        self.put_file_stat(src, md, session)
+    }
+
+    /// [`Store::put_file`] with the file's metadata already in hand (from walking a tree), so
+    /// an unchanged file costs no second `stat`.
+    pub fn put_file_stat(
+        &self,
+        src: &Path,
+        md: fs::Metadata,
+        session: &Session,
+    ) -> Result<StoredFile, StoreError> {
         let stat_key = src.as_os_str().as_encoded_bytes();
         if let Some(b) = self.db.get_pinned_cf(cf(&self.db, CF_STAT), stat_key)?
             && let Ok(hit) = serde_cbor::from_slice::<StatEntry>(&b)
