@@ -57,16 +57,12 @@ pub enum Entry {
 struct EntryRepr {
     #[serde(rename = "s", default, skip_serializing_if = "Option::is_none")]
     size: Option<u64>,
-    #[serde(rename = "x", default, skip_serializing_if = "is_false")]
+    #[serde(rename = "x", default, skip_serializing_if = "crate::job::is_false")]
     executable: bool,
     #[serde(rename = "b", default, skip_serializing_if = "Vec::is_empty")]
     blocks: Vec<ContentId>,
     #[serde(rename = "l", default, skip_serializing_if = "Option::is_none")]
     link: Option<String>,
-}
-
-fn is_false(b: &bool) -> bool {
-    !*b
 }
 
 impl TryFrom<EntryRepr> for Entry {
