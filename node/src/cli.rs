@@ -9,8 +9,8 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use grid_protocol::content::ContentId;
 
-use crate::pack;
 use crate::store::{Limits, Store};
+use crate::{control, pack};
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -82,16 +82,34 @@ enum Command {
         /// The manifest id.
         id: ContentId,
     },
-    /// Write a stored tree into a directory (hardlinks from the cache, modes and links restored).
+    /// Write a tree into a directory (hardlinks from the cache, modes and links restored).
+    ///
+    /// With a grid-node running on this data directory, content the cache lacks is fetched
+    /// from the mesh first.
     Fetch {
         /// The manifest id.
         id: ContentId,
         /// The directory to create (it must not exist or be empty).
         #[arg(long)]
         out: PathBuf,
+        /// Print the transfer report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Re-hash everything in the content store; drop what is damaged.
     Verify,
+    /// Show the running grid-node's state: peer id, addresses, peers, cache.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the peers the running grid-node is connected to.
+    Peers {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evict content now to meet the cache limits (and drop content older than the max age).
     Gc,
 }
@@ -178,6 +196,34 @@ fn open_store(g: &GlobalArgs) -> anyhow::Result<Store> {
         .with_context(|| format!("failed to open the content store in {}", dir.display()))
 }
 
+/// The running node of this data directory, if any: while a node runs it owns the store.
+fn node_client(g: &GlobalArgs) -> anyhow::Result<Option<PathBuf>> {
+    let dir = data_dir(g.data_dir.as_deref())?;
+    match control::Client::connect(&dir) {
+        Ok(_) => Ok(Some(dir)),
+        Err(control::ControlError::NotRunning(_)) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn node_call(dir: &Path, req: &control::Request) -> anyhow::Result<serde_json::Value> {
+    Ok(control::call(dir, req)?)
+}
+
+fn require_node(g: &GlobalArgs) -> anyhow::Result<PathBuf> {
+    let dir = data_dir(g.data_dir.as_deref())?;
+    match control::Client::connect(&dir) {
+        Ok(_) => Ok(dir),
+        Err(control::ControlError::NotRunning(_)) => bail!(
+            "no grid-node is running with data directory {} (start one with `grid-node \
+             --data-dir {}`)",
+            dir.display(),
+            dir.display()
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -194,14 +240,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Isolate(args) => isolate(&cli.global, args),
         Command::Show { id } => {
+            if let Some(dir) = node_client(&cli.global)? {
+                let v = node_call(&dir, &control::Request::Show { id: id.to_string() })?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             let store = open_store(&cli.global)?;
             let m = store.manifest(&id)?;
             println!("{}", serde_json::to_string_pretty(&m.to_json())?);
             Ok(())
         }
-        Command::Fetch { id, out } => {
-            let store = open_store(&cli.global)?;
+        Command::Fetch { id, out, json } => {
             let t = Instant::now();
+            if let Some(dir) = node_client(&cli.global)? {
+                let out = std::path::absolute(&out)
+                    .with_context(|| format!("bad output path {}", out.display()))?;
+                let req = control::Request::Fetch { id: id.to_string(), out: Some(out.clone()) };
+                let v = node_call(&dir, &req).context("failed to fetch")?;
+                if json {
+                    println!("{v}");
+                } else {
+                    eprintln!(
+                        "fetched {} into {} in {:.2?} ({} bytes from {} peers{})",
+                        id,
+                        out.display(),
+                        t.elapsed(),
+                        v["bytes"],
+                        v["bytes_by_peer"].as_object().map_or(0, |m| m.len()),
+                        match v["bad_peers"].as_array() {
+                            Some(b) if !b.is_empty() => format!("; bad peers: {b:?}"),
+                            _ => String::new(),
+                        }
+                    );
+                }
+                return Ok(());
+            }
+            let store = open_store(&cli.global)?;
             let s = store.materialize(&id, &out).context("failed to fetch")?;
             eprintln!(
                 "fetched {} files ({} bytes; {} hardlinked, {} copied, {} empty) and {} symlinks \
@@ -217,7 +291,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Status { json } => {
+            let dir = require_node(&cli.global)?;
+            let v = node_call(&dir, &control::Request::Status)?;
+            if json {
+                println!("{v}");
+            } else {
+                let m = &v["mesh"];
+                println!("peer id: {}", m["peer"].as_str().unwrap_or("?"));
+                for a in m["listening"].as_array().into_iter().flatten() {
+                    println!("listening on {}", a.as_str().unwrap_or("?"));
+                }
+                println!("connected peers: {}", m["connected"]);
+                println!("routing table: {} peers", m["routing_table"]);
+                println!(
+                    "served: {} blocks ({} bytes), {} busy refusals",
+                    m["served_blocks"], m["served_bytes"], m["served_busy"]
+                );
+                for b in m["bad_peers"].as_array().into_iter().flatten() {
+                    println!("bad peer: {}", b.as_str().unwrap_or("?"));
+                }
+                println!("cache: {} items, {} bytes", v["store"]["items"], v["store"]["bytes"]);
+            }
+            Ok(())
+        }
+        Command::Peers { json } => {
+            let dir = require_node(&cli.global)?;
+            let v = node_call(&dir, &control::Request::Peers)?;
+            if json {
+                println!("{v}");
+            } else {
+                for p in v.as_array().into_iter().flatten() {
+                    let addrs: Vec<&str> = p["addresses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_str())
+                        .collect();
+                    println!(
+                        "{}  {}  {}{}",
+                        p["peer"].as_str().unwrap_or("?"),
+                        p["agent"].as_str().unwrap_or("-"),
+                        addrs.join(","),
+                        if p["bad"] == true { "  (served bad data)" } else { "" }
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Verify => {
+            if let Some(dir) = node_client(&cli.global)? {
+                let v = node_call(&dir, &control::Request::Verify)?;
+                println!(
+                    "{} objects ok, {} dropped; {} manifests ok, {} dropped; {} orphan files \
+                     removed",
+                    v["objects_ok"],
+                    v["objects_dropped"].as_array().map_or(0, |a| a.len()),
+                    v["manifests_ok"],
+                    v["manifests_dropped"].as_array().map_or(0, |a| a.len()),
+                    v["orphans_removed"]
+                );
+                return Ok(());
+            }
             let store = open_store(&cli.global)?;
             let r = store.verify()?;
             println!(
@@ -237,6 +372,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Gc => {
+            if let Some(dir) = node_client(&cli.global)? {
+                let v = node_call(&dir, &control::Request::Gc)?;
+                println!(
+                    "evicted {} items ({} bytes); the cache now holds {} items ({} bytes)",
+                    v["items"], v["bytes"], v["now_items"], v["now_bytes"]
+                );
+                return Ok(());
+            }
             let store = open_store(&cli.global)?;
             let r = store.evict()?;
             let t = store.totals();
@@ -260,8 +403,34 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
         &args.inputs,
         args.root.as_deref(),
     )?;
-    let store = open_store(g)?;
-    let packed = pack::pack(&store, &root, &inputs).context("failed to isolate")?;
+    let packed = match node_client(g)? {
+        Some(dir) => {
+            let abs = |p: &Path| {
+                std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
+            };
+            let req = control::Request::Isolate {
+                root: abs(&root)?,
+                inputs: inputs.iter().map(|p| abs(p)).collect::<anyhow::Result<_>>()?,
+            };
+            let v = node_call(&dir, &req).context("failed to isolate")?;
+            let n = |k: &str| v[k].as_u64().unwrap_or(0);
+            pack::Packed {
+                id: v["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .parse()
+                    .context("node answered a bad id")?,
+                files: n("files"),
+                symlinks: n("symlinks"),
+                bytes: n("bytes"),
+                hashed: n("hashed"),
+            }
+        }
+        None => {
+            let store = open_store(g)?;
+            pack::pack(&store, &root, &inputs).context("failed to isolate")?
+        }
+    };
     let elapsed = t.elapsed();
     if args.json {
         let v = serde_json::json!({

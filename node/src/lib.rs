@@ -8,7 +8,10 @@
 pub use grid_protocol as proto;
 
 pub mod cli;
+pub mod control;
+pub mod daemon;
 pub mod identity;
 pub mod isolate_file;
+pub mod mesh;
 pub mod pack;
 pub mod store;

@@ -259,6 +259,60 @@ impl Drop for Session {
     }
 }
 
+/// A file being received from peers (see [`Store::incoming`]).
+///
+/// Dropping it unfinished removes the temporary file.
+#[derive(Debug)]
+pub struct Incoming {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    executable: bool,
+    blocks: Vec<ContentId>,
+    received: Vec<bool>,
+    missing_count: usize,
+}
+
+impl Incoming {
+    /// The file's blocks, in order.
+    pub fn blocks(&self) -> &[ContentId] {
+        &self.blocks
+    }
+
+    /// Whether every block has been written.
+    pub fn is_complete(&self) -> bool {
+        self.missing_count == 0
+    }
+
+    /// Writes block `index`, whose bytes the caller has verified against its id.
+    pub fn write_block(&mut self, index: usize, data: &[u8]) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        let expected = manifest::block_len(self.size, index as u64);
+        if index >= self.blocks.len() || data.len() != expected {
+            return Err(StoreError::Corrupt {
+                what: format!("block {index} of an incoming file"),
+                detail: format!("{} bytes where {expected} were expected", data.len()),
+            });
+        }
+        if self.received[index] {
+            return Ok(());
+        }
+        self.file
+            .write_all_at(data, index as u64 * BLOCK_SIZE as u64)
+            .map_err(io_err("write", &self.path))?;
+        self.received[index] = true;
+        self.missing_count -= 1;
+        Ok(())
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        // After a successful finish the file has been renamed away and this fails harmlessly.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 /// Source of the current time, in seconds since the Unix epoch.
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
@@ -567,6 +621,94 @@ impl Store {
         self.db.write(batch)?;
         *totals = new;
         Ok(())
+    }
+
+    /// Starts receiving a file from peers, block by block: space is reserved and a temporary file
+    /// of the final size is created. Blocks may arrive in any order; see [`Incoming`].
+    pub fn incoming(
+        &self,
+        size: u64,
+        executable: bool,
+        blocks: Vec<ContentId>,
+    ) -> Result<Incoming, StoreError> {
+        if content::block_count(size) != blocks.len() as u64 {
+            return Err(StoreError::Corrupt {
+                what: "incoming file".into(),
+                detail: format!("{} bytes cannot be {} blocks", size, blocks.len()),
+            });
+        }
+        self.reserve(size)?;
+        let path = self.tmp_path();
+        let file = File::create(&path).map_err(io_err("create", &path))?;
+        file.set_len(size).map_err(io_err("size", &path))?;
+        let received = vec![false; blocks.len()];
+        let missing_count = blocks.len();
+        Ok(Incoming { path, file, size, executable, blocks, received, missing_count })
+    }
+
+    /// Moves a completely received file into the store and indexes it.
+    pub fn finish_incoming(&self, inc: Incoming, session: &Session) -> Result<(), StoreError> {
+        if inc.missing_count != 0 {
+            return Err(StoreError::Corrupt {
+                what: format!("incoming file {}", inc.path.display()),
+                detail: format!(
+                    "{} of {} blocks not received",
+                    inc.missing_count,
+                    inc.blocks.len()
+                ),
+            });
+        }
+        self.commit_object(&inc.path, &inc.blocks, inc.size, inc.executable, session)
+    }
+
+    /// The blocks a tree needs that this store does not hold, by file: for each distinct missing
+    /// object, its size, executable bit and blocks. Empty when the whole tree is here.
+    pub fn missing_objects(
+        &self,
+        tree: &BTreeMap<String, Entry>,
+    ) -> Result<Vec<(u64, bool, Vec<ContentId>)>, StoreError> {
+        let mut seen = HashSet::new();
+        let files: Vec<(u64, bool, &Vec<ContentId>)> = tree
+            .values()
+            .filter_map(|e| match e {
+                Entry::File { size, executable, blocks } if !blocks.is_empty() => {
+                    Some((*size, *executable, blocks))
+                }
+                _ => None,
+            })
+            .filter(|(_, x, b)| seen.insert(object_key(b, *x)))
+            .collect();
+        let found = self.db.batched_multi_get_cf(
+            cf(&self.db, CF_OBJECTS),
+            files.iter().map(|(_, x, b)| object_key(b, *x)).collect::<Vec<_>>().iter(),
+            false,
+        );
+        let mut missing = Vec::new();
+        for ((size, x, blocks), meta) in files.into_iter().zip(found) {
+            if meta?.is_none() {
+                missing.push((size, x, blocks.clone()));
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Up to `limit` stored manifest ids, most recently used first.
+    pub fn recent_manifests(&self, limit: usize) -> Result<Vec<ContentId>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(cf(&self.db, CF_LRU), IteratorMode::End) {
+            let (k, _) = item?;
+            if out.len() >= limit {
+                break;
+            }
+            // lru keys are last_use (8 bytes) ‖ kind (1 byte) ‖ key.
+            if k.len() > 9
+                && k[8] == ITEM_MANIFEST
+                && let Ok(id) = ContentId::from_bytes(&k[9..])
+            {
+                out.push(id);
+            }
+        }
+        Ok(out)
     }
 
     /// Stores a manifest, after checking that every object it names is present.

@@ -1,0 +1,267 @@
+//! The two request-response wire protocols of the mesh.
+//!
+//! - `/grid/msg/1`: one protocol message ([`grid_protocol::message`] frame) per request; the
+//!   response is one status byte. Replies (a grant to a claim, an ack to a result) travel as
+//!   requests of their own, so either side may be behind NAT-free loopback or a real network
+//!   without the protocol depending on stream lifetimes.
+//! - `/grid/content/1`: a manifest or block by id; the response carries the bytes, or says the
+//!   peer does not have them or is too busy to serve now.
+//!
+//! Every frame is a big-endian `u32` length and then the bytes. The length is checked against
+//! the protocol's limit before anything is allocated.
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use grid_protocol::content::{BLOCK_SIZE, ContentId, MAX_ID_BYTES};
+use grid_protocol::manifest::MAX_MANIFEST_BYTES;
+use grid_protocol::message::MAX_MESSAGE_BYTES;
+use libp2p::StreamProtocol;
+
+/// The protocol-message protocol.
+pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/grid/msg/1");
+/// The content protocol.
+pub const CONTENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/grid/content/1");
+
+/// Largest content response: a whole manifest, or a block, plus the status byte.
+pub const MAX_CONTENT_RESPONSE: usize =
+    1 + if MAX_MANIFEST_BYTES > BLOCK_SIZE { MAX_MANIFEST_BYTES } else { BLOCK_SIZE };
+
+/// What a peer asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentRequest {
+    /// A manifest's canonical bytes.
+    Manifest(ContentId),
+    /// A block's bytes.
+    Block(ContentId),
+}
+
+impl ContentRequest {
+    /// The id asked for.
+    pub fn id(&self) -> ContentId {
+        match self {
+            ContentRequest::Manifest(id) | ContentRequest::Block(id) => *id,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let (tag, id) = match self {
+            ContentRequest::Manifest(id) => (1u8, id),
+            ContentRequest::Block(id) => (2u8, id),
+        };
+        let mut v = vec![tag];
+        v.extend_from_slice(&id.to_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> io::Result<Self> {
+        let (&tag, rest) = b.split_first().ok_or_else(|| invalid("empty content request"))?;
+        let id = ContentId::from_bytes(rest).map_err(|e| invalid(&format!("content id: {e}")))?;
+        match tag {
+            1 => Ok(ContentRequest::Manifest(id)),
+            2 => Ok(ContentRequest::Block(id)),
+            t => Err(invalid(&format!("unknown content request kind {t}"))),
+        }
+    }
+}
+
+/// A peer's answer to a [`ContentRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContentResponse {
+    /// The bytes (unverified until the asker checks them against the id).
+    Found(Vec<u8>),
+    /// The peer does not hold it.
+    NotFound,
+    /// The peer is serving as much as it allows; ask again later or elsewhere.
+    Busy,
+}
+
+impl ContentResponse {
+    fn encode(self) -> Vec<u8> {
+        match self {
+            ContentResponse::Found(mut b) => {
+                b.insert(0, 0);
+                b
+            }
+            ContentResponse::NotFound => vec![1],
+            ContentResponse::Busy => vec![2],
+        }
+    }
+
+    fn decode(mut b: Vec<u8>) -> io::Result<Self> {
+        match b.first() {
+            Some(0) => {
+                b.remove(0);
+                Ok(ContentResponse::Found(b))
+            }
+            Some(1) if b.len() == 1 => Ok(ContentResponse::NotFound),
+            Some(2) if b.len() == 1 => Ok(ContentResponse::Busy),
+            _ => Err(invalid("malformed content response")),
+        }
+    }
+}
+
+/// The status byte answering a protocol message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsgResponse {
+    /// Taken in (whatever the state machine then made of it).
+    Received,
+    /// Not a valid frame.
+    Refused,
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(invalid(&format!("frame of {len} bytes is over the {max}-byte limit")));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| invalid("frame over 4 GiB"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.flush().await
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// Codec of `/grid/msg/1`: the request is a protocol frame, decoded by the caller.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MsgCodec;
+
+impl libp2p::request_response::Codec for MsgCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = MsgResponse;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        read_frame(io, MAX_MESSAGE_BYTES).await
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<MsgResponse> {
+        match read_frame(io, 1).await?.as_slice() {
+            [0] => Ok(MsgResponse::Received),
+            [1] => Ok(MsgResponse::Refused),
+            _ => Err(invalid("malformed message response")),
+        }
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        write_frame(io, &req).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: MsgResponse,
+    ) -> io::Result<()> {
+        write_frame(io, &[(res == MsgResponse::Refused) as u8]).await
+    }
+}
+
+/// Codec of `/grid/content/1`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ContentCodec;
+
+impl libp2p::request_response::Codec for ContentCodec {
+    type Protocol = StreamProtocol;
+    type Request = ContentRequest;
+    type Response = ContentResponse;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<ContentRequest> {
+        ContentRequest::decode(&read_frame(io, 1 + MAX_ID_BYTES).await?)
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<ContentResponse> {
+        ContentResponse::decode(read_frame(io, MAX_CONTENT_RESPONSE).await?)
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: ContentRequest,
+    ) -> io::Result<()> {
+        write_frame(io, &req.encode()).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        res: ContentResponse,
+    ) -> io::Result<()> {
+        write_frame(io, &res.encode()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+    use grid_protocol::content::block_id;
+    use libp2p::request_response::Codec as _;
+
+    #[test]
+    fn content_frames_round_trip_and_refuse_garbage() {
+        let id = block_id(b"x");
+        for req in [ContentRequest::Manifest(id), ContentRequest::Block(id)] {
+            let mut buf = Vec::new();
+            block_on(ContentCodec.write_request(&CONTENT_PROTOCOL, &mut buf, req)).unwrap();
+            let got = block_on(ContentCodec.read_request(&CONTENT_PROTOCOL, &mut &buf[..]));
+            assert_eq!(got.unwrap(), req);
+        }
+        for res in [ContentResponse::Found(b"abc".to_vec()), ContentResponse::NotFound] {
+            let mut buf = Vec::new();
+            block_on(ContentCodec.write_response(&CONTENT_PROTOCOL, &mut buf, res.clone()))
+                .unwrap();
+            let got = block_on(ContentCodec.read_response(&CONTENT_PROTOCOL, &mut &buf[..]));
+            assert_eq!(got.unwrap(), res);
+        }
+        // A length over the limit is refused before any allocation.
+        let huge = (u32::MAX).to_be_bytes();
+        let err = block_on(ContentCodec.read_response(&CONTENT_PROTOCOL, &mut &huge[..]));
+        assert!(err.unwrap_err().to_string().contains("over the"));
+        let err = block_on(ContentCodec.read_request(&CONTENT_PROTOCOL, &mut &[0, 0, 0, 1, 9][..]));
+        assert!(err.is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let _ = block_on(ContentCodec.read_request(&CONTENT_PROTOCOL, &mut &bytes[..]));
+            let _ = block_on(ContentCodec.read_response(&CONTENT_PROTOCOL, &mut &bytes[..]));
+            let _ = block_on(MsgCodec.read_response(&MSG_PROTOCOL, &mut &bytes[..]));
+        }
+    }
+}

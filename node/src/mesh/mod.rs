@@ -1,0 +1,777 @@
+//! The libp2p mesh: one task owns the [`Swarm`]; everything else talks to it through a bounded
+//! command channel ([`MeshHandle`]).
+//!
+//! Behaviours:
+//! - gossipsub carries job announcements, with message ids derived from the content, so the
+//!   same announcement relayed by several peers is delivered once;
+//! - Kademlia (server mode) finds peers and the providers of manifests; identify feeds it the
+//!   addresses peers listen on; only manifest ids are provided, never blocks;
+//! - request-response `/grid/msg/1` carries claims, grants, heartbeats, results and acks, and
+//!   `/grid/content/1` carries manifests and blocks (see [`codec`]);
+//! - mDNS finds peers on the LAN unless turned off;
+//! - connection limits cap established and pending connections.
+//!
+//! Serving content reads the store on the blocking pool, at most
+//! [`MeshConfig::serve_concurrency`] requests at once; beyond that a peer is told `Busy`.
+
+pub mod codec;
+pub mod fetch;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use grid_protocol::content::ContentId;
+use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::kad::{self, store::MemoryStore};
+use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, mdns, noise, tcp, yamux};
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::store::Store;
+use codec::{
+    CONTENT_PROTOCOL, ContentCodec, ContentRequest, ContentResponse, MSG_PROTOCOL, MsgCodec,
+    MsgResponse,
+};
+
+/// Capacity of the command channel into the swarm task.
+pub const COMMAND_QUEUE: usize = 1024;
+/// Capacity of the channel of inbound protocol messages out of the swarm task.
+pub const INBOUND_QUEUE: usize = 1024;
+/// Most peers remembered as having served bad data.
+pub const MAX_BAD_PEERS: usize = 4096;
+/// Most providers a lookup returns.
+pub const MAX_PROVIDERS: usize = 32;
+/// Most manifests announced in the DHT at start (the most recently used ones).
+pub const MAX_PROVIDED_AT_START: usize = 1000;
+
+/// Test-only faults a node can be started with, to show the mesh copes with bad peers.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Flip a byte in every block served.
+    CorruptBlocks,
+}
+
+/// How the mesh runs.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Addresses to listen on (TCP and QUIC).
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Discover peers on the LAN with mDNS.
+    pub mdns: bool,
+    /// Most established connections.
+    pub max_connections: u32,
+    /// A connection with no stream open is closed after this long.
+    pub idle_timeout: Duration,
+    /// A request with no answer after this long fails.
+    pub request_timeout: Duration,
+    /// Most content requests served at once.
+    pub serve_concurrency: usize,
+    /// Most block requests in flight per fetch.
+    pub fetch_window: usize,
+    /// Most block requests in flight to one peer per fetch.
+    pub fetch_window_per_peer: usize,
+    /// Test only.
+    #[doc(hidden)]
+    pub fault: Option<Fault>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4701".parse().expect("valid address"),
+                "/ip4/0.0.0.0/udp/4701/quic-v1".parse().expect("valid address"),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(30),
+            serve_concurrency: 32,
+            fetch_window: 32,
+            fetch_window_per_peer: 16,
+            fault: None,
+        }
+    }
+}
+
+/// The combined behaviour.
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: connection_limits::Behaviour,
+    gossip: gossipsub::Behaviour,
+    kad: kad::Behaviour<MemoryStore>,
+    identify: identify::Behaviour,
+    msg: request_response::Behaviour<MsgCodec>,
+    content: request_response::Behaviour<ContentCodec>,
+    mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+/// A protocol message that arrived, by gossip or directly.
+#[derive(Debug)]
+pub struct Inbound {
+    /// The peer it came from (for gossip: the peer that published it).
+    pub from: PeerId,
+    /// The frame, to decode with [`grid_protocol::message::decode`].
+    pub frame: Vec<u8>,
+    /// Whether it came by gossip.
+    pub gossip: bool,
+}
+
+/// What the mesh knows about one connected peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerInfo {
+    /// Its peer id.
+    pub peer: String,
+    /// Addresses of its open connections.
+    pub addresses: Vec<String>,
+    /// Its agent string, once identified.
+    pub agent: Option<String>,
+    /// Whether it served bad data.
+    pub bad: bool,
+}
+
+/// The state of the mesh, for `grid status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeshStatus {
+    /// This node's peer id.
+    pub peer: String,
+    /// Addresses it listens on.
+    pub listening: Vec<String>,
+    /// Connected peers.
+    pub connected: usize,
+    /// Peers in the Kademlia routing table.
+    pub routing_table: usize,
+    /// Content requests served.
+    pub served_blocks: u64,
+    /// Bytes of content served.
+    pub served_bytes: u64,
+    /// Content requests answered `Busy`.
+    pub served_busy: u64,
+    /// Peers that served bad data.
+    pub bad_peers: Vec<String>,
+}
+
+enum Command {
+    Content {
+        peer: PeerId,
+        req: ContentRequest,
+        reply: oneshot::Sender<Result<ContentResponse, String>>,
+    },
+    FindProviders {
+        id: ContentId,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    Provide(ContentId),
+    Send {
+        peer: PeerId,
+        frame: Vec<u8>,
+    },
+    Publish {
+        topic: String,
+        frame: Vec<u8>,
+    },
+    Subscribe(String),
+    Connected(oneshot::Sender<Vec<PeerId>>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Status(oneshot::Sender<MeshStatus>),
+    ReportBad(PeerId),
+    Dial(Multiaddr),
+    Served {
+        channel: ResponseChannel<ContentResponse>,
+        response: ContentResponse,
+    },
+}
+
+/// A cheap, cloneable handle to the swarm task.
+#[derive(Clone)]
+pub struct MeshHandle {
+    tx: mpsc::Sender<Command>,
+    local: PeerId,
+    config: Arc<MeshConfig>,
+}
+
+impl std::fmt::Debug for MeshHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshHandle").field("local", &self.local).finish_non_exhaustive()
+    }
+}
+
+/// The swarm task has stopped.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the mesh has shut down")]
+pub struct Closed;
+
+impl MeshHandle {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local
+    }
+
+    /// The mesh configuration.
+    pub fn config(&self) -> &MeshConfig {
+        &self.config
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Closed> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| Closed)?;
+        rx.await.map_err(|_| Closed)
+    }
+
+    /// Asks `peer` for a manifest or block. The bytes are not verified.
+    pub async fn content(
+        &self,
+        peer: PeerId,
+        req: ContentRequest,
+    ) -> Result<Result<ContentResponse, String>, Closed> {
+        self.ask(|reply| Command::Content { peer, req, reply }).await
+    }
+
+    /// Looks up the providers of `id` in the DHT (at most [`MAX_PROVIDERS`]).
+    pub async fn find_providers(&self, id: ContentId) -> Result<Vec<PeerId>, Closed> {
+        self.ask(|reply| Command::FindProviders { id, reply }).await
+    }
+
+    /// Announces in the DHT that this node holds the tree `id`.
+    pub async fn provide(&self, id: ContentId) -> Result<(), Closed> {
+        self.tx.send(Command::Provide(id)).await.map_err(|_| Closed)
+    }
+
+    /// Sends a protocol frame to `peer`.
+    pub async fn send(&self, peer: PeerId, frame: Vec<u8>) -> Result<(), Closed> {
+        self.tx.send(Command::Send { peer, frame }).await.map_err(|_| Closed)
+    }
+
+    /// Publishes a protocol frame on a gossip topic.
+    pub async fn publish(&self, topic: String, frame: Vec<u8>) -> Result<(), Closed> {
+        self.tx.send(Command::Publish { topic, frame }).await.map_err(|_| Closed)
+    }
+
+    /// Subscribes to a gossip topic.
+    pub async fn subscribe(&self, topic: String) -> Result<(), Closed> {
+        self.tx.send(Command::Subscribe(topic)).await.map_err(|_| Closed)
+    }
+
+    /// Dials an address.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), Closed> {
+        self.tx.send(Command::Dial(addr)).await.map_err(|_| Closed)
+    }
+
+    /// Peers with an open connection.
+    pub async fn connected(&self) -> Result<Vec<PeerId>, Closed> {
+        self.ask(Command::Connected).await
+    }
+
+    /// Connected peers with what is known of them.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, Closed> {
+        self.ask(Command::Peers).await
+    }
+
+    /// The mesh's state.
+    pub async fn status(&self) -> Result<MeshStatus, Closed> {
+        self.ask(Command::Status).await
+    }
+
+    /// Records that `peer` served bad data: it is not asked for content again.
+    pub async fn report_bad(&self, peer: PeerId) -> Result<(), Closed> {
+        self.tx.send(Command::ReportBad(peer)).await.map_err(|_| Closed)
+    }
+}
+
+/// Why the mesh could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Building the transport or behaviour failed.
+    #[error("cannot set up libp2p: {0}")]
+    Setup(String),
+    /// Listening on an address failed.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Starts the swarm task. Returns the handle, the stream of inbound protocol messages, and the
+/// task (which ends when every handle is dropped).
+pub fn start(
+    keypair: Keypair,
+    store: Arc<Store>,
+    config: MeshConfig,
+) -> Result<(MeshHandle, mpsc::Receiver<Inbound>, tokio::task::JoinHandle<()>), StartError> {
+    let local = keypair.public().to_peer_id();
+    let mut swarm = build_swarm(keypair, &config)?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+    }
+    for addr in &config.bootstrap {
+        if let Err(e) = swarm.dial(addr.clone()) {
+            warn!(%addr, error = %e, "cannot dial bootstrap peer");
+        }
+        if let Some((peer, base)) = split_p2p(addr) {
+            swarm.behaviour_mut().kad.add_address(&peer, base);
+        }
+    }
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE);
+    let config = Arc::new(config);
+    let handle = MeshHandle { tx: tx.clone(), local, config: config.clone() };
+    let driver = Driver {
+        swarm,
+        store,
+        commands: rx,
+        self_tx: tx.downgrade(),
+        inbound: in_tx,
+        serving: Arc::new(Semaphore::new(config.serve_concurrency)),
+        config,
+        pending_content: HashMap::new(),
+        pending_providers: HashMap::new(),
+        bad: BTreeMap::new(),
+        agents: HashMap::new(),
+        addresses: HashMap::new(),
+        served_blocks: 0,
+        served_bytes: 0,
+        served_busy: 0,
+        listening: Vec::new(),
+        bootstrapped: false,
+    };
+    let task = tokio::spawn(driver.run());
+    Ok((handle, in_rx, task))
+}
+
+/// Splits `/…/p2p/<id>` into the peer id and the address without it.
+pub fn split_p2p(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut base = addr.clone();
+    match base.pop() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) => Some((peer, base)),
+        _ => None,
+    }
+}
+
+fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>, StartError> {
+    let setup = |e: &dyn std::fmt::Display| StartError::Setup(e.to_string());
+    let local = keypair.public().to_peer_id();
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(config.max_connections))
+        .with_max_established_per_peer(Some(4))
+        .with_max_pending_incoming(Some(64))
+        .with_max_pending_outgoing(Some(64));
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        .validation_mode(ValidationMode::Strict)
+        .max_transmit_size(grid_protocol::message::MAX_ANNOUNCEMENT_BYTES + 4096)
+        .heartbeat_interval(Duration::from_secs(1))
+        .message_id_fn(|m: &gossipsub::Message| {
+            use sha1::Digest as _;
+            gossipsub::MessageId::from(sha1::Sha1::digest(&m.data).to_vec())
+        })
+        .build()
+        .map_err(|e| setup(&e))?;
+    let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
+    kad_config.set_query_timeout(Duration::from_secs(10));
+    // Bootstrapping is driven here: at the first connection, then every five minutes.
+    kad_config.set_periodic_bootstrap_interval(None);
+    let request_config = request_response::Config::default()
+        .with_request_timeout(config.request_timeout)
+        .with_max_concurrent_streams(256);
+    let want_mdns = config.mdns;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_quic()
+        .with_behaviour(|key| {
+            let mut kad = kad::Behaviour::with_config(local, MemoryStore::new(local), kad_config);
+            kad.set_mode(Some(kad::Mode::Server));
+            let mdns = if want_mdns {
+                Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
+            } else {
+                None
+            };
+            Ok(Behaviour {
+                limits: connection_limits::Behaviour::new(limits),
+                gossip: gossipsub::Behaviour::new(
+                    MessageAuthenticity::Signed(key.clone()),
+                    gossip_config,
+                )?,
+                kad,
+                identify: identify::Behaviour::new(
+                    identify::Config::new("/grid/1.0.0".into(), key.public())
+                        .with_agent_version(format!("grid-node/{}", env!("CARGO_PKG_VERSION"))),
+                ),
+                msg: request_response::Behaviour::with_codec(
+                    MsgCodec,
+                    [(MSG_PROTOCOL, ProtocolSupport::Full)],
+                    request_config.clone(),
+                ),
+                content: request_response::Behaviour::with_codec(
+                    ContentCodec,
+                    [(CONTENT_PROTOCOL, ProtocolSupport::Full)],
+                    request_config,
+                ),
+                mdns: mdns.into(),
+            })
+        })
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_timeout)
+                .with_max_negotiating_inbound_streams(128)
+        })
+        .build();
+    Ok(swarm)
+}
+
+struct Driver {
+    swarm: Swarm<Behaviour>,
+    store: Arc<Store>,
+    commands: mpsc::Receiver<Command>,
+    self_tx: mpsc::WeakSender<Command>,
+    inbound: mpsc::Sender<Inbound>,
+    serving: Arc<Semaphore>,
+    config: Arc<MeshConfig>,
+    pending_content: HashMap<OutboundRequestId, oneshot::Sender<Result<ContentResponse, String>>>,
+    pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    bad: BTreeMap<PeerId, u64>,
+    agents: HashMap<PeerId, String>,
+    addresses: HashMap<PeerId, Vec<Multiaddr>>,
+    served_blocks: u64,
+    served_bytes: u64,
+    served_busy: u64,
+    listening: Vec<Multiaddr>,
+    bootstrapped: bool,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        match self.store.recent_manifests(MAX_PROVIDED_AT_START) {
+            Ok(ids) => {
+                for id in ids {
+                    self.provide(id);
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list stored manifests to provide"),
+        }
+        let mut bootstrap = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm(event),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                _ = bootstrap.tick() => {
+                    if self.bootstrapped {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+            }
+        }
+        debug!("mesh task ends");
+    }
+
+    fn provide(&mut self, id: ContentId) {
+        let key = kad::RecordKey::new(&id.to_bytes());
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+            warn!(%id, error = %e, "cannot provide");
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Content { peer, req, reply } => {
+                if self.bad.contains_key(&peer) {
+                    let _ = reply.send(Err(format!("peer {peer} served bad data before")));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().content.send_request(&peer, req);
+                self.pending_content.insert(id, reply);
+            }
+            Command::FindProviders { id, reply } => {
+                let key = kad::RecordKey::new(&id.to_bytes());
+                let q = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.pending_providers.insert(q, (HashSet::new(), reply));
+            }
+            Command::Provide(id) => self.provide(id),
+            Command::Send { peer, frame } => {
+                self.swarm.behaviour_mut().msg.send_request(&peer, frame);
+            }
+            Command::Publish { topic, frame } => {
+                let topic = IdentTopic::new(topic);
+                match self.swarm.behaviour_mut().gossip.publish(topic.clone(), frame) {
+                    Ok(_) => {}
+                    Err(gossipsub::PublishError::Duplicate) => {}
+                    Err(e) => debug!(topic = %topic, error = %e, "publish"),
+                }
+            }
+            Command::Subscribe(topic) => {
+                if let Err(e) =
+                    self.swarm.behaviour_mut().gossip.subscribe(&IdentTopic::new(&topic))
+                {
+                    warn!(%topic, error = %e, "cannot subscribe");
+                }
+            }
+            Command::Connected(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.peer_infos());
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::ReportBad(peer) => self.mark_bad(peer),
+            Command::Dial(addr) => {
+                if let Err(e) = self.swarm.dial(addr.clone()) {
+                    warn!(%addr, error = %e, "cannot dial");
+                }
+            }
+            Command::Served { channel, response } => {
+                if let ContentResponse::Found(b) = &response {
+                    self.served_blocks += 1;
+                    self.served_bytes += b.len() as u64;
+                }
+                let _ = self.swarm.behaviour_mut().content.send_response(channel, response);
+            }
+        }
+    }
+
+    fn mark_bad(&mut self, peer: PeerId) {
+        if !self.bad.contains_key(&peer) {
+            warn!(%peer, "peer served corrupt content; no longer asking it for content");
+        }
+        if self.bad.len() >= MAX_BAD_PEERS
+            && !self.bad.contains_key(&peer)
+            && let Some(first) = self.bad.keys().next().copied()
+        {
+            self.bad.remove(&first);
+        }
+        *self.bad.entry(peer).or_default() += 1;
+    }
+
+    fn peer_infos(&self) -> Vec<PeerInfo> {
+        self.swarm
+            .connected_peers()
+            .map(|p| PeerInfo {
+                peer: p.to_string(),
+                addresses: self
+                    .addresses
+                    .get(p)
+                    .map(|a| a.iter().map(|a| a.to_string()).collect())
+                    .unwrap_or_default(),
+                agent: self.agents.get(p).cloned(),
+                bad: self.bad.contains_key(p),
+            })
+            .collect()
+    }
+
+    fn status(&mut self) -> MeshStatus {
+        let routing_table =
+            self.swarm.behaviour_mut().kad.kbuckets().map(|b| b.num_entries()).sum();
+        MeshStatus {
+            peer: self.swarm.local_peer_id().to_string(),
+            listening: self.listening.iter().map(|a| a.to_string()).collect(),
+            connected: self.swarm.connected_peers().count(),
+            routing_table,
+            served_blocks: self.served_blocks,
+            served_bytes: self.served_bytes,
+            served_busy: self.served_busy,
+            bad_peers: self.bad.keys().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let full = address.clone().with_p2p(*self.swarm.local_peer_id()).unwrap_or(address);
+                info!(address = %full, "listening");
+                self.listening.push(full);
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                let address = endpoint.get_remote_address().clone();
+                debug!(peer = %peer_id, %address, "connected");
+                let known = self.addresses.entry(peer_id).or_default();
+                if known.len() < 4 {
+                    known.push(address);
+                }
+                if !self.bootstrapped {
+                    self.bootstrapped = true;
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, endpoint, .. } => {
+                debug!(peer = %peer_id, ?cause, num_established, "connection closed");
+                if num_established == 0 {
+                    self.addresses.remove(&peer_id);
+                    self.agents.remove(&peer_id);
+                } else if let Some(known) = self.addresses.get_mut(&peer_id) {
+                    known.retain(|a| a != endpoint.get_remote_address());
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(b) => self.on_behaviour(b),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let speaks_kad = info.protocols.contains(&kad::PROTOCOL_NAME);
+                if speaks_kad {
+                    for addr in info.listen_addrs.into_iter().take(16) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    }
+                }
+                if self.swarm.is_connected(&peer_id) {
+                    self.agents.insert(peer_id, info.agent_version);
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                for (peer, addr) in list {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            BehaviourEvent::Gossip(gossipsub::Event::Message { message, .. }) => {
+                if let Some(from) = message.source {
+                    self.deliver(Inbound { from, frame: message.data, gossip: true });
+                }
+            }
+            BehaviourEvent::Msg(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        self.deliver(Inbound { from: peer, frame: request, gossip: false });
+                        let _ = self
+                            .swarm
+                            .behaviour_mut()
+                            .msg
+                            .send_response(channel, MsgResponse::Received);
+                    }
+                    request_response::Message::Response { .. } => {}
+                }
+            }
+            BehaviourEvent::Msg(request_response::Event::OutboundFailure {
+                peer, error, ..
+            }) => {
+                debug!(%peer, %error, "message not delivered");
+            }
+            BehaviourEvent::Content(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        self.serve(peer, request, channel)
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(reply) = self.pending_content.remove(&request_id) {
+                            let _ = reply.send(Ok(response));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Content(request_response::Event::OutboundFailure {
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_content.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(res),
+                step,
+                ..
+            }) => {
+                if let Some((found, _)) = self.pending_providers.get_mut(&id)
+                    && let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = res
+                {
+                    found.extend(providers.into_iter().take(MAX_PROVIDERS));
+                }
+                let done = step.last
+                    || self
+                        .pending_providers
+                        .get(&id)
+                        .is_some_and(|(f, _)| f.len() >= MAX_PROVIDERS);
+                if done && let Some((found, reply)) = self.pending_providers.remove(&id) {
+                    if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                    let mut found: Vec<PeerId> = found.into_iter().collect();
+                    found.sort();
+                    found.truncate(MAX_PROVIDERS);
+                    let _ = reply.send(found);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn deliver(&mut self, msg: Inbound) {
+        if let Err(mpsc::error::TrySendError::Full(m)) = self.inbound.try_send(msg) {
+            warn!(from = %m.from, "inbound message queue full; message dropped");
+        }
+    }
+
+    fn serve(
+        &mut self,
+        peer: PeerId,
+        req: ContentRequest,
+        channel: ResponseChannel<ContentResponse>,
+    ) {
+        let Ok(permit) = self.serving.clone().try_acquire_owned() else {
+            self.served_busy += 1;
+            let _ =
+                self.swarm.behaviour_mut().content.send_response(channel, ContentResponse::Busy);
+            return;
+        };
+        let store = self.store.clone();
+        let back = self.self_tx.clone();
+        let fault = self.config.fault;
+        tokio::task::spawn_blocking(move || {
+            let found = match req {
+                ContentRequest::Manifest(id) => store.manifest_bytes(&id),
+                ContentRequest::Block(id) => store.read_block(&id),
+            };
+            let response = match found {
+                Ok(Some(mut b)) => {
+                    if fault == Some(Fault::CorruptBlocks)
+                        && matches!(req, ContentRequest::Block(_))
+                        && let Some(x) = b.first_mut()
+                    {
+                        *x ^= 0x55;
+                    }
+                    ContentResponse::Found(b)
+                }
+                Ok(None) => ContentResponse::NotFound,
+                Err(e) => {
+                    warn!(%peer, id = %req.id(), error = %e, "cannot serve content");
+                    ContentResponse::NotFound
+                }
+            };
+            if let Some(tx) = back.upgrade() {
+                // At most `serve_concurrency` of these are in flight, so this waits only while
+                // the swarm task is busy.
+                let _ = tx.blocking_send(Command::Served { channel, response });
+            }
+            drop(permit);
+        });
+    }
+}
