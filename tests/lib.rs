@@ -150,3 +150,133 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Node)>) {
         }
     }
 }
+
+/// A running `grid-node` process with its own data directory, stopped on drop.
+#[derive(Debug)]
+pub struct NodeProc {
+    /// The process.
+    pub child: std::process::Child,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its peer id.
+    pub peer_id: String,
+    /// Its listen addresses (with `/p2p/<id>`).
+    pub addrs: Vec<String>,
+}
+
+impl NodeProc {
+    /// Starts `grid-node` on loopback (TCP, port chosen by the system, mDNS off) with extra
+    /// arguments, and waits until it says it is ready.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> NodeProc {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("grid-node"))
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(extra)
+            .env_remove("GRID_DATA_DIR")
+            .env_remove("GRID_BOOTSTRAP")
+            .env("RUST_LOG", std::env::var("GRID_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start grid-node");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let (mut peer_id, mut addrs) = (String::new(), Vec::new());
+        for line in lines.by_ref() {
+            let line = line.expect("read grid-node stdout");
+            if let Some(p) = line.strip_prefix("peer id: ") {
+                peer_id = p.to_string();
+            } else if let Some(a) = line.strip_prefix("listening on ") {
+                addrs.push(a.to_string());
+            } else if line == "ready" {
+                break;
+            }
+        }
+        assert!(!peer_id.is_empty() && !addrs.is_empty(), "grid-node did not start");
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        NodeProc { child, data_dir: data_dir.to_path_buf(), peer_id, addrs }
+    }
+
+    /// A `grid` command talking to this node.
+    pub fn grid<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut c = Command::new(bin("grid"));
+        c.arg("--data-dir").arg(&self.data_dir).args(args);
+        c.env_remove("GRID_DATA_DIR");
+        c
+    }
+
+    /// Runs `grid` against this node, requires success, returns stdout.
+    pub fn ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.grid(args).output().expect("run grid");
+        assert!(
+            out.status.success(),
+            "grid failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    /// Runs `grid ... --json` against this node and parses the answer.
+    pub fn json<I, S>(&self, args: I) -> serde_json::Value
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let out = self.ok(args);
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+
+    /// Waits until this node has at least `n` connected peers.
+    pub fn wait_connected(&self, n: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let v = self.json(["status", "--json"]);
+            if v["mesh"]["connected"].as_u64().unwrap_or(0) >= n {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "never reached {n} peers: {v}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the node with SIGTERM and waits for it; returns its exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait grid-node") {
+                return s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                return self.child.wait().expect("wait grid-node");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+        }
+    }
+}

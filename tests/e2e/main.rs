@@ -1,3 +1,4 @@
 //! End-to-end tests: grid's real binaries on real files and sockets.
 
 mod content;
+mod mesh;

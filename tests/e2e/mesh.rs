@@ -1,0 +1,171 @@
+//! The mesh and the content swarm: real `grid-node` processes on loopback.
+
+use std::fs;
+
+use grid_tests::{NodeProc, Scratch, snapshot};
+
+/// A tree of several multi-block files and small ones, so blocks can come from many peers.
+fn multi_block_tree(s: &Scratch) -> std::path::PathBuf {
+    for f in 0..3u32 {
+        let data: Vec<u8> = (0..(1u32 << 20) * 3 + 777 * f)
+            .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(f) >> 11) as u8)
+            .collect();
+        s.write(&format!("tree/blob{f}.bin"), &data, 0o644);
+    }
+    s.write("tree/run.sh", b"#!/bin/sh\necho ok\n", 0o755);
+    s.write("tree/empty", b"", 0o644);
+    s.write("tree/sub/dir/note.txt", b"note\n", 0o600);
+    std::os::unix::fs::symlink("../blob0.bin", s.path("tree/sub/link")).unwrap();
+    s.path("tree")
+}
+
+fn isolate(node: &NodeProc, tree: &std::path::Path) -> String {
+    let out = node.ok([
+        "isolate".as_ref(),
+        "--root".as_ref(),
+        tree.as_os_str(),
+        "--input".as_ref(),
+        tree.as_os_str(),
+    ]);
+    out.trim().to_string()
+}
+
+fn fetch(node: &NodeProc, id: &str, out: &std::path::Path) -> serde_json::Value {
+    node.json(["fetch".as_ref(), id.as_ref(), "--out".as_ref(), out.as_os_str(), "--json".as_ref()])
+}
+
+fn peers_that_served(report: &serde_json::Value) -> Vec<String> {
+    report["bytes_by_peer"].as_object().expect("bytes_by_peer").keys().cloned().collect()
+}
+
+#[test]
+fn a_tree_is_fetched_from_several_providers_and_then_provided() {
+    let s = Scratch::new();
+    let tree = multi_block_tree(&s);
+    let a = NodeProc::start(&s.path("a"), &[]);
+    let boot = a.addrs[0].clone();
+    let b = NodeProc::start(&s.path("b"), &["--bootstrap", &boot]);
+    let c = NodeProc::start(&s.path("c"), &["--bootstrap", &boot]);
+    let d = NodeProc::start(&s.path("d"), &["--bootstrap", &boot]);
+    d.wait_connected(1);
+    let id = isolate(&a, &tree);
+
+    // B and C fetch it from A; each then provides it too.
+    for (n, name) in [(&b, "out-b"), (&c, "out-c")] {
+        let r = fetch(n, &id, &s.path(name));
+        assert_eq!(r["already_local"], false, "{r}");
+        assert_eq!(snapshot(&s.path(name)), snapshot(&tree));
+    }
+    // D finds three providers and spreads its block requests over them.
+    let r = fetch(&d, &id, &s.path("out-d"));
+    assert_eq!(snapshot(&s.path("out-d")), snapshot(&tree));
+    let served = peers_that_served(&r);
+    assert!(served.len() >= 2, "blocks came from only {served:?}: {r}");
+    assert!(r["bad_peers"].as_array().unwrap().is_empty(), "{r}");
+
+    // Fetching what the cache already holds costs no transfer.
+    let again = fetch(&d, &id, &s.path("out-d2"));
+    assert_eq!(again["already_local"], true, "{again}");
+    assert_eq!(again["bytes"], 0, "{again}");
+    assert_eq!(snapshot(&s.path("out-d2")), snapshot(&tree));
+}
+
+#[test]
+fn a_provider_serving_corrupt_blocks_is_reported_and_the_fetch_completes() {
+    let s = Scratch::new();
+    let tree = multi_block_tree(&s);
+    let a = NodeProc::start(&s.path("honest-a"), &[]);
+    let boot = a.addrs[0].clone();
+    let b = NodeProc::start(&s.path("honest-b"), &["--bootstrap", &boot]);
+    let evil =
+        NodeProc::start(&s.path("evil"), &["--bootstrap", &boot, "--fault", "corrupt-blocks"]);
+    let d = NodeProc::start(&s.path("d"), &["--bootstrap", &boot]);
+    d.wait_connected(3);
+    // All three hold the same tree; the evil one flips a byte in every block it serves.
+    let id = isolate(&a, &tree);
+    assert_eq!(isolate(&b, &tree), id);
+    assert_eq!(isolate(&evil, &tree), id);
+
+    let r = fetch(&d, &id, &s.path("out"));
+    assert_eq!(snapshot(&s.path("out")), snapshot(&tree), "the tree must be byte-identical");
+    let bad: Vec<&str> =
+        r["bad_peers"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
+    assert_eq!(bad, [evil.peer_id.as_str()], "{r}");
+    assert!(
+        !peers_that_served(&r).contains(&evil.peer_id),
+        "no byte from the bad peer is kept: {r}"
+    );
+    // The node reports the bad peer in its status and in its peer list.
+    let st = d.json(["status", "--json"]);
+    assert!(
+        st["mesh"]["bad_peers"].as_array().unwrap().iter().any(|p| p == evil.peer_id.as_str()),
+        "{st}"
+    );
+    let peers = d.json(["peers", "--json"]);
+    let e = peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer"] == evil.peer_id.as_str())
+        .expect("evil listed");
+    assert_eq!(e["bad"], true);
+    // The data on disk verifies.
+    let v = d.ok(["verify"]);
+    assert!(v.contains("0 dropped; ") && v.contains("manifests ok, 0 dropped"), "{v}");
+}
+
+#[test]
+fn a_late_node_joins_through_one_bootstrap_address_and_finds_content() {
+    let s = Scratch::new();
+    let tree = multi_block_tree(&s);
+    let a = NodeProc::start(&s.path("a"), &[]);
+    let b = NodeProc::start(&s.path("b"), &["--bootstrap", &a.addrs[0]]);
+    let c = NodeProc::start(&s.path("c"), &["--bootstrap", &a.addrs[0]]);
+    c.wait_connected(1);
+    let id = isolate(&c, &tree);
+    // The late node knows only B, which does not hold the tree; the DHT leads it to C.
+    let late = NodeProc::start(&s.path("late"), &["--bootstrap", &b.addrs[0]]);
+    late.wait_connected(1);
+    let r = fetch(&late, &id, &s.path("out"));
+    assert_eq!(snapshot(&s.path("out")), snapshot(&tree));
+    assert_eq!(peers_that_served(&r), vec![c.peer_id.clone()], "{r}");
+}
+
+#[test]
+fn a_restarted_node_keeps_its_peer_id_and_its_cache() {
+    let s = Scratch::new();
+    let tree = multi_block_tree(&s);
+    let a = NodeProc::start(&s.path("a"), &[]);
+    let id = isolate(&a, &tree);
+    let (peer, dir) = (a.peer_id.clone(), a.data_dir.clone());
+    let status = a.stop();
+    assert!(status.success(), "SIGTERM must stop grid-node cleanly: {status}");
+    assert!(!dir.join("node.sock").exists(), "the control socket is removed at exit");
+
+    let a = NodeProc::start(&dir, &[]);
+    assert_eq!(a.peer_id, peer, "the peer id survives a restart");
+    let st = a.json(["status", "--json"]);
+    assert!(st["store"]["items"].as_u64().unwrap() > 0, "{st}");
+    let local = fetch(&a, &id, &s.path("out-a"));
+    assert_eq!(local["already_local"], true, "{local}");
+    // After the restart it provides its trees again: a new node finds them.
+    let b = NodeProc::start(&s.path("b"), &["--bootstrap", &a.addrs[0]]);
+    let r = fetch(&b, &id, &s.path("out-b"));
+    assert_eq!(snapshot(&s.path("out-b")), snapshot(&tree));
+    assert_eq!(peers_that_served(&r), [peer], "{r}");
+    assert!(fs::read_dir(s.path("out-b")).unwrap().count() > 0);
+}
+
+#[test]
+fn a_second_node_on_the_same_data_directory_is_refused() {
+    let s = Scratch::new();
+    let _a = NodeProc::start(&s.path("a"), &[]);
+    let out = std::process::Command::new(grid_tests::bin("grid-node"))
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--data-dir"])
+        .arg(s.path("a"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already running"), "{err}");
+}
