@@ -1,7 +1,7 @@
 //! grid's node runtime: the local content store, packing local files into trees, and the CLI.
 //!
 //! The protocol logic lives in `grid-protocol` (imported here as `proto`); this crate owns the
-//! IO: files, RocksDB, processes and, as it lands, the libp2p mesh.
+//! IO: files, RocksDB, processes (the executor) and, as it lands, the libp2p mesh.
 
 #![deny(missing_docs)]
 
@@ -10,6 +10,7 @@ pub use grid_protocol as proto;
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod exec;
 pub mod identity;
 pub mod isolate_file;
 pub mod mesh;
