@@ -98,8 +98,37 @@ enum Command {
     },
     /// Re-hash everything in the content store; drop what is damaged.
     Verify,
-    /// Show the running grid-node's state: peer id, addresses, peers, cache.
+    /// Run a command as a sharded job across the mesh and gather the results.
+    ///
+    /// Exit codes: 0 every shard passed; 1 a shard failed; 2 bad usage; 3 a shard could not be
+    /// run (no matching node, workers died, expired, disputed, canceled) or grid failed; 4 a
+    /// shard timed out.
+    Submit(Box<crate::submit::SubmitArgs>),
+    /// Re-attach to a job this node submitted and gather its results (after a closed terminal,
+    /// a laptop sleep, or a restart of the node).
+    Collect {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        results: crate::submit::ResultArgs,
+    },
+    /// Cancel a job this node submitted.
+    Cancel {
+        /// The job id.
+        job: String,
+    },
+    /// Print the log of one shard of a job.
+    Logs {
+        /// The job id.
+        job: String,
+        /// The shard.
+        shard: u32,
+    },
+    /// Show the running grid-node's state (peer id, addresses, peers, cache, jobs), or one
+    /// job's.
     Status {
+        /// A job id: show that job.
+        job: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -134,7 +163,8 @@ struct IsolateArgs {
     json: bool,
 }
 
-fn parse_var(s: &str) -> Result<(String, String), String> {
+/// Parses NAME=VALUE.
+pub fn parse_var(s: &str) -> Result<(String, String), String> {
     let (k, v) = s.split_once('=').ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))?;
     if k.is_empty() {
         return Err(format!("empty variable name in {s:?}"));
@@ -227,32 +257,101 @@ fn require_node(g: &GlobalArgs) -> anyhow::Result<PathBuf> {
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::from(EXIT_OK),
+    let dir = || data_dir(cli.global.data_dir.as_deref());
+    let jobs = match cli.command {
+        Command::Submit(args) => dir().and_then(|d| crate::submit::submit(&d, *args)),
+        Command::Collect { job, results } => {
+            dir().and_then(|d| crate::submit::collect(&d, &job, &results))
+        }
+        command => {
+            return match run(&cli.global, command) {
+                Ok(()) => ExitCode::from(EXIT_OK),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            };
+        }
+    };
+    match jobs {
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(crate::submit::EXIT_INFRA)
         }
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Isolate(args) => isolate(&cli.global, args),
+fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Submit(_) | Command::Collect { .. } => {
+            bail!("internal error: job commands are dispatched in main")
+        }
+        Command::Cancel { job } => {
+            let dir = require_node(global)?;
+            node_call(&dir, &control::Request::Cancel { job: job.clone() })?;
+            eprintln!("canceled {job}");
+            Ok(())
+        }
+        Command::Logs { job, shard } => {
+            let dir = require_node(global)?;
+            let v =
+                node_call(&dir, &control::Request::Job { job, submission: None, watch: false })?;
+            let s = v["shards"]
+                .as_array()
+                .and_then(|a| a.get(shard as usize))
+                .with_context(|| format!("the job has no shard {shard}"))?;
+            let log = s["log"].as_str().with_context(|| {
+                format!(
+                    "shard {shard} has no log yet (state {})",
+                    s["state"].as_str().unwrap_or("?")
+                )
+            })?;
+            let t = node_call(&dir, &control::Request::Cat { id: log.to_string() })?;
+            print!("{}", t["text"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Status { job: Some(job), json } => {
+            let dir = require_node(global)?;
+            let v =
+                node_call(&dir, &control::Request::Job { job, submission: None, watch: false })?;
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "job {} ({})",
+                    v["job"].as_str().unwrap_or("?"),
+                    v["name"].as_str().unwrap_or("")
+                );
+                for s in v["shards"].as_array().into_iter().flatten() {
+                    println!(
+                        "  shard {:>4}  {:<12} exit {}",
+                        s["shard"],
+                        s["state"].as_str().unwrap_or("?"),
+                        s["exit_code"].as_i64().map_or("-".into(), |c| c.to_string())
+                    );
+                }
+                if let Some(r) = v["pending_reason"].as_str() {
+                    println!("pending: {r}");
+                }
+            }
+            Ok(())
+        }
+        Command::Isolate(args) => isolate(global, args),
         Command::Show { id } => {
-            if let Some(dir) = node_client(&cli.global)? {
+            if let Some(dir) = node_client(global)? {
                 let v = node_call(&dir, &control::Request::Show { id: id.to_string() })?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
-            let store = open_store(&cli.global)?;
+            let store = open_store(global)?;
             let m = store.manifest(&id)?;
             println!("{}", serde_json::to_string_pretty(&m.to_json())?);
             Ok(())
         }
         Command::Fetch { id, out, json } => {
             let t = Instant::now();
-            if let Some(dir) = node_client(&cli.global)? {
+            if let Some(dir) = node_client(global)? {
                 let out = std::path::absolute(&out)
                     .with_context(|| format!("bad output path {}", out.display()))?;
                 let req = control::Request::Fetch { id: id.to_string(), out: Some(out.clone()) };
@@ -275,7 +374,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let store = open_store(&cli.global)?;
+            let store = open_store(global)?;
             let s = store.materialize(&id, &out).context("failed to fetch")?;
             eprintln!(
                 "fetched {} files ({} bytes; {} hardlinked, {} copied, {} empty) and {} symlinks \
@@ -291,8 +390,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Status { json } => {
-            let dir = require_node(&cli.global)?;
+        Command::Status { job: None, json } => {
+            let dir = require_node(global)?;
             let v = node_call(&dir, &control::Request::Status)?;
             if json {
                 println!("{v}");
@@ -316,7 +415,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Peers { json } => {
-            let dir = require_node(&cli.global)?;
+            let dir = require_node(global)?;
             let v = node_call(&dir, &control::Request::Peers)?;
             if json {
                 println!("{v}");
@@ -340,7 +439,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Verify => {
-            if let Some(dir) = node_client(&cli.global)? {
+            if let Some(dir) = node_client(global)? {
                 let v = node_call(&dir, &control::Request::Verify)?;
                 println!(
                     "{} objects ok, {} dropped; {} manifests ok, {} dropped; {} orphan files \
@@ -353,7 +452,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let store = open_store(&cli.global)?;
+            let store = open_store(global)?;
             let r = store.verify()?;
             println!(
                 "{} objects ok, {} dropped; {} manifests ok, {} dropped; {} orphan files removed",
@@ -372,7 +471,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Gc => {
-            if let Some(dir) = node_client(&cli.global)? {
+            if let Some(dir) = node_client(global)? {
                 let v = node_call(&dir, &control::Request::Gc)?;
                 println!(
                     "evicted {} items ({} bytes); the cache now holds {} items ({} bytes)",
@@ -380,7 +479,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
                 return Ok(());
             }
-            let store = open_store(&cli.global)?;
+            let store = open_store(global)?;
             let r = store.evict()?;
             let t = store.totals();
             println!(

@@ -54,6 +54,34 @@ pub enum Request {
     },
     /// Re-hash the store.
     Verify,
+    /// Submit a job; with `watch`, stream its progress until it ends.
+    Submit {
+        /// The request.
+        request: Box<grid_protocol::job::JobRequest>,
+        /// Stream progress events, then answer the final state.
+        watch: bool,
+    },
+    /// A job's state; with `watch`, stream progress until it ends.
+    Job {
+        /// The job id.
+        job: String,
+        /// The submission (default: the newest).
+        submission: Option<u64>,
+        /// Stream progress events, then answer the final state.
+        watch: bool,
+    },
+    /// Every job this node submitted.
+    Jobs,
+    /// Cancel a job.
+    Cancel {
+        /// The job id.
+        job: String,
+    },
+    /// Read a stored blob (a log) by content id: the bytes of the single file of a tree.
+    Cat {
+        /// The content id of a one-file tree.
+        id: String,
+    },
     /// Evict to the limits now.
     Gc,
 }

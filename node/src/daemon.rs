@@ -12,13 +12,20 @@ use libp2p::identity::Keypair;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, broadcast};
 use tracing::{debug, info, warn};
 
 use crate::control::{self, MAX_CLIENTS, MAX_LINE_BYTES, Request};
+use crate::engine::{Engine, EngineCommand, EngineConfig, Runner};
+use crate::exec::{ExecConfig, Executor, SandboxStatus};
+use crate::jobdb::JobDb;
 use crate::mesh::fetch::{FetchReport, fetch_tree};
 use crate::mesh::{self, MeshConfig, MeshHandle};
 use crate::store::{Limits, Store};
+use grid_protocol::dims::Dimensions;
+use grid_protocol::output::{ExecOutcome, Execution};
+use grid_protocol::record::RunState;
+use tokio::sync::mpsc;
 
 /// How the daemon runs.
 #[derive(Debug, Clone)]
@@ -29,15 +36,128 @@ pub struct NodeOptions {
     pub mesh: MeshConfig,
     /// Cache limits.
     pub limits: Limits,
+    /// Dimensions, trust and slots.
+    pub engine: EngineConfig,
+    /// How shards run.
+    pub exec: ExecConfig,
+}
+
+/// The dimensions this machine has without being told: os, cpu, cores, memory.
+pub fn detect_dimensions() -> Dimensions {
+    let mut d = Dimensions::new().with("os", "Linux");
+    if let Ok(release) = std::fs::read_to_string("/etc/os-release") {
+        let field = |k: &str| {
+            release.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim_matches('"').to_string())
+        };
+        if let (Some(id), Some(version)) = (field("ID="), field("VERSION_ID=")) {
+            let mut name = id.clone();
+            if let Some(first) = name.get_mut(0..1) {
+                first.make_ascii_uppercase();
+            }
+            d = d.with("os", &name).with("os", &format!("{name}-{version}"));
+        }
+    }
+    let cpu = match std::env::consts::ARCH {
+        "x86_64" => "x86-64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    d = d.with("cpu", cpu);
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    d = d.with("cores", &cores.to_string());
+    if let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo")
+        && let Some(kb) = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    {
+        d = d.with("memory_gb", &(kb / (1 << 20)).max(1).to_string());
+    }
+    d
 }
 
 type SharedFetch = Shared<BoxFuture<'static, Result<FetchReport, String>>>;
+
+/// Fetches trees from the mesh, one transfer per tree however many ask for it at once.
+#[derive(Debug)]
+pub struct Fetcher {
+    store: Arc<Store>,
+    mesh: MeshHandle,
+    fetches: Mutex<HashMap<ContentId, SharedFetch>>,
+}
+
+impl Fetcher {
+    /// Makes the tree `id` complete in the store.
+    pub async fn fetch(self: &Arc<Self>, id: ContentId) -> Result<FetchReport, String> {
+        let shared = {
+            let mut fetches = self.fetches.lock().expect("fetches lock");
+            fetches
+                .entry(id)
+                .or_insert_with(|| {
+                    let me = self.clone();
+                    async move {
+                        let r =
+                            fetch_tree(&me.mesh, &me.store, id).await.map_err(|e| e.to_string());
+                        me.fetches.lock().expect("fetches lock").remove(&id);
+                        r
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        shared.await
+    }
+}
+
+/// Runs a shard: its inputs from the mesh, then the executor.
+struct ShardRunner {
+    fetcher: Arc<Fetcher>,
+    executor: Arc<Executor>,
+    lie: bool,
+}
+
+impl Runner for ShardRunner {
+    fn run(
+        &self,
+        exec: Execution,
+        cancel: tokio::sync::watch::Receiver<bool>,
+    ) -> BoxFuture<'static, ExecOutcome> {
+        let fetcher = self.fetcher.clone();
+        let executor = self.executor.clone();
+        let lie = self.lie;
+        async move {
+            let t = std::time::Instant::now();
+            if let Err(e) = fetcher.fetch(exec.spec.manifest).await {
+                let mut o = ExecOutcome::ended(
+                    RunState::Error,
+                    &format!("cannot fetch the inputs {}: {e}", exec.spec.manifest),
+                );
+                o.overhead = t.elapsed();
+                return o;
+            }
+            let fetched = t.elapsed();
+            let mut report = executor.run(&exec, None, cancel).await;
+            report.outcome.overhead += fetched;
+            // Logs and outputs are trees: provide them so the submitter can fetch them.
+            for id in [report.outcome.log, report.outcome.outputs].into_iter().flatten() {
+                let _ = fetcher.mesh.provide(id).await;
+            }
+            if lie && let Some(code) = report.outcome.exit_code.as_mut() {
+                *code = if *code == 0 { 1 } else { 0 };
+            }
+            report.outcome
+        }
+        .boxed()
+    }
+}
 
 /// What the control handlers share.
 struct Node {
     store: Arc<Store>,
     mesh: MeshHandle,
-    fetches: Mutex<HashMap<ContentId, SharedFetch>>,
+    fetcher: Arc<Fetcher>,
+    engine: mpsc::Sender<EngineCommand>,
 }
 
 /// A running node, for tests and the binary.
@@ -66,7 +186,39 @@ pub async fn run(
         Arc::new(Store::open(&store_dir, opts.limits).with_context(|| {
             format!("failed to open the content store in {}", store_dir.display())
         })?);
-    let (mesh, mut inbound, mesh_task) = mesh::start(keypair.clone(), store.clone(), opts.mesh)?;
+    let jobs_dir = dir.join("jobs");
+    let db =
+        Arc::new(JobDb::open(&jobs_dir).with_context(|| {
+            format!("failed to open the job database in {}", jobs_dir.display())
+        })?);
+    let executor = Arc::new(Executor::new(store.clone(), opts.exec.clone()));
+    if let SandboxStatus::Unavailable { reason } = executor.sandbox() {
+        warn!(%reason, "no sandbox: jobs of submitters this node does not trust are refused");
+    }
+    let (mesh, mut inbound, mesh_task) =
+        mesh::start(keypair.clone(), store.clone(), opts.mesh.clone())?;
+    for topic in Engine::topics(&opts.engine.dimensions) {
+        mesh.subscribe(topic).await?;
+    }
+    let fetcher = Arc::new(Fetcher {
+        store: store.clone(),
+        mesh: mesh.clone(),
+        fetches: Mutex::new(HashMap::new()),
+    });
+    let runner = Arc::new(ShardRunner {
+        fetcher: fetcher.clone(),
+        executor: executor.clone(),
+        lie: opts.mesh.fault == Some(mesh::Fault::Lie),
+    });
+    let health = executor.clone();
+    let (mut engine, mut finished) = Engine::new(
+        keypair.clone(),
+        opts.engine.clone(),
+        mesh.clone(),
+        db,
+        runner,
+        Arc::new(move || health.may_claim()),
+    )?;
     let mut listening = Vec::new();
     for _ in 0..200 {
         listening = mesh.status().await?.listening;
@@ -76,10 +228,15 @@ pub async fn run(
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     on_start(&Started { peer_id: mesh.local_peer_id(), listening });
-    let node = Arc::new(Node { store, mesh, fetches: Mutex::new(HashMap::new()) });
+    let (engine_tx, mut engine_rx) = mpsc::channel(crate::engine::ENGINE_QUEUE);
+    let node = Arc::new(Node { store, mesh, fetcher, engine: engine_tx });
     let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
     tokio::pin!(shutdown);
     loop {
+        let wake = engine
+            .next_timeout()
+            .map(|t| t.0.saturating_sub(crate::engine::now().0))
+            .map_or(std::time::Duration::from_secs(3600), std::time::Duration::from_millis);
         tokio::select! {
             _ = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -99,12 +256,26 @@ pub async fn run(
                 Err(e) => warn!(error = %e, "control socket accept"),
             },
             msg = inbound.recv() => match msg {
-                Some(m) => debug!(from = %m.from, bytes = m.frame.len(), gossip = m.gossip, "message"),
+                Some(m) => engine.on_inbound(m).await,
                 None => break,
             },
+            cmd = engine_rx.recv() => {
+                if let Some(cmd) = cmd {
+                    engine.on_command(cmd).await;
+                }
+            }
+            done = finished.recv() => {
+                if let Some(f) = done {
+                    engine.on_finished(f).await;
+                }
+            }
+            _ = tokio::time::sleep(wake) => engine.on_timeout().await,
         }
     }
     info!("shutting down");
+    engine.shutdown(&mut finished, std::time::Duration::from_secs(10)).await;
+    // Give the mesh a moment to deliver the last results.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let _ = std::fs::remove_file(&socket);
     drop(node);
     mesh_task.abort();
@@ -133,21 +304,84 @@ fn bind_control(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+async fn write_line(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(v).expect("json values encode");
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
 async fn serve_client(node: Arc<Node>, stream: UnixStream) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read.take(MAX_LINE_BYTES as u64 + 1));
     let mut line = Vec::new();
     read.read_until(b'\n', &mut line).await?;
-    let answer = match serde_json::from_slice::<Request>(&line) {
-        Ok(req) => match handle(&node, req).await {
-            Ok(v) => json!({ "ok": v }),
-            Err(e) => json!({ "error": format!("{e:#}") }),
-        },
-        Err(e) => json!({ "error": format!("malformed control request: {e}") }),
+    let req = match serde_json::from_slice::<Request>(&line) {
+        Ok(req) => req,
+        Err(e) => {
+            let answer = json!({ "error": format!("malformed control request: {e}") });
+            return write_line(&mut write, &answer).await;
+        }
     };
-    let mut out = serde_json::to_vec(&answer).expect("json values encode");
-    out.push(b'\n');
-    write.write_all(&out).await
+    let watched =
+        matches!(&req, Request::Submit { watch: true, .. } | Request::Job { watch: true, .. });
+    let answer = match handle(&node, req).await {
+        Ok(v) if watched => return watch_job(&node, v, &mut write).await,
+        Ok(v) => json!({ "ok": v }),
+        Err(e) => json!({ "error": format!("{e:#}") }),
+    };
+    write_line(&mut write, &answer).await
+}
+
+/// Streams a job's views as events until it is finished (or the client goes away), then
+/// answers the final view.
+async fn watch_job(
+    node: &Arc<Node>,
+    first: Value,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let job: Option<ContentId> = first["job"].as_str().and_then(|j| j.parse().ok());
+    let submission = first["submission"].as_u64();
+    let (Some(job), Some(submission)) = (job, submission) else {
+        return write_line(write, &json!({ "ok": first })).await;
+    };
+    let rx = ask(&node.engine, |reply| EngineCommand::Watch { key: (job, submission), reply })
+        .await
+        .ok()
+        .flatten();
+    // The state as of subscribing: earlier changes were before the receiver existed.
+    let mut last = match ask(&node.engine, |reply| EngineCommand::Job {
+        job,
+        submission: Some(submission),
+        reply,
+    })
+    .await
+    {
+        Ok(Some(v)) => serde_json::to_value(v).expect("views encode"),
+        _ => first,
+    };
+    write_line(write, &json!({ "event": last })).await?;
+    if let Some(mut rx) = rx {
+        while last["finished"] != true {
+            match rx.recv().await {
+                Ok(v) => {
+                    last = serde_json::to_value(v).expect("views encode");
+                    write_line(write, &json!({ "event": last })).await?;
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    }
+    write_line(write, &json!({ "ok": last })).await
+}
+
+async fn ask<T>(
+    engine: &mpsc::Sender<EngineCommand>,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> EngineCommand,
+) -> anyhow::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    engine.send(make(tx)).await.map_err(|_| anyhow::anyhow!("the node is shutting down"))?;
+    rx.await.map_err(|_| anyhow::anyhow!("the node is shutting down"))
 }
 
 async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
@@ -155,15 +389,17 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
         Request::Status => {
             let mesh = node.mesh.status().await?;
             let t = node.store.totals();
+            let worker = ask(&node.engine, EngineCommand::Worker).await?;
             Ok(json!({
                 "mesh": mesh,
                 "store": { "bytes": t.bytes, "items": t.items },
+                "worker": worker,
             }))
         }
         Request::Peers => Ok(serde_json::to_value(node.mesh.peers().await?)?),
         Request::Fetch { id, out } => {
             let id: ContentId = id.parse().context("not a content id")?;
-            let report = fetch(node, id).await.map_err(anyhow::Error::msg)?;
+            let report = node.fetcher.fetch(id).await.map_err(anyhow::Error::msg)?;
             let mut v = serde_json::to_value(&report)?;
             if let Some(out) = out {
                 let store = node.store.clone();
@@ -192,6 +428,57 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
                 "hashed": packed.hashed,
             }))
         }
+        Request::Submit { request, .. } => {
+            let spec = &request.spec;
+            // The submitter seeds its own inputs: they must be here in full.
+            let tree = node.store.tree(&spec.manifest).with_context(|| {
+                format!("the input tree {} is not in this node's store", spec.manifest)
+            })?;
+            if !node.store.missing_objects(&tree)?.is_empty() {
+                anyhow::bail!(
+                    "the input tree {} is incomplete in this node's store",
+                    spec.manifest
+                );
+            }
+            let (job, submission) =
+                ask(&node.engine, |reply| EngineCommand::Submit { request, reply })
+                    .await?
+                    .map_err(anyhow::Error::msg)?;
+            let v = ask(&node.engine, |reply| EngineCommand::Job {
+                job,
+                submission: Some(submission),
+                reply,
+            })
+            .await?;
+            Ok(serde_json::to_value(v)?)
+        }
+        Request::Job { job, submission, .. } => {
+            let job: ContentId = job.parse().context("not a job id")?;
+            match ask(&node.engine, |reply| EngineCommand::Job { job, submission, reply }).await? {
+                Some(v) => Ok(serde_json::to_value(v)?),
+                None => anyhow::bail!("this node has no job {job}"),
+            }
+        }
+        Request::Jobs => {
+            let jobs = ask(&node.engine, EngineCommand::Jobs).await?;
+            let worker = ask(&node.engine, EngineCommand::Worker).await?;
+            Ok(json!({ "jobs": jobs, "worker": worker }))
+        }
+        Request::Cancel { job } => {
+            let job: ContentId = job.parse().context("not a job id")?;
+            if !ask(&node.engine, |reply| EngineCommand::Cancel { job, reply }).await? {
+                anyhow::bail!("this node has no job {job}");
+            }
+            Ok(json!({ "canceled": job.to_string() }))
+        }
+        Request::Cat { id } => {
+            let id: ContentId = id.parse().context("not a content id")?;
+            node.fetcher.fetch(id).await.map_err(anyhow::Error::msg)?;
+            let store = node.store.clone();
+            let bytes =
+                tokio::task::spawn_blocking(move || read_single_file(&store, &id)).await??;
+            Ok(json!({ "text": String::from_utf8_lossy(&bytes) }))
+        }
         Request::Show { id } => {
             let id: ContentId = id.parse().context("not a content id")?;
             Ok(node.store.manifest(&id)?.to_json())
@@ -218,23 +505,23 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
     }
 }
 
-/// Fetches a tree, sharing one transfer among everyone asking for the same tree at once.
-async fn fetch(node: &Arc<Node>, id: ContentId) -> Result<FetchReport, String> {
-    let shared = {
-        let mut fetches = node.fetches.lock().expect("fetches lock");
-        fetches
-            .entry(id)
-            .or_insert_with(|| {
-                let n = node.clone();
-                async move {
-                    let r = fetch_tree(&n.mesh, &n.store, id).await.map_err(|e| e.to_string());
-                    n.fetches.lock().expect("fetches lock").remove(&id);
-                    r
-                }
-                .boxed()
-                .shared()
-            })
-            .clone()
+/// The bytes of the one file a tree holds (a log is stored as a one-file tree).
+fn read_single_file(store: &Store, id: &ContentId) -> anyhow::Result<Vec<u8>> {
+    let tree = store.tree(id)?;
+    let mut files = tree.values().filter_map(|e| match e {
+        grid_protocol::manifest::Entry::File { blocks, .. } => Some(blocks),
+        _ => None,
+    });
+    let (Some(blocks), None) = (files.next(), files.next()) else {
+        anyhow::bail!("{id} is not a tree of exactly one file");
     };
-    shared.await
+    let mut out = Vec::new();
+    for b in blocks {
+        let data = store.read_block(b)?.ok_or(crate::store::StoreError::Missing(*b))?;
+        out.extend_from_slice(&data);
+        if out.len() > MAX_LINE_BYTES / 2 {
+            anyhow::bail!("{id} is too large to show");
+        }
+    }
+    Ok(out)
 }

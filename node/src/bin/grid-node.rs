@@ -6,7 +6,11 @@ use std::time::Duration;
 use clap::Parser;
 use grid_node::cli::CacheArgs;
 use grid_node::daemon::{self, NodeOptions};
+use grid_node::engine::EngineConfig;
+use grid_node::exec::{ExecConfig, SandboxPolicy};
 use grid_node::mesh::{Fault, MeshConfig};
+use grid_protocol::dims::POOL;
+use grid_protocol::worker::TrustPolicy;
 use libp2p::Multiaddr;
 
 /// grid-node: lend this machine to a grid mesh.
@@ -39,6 +43,29 @@ struct Args {
     /// Most established connections.
     #[arg(long, default_value_t = 256)]
     max_connections: u32,
+    /// A dimension this node offers, added to the detected ones (os, cpu, cores, memory_gb):
+    /// key=value (repeatable).
+    #[arg(long = "dimension", value_parser = grid_node::cli::parse_var)]
+    dimensions: Vec<(String, String)>,
+    /// A pool this node serves (repeatable; default: "default").
+    #[arg(long = "pool")]
+    pools: Vec<String>,
+    /// Shards this node runs at once.
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
+    /// A submitter whose jobs run here unsandboxed: PEER_ID, or PEER_ID=POOL,POOL to limit it
+    /// to some pools (repeatable). This node's own jobs are always trusted.
+    #[arg(long = "trust", value_name = "PEER_ID[=POOLS]")]
+    trust: Vec<String>,
+    /// Run anyone's jobs in this node's pools, inside the sandbox only.
+    #[arg(long)]
+    open: bool,
+    /// Directory for run directories (default: <data-dir>/runs).
+    #[arg(long)]
+    runs_dir: Option<std::path::PathBuf>,
+    /// Run no job in the sandbox: jobs of submitters this node does not trust are refused.
+    #[arg(long)]
+    no_sandbox: bool,
     #[command(flatten)]
     cache: CacheArgs,
     /// Test only: misbehave, to exercise the mesh's defences.
@@ -49,6 +76,7 @@ struct Args {
 fn parse_fault(s: &str) -> Result<Fault, String> {
     match s {
         "corrupt-blocks" => Ok(Fault::CorruptBlocks),
+        "lie" => Ok(Fault::Lie),
         _ => Err(format!("unknown fault {s:?}")),
     }
 }
@@ -75,7 +103,45 @@ fn main() -> ExitCode {
         if !args.listen.is_empty() {
             mesh.listen = args.listen.clone();
         }
-        let opts = NodeOptions { data_dir: dir.clone(), mesh, limits: args.cache.limits() };
+        let mut dimensions = grid_node::daemon::detect_dimensions();
+        for (k, v) in &args.dimensions {
+            if k == POOL {
+                anyhow::bail!("give pools with --pool, not --dimension pool=...");
+            }
+            dimensions = dimensions.with(k, v);
+        }
+        let pools =
+            if args.pools.is_empty() { vec!["default".to_string()] } else { args.pools.clone() };
+        for p in &pools {
+            dimensions = dimensions.with(POOL, p);
+        }
+        dimensions.validate().map_err(|e| anyhow::anyhow!("--dimension: {e}"))?;
+        let mut trust = TrustPolicy::default().trust(grid_node::identity::peer_id(&key));
+        for t in &args.trust {
+            let (peer, only) = match t.split_once('=') {
+                Some((p, pools)) => (p, Some(pools.split(',').map(str::to_string).collect())),
+                None => (t.as_str(), None),
+            };
+            let peer: libp2p::PeerId =
+                peer.parse().map_err(|e| anyhow::anyhow!("--trust {t}: not a peer id: {e}"))?;
+            trust.submitters.insert(peer, only);
+        }
+        if args.open {
+            trust.open_pools.extend(pools.iter().cloned());
+        }
+        let mut exec = ExecConfig::new(args.runs_dir.clone().unwrap_or_else(|| dir.join("runs")));
+        if args.no_sandbox {
+            exec.sandbox = SandboxPolicy::Disabled;
+        }
+        let engine = EngineConfig {
+            dimensions,
+            trust,
+            slots: args.slots,
+            worker: Default::default(),
+            submitter: Default::default(),
+        };
+        let opts =
+            NodeOptions { data_dir: dir.clone(), mesh, limits: args.cache.limits(), engine, exec };
         let rt = tokio::runtime::Runtime::new()?;
         rt.block_on(daemon::run(opts, key, shutdown_signal(), |s| {
             println!("peer id: {}", s.peer_id);

@@ -77,26 +77,11 @@ pub enum ContentResponse {
 }
 
 impl ContentResponse {
-    fn encode(self) -> Vec<u8> {
+    fn tag(&self) -> u8 {
         match self {
-            ContentResponse::Found(mut b) => {
-                b.insert(0, 0);
-                b
-            }
-            ContentResponse::NotFound => vec![1],
-            ContentResponse::Busy => vec![2],
-        }
-    }
-
-    fn decode(mut b: Vec<u8>) -> io::Result<Self> {
-        match b.first() {
-            Some(0) => {
-                b.remove(0);
-                Ok(ContentResponse::Found(b))
-            }
-            Some(1) if b.len() == 1 => Ok(ContentResponse::NotFound),
-            Some(2) if b.len() == 1 => Ok(ContentResponse::Busy),
-            _ => Err(invalid("malformed content response")),
+            ContentResponse::Found(_) => 0,
+            ContentResponse::NotFound => 1,
+            ContentResponse::Busy => 2,
         }
     }
 }
@@ -203,7 +188,25 @@ impl libp2p::request_response::Codec for ContentCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<ContentResponse> {
-        ContentResponse::decode(read_frame(io, MAX_CONTENT_RESPONSE).await?)
+        // A frame whose first byte is the status; the bytes follow without a copy.
+        let mut head = [0u8; 5];
+        io.read_exact(&mut head).await?;
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        if len == 0 || len > MAX_CONTENT_RESPONSE {
+            return Err(invalid(&format!(
+                "content response of {len} bytes is outside 1..={MAX_CONTENT_RESPONSE}"
+            )));
+        }
+        match (head[4], len) {
+            (0, _) => {
+                let mut buf = vec![0u8; len - 1];
+                io.read_exact(&mut buf).await?;
+                Ok(ContentResponse::Found(buf))
+            }
+            (1, 1) => Ok(ContentResponse::NotFound),
+            (2, 1) => Ok(ContentResponse::Busy),
+            _ => Err(invalid("malformed content response")),
+        }
     }
 
     async fn write_request<T: AsyncWrite + Unpin + Send>(
@@ -221,7 +224,17 @@ impl libp2p::request_response::Codec for ContentCodec {
         io: &mut T,
         res: ContentResponse,
     ) -> io::Result<()> {
-        write_frame(io, &res.encode()).await
+        let body: &[u8] = match &res {
+            ContentResponse::Found(b) => b,
+            _ => &[],
+        };
+        let len = u32::try_from(body.len() + 1).map_err(|_| invalid("frame over 4 GiB"))?;
+        let mut head = [0u8; 5];
+        head[..4].copy_from_slice(&len.to_be_bytes());
+        head[4] = res.tag();
+        io.write_all(&head).await?;
+        io.write_all(body).await?;
+        io.flush().await
     }
 }
 

@@ -57,6 +57,8 @@ pub const MAX_PROVIDED_AT_START: usize = 1000;
 pub enum Fault {
     /// Flip a byte in every block served.
     CorruptBlocks,
+    /// Report every shard's exit code falsely (0 as 1, anything else as 0).
+    Lie,
 }
 
 /// How the mesh runs.

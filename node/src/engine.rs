@@ -1,0 +1,638 @@
+//! The engine: drives the protocol's state machines (one [`Worker`], one [`Submitter`] per job
+//! this node submitted) with real time, the mesh, the job database and the executor.
+//!
+//! It lives in the daemon's main task and is not shared: control clients and finished
+//! executions reach it through bounded channels. Every output of a state machine is carried out
+//! in order, and a [`Output::Persist`] is written before anything after it is sent.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use grid_protocol::content::ContentId;
+use grid_protocol::dims::Dimensions;
+use grid_protocol::job::JobRequest;
+use grid_protocol::message::{self, Message, announce_topic};
+use grid_protocol::output::{Event, ExecOutcome, Execution, LeaseId, Output, Record, ShardState};
+use grid_protocol::record::RunState;
+use grid_protocol::submitter::{Submitter, SubmitterConfig};
+use grid_protocol::time::Time;
+use grid_protocol::worker::{TrustPolicy, Worker, WorkerConfig};
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::jobdb::JobDb;
+use crate::mesh::{Inbound, MeshHandle};
+
+/// Capacity of the engine's command channel.
+pub const ENGINE_QUEUE: usize = 256;
+/// Capacity of each job's progress channel; a client that falls further behind resyncs.
+pub const WATCH_QUEUE: usize = 1024;
+/// Most jobs this node keeps submitters for at once.
+pub const MAX_SUBMITTED_JOBS: usize = 256;
+
+/// Runs one execution: fetch its inputs, run it, store its outputs. Implemented by the daemon
+/// on top of the mesh and the executor.
+pub trait Runner: Send + Sync + 'static {
+    /// Runs `exec` until it ends or `cancel` turns true.
+    fn run(
+        &self,
+        exec: Execution,
+        cancel: watch::Receiver<bool>,
+    ) -> BoxFuture<'static, ExecOutcome>;
+}
+
+/// The wall clock as protocol time (milliseconds since the Unix epoch).
+pub fn now() -> Time {
+    Time(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
+}
+
+/// A submission: the job and its nonce.
+pub type SubKey = (ContentId, u64);
+
+/// What one shard looks like to `grid submit` and `grid status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardView {
+    /// Index.
+    pub shard: u32,
+    /// State name (PENDING, RUNNING, COMPLETED, ...).
+    pub state: String,
+    /// Exit code of the accepted outcome.
+    pub exit_code: Option<i32>,
+    /// The node whose result was accepted.
+    pub node: Option<String>,
+    /// Run time of the accepted outcome, in milliseconds.
+    pub duration_ms: Option<u64>,
+    /// The captured log's content id.
+    pub log: Option<String>,
+    /// The outputs tree's content id.
+    pub outputs: Option<String>,
+    /// The node's error text, if it could not run the shard.
+    pub error: Option<String>,
+    /// Whether the shard passed: completed with exit code 0.
+    pub passed: bool,
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobView {
+    /// Job id.
+    pub job: String,
+    /// Submission nonce.
+    pub submission: u64,
+    /// Display name.
+    pub name: String,
+    /// Whether every shard is final.
+    pub finished: bool,
+    /// Why pending shards wait, when they do.
+    pub pending_reason: Option<String>,
+    /// The shards.
+    pub shards: Vec<ShardView>,
+}
+
+/// What the engine reports about the worker side.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerView {
+    /// This node's dimensions.
+    pub dimensions: BTreeMap<String, Vec<String>>,
+    /// Slots.
+    pub slots: u32,
+    /// Free slots.
+    pub free_slots: u32,
+    /// Leases running here.
+    pub running: Vec<String>,
+    /// Why this node does not claim, if it does not.
+    pub quarantined: Option<String>,
+}
+
+/// A request to the engine.
+pub enum EngineCommand {
+    /// Submit a job; answers its submission key.
+    Submit {
+        /// The request.
+        request: Box<JobRequest>,
+        /// The answer.
+        reply: oneshot::Sender<Result<SubKey, String>>,
+    },
+    /// One job's state (the newest submission when `submission` is none).
+    Job {
+        /// The job.
+        job: ContentId,
+        /// The submission.
+        submission: Option<u64>,
+        /// The answer.
+        reply: oneshot::Sender<Option<JobView>>,
+    },
+    /// Every job's state.
+    Jobs(oneshot::Sender<Vec<JobView>>),
+    /// Progress of a job: a receiver of its views, sent on every change.
+    Watch {
+        /// The submission.
+        key: SubKey,
+        /// The answer.
+        reply: oneshot::Sender<Option<broadcast::Receiver<JobView>>>,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job.
+        job: ContentId,
+        /// The answer: whether it was known.
+        reply: oneshot::Sender<bool>,
+    },
+    /// The worker side's state.
+    Worker(oneshot::Sender<WorkerView>),
+}
+
+impl std::fmt::Debug for EngineCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EngineCommand")
+    }
+}
+
+/// A finished execution.
+#[derive(Debug)]
+pub struct Finished {
+    lease: LeaseId,
+    outcome: ExecOutcome,
+}
+
+/// How the engine is set up.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This node's dimensions.
+    pub dimensions: Dimensions,
+    /// Whom it runs jobs for.
+    pub trust: TrustPolicy,
+    /// Shards at once.
+    pub slots: u32,
+    /// Worker timing.
+    pub worker: WorkerConfig,
+    /// Submitter timing.
+    pub submitter: SubmitterConfig,
+}
+
+struct Submitted {
+    machine: Submitter,
+    watch: broadcast::Sender<JobView>,
+}
+
+/// The engine.
+pub struct Engine {
+    keypair: Keypair,
+    worker: Worker,
+    dimensions: Dimensions,
+    slots: u32,
+    submitters: BTreeMap<SubKey, Submitted>,
+    mesh: MeshHandle,
+    db: Arc<JobDb>,
+    runner: Arc<dyn Runner>,
+    running: HashMap<LeaseId, watch::Sender<bool>>,
+    finished_tx: mpsc::Sender<Finished>,
+    submitter_config: SubmitterConfig,
+    seed: u64,
+    may_claim: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("jobs", &self.submitters.len()).finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// A new engine; returns it and the receiver of finished executions the daemon must feed
+    /// back with [`Engine::on_finished`].
+    pub fn new(
+        keypair: Keypair,
+        config: EngineConfig,
+        mesh: MeshHandle,
+        db: Arc<JobDb>,
+        runner: Arc<dyn Runner>,
+        may_claim: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    ) -> anyhow::Result<(Engine, mpsc::Receiver<Finished>)> {
+        let seed = rand_seed();
+        let worker_config = WorkerConfig { slots: config.slots, ..config.worker };
+        let worker = Worker::new(
+            keypair.clone(),
+            config.dimensions.clone(),
+            config.trust.clone(),
+            worker_config,
+            seed,
+        )
+        .map_err(|e| anyhow::anyhow!("invalid node dimensions: {e}"))?;
+        let (finished_tx, finished_rx) = mpsc::channel(config.slots.max(1) as usize * 2 + 16);
+        let mut engine = Engine {
+            keypair,
+            worker,
+            dimensions: config.dimensions,
+            slots: config.slots,
+            submitters: BTreeMap::new(),
+            mesh,
+            db,
+            runner,
+            running: HashMap::new(),
+            finished_tx,
+            submitter_config: config.submitter,
+            seed,
+            may_claim,
+        };
+        // Results not yet acknowledged before a restart are delivered again.
+        let t = now();
+        for r in engine.db.outbox()? {
+            if let Record::Outbox { lease, result } = r {
+                engine.worker.restore_result(t, lease, result);
+            }
+        }
+        Ok((engine, finished_rx))
+    }
+
+    /// Topics to subscribe to: the announcement topic of every pool this node serves.
+    pub fn topics(dimensions: &Dimensions) -> Vec<String> {
+        dimensions.values(grid_protocol::dims::POOL).map(announce_topic).collect()
+    }
+
+    /// When [`Engine::on_timeout`] is next due.
+    pub fn next_timeout(&self) -> Option<Time> {
+        let mut t = self.worker.poll_timeout();
+        for s in self.submitters.values() {
+            if let Some(x) = s.machine.poll_timeout() {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        }
+        t
+    }
+
+    /// Handles deadlines.
+    pub async fn on_timeout(&mut self) {
+        let t = now();
+        if self.worker.poll_timeout().is_some_and(|d| d <= t) {
+            self.worker.handle_timeout(t);
+        }
+        for s in self.submitters.values_mut() {
+            if s.machine.poll_timeout().is_some_and(|d| d <= t) {
+                s.machine.handle_timeout(t);
+            }
+        }
+        self.drain().await;
+    }
+
+    /// Handles a message from the mesh.
+    pub async fn on_inbound(&mut self, m: Inbound) {
+        let t = now();
+        let msg = match message::decode(&m.frame) {
+            Ok(msg) => msg,
+            Err(e) => {
+                debug!(from = %m.from, error = %e, "undecodable message");
+                return;
+            }
+        };
+        match msg {
+            Message::Announce(a) => {
+                if !m.gossip {
+                    return;
+                }
+                if let Err(e) = (self.may_claim)() {
+                    debug!(reason = %e, "not claiming: quarantined");
+                    return;
+                }
+                if let Err(e) = self.worker.handle_announcement(t, a) {
+                    debug!(from = %m.from, error = %e, "announcement not taken");
+                }
+            }
+            Message::Claim(c) => {
+                let key = (c.job, c.submission);
+                match self.submitters.get_mut(&key) {
+                    Some(s) => s.machine.handle_claim(t, m.from, c),
+                    None => self.unknown_job(m.from, c.job, c.submission, c.claim_id).await,
+                }
+            }
+            Message::Heartbeat(h) => {
+                if let Some(s) = self.submitters.get_mut(&(h.job, h.submission)) {
+                    s.machine.handle_heartbeat(t, m.from, h);
+                }
+            }
+            Message::Result(r) => {
+                let key = (r.body.job, r.body.submission);
+                if let Some(s) = self.submitters.get_mut(&key) {
+                    s.machine.handle_result(t, m.from, r);
+                }
+            }
+            other @ (Message::Grant(_)
+            | Message::Refuse(_)
+            | Message::HeartbeatReply(_)
+            | Message::Ack(_)
+            | Message::Cancel(_)) => self.worker.handle_message(t, m.from, other),
+        }
+        self.drain().await;
+    }
+
+    async fn unknown_job(&mut self, to: PeerId, job: ContentId, submission: u64, claim_id: u64) {
+        let refusal = message::Refusal {
+            job,
+            submission,
+            claim_id,
+            reason: message::RefuseReason::UnknownJob,
+        };
+        let _ = self.mesh.send(to, Message::Refuse(refusal).encode()).await;
+    }
+
+    /// An execution ended.
+    pub async fn on_finished(&mut self, f: Finished) {
+        self.running.remove(&f.lease);
+        let t = now();
+        self.worker.execution_finished(t, f.lease, f.outcome);
+        self.drain().await;
+    }
+
+    /// A control request.
+    pub async fn on_command(&mut self, cmd: EngineCommand) {
+        match cmd {
+            EngineCommand::Submit { request, reply } => {
+                let r = self.submit(*request);
+                let _ = reply.send(r);
+            }
+            EngineCommand::Job { job, submission, reply } => {
+                let found = self
+                    .submitters
+                    .iter()
+                    .rev()
+                    .find(|((j, s), _)| *j == job && submission.is_none_or(|x| x == *s))
+                    .map(|(_, s)| view(&s.machine));
+                let _ = reply.send(found);
+            }
+            EngineCommand::Jobs(reply) => {
+                let _ = reply.send(self.submitters.values().map(|s| view(&s.machine)).collect());
+            }
+            EngineCommand::Watch { key, reply } => {
+                let _ = reply.send(self.submitters.get(&key).map(|s| s.watch.subscribe()));
+            }
+            EngineCommand::Cancel { job, reply } => {
+                let t = now();
+                let mut known = false;
+                for ((j, _), s) in self.submitters.iter_mut() {
+                    if *j == job {
+                        known = true;
+                        s.machine.cancel(t);
+                    }
+                }
+                let _ = reply.send(known);
+            }
+            EngineCommand::Worker(reply) => {
+                let _ = reply.send(WorkerView {
+                    dimensions: self
+                        .worker_dimensions()
+                        .0
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_iter().collect()))
+                        .collect(),
+                    slots: self.slots,
+                    free_slots: self.worker.free_slots(),
+                    running: self.worker.running().map(|l| l.to_string()).collect(),
+                    quarantined: (self.may_claim)().err(),
+                });
+            }
+        }
+        self.drain().await;
+    }
+
+    fn worker_dimensions(&self) -> Dimensions {
+        self.dimensions.clone()
+    }
+
+    fn submit(&mut self, request: JobRequest) -> Result<SubKey, String> {
+        if self.submitters.len() >= MAX_SUBMITTED_JOBS {
+            // Forget the oldest finished job to make room.
+            let done =
+                self.submitters.iter().find(|(_, s)| s.machine.is_finished()).map(|(k, _)| *k);
+            match done {
+                Some(k) => {
+                    self.submitters.remove(&k);
+                }
+                None => return Err(format!("this node already runs {MAX_SUBMITTED_JOBS} jobs")),
+            }
+        }
+        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let machine = Submitter::new(
+            request,
+            self.keypair.clone(),
+            now(),
+            self.submitter_config.clone(),
+            self.seed,
+        )
+        .map_err(|e| e.to_string())?;
+        let key = (machine.job(), machine.submission());
+        info!(job = %key.0, submission = key.1, shards = machine.request().spec.shards, "job submitted");
+        let (watch, _) = broadcast::channel(WATCH_QUEUE);
+        self.submitters.insert(key, Submitted { machine, watch });
+        Ok(key)
+    }
+
+    /// Carries out every queued output, in order.
+    async fn drain(&mut self) {
+        loop {
+            let mut progressed = false;
+            while let Some(o) = self.worker.poll_output() {
+                progressed = true;
+                self.apply(o, None).await;
+            }
+            let keys: Vec<SubKey> = self.submitters.keys().copied().collect();
+            for key in keys {
+                let mut changed = false;
+                while let Some(o) =
+                    self.submitters.get_mut(&key).and_then(|s| s.machine.poll_output())
+                {
+                    progressed = true;
+                    changed |= matches!(o, Output::Event(_) | Output::Persist(_));
+                    self.apply(o, Some(key)).await;
+                }
+                if changed && let Some(s) = self.submitters.get(&key) {
+                    let _ = s.watch.send(view(&s.machine));
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
+    async fn apply(&mut self, o: Output, from: Option<SubKey>) {
+        match o {
+            Output::Send { to, msg } => {
+                if to == self.mesh.local_peer_id() {
+                    // A node may run its own jobs: deliver locally.
+                    self.local(msg, from);
+                } else if self.mesh.send(to, msg.encode()).await.is_err() {
+                    warn!("mesh closed; message dropped");
+                }
+            }
+            Output::Publish { topic, msg } => {
+                if let Message::Announce(a) = &msg {
+                    // This node hears its own announcements too.
+                    if (self.may_claim)().is_ok() {
+                        let _ = self.worker.handle_announcement(now(), a.clone());
+                    }
+                }
+                let _ = self.mesh.publish(topic, msg.encode()).await;
+            }
+            Output::Persist(r) => {
+                if let Err(e) = self.db.put(&r) {
+                    // Carrying on would break the persist-before-send rule.
+                    panic_free_abort(&e);
+                }
+            }
+            Output::Forget(lease) => {
+                if let Err(e) = self.db.forget(&lease) {
+                    warn!(%lease, error = %e, "cannot forget an acknowledged result");
+                }
+            }
+            Output::Provide(id) => {
+                let _ = self.mesh.provide(id).await;
+            }
+            Output::StartExecution(exec) => self.start(exec),
+            Output::KillExecution(lease) => {
+                if let Some(c) = self.running.get(&lease) {
+                    let _ = c.send(true);
+                }
+            }
+            Output::Event(e) => log_event(&e),
+        }
+    }
+
+    /// A message from this node's submitter to its own worker or back.
+    fn local(&mut self, msg: Message, from: Option<SubKey>) {
+        let t = now();
+        let me = self.mesh.local_peer_id();
+        match (msg, from) {
+            (
+                m @ (Message::Grant(_)
+                | Message::Refuse(_)
+                | Message::HeartbeatReply(_)
+                | Message::Ack(_)
+                | Message::Cancel(_)),
+                Some(_),
+            ) => self.worker.handle_message(t, me, m),
+            (Message::Claim(c), None) => {
+                if let Some(s) = self.submitters.get_mut(&(c.job, c.submission)) {
+                    s.machine.handle_claim(t, me, c);
+                }
+            }
+            (Message::Heartbeat(h), None) => {
+                if let Some(s) = self.submitters.get_mut(&(h.job, h.submission)) {
+                    s.machine.handle_heartbeat(t, me, h);
+                }
+            }
+            (Message::Result(r), None) => {
+                if let Some(s) = self.submitters.get_mut(&(r.body.job, r.body.submission)) {
+                    s.machine.handle_result(t, me, r);
+                }
+            }
+            (m, _) => debug!(kind = ?m.kind(), "local message with no recipient"),
+        }
+    }
+
+    fn start(&mut self, exec: Execution) {
+        let (cancel_tx, cancel_rx) = watch::channel(false);
+        let lease = exec.lease;
+        self.running.insert(lease, cancel_tx);
+        let fut = self.runner.run(exec, cancel_rx);
+        let done = self.finished_tx.clone();
+        tokio::spawn(async move {
+            let outcome = fut.await;
+            let _ = done.send(Finished { lease, outcome }).await;
+        });
+    }
+
+    /// Stops: every running execution is canceled and reported as not run by this node, so
+    /// its submitter offers the shard again at once; then the results are sent.
+    pub async fn shutdown(&mut self, finished: &mut mpsc::Receiver<Finished>, grace: Duration) {
+        if self.running.is_empty() {
+            return;
+        }
+        info!(running = self.running.len(), "releasing leases");
+        for c in self.running.values() {
+            let _ = c.send(true);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.running.is_empty() {
+            match tokio::time::timeout_at(deadline, finished.recv()).await {
+                Ok(Some(f)) => {
+                    self.running.remove(&f.lease);
+                    let outcome = ExecOutcome::ended(RunState::Error, "the node shut down");
+                    self.worker.execution_finished(now(), f.lease, outcome);
+                }
+                _ => break,
+            }
+        }
+        self.drain().await;
+    }
+}
+
+fn panic_free_abort(e: &crate::jobdb::JobDbError) -> ! {
+    tracing::error!(error = %e, "cannot persist a job record; stopping so no peer is told something this node would forget");
+    std::process::exit(3)
+}
+
+fn log_event(e: &Event) {
+    match e {
+        Event::Shard { job, shard, state } => info!(%job, shard, %state, "shard"),
+        Event::JobFinished { job } => info!(%job, "job finished"),
+        Event::ResultRejected { job, from, rejection } => {
+            warn!(%job, %from, ?rejection, "result rejected")
+        }
+        Event::Dissent { job, shard, node } => warn!(%job, shard, %node, "dissenting result"),
+        Event::ResultDropped { lease } => warn!(%lease, "outbox full; result dropped"),
+        other => debug!(event = ?other, "event"),
+    }
+}
+
+/// A job's state from its submitter.
+pub fn view(s: &Submitter) -> JobView {
+    let shards = (0..s.request().spec.shards)
+        .map(|i| {
+            let st = s.shard(i);
+            let state = st.as_ref().map_or(ShardState::Pending, |x| x.state);
+            let outcome = st.as_ref().and_then(|x| x.accepted);
+            // The accepted outcome's first result, for its node, log and timing.
+            let accepted = outcome.and_then(|o| s.results(i).find(|r| r.body.outcome() == o));
+            let body = accepted.map(|r| &r.body);
+            ShardView {
+                shard: i,
+                state: state.name().to_string(),
+                exit_code: body.and_then(|b| b.exit_code),
+                node: accepted.and_then(|r| r.claimed_signer()).map(|p| p.to_string()),
+                duration_ms: body.map(|b| b.duration.as_millis() as u64),
+                log: body.and_then(|b| b.log).map(|c| c.to_string()),
+                outputs: body.and_then(|b| b.outputs).map(|c| c.to_string()),
+                error: body.filter(|b| !b.error.is_empty()).map(|b| b.error.clone()),
+                passed: state == ShardState::Completed && body.and_then(|b| b.exit_code) == Some(0),
+            }
+        })
+        .collect();
+    let finished = s.is_finished();
+    let reason = s.pending_reason();
+    JobView {
+        job: s.job().to_string(),
+        submission: s.submission(),
+        name: s.request().name.clone(),
+        finished,
+        pending_reason: (!finished).then(|| reason.to_string()).filter(|r| !r.is_empty()),
+        shards,
+    }
+}
+
+fn rand_seed() -> u64 {
+    let mut b = [0u8; 8];
+    if getrandom(&mut b).is_err() {
+        return now().0 ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(b)
+}
+
+fn getrandom(b: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(b)
+}
