@@ -173,6 +173,7 @@ mod tests {
                     lease: lease(shard, 7),
                     node: key.public().to_peer_id(),
                     granted: Time(3),
+                    class: String::new(),
                 })
                 .unwrap();
             }
@@ -180,6 +181,7 @@ mod tests {
                 lease: lease(0, 8),
                 node: key.public().to_peer_id(),
                 granted: Time(3),
+                class: String::new(),
             })
             .unwrap();
         }

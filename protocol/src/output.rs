@@ -148,6 +148,9 @@ pub enum Record {
         /// When.
         #[serde(rename = "t")]
         granted: Time,
+        /// The node's platform class at the grant (every replica of a shard must share it).
+        #[serde(rename = "c", default, skip_serializing_if = "String::is_empty")]
+        class: String,
     },
     /// A result the submitter counted (submitter side, before the ack).
     #[serde(rename = "result")]
@@ -381,7 +384,12 @@ mod tests {
             lease: LeaseRef { shard: 0, attempt: 1 },
         };
         let records = [
-            Record::Lease { lease, node: key(2).public().to_peer_id(), granted: Time(5) },
+            Record::Lease {
+                lease,
+                node: key(2).public().to_peer_id(),
+                granted: Time(5),
+                class: "linux/x86-64".into(),
+            },
             Record::Result(Signed::sign(&key(2), result_body())),
             Record::Outbox { lease, result: Signed::sign(&key(2), result_body()) },
         ];

@@ -191,6 +191,21 @@ struct Shard {
     pending_since: Time,
 }
 
+/// Why [`Submitter::restore`] could not rebuild a job.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RestoreError {
+    /// The records hold no job.
+    #[error("the records hold no job")]
+    NoJob,
+    /// The records hold more than one job.
+    #[error("the records hold more than one job")]
+    SeveralJobs,
+    /// The stored job is not valid (any more).
+    #[error("the stored job is not valid: {0}")]
+    Job(JobError),
+}
+
 /// A snapshot of one shard, for status output.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardStatus {
@@ -295,6 +310,99 @@ impl Submitter {
             created: now,
         }));
         s.outputs.push_back(Output::Provide(s.request.spec.manifest));
+        Ok(s)
+    }
+
+    /// Rebuilds the submitter of a job after its node restarted, from the records it asked to
+    /// persist: the [`Record::Job`], its [`Record::Lease`]s and its counted
+    /// [`Record::Result`]s (records of other submissions are ignored).
+    ///
+    /// Counted results are counted again, so finished shards stay finished and nothing that
+    /// had an outcome runs again. A lease still within its time stays live: its node's
+    /// heartbeats renew it and its result counts. A lease past its time lapses at once and its
+    /// shard is offered again. Announcements continue with a sequence number above any sent
+    /// before, so workers holding the old announcement take the new ones. Re-counting queues
+    /// the usual outputs (the results' records again, and acks their nodes may still wait for).
+    pub fn restore(
+        records: &[Record],
+        keypair: Keypair,
+        now: Time,
+        config: SubmitterConfig,
+        seed: u64,
+    ) -> Result<Self, RestoreError> {
+        let mut jobs = records.iter().filter_map(|r| match r {
+            Record::Job { request, submission, created } => Some((request, *submission, *created)),
+            _ => None,
+        });
+        let (request, submission, created) = jobs.next().ok_or(RestoreError::NoJob)?;
+        if jobs.next().is_some() {
+            return Err(RestoreError::SeveralJobs);
+        }
+        let mut s = Submitter::new(request.clone(), keypair, created, config, seed)
+            .map_err(RestoreError::Job)?;
+        s.submission = submission;
+        // Above every sequence number sent before: those counted up from zero, one per
+        // announcement period, and far fewer than the milliseconds since.
+        s.seq = now.as_millis();
+        s.outputs.clear();
+        s.outputs.push_back(Output::Provide(s.request.spec.manifest));
+        let ttl = s.config.lease_ttl;
+        let mut leases: Vec<(LeaseRef, PeerId, Time, &str)> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Lease { lease, node, granted, class }
+                    if lease.job == s.job && lease.submission == submission =>
+                {
+                    Some((lease.lease, *node, *granted, class.as_str()))
+                }
+                _ => None,
+            })
+            .collect();
+        leases.sort();
+        for (lease, node, granted, class) in leases {
+            let idx = lease.shard as usize;
+            if idx >= s.shards.len() || s.attempts.contains_key(&lease) {
+                continue;
+            }
+            let shard = &mut s.shards[idx];
+            shard.granted = shard.granted.max(lease.attempt);
+            shard.nodes.insert(node);
+            if !class.is_empty() {
+                shard.class.get_or_insert_with(|| class.to_string());
+            }
+            let deadline = granted + ttl;
+            s.attempts.insert(
+                lease,
+                Attempt {
+                    node,
+                    class: class.to_string(),
+                    state: AttemptState::Running,
+                    granted,
+                    deadline,
+                    reported: false,
+                },
+            );
+            s.deadlines.insert((deadline, lease));
+            s.set_state(idx, ShardState::Running);
+        }
+        let mut results: Vec<&SignedResult> = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Result(signed)
+                    if signed.body.job == s.job && signed.body.submission == submission =>
+                {
+                    Some(signed)
+                }
+                _ => None,
+            })
+            .collect();
+        results.sort_by_key(|r| (r.body.shard, r.body.attempt));
+        for r in results {
+            let Some(from) = r.claimed_signer() else { continue };
+            s.handle_result(now, from, r.clone());
+        }
+        s.catch_up(now);
+        s.flush(now);
         Ok(s)
     }
 
@@ -469,6 +577,7 @@ impl Submitter {
                 lease: self.lease_id(lease),
                 node: from,
                 granted: now,
+                class: class.clone(),
             }));
             self.set_state(idx, ShardState::Running);
             leases.push(lease);
@@ -1168,6 +1277,100 @@ mod tests {
 
     const fn l(shard: u32, attempt: u32) -> LeaseRef {
         LeaseRef { shard, attempt }
+    }
+
+    /// Every record a submitter asked to persist, as its driver would have stored them.
+    fn persisted(out: &[Output]) -> Vec<Record> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Persist(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_restored_submitter_keeps_finished_shards_and_live_leases() {
+        let (a, b, c) = (node(1), node(2), node(3));
+        let mut s = Submitter::new(request(3, 1), key(100), Time(0), SubmitterConfig::default(), 1)
+            .unwrap();
+        let mut records = persisted(&drain(&mut s));
+        s.handle_timeout(Time(0));
+        let first_seq = announcements(&drain(&mut s))[0].seq;
+        let mut grant = |s: &mut Submitter, now: u64, n: &Node| {
+            s.handle_claim(Time(now), n.id, claim_msg(s, n, 1));
+            let out = drain(s);
+            records.extend(persisted(&out));
+            out.into_iter()
+                .find_map(|o| match o {
+                    Output::Send { msg: Message::Grant(g), .. } => Some(g.leases[0]),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        let la = grant(&mut s, 10, &a);
+        let lb = grant(&mut s, 11, &b);
+        let lc = grant(&mut s, 12, &c);
+        let (_, out) = run(&mut s, 20, &a, la, 0);
+        records.extend(persisted(&out));
+        let (_, out) = run(&mut s, 21, &b, lb, 1);
+        records.extend(persisted(&out));
+        assert_eq!(records.len(), 1 + 3 + 2, "job, three leases, two results");
+
+        // The node restarts 30 s later: within c's lease.
+        let now = 30_000;
+        let mut r =
+            Submitter::restore(&records, key(100), Time(now), SubmitterConfig::default(), 9)
+                .unwrap();
+        assert_eq!((r.job(), r.submission()), (s.job(), s.submission()));
+        assert_eq!(
+            r.shard_states(),
+            vec![ShardState::Completed, ShardState::Completed, ShardState::Running]
+        );
+        assert_eq!(r.shard(1).unwrap().accepted.unwrap().exit_code, Some(1));
+        let out = drain(&mut r);
+        assert!(out.contains(&Output::Provide(s.request().spec.manifest)));
+        // c's heartbeat renews its lease and its result is counted: nothing runs twice.
+        let hb = Heartbeat { job: r.job(), submission: r.submission(), leases: vec![lc] };
+        r.handle_heartbeat(Time(now + 1), c.id, hb);
+        let renewed = drain(&mut r).into_iter().any(|o| {
+            matches!(o, Output::Send { msg: Message::HeartbeatReply(h), .. } if h.renewed == vec![lc])
+        });
+        assert!(renewed);
+        let (v, _) = run(&mut r, now + 2, &c, lc, 0);
+        assert_eq!(v, Verdict::Accepted);
+        assert!(r.is_finished());
+        // A result counted before the restart is a duplicate now, not a second vote.
+        let (v, _) = run(&mut r, now + 3, &a, la, 0);
+        assert_eq!(v, Verdict::Duplicate);
+        // Announcements go on above the old sequence numbers.
+        r.handle_timeout(Time(now + 4));
+        let anns = announcements(&drain(&mut r));
+        assert!(anns.iter().all(|x| x.seq > first_seq), "{anns:?}");
+    }
+
+    #[test]
+    fn a_restored_submitter_lets_lapsed_leases_go() {
+        let a = node(1);
+        let mut s = Submitter::new(request(1, 1), key(100), Time(0), SubmitterConfig::default(), 1)
+            .unwrap();
+        let mut records = persisted(&drain(&mut s));
+        s.handle_claim(Time(10), a.id, claim_msg(&s, &a, 1));
+        records.extend(persisted(&drain(&mut s)));
+        // Restarted long after the lease's time: the shard is offered again.
+        let r = Submitter::restore(
+            &records,
+            key(100),
+            Time(10 + 2 * TTL.as_millis() as u64),
+            SubmitterConfig::default(),
+            9,
+        )
+        .unwrap();
+        assert_eq!(r.shard_states(), vec![ShardState::Pending]);
+        assert_eq!(
+            Submitter::restore(&[], key(100), Time(0), SubmitterConfig::default(), 9).unwrap_err(),
+            RestoreError::NoJob
+        );
     }
 
     #[test]
