@@ -255,8 +255,9 @@ pub async fn run(
                 }
                 Err(e) => warn!(error = %e, "control socket accept"),
             },
-            msg = inbound.recv() => match msg {
-                Some(m) => engine.on_inbound(m).await,
+            event = inbound.recv() => match event {
+                Some(mesh::MeshEvent::Message(m)) => engine.on_inbound(m).await,
+                Some(mesh::MeshEvent::PeerGone(p)) => engine.on_peer_gone(p).await,
                 None => break,
             },
             cmd = engine_rx.recv() => {

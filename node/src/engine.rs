@@ -107,6 +107,12 @@ pub struct WorkerView {
     pub running: Vec<String>,
     /// Why this node does not claim, if it does not.
     pub quarantined: Option<String>,
+    /// Jobs heard announced lately (most recent last).
+    pub heard: Vec<String>,
+    /// Shards started here since the node started.
+    pub started: u64,
+    /// Results sent from here since the node started.
+    pub results: u64,
 }
 
 /// A request to the engine.
@@ -195,7 +201,17 @@ pub struct Engine {
     submitter_config: SubmitterConfig,
     seed: u64,
     may_claim: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    heard: std::collections::VecDeque<ContentId>,
+    republish: Vec<(Time, String, Vec<u8>, u32)>,
 }
+
+/// Delay before publishing again an announcement no peer took.
+pub const REPUBLISH_AFTER: Duration = Duration::from_millis(500);
+/// Most times one announcement is published again that way.
+pub const MAX_REPUBLISH: u32 = 40;
+
+/// Most job ids remembered as heard announced.
+pub const MAX_HEARD: usize = 64;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -239,12 +255,46 @@ impl Engine {
             submitter_config: config.submitter,
             seed,
             may_claim,
+            heard: std::collections::VecDeque::new(),
+            republish: Vec::new(),
         };
         // Results not yet acknowledged before a restart are delivered again.
         let t = now();
         for r in engine.db.outbox()? {
             if let Record::Outbox { lease, result } = r {
                 engine.worker.restore_result(t, lease, result);
+            }
+        }
+        // Jobs this node submitted carry on where they were: finished shards stay finished.
+        let mut jobs: Vec<(Time, ContentId, u64)> = engine
+            .db
+            .jobs()?
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Job { request, submission, created } => {
+                    Some((created, request.spec.id(), submission))
+                }
+                _ => None,
+            })
+            .collect();
+        jobs.sort();
+        let skip = jobs.len().saturating_sub(MAX_SUBMITTED_JOBS);
+        for (_, job, submission) in jobs.into_iter().skip(skip) {
+            let records = engine.db.submission(&job, submission)?;
+            engine.seed = engine.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            match Submitter::restore(
+                &records,
+                engine.keypair.clone(),
+                t,
+                engine.submitter_config.clone(),
+                engine.seed,
+            ) {
+                Ok(machine) => {
+                    info!(%job, submission, finished = machine.is_finished(), "job restored");
+                    let (watch, _) = broadcast::channel(WATCH_QUEUE);
+                    engine.submitters.insert((job, submission), Submitted { machine, watch });
+                }
+                Err(e) => warn!(%job, submission, error = %e, "cannot restore a job"),
             }
         }
         Ok((engine, finished_rx))
@@ -258,6 +308,9 @@ impl Engine {
     /// When [`Engine::on_timeout`] is next due.
     pub fn next_timeout(&self) -> Option<Time> {
         let mut t = self.worker.poll_timeout();
+        if let Some(r) = self.republish.iter().map(|r| r.0).min() {
+            t = Some(t.map_or(r, |t| t.min(r)));
+        }
         for s in self.submitters.values() {
             if let Some(x) = s.machine.poll_timeout() {
                 t = Some(t.map_or(x, |t| t.min(x)));
@@ -269,6 +322,15 @@ impl Engine {
     /// Handles deadlines.
     pub async fn on_timeout(&mut self) {
         let t = now();
+        let due: Vec<_> = self.republish.iter().filter(|r| r.0 <= t).cloned().collect();
+        self.republish.retain(|r| r.0 > t);
+        for (_, topic, frame, tries) in due {
+            if let Ok(false) = self.mesh.publish(topic.clone(), frame.clone()).await
+                && tries < MAX_REPUBLISH
+            {
+                self.republish.push((t + REPUBLISH_AFTER, topic, frame, tries + 1));
+            }
+        }
         if self.worker.poll_timeout().is_some_and(|d| d <= t) {
             self.worker.handle_timeout(t);
         }
@@ -276,6 +338,15 @@ impl Engine {
             if s.machine.poll_timeout().is_some_and(|d| d <= t) {
                 s.machine.handle_timeout(t);
             }
+        }
+        self.drain().await;
+    }
+
+    /// A peer's last connection closed: its leases are lost now, not at their deadlines.
+    pub async fn on_peer_gone(&mut self, peer: PeerId) {
+        let t = now();
+        for s in self.submitters.values_mut() {
+            s.machine.peer_gone(t, peer);
         }
         self.drain().await;
     }
@@ -295,6 +366,7 @@ impl Engine {
                 if !m.gossip {
                     return;
                 }
+                self.hear(a.body.job);
                 if let Err(e) = (self.may_claim)() {
                     debug!(reason = %e, "not claiming: quarantined");
                     return;
@@ -393,10 +465,22 @@ impl Engine {
                     free_slots: self.worker.free_slots(),
                     running: self.worker.running().map(|l| l.to_string()).collect(),
                     quarantined: (self.may_claim)().err(),
+                    heard: self.heard.iter().map(|j| j.to_string()).collect(),
+                    started: self.worker.stats().started,
+                    results: self.worker.stats().results,
                 });
             }
         }
         self.drain().await;
+    }
+
+    fn hear(&mut self, job: ContentId) {
+        if !self.heard.contains(&job) {
+            if self.heard.len() >= MAX_HEARD {
+                self.heard.pop_front();
+            }
+            self.heard.push_back(job);
+        }
     }
 
     fn worker_dimensions(&self) -> Dimensions {
@@ -476,7 +560,13 @@ impl Engine {
                         let _ = self.worker.handle_announcement(now(), a.clone());
                     }
                 }
-                let _ = self.mesh.publish(topic, msg.encode()).await;
+                let frame = msg.encode();
+                if let Ok(false) = self.mesh.publish(topic.clone(), frame.clone()).await {
+                    // Nobody subscribed is connected yet: try again shortly rather than at the
+                    // next announcement period.
+                    self.republish.retain(|(_, t, _, _)| *t != topic);
+                    self.republish.push((now() + REPUBLISH_AFTER, topic, frame, 0));
+                }
             }
             Output::Persist(r) => {
                 if let Err(e) = self.db.put(&r) {

@@ -10,6 +10,7 @@ use grid_node::engine::EngineConfig;
 use grid_node::exec::{ExecConfig, SandboxPolicy};
 use grid_node::mesh::{Fault, MeshConfig};
 use grid_protocol::dims::POOL;
+use grid_protocol::submitter::SubmitterConfig;
 use grid_protocol::worker::TrustPolicy;
 use libp2p::Multiaddr;
 
@@ -63,6 +64,11 @@ struct Args {
     /// Directory for run directories (default: <data-dir>/runs).
     #[arg(long)]
     runs_dir: Option<std::path::PathBuf>,
+    /// For jobs submitted here that do not wait for capacity (`grid submit --no-wait`): how
+    /// long, in seconds, pending shards wait for a matching node before they end as
+    /// NO_RESOURCE.
+    #[arg(long, default_value_t = 60)]
+    no_resource_after: u64,
     /// Run no job in the sandbox: jobs of submitters this node does not trust are refused.
     #[arg(long)]
     no_sandbox: bool,
@@ -138,7 +144,10 @@ fn main() -> ExitCode {
             trust,
             slots: args.slots,
             worker: Default::default(),
-            submitter: Default::default(),
+            submitter: SubmitterConfig {
+                no_resource_after: Duration::from_secs(args.no_resource_after),
+                ..Default::default()
+            },
         };
         let opts =
             NodeOptions { data_dir: dir.clone(), mesh, limits: args.cache.limits(), engine, exec };

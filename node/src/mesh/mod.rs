@@ -130,6 +130,15 @@ pub struct Inbound {
     pub gossip: bool,
 }
 
+/// What the mesh tells the node.
+#[derive(Debug)]
+pub enum MeshEvent {
+    /// A protocol message.
+    Message(Inbound),
+    /// The last connection to a peer closed.
+    PeerGone(PeerId),
+}
+
 /// What the mesh knows about one connected peer.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerInfo {
@@ -182,6 +191,7 @@ enum Command {
     Publish {
         topic: String,
         frame: Vec<u8>,
+        reply: oneshot::Sender<bool>,
     },
     Subscribe(String),
     Connected(oneshot::Sender<Vec<PeerId>>),
@@ -255,9 +265,10 @@ impl MeshHandle {
         self.tx.send(Command::Send { peer, frame }).await.map_err(|_| Closed)
     }
 
-    /// Publishes a protocol frame on a gossip topic.
-    pub async fn publish(&self, topic: String, frame: Vec<u8>) -> Result<(), Closed> {
-        self.tx.send(Command::Publish { topic, frame }).await.map_err(|_| Closed)
+    /// Publishes a protocol frame on a gossip topic; answers whether any peer subscribed to
+    /// the topic was there to take it.
+    pub async fn publish(&self, topic: String, frame: Vec<u8>) -> Result<bool, Closed> {
+        self.ask(|reply| Command::Publish { topic, frame, reply }).await
     }
 
     /// Subscribes to a gossip topic.
@@ -313,7 +324,7 @@ pub fn start(
     keypair: Keypair,
     store: Arc<Store>,
     config: MeshConfig,
-) -> Result<(MeshHandle, mpsc::Receiver<Inbound>, tokio::task::JoinHandle<()>), StartError> {
+) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>, tokio::task::JoinHandle<()>), StartError> {
     let local = keypair.public().to_peer_id();
     let mut swarm = build_swarm(keypair, &config)?;
     for addr in &config.listen {
@@ -442,7 +453,7 @@ struct Driver {
     store: Arc<Store>,
     commands: mpsc::Receiver<Command>,
     self_tx: mpsc::WeakSender<Command>,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<MeshEvent>,
     serving: Arc<Semaphore>,
     config: Arc<MeshConfig>,
     pending_content: HashMap<OutboundRequestId, oneshot::Sender<Result<ContentResponse, String>>>,
@@ -511,13 +522,16 @@ impl Driver {
             Command::Send { peer, frame } => {
                 self.swarm.behaviour_mut().msg.send_request(&peer, frame);
             }
-            Command::Publish { topic, frame } => {
+            Command::Publish { topic, frame, reply } => {
                 let topic = IdentTopic::new(topic);
-                match self.swarm.behaviour_mut().gossip.publish(topic.clone(), frame) {
-                    Ok(_) => {}
-                    Err(gossipsub::PublishError::Duplicate) => {}
-                    Err(e) => debug!(topic = %topic, error = %e, "publish"),
-                }
+                let sent = match self.swarm.behaviour_mut().gossip.publish(topic.clone(), frame) {
+                    Ok(_) | Err(gossipsub::PublishError::Duplicate) => true,
+                    Err(e) => {
+                        debug!(topic = %topic, error = %e, "publish");
+                        false
+                    }
+                };
+                let _ = reply.send(sent);
             }
             Command::Subscribe(topic) => {
                 if let Err(e) =
@@ -619,6 +633,9 @@ impl Driver {
                 if num_established == 0 {
                     self.addresses.remove(&peer_id);
                     self.agents.remove(&peer_id);
+                    if self.inbound.try_send(MeshEvent::PeerGone(peer_id)).is_err() {
+                        warn!(peer = %peer_id, "event queue full; a disconnect was not reported");
+                    }
                 } else if let Some(known) = self.addresses.get_mut(&peer_id) {
                     known.retain(|a| a != endpoint.get_remote_address());
                 }
@@ -727,8 +744,11 @@ impl Driver {
     }
 
     fn deliver(&mut self, msg: Inbound) {
-        if let Err(mpsc::error::TrySendError::Full(m)) = self.inbound.try_send(msg) {
-            warn!(from = %m.from, "inbound message queue full; message dropped");
+        let from = msg.from;
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.inbound.try_send(MeshEvent::Message(msg))
+        {
+            warn!(%from, "inbound message queue full; message dropped");
         }
     }
 
