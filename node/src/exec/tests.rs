@@ -476,9 +476,10 @@ async fn output_files_come_back_byte_identical() {
             assert_eq!(out.len(), 4, "{:?}", out.keys());
         }
     }
-    // No outputs: none.
+    // No outputs: none; no output: an empty log.
     let report = run(&e, &sh(tree, "true", false)).await;
     assert_eq!(report.outcome.outputs, None);
+    assert_eq!(fx.log(&report), "");
 }
 
 #[tokio::test]
