@@ -435,7 +435,6 @@ impl Executor {
         cancel: watch::Receiver<bool>,
     ) -> RunReport {
         let setup = Instant::now();
-        let session = self.store.session();
         let started = match self.start(exec).await {
             Ok(s) => s,
             Err(e) => {
@@ -455,8 +454,7 @@ impl Executor {
         self.record_start(Ok(()));
         let overhead = setup.elapsed();
         let Started { run_dir, tree, pipes, start } = started;
-        let mut report =
-            self.supervise(exec, run_dir, tree, pipes, start, live, cancel, &session).await;
+        let mut report = self.supervise(exec, run_dir, tree, pipes, start, live, cancel).await;
         let outcome = &mut report.outcome;
         outcome.overhead = overhead;
         outcome.error = truncate(std::mem::take(&mut outcome.error), MAX_ERROR_BYTES);
@@ -666,7 +664,6 @@ impl Executor {
         start: Instant,
         mut live: Option<mpsc::Sender<LogChunk>>,
         mut cancel: watch::Receiver<bool>,
-        session: &Session,
     ) -> RunReport {
         let spec = &exec.spec;
         let process::Pipes { mut log, status } = pipes;
@@ -738,24 +735,49 @@ impl Executor {
         if let Some(note) = note {
             capture.tail.push(format!("\n[grid: {note}; process tree killed]\n").as_bytes());
         }
-        if outcome.state == RunState::Completed {
-            match self.collect_outputs(spec, &run_dir, session) {
-                Ok((outputs, notes)) => {
-                    outcome.outputs = outputs;
-                    for n in notes {
-                        capture.tail.push(format!("[grid: {n}]\n").as_bytes());
-                    }
-                }
-                Err(e) => {
-                    capture.tail.push(format!("[grid: {e}]\n").as_bytes());
-                    outcome = ExecOutcome::ended(RunState::Error, &e);
-                    outcome.duration = duration;
-                }
+        // Hashing outputs and the log may take long: off the runtime's threads.
+        let log_dropped_bytes = capture.tail.dropped();
+        let store = self.store.clone();
+        let max_output_bytes = self.config.max_output_bytes;
+        let declared = spec.outputs.clone();
+        let completed = outcome.state == RunState::Completed;
+        let mut tail = capture.tail;
+        let finished = tokio::task::spawn_blocking(move || {
+            let session = store.session();
+            let mut outputs = Ok(None);
+            if completed {
+                outputs = collect_outputs(&store, &session, &declared, &run_dir, max_output_bytes)
+                    .map(|(id, notes)| {
+                        for n in notes {
+                            tail.push(format!("[grid: {n}]\n").as_bytes());
+                        }
+                        id
+                    })
+                    .inspect_err(|e| tail.push(format!("[grid: {e}]\n").as_bytes()));
+            }
+            let log = store_log(&store, &session, tail, &run_dir);
+            drop(run_dir);
+            (outputs, log)
+        })
+        .await;
+        match finished {
+            Ok((Ok(outputs), log)) => {
+                outcome.outputs = outputs;
+                outcome.log = log;
+            }
+            Ok((Err(e), log)) => {
+                outcome = ExecOutcome::ended(RunState::Error, &e);
+                outcome.duration = duration;
+                outcome.log = log;
+            }
+            Err(e) => {
+                outcome = ExecOutcome::ended(
+                    RunState::Error,
+                    &format!("storing the outputs and log panicked: {e}"),
+                );
+                outcome.duration = duration;
             }
         }
-        let log_dropped_bytes = capture.tail.dropped();
-        outcome.log = self.store_log(capture.tail, &run_dir, session);
-        drop(run_dir);
         RunReport {
             outcome,
             output_bytes: capture.total,
@@ -763,115 +785,105 @@ impl Executor {
             live_dropped_chunks: capture.live_dropped,
         }
     }
+}
 
-    /// Stores the log as a one-file tree ([`LOG_FILE`]); `None` (and a warning) when the store
-    /// fails: a missing log must not lose the outcome.
-    fn store_log(&self, tail: log::Tail, run: &RunDir, session: &Session) -> Option<ContentId> {
-        let path = run.path.join("log");
-        let stored = fs::write(&path, tail.into_log())
-            .map_err(|e| format!("write {}: {e}", path.display()))
-            .and_then(|()| self.store.put_file(&path, session).map_err(|e| e.to_string()))
-            .and_then(|f| {
-                let mut m = Manifest::new();
-                m.entries.insert(
-                    LOG_FILE.to_string(),
-                    Entry::File { size: f.size, executable: false, blocks: f.blocks },
-                );
-                self.store.put_manifest(&m, session).map_err(|e| e.to_string())
-            });
-        match stored {
-            Ok(id) => Some(id),
-            Err(e) => {
-                tracing::warn!("cannot store the log: {e}");
-                None
-            }
+/// Stores the log as a one-file tree ([`LOG_FILE`]); `None` (and a warning) when the store
+/// fails: a missing log must not lose the outcome.
+fn store_log(store: &Store, session: &Session, tail: log::Tail, run: &RunDir) -> Option<ContentId> {
+    let path = run.path.join("log");
+    let stored = fs::write(&path, tail.into_log())
+        .map_err(|e| format!("write {}: {e}", path.display()))
+        .and_then(|()| store.put_file(&path, session).map_err(|e| e.to_string()))
+        .and_then(|f| {
+            let mut m = Manifest::new();
+            m.entries.insert(
+                LOG_FILE.to_string(),
+                Entry::File { size: f.size, executable: false, blocks: f.blocks },
+            );
+            store.put_manifest(&m, session).map_err(|e| e.to_string())
+        });
+    match stored {
+        Ok(id) => Some(id),
+        Err(e) => {
+            tracing::warn!("cannot store the log: {e}");
+            None
         }
     }
+}
 
-    /// Stores the output directory and the spec's declared outputs as one tree.
-    ///
-    /// `Ok((None, notes))` when there is nothing to store or the job's outputs cannot be a tree
-    /// (the notes say why: that is the job's doing, the same on every node). `Err` when the
-    /// node failed to store them.
-    fn collect_outputs(
-        &self,
-        spec: &grid_protocol::job::JobSpec,
-        run: &RunDir,
-        session: &Session,
-    ) -> Result<(Option<ContentId>, Vec<String>), String> {
-        let mut notes = Vec::new();
-        let out = run.out();
-        let work = run.work();
-        let out_size = sanitize(&out, &out, &mut notes);
-        let declared: Vec<PathBuf> = spec
-            .outputs
-            .iter()
-            .map(|p| work.join(p))
-            .filter(|p| fs::symlink_metadata(p).is_ok())
-            .collect();
-        let declared_size: u64 = declared.iter().map(|p| sanitize(&work, p, &mut notes)).sum();
-        let total = out_size.saturating_add(declared_size);
-        if total > self.config.max_output_bytes {
-            notes.push(format!(
-                "outputs of {total} bytes are over the {}-byte limit; not stored",
-                self.config.max_output_bytes
-            ));
-            return Ok((None, notes));
-        }
-        let out_empty = fs::read_dir(&out).map(|mut r| r.next().is_none()).unwrap_or(true);
-        let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
-        let pack_tree =
-            |root: &Path, inputs: &[PathBuf], notes: &mut Vec<String>| match pack::pack_in(
-                &self.store,
-                session,
-                root,
-                inputs,
-            ) {
-                Ok(p) => self
-                    .store
-                    .manifest(&p.id)
-                    .map(|m| Some(m.entries))
-                    .map_err(|e| format!("cannot read back the outputs tree: {e}")),
-                Err(PackError::Store(e)) => Err(format!("cannot store the outputs: {e}")),
-                Err(e) => {
-                    notes.push(format!("outputs not stored: {e}"));
-                    Ok(None)
-                }
-            };
-        if !out_empty {
-            match pack_tree(&out, std::slice::from_ref(&out), &mut notes)? {
-                Some(e) => entries = e,
-                None => return Ok((None, notes)),
-            }
-        }
-        if !declared.is_empty()
-            && let Some(more) = pack_tree(&work, &declared, &mut notes)?
-        {
-            for (path, entry) in more {
-                if conflicts(&entries, &path) {
-                    notes.push(format!(
-                        "declared output {path} clashes with the output directory; skipped"
-                    ));
-                } else {
-                    entries.insert(path, entry);
-                }
-            }
-        }
-        if entries.is_empty() {
-            return Ok((None, notes));
-        }
-        let mut m = Manifest::new();
-        m.entries = entries;
-        if let Err(e) = m.validate() {
+/// Stores the output directory and the spec's declared outputs as one tree.
+///
+/// `Ok((None, notes))` when there is nothing to store or the job's outputs cannot be a tree
+/// (the notes say why: that is the job's doing, the same on every node). `Err` when the
+/// node failed to store them.
+fn collect_outputs(
+    store: &Store,
+    session: &Session,
+    declared: &[String],
+    run: &RunDir,
+    max_output_bytes: u64,
+) -> Result<(Option<ContentId>, Vec<String>), String> {
+    let mut notes = Vec::new();
+    let out = run.out();
+    let work = run.work();
+    let out_size = sanitize(&out, &out, &mut notes);
+    let declared: Vec<PathBuf> =
+        declared.iter().map(|p| work.join(p)).filter(|p| fs::symlink_metadata(p).is_ok()).collect();
+    let declared_size: u64 = declared.iter().map(|p| sanitize(&work, p, &mut notes)).sum();
+    let total = out_size.saturating_add(declared_size);
+    if total > max_output_bytes {
+        notes.push(format!(
+            "outputs of {total} bytes are over the {}-byte limit; not stored",
+            max_output_bytes
+        ));
+        return Ok((None, notes));
+    }
+    let out_empty = fs::read_dir(&out).map(|mut r| r.next().is_none()).unwrap_or(true);
+    let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    let pack_tree = |root: &Path, inputs: &[PathBuf], notes: &mut Vec<String>| match pack::pack_in(
+        store, session, root, inputs,
+    ) {
+        Ok(p) => store
+            .manifest(&p.id)
+            .map(|m| Some(m.entries))
+            .map_err(|e| format!("cannot read back the outputs tree: {e}")),
+        Err(PackError::Store(e)) => Err(format!("cannot store the outputs: {e}")),
+        Err(e) => {
             notes.push(format!("outputs not stored: {e}"));
-            return Ok((None, notes));
+            Ok(None)
         }
-        let id = self
-            .store
-            .put_manifest(&m, session)
-            .map_err(|e| format!("cannot store the outputs: {e}"))?;
-        Ok((Some(id), notes))
+    };
+    if !out_empty {
+        match pack_tree(&out, std::slice::from_ref(&out), &mut notes)? {
+            Some(e) => entries = e,
+            None => return Ok((None, notes)),
+        }
     }
+    if !declared.is_empty()
+        && let Some(more) = pack_tree(&work, &declared, &mut notes)?
+    {
+        for (path, entry) in more {
+            if conflicts(&entries, &path) {
+                notes.push(format!(
+                    "declared output {path} clashes with the output directory; skipped"
+                ));
+            } else {
+                entries.insert(path, entry);
+            }
+        }
+    }
+    if entries.is_empty() {
+        return Ok((None, notes));
+    }
+    let mut m = Manifest::new();
+    m.entries = entries;
+    if let Err(e) = m.validate() {
+        notes.push(format!("outputs not stored: {e}"));
+        return Ok((None, notes));
+    }
+    let id =
+        store.put_manifest(&m, session).map_err(|e| format!("cannot store the outputs: {e}"))?;
+    Ok((Some(id), notes))
 }
 
 /// A started attempt.
@@ -893,12 +905,17 @@ struct Capture {
 
 impl Capture {
     fn push(&mut self, data: &[u8], live: &mut Option<mpsc::Sender<LogChunk>>) {
+        let mut closed = false;
         if let Some(tx) = live {
-            match tx.try_send(LogChunk { offset: self.total, data: data.to_vec() }) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => self.live_dropped += 1,
-                Err(mpsc::error::TrySendError::Closed(_)) => *live = None,
+            // Reserve first: a lagging consumer costs no copy.
+            match tx.try_reserve() {
+                Ok(permit) => permit.send(LogChunk { offset: self.total, data: data.to_vec() }),
+                Err(mpsc::error::TrySendError::Full(())) => self.live_dropped += 1,
+                Err(mpsc::error::TrySendError::Closed(())) => closed = true,
             }
+        }
+        if closed {
+            *live = None;
         }
         self.total += data.len() as u64;
         self.tail.push(data);

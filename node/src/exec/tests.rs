@@ -245,6 +245,7 @@ trap '' TERM
 echo $! > "$PIDS/child"
 setsid sh -c 'trap "" TERM; sleep "$MARK" & echo $! > "$PIDS/daemon"; wait' &
 sh -c 'sleep "$MARK" & echo $! > "$PIDS/orphan"'
+setsid sh -c 'sleep "$MARK" & echo $! > "$PIDS/ghost"'
 echo all started
 sleep "$MARK"
 "#;
@@ -266,8 +267,8 @@ async fn tree_is_killed_at_hard_timeout(sandbox: bool) {
     let pid_dir = if sandbox { "/tmp".to_string() } else { pids.display().to_string() };
     spec.env.insert("PIDS".into(), pid_dir);
     let exec = with_spec(spec, 0, sandbox);
-    let (report, most) = tokio::join!(run(&e, &exec), wait_for_sleepers(&mark, 4));
-    assert_eq!(most, 4, "child, daemon, orphan and the main sleep all ran");
+    let (report, most) = tokio::join!(run(&e, &exec), wait_for_sleepers(&mark, 5));
+    assert_eq!(most, 5, "child, daemon, orphan, ghost and the main sleep all ran");
     let o = &report.outcome;
     assert_eq!(o.state, RunState::TimedOut, "{o:?}");
     assert_eq!(o.error, "hard timeout after 2s");
@@ -277,7 +278,7 @@ async fn tree_is_killed_at_hard_timeout(sandbox: bool) {
     assert!(log.contains("all started"), "{log}");
     assert!(log.contains("[grid: hard timeout after 2s; process tree killed]"), "{log}");
     if !sandbox {
-        for name in ["child", "daemon", "orphan"] {
+        for name in ["child", "daemon", "orphan", "ghost"] {
             let pid: i32 = fs::read_to_string(pids.join(name)).unwrap().trim().parse().unwrap();
             assert!(!alive(pid), "{name} {pid} still alive");
         }
@@ -475,9 +476,10 @@ async fn output_files_come_back_byte_identical() {
             assert_eq!(out.len(), 4, "{:?}", out.keys());
         }
     }
-    // No outputs: none.
+    // No outputs: none; no output: an empty log.
     let report = run(&e, &sh(tree, "true", false)).await;
     assert_eq!(report.outcome.outputs, None);
+    assert_eq!(fx.log(&report), "");
 }
 
 #[tokio::test]
