@@ -168,11 +168,16 @@ impl NodeProc {
     /// Starts `grid-node` on loopback (TCP, port chosen by the system, mDNS off) with extra
     /// arguments, and waits until it says it is ready.
     pub fn start(data_dir: &Path, extra: &[&str]) -> NodeProc {
+        Self::start_listening(data_dir, "/ip4/127.0.0.1/tcp/0", extra)
+    }
+
+    /// As [`NodeProc::start`], listening on `listen` (to restart a node on the same port).
+    pub fn start_listening(data_dir: &Path, listen: &str, extra: &[&str]) -> NodeProc {
         use std::io::BufRead;
         let mut child = Command::new(bin("grid-node"))
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(["--listen", listen, "--no-mdns"])
             .args(extra)
             .env_remove("GRID_DATA_DIR")
             .env_remove("GRID_BOOTSTRAP")
@@ -251,6 +256,12 @@ impl NodeProc {
         }
     }
 
+    /// Kills the node with SIGKILL, without warning, and waits for it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops the node with SIGTERM and waits for it; returns its exit status.
     pub fn stop(mut self) -> std::process::ExitStatus {
         self.terminate()
@@ -278,5 +289,30 @@ impl Drop for NodeProc {
         if let Ok(None) = self.child.try_wait() {
             self.terminate();
         }
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind a free port")
+}
+
+/// The sample test suite shipped with the tests.
+pub fn suite_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/suite")
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

@@ -195,8 +195,9 @@ pub async fn run(
     if let SandboxStatus::Unavailable { reason } = executor.sandbox() {
         warn!(%reason, "no sandbox: jobs of submitters this node does not trust are refused");
     }
-    let (mesh, mut inbound, mesh_task) =
-        mesh::start(keypair.clone(), store.clone(), opts.mesh.clone())?;
+    let mut mesh_config = opts.mesh.clone();
+    mesh_config.dimensions = Some(opts.engine.dimensions.clone());
+    let (mesh, mut inbound, mesh_task) = mesh::start(keypair.clone(), store.clone(), mesh_config)?;
     for topic in Engine::topics(&opts.engine.dimensions) {
         mesh.subscribe(topic).await?;
     }
@@ -258,6 +259,7 @@ pub async fn run(
             event = inbound.recv() => match event {
                 Some(mesh::MeshEvent::Message(m)) => engine.on_inbound(m).await,
                 Some(mesh::MeshEvent::PeerGone(p)) => engine.on_peer_gone(p).await,
+                Some(mesh::MeshEvent::PeerDimensions(p, d)) => engine.on_peer_dimensions(p, d),
                 None => break,
             },
             cmd = engine_rx.recv() => {

@@ -88,8 +88,10 @@ pub struct JobView {
     pub name: String,
     /// Whether every shard is final.
     pub finished: bool,
-    /// Why pending shards wait, when they do.
+    /// Why pending shards wait (or ended as NO_RESOURCE), when any do.
     pub pending_reason: Option<String>,
+    /// Results that disagreed with an accepted outcome.
+    pub dissents: u64,
     /// The shards.
     pub shards: Vec<ShardView>,
 }
@@ -203,6 +205,7 @@ pub struct Engine {
     may_claim: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
     heard: std::collections::VecDeque<ContentId>,
     republish: Vec<(Time, String, Vec<u8>, u32)>,
+    peer_dims: BTreeMap<PeerId, Dimensions>,
 }
 
 /// Delay before publishing again an announcement no peer took.
@@ -257,6 +260,7 @@ impl Engine {
             may_claim,
             heard: std::collections::VecDeque::new(),
             republish: Vec::new(),
+            peer_dims: BTreeMap::new(),
         };
         // Results not yet acknowledged before a restart are delivered again.
         let t = now();
@@ -340,6 +344,20 @@ impl Engine {
             }
         }
         self.drain().await;
+    }
+
+    /// A peer told its dimensions: every job can now say whether it would fit.
+    pub fn on_peer_dimensions(&mut self, peer: PeerId, dims: Dimensions) {
+        for s in self.submitters.values_mut() {
+            s.machine.observe_node(peer, dims.clone());
+        }
+        if !self.peer_dims.contains_key(&peer)
+            && self.peer_dims.len() >= grid_protocol::submitter::MAX_KNOWN_NODES
+            && let Some(first) = self.peer_dims.keys().next().copied()
+        {
+            self.peer_dims.remove(&first);
+        }
+        self.peer_dims.insert(peer, dims);
     }
 
     /// A peer's last connection closed: its leases are lost now, not at their deadlines.
@@ -510,6 +528,11 @@ impl Engine {
         .map_err(|e| e.to_string())?;
         let key = (machine.job(), machine.submission());
         info!(job = %key.0, submission = key.1, shards = machine.request().spec.shards, "job submitted");
+        let mut machine = machine;
+        machine.observe_node(self.mesh.local_peer_id(), self.dimensions.clone());
+        for (p, d) in &self.peer_dims {
+            machine.observe_node(*p, d.clone());
+        }
         let (watch, _) = broadcast::channel(WATCH_QUEUE);
         self.submitters.insert(key, Submitted { machine, watch });
         Ok(key)
@@ -681,7 +704,7 @@ fn log_event(e: &Event) {
 
 /// A job's state from its submitter.
 pub fn view(s: &Submitter) -> JobView {
-    let shards = (0..s.request().spec.shards)
+    let shards: Vec<ShardView> = (0..s.request().spec.shards)
         .map(|i| {
             let st = s.shard(i);
             let state = st.as_ref().map_or(ShardState::Pending, |x| x.state);
@@ -704,12 +727,15 @@ pub fn view(s: &Submitter) -> JobView {
         .collect();
     let finished = s.is_finished();
     let reason = s.pending_reason();
+    let waiting =
+        shards.iter().any(|x: &ShardView| x.state == "PENDING" || x.state == "NO_RESOURCE");
     JobView {
         job: s.job().to_string(),
         submission: s.submission(),
         name: s.request().name.clone(),
         finished,
-        pending_reason: (!finished).then(|| reason.to_string()).filter(|r| !r.is_empty()),
+        pending_reason: waiting.then(|| reason.to_string()).filter(|r| !r.is_empty()),
+        dissents: s.stats().dissents,
         shards,
     }
 }

@@ -1,4 +1,5 @@
 //! End-to-end tests: grid's real binaries on real files and sockets.
 
 mod content;
+mod jobs;
 mod mesh;

@@ -82,6 +82,9 @@ pub struct MeshConfig {
     pub fetch_window: usize,
     /// Most block requests in flight to one peer per fetch.
     pub fetch_window_per_peer: usize,
+    /// This node's dimensions, advertised to peers through identify so submitters can say
+    /// why no node matches a job.
+    pub dimensions: Option<grid_protocol::dims::Dimensions>,
     /// Test only.
     #[doc(hidden)]
     pub fault: Option<Fault>,
@@ -102,6 +105,7 @@ impl Default for MeshConfig {
             serve_concurrency: 32,
             fetch_window: 32,
             fetch_window_per_peer: 16,
+            dimensions: None,
             fault: None,
         }
     }
@@ -137,6 +141,33 @@ pub enum MeshEvent {
     Message(Inbound),
     /// The last connection to a peer closed.
     PeerGone(PeerId),
+    /// A peer said what dimensions it has.
+    PeerDimensions(PeerId, grid_protocol::dims::Dimensions),
+}
+
+/// Prefix of the identify agent string of grid nodes.
+pub const AGENT_PREFIX: &str = "grid-node/";
+
+/// The identify agent string: `grid-node/<version> <dimensions as JSON>`.
+pub fn agent_string(dims: Option<&grid_protocol::dims::Dimensions>) -> String {
+    let mut a = format!("{AGENT_PREFIX}{}", env!("CARGO_PKG_VERSION"));
+    if let Some(d) = dims
+        && let Ok(json) = serde_json::to_string(&d.0)
+    {
+        a.push(' ');
+        a.push_str(&json);
+    }
+    a
+}
+
+/// The dimensions in a peer's agent string, if it is a grid node that sent valid ones.
+pub fn parse_agent(agent: &str) -> Option<grid_protocol::dims::Dimensions> {
+    let rest = agent.strip_prefix(AGENT_PREFIX)?;
+    let (_, json) = rest.split_once(' ')?;
+    let map = serde_json::from_str(json).ok()?;
+    let d = grid_protocol::dims::Dimensions(map);
+    d.validate().ok()?;
+    Some(d)
 }
 
 /// What the mesh knows about one connected peer.
@@ -402,6 +433,7 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(256);
     let want_mdns = config.mdns;
+    let agent = agent_string(config.dimensions.as_ref());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -424,7 +456,7 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
                 kad,
                 identify: identify::Behaviour::new(
                     identify::Config::new("/grid/1.0.0".into(), key.public())
-                        .with_agent_version(format!("grid-node/{}", env!("CARGO_PKG_VERSION"))),
+                        .with_agent_version(agent),
                 ),
                 msg: request_response::Behaviour::with_codec(
                     MsgCodec,
@@ -657,8 +689,14 @@ impl Driver {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
+                if let Some(dims) = parse_agent(&info.agent_version)
+                    && self.inbound.try_send(MeshEvent::PeerDimensions(peer_id, dims)).is_err()
+                {
+                    debug!(peer = %peer_id, "event queue full; dimensions not reported");
+                }
                 if self.swarm.is_connected(&peer_id) {
-                    self.agents.insert(peer_id, info.agent_version);
+                    let short = info.agent_version.split(' ').next().unwrap_or_default();
+                    self.agents.insert(peer_id, short.to_string());
                 }
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {

@@ -1,0 +1,266 @@
+//! Jobs end to end: `grid submit` to a mesh of real `grid-node` processes on loopback.
+
+use std::collections::BTreeMap;
+use std::process::Output;
+
+use grid_tests::{NodeProc, Scratch, free_port, suite_dir, wait_for};
+use serde_json::Value;
+
+/// A submitting node and `n` workers that trust it, all connected.
+struct Mesh {
+    submitter: NodeProc,
+    workers: Vec<NodeProc>,
+}
+
+fn mesh(s: &Scratch, n: usize, submitter_args: &[&str], worker_args: &[&[&str]]) -> Mesh {
+    let submitter = NodeProc::start(&s.path("submitter"), submitter_args);
+    let boot = submitter.addrs[0].clone();
+    let workers: Vec<NodeProc> = (0..n)
+        .map(|i| {
+            let mut args = vec!["--bootstrap", &boot, "--trust", &submitter.peer_id];
+            args.extend_from_slice(worker_args.get(i).copied().unwrap_or(&[]));
+            NodeProc::start(&s.path(&format!("worker{i}")), &args)
+        })
+        .collect();
+    submitter.wait_connected(n as u64);
+    Mesh { submitter, workers }
+}
+
+fn submit(node: &NodeProc, dir: &std::path::Path, args: &[&str]) -> Output {
+    node.grid(["submit"]).args(args).current_dir(dir).output().expect("run grid submit")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn describe(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(o),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn json_of(o: &Output) -> Value {
+    serde_json::from_str(stdout(o).trim())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", describe(o)))
+}
+
+/// A directory with one script, for jobs that are not the sample suite.
+fn script(s: &Scratch, name: &str, body: &str) -> std::path::PathBuf {
+    s.write(&format!("{name}/run.sh"), format!("#!/bin/sh\n{body}\n").as_bytes(), 0o755);
+    s.path(name)
+}
+
+#[test]
+fn an_announcement_reaches_every_subscribed_node() {
+    let s = Scratch::new();
+    let m = mesh(&s, 4, &[], &[]);
+    let dir = script(&s, "job", "exit 0");
+    // Nobody has os=Plan9: the job is heard everywhere and runs nowhere.
+    let out = submit(
+        &m.submitter,
+        &dir,
+        &["--input", ".", "--dimension", "os=Plan9", "--detach", "--json", "--", "./run.sh"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    for w in &m.workers {
+        wait_for(20, "every worker to hear the announcement", || {
+            let st = w.json(["status", "--json"]);
+            st["worker"]["heard"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j == job.as_str())
+                .then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_sharded_job_covers_the_suite_exactly_once() {
+    let s = Scratch::new();
+    let m =
+        mesh(&s, 3, &["--slots", "0"], &[&["--slots", "2"], &["--slots", "2"], &["--slots", "2"]]);
+    let junit = s.path("junit.xml");
+    let out = submit(
+        &m.submitter,
+        &suite_dir(),
+        &[
+            "--isolate",
+            "suite.isolate",
+            "--var",
+            "OS=linux",
+            "--shards",
+            "4",
+            "--junit",
+            junit.to_str().unwrap(),
+            "--",
+            "./run_tests.sh",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(stdout(&out).contains("4 of 4 shards passed"), "{}", describe(&out));
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for part in xml.split("<testcase name=\"").skip(1) {
+        let name = part.split('"').next().unwrap().to_string();
+        *seen.entry(name).or_default() += 1;
+    }
+    let tests: Vec<String> = std::fs::read_dir(suite_dir().join("tests"))
+        .unwrap()
+        .map(|e| e.unwrap().path().file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(seen.len(), tests.len(), "every test ran: {xml}");
+    assert!(seen.values().all(|&n| n == 1), "each test ran once: {seen:?}");
+    assert_eq!(xml.matches("<testsuite ").count(), 4, "one suite per shard: {xml}");
+}
+
+#[test]
+fn a_failing_shard_makes_the_exit_code_non_zero_and_shows_its_log_tail() {
+    let s = Scratch::new();
+    let m = mesh(&s, 2, &["--slots", "0"], &[]);
+    let dir = script(
+        &s,
+        "job",
+        "echo \"shard $GRID_SHARD_INDEX of $GRID_TOTAL_SHARDS\"\n\
+         if [ \"$GRID_SHARD_INDEX\" = 1 ]; then echo 'assertion failed: 2 + 2 == 5' >&2; exit 7; fi",
+    );
+    let out = submit(&m.submitter, &dir, &["--input", ".", "--shards", "3", "--", "./run.sh"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(text.contains("--- shard 1 (COMPLETED) ---"), "{text}");
+    assert!(text.contains("assertion failed: 2 + 2 == 5"), "the log tail is shown: {text}");
+    assert!(text.contains("2 of 3 shards passed; 1 failed"), "{text}");
+    // The same through --json, and `grid logs` prints the whole log.
+    let job = text.lines().next().unwrap().split_whitespace().nth(1).unwrap().to_string();
+    let log = m.submitter.ok(["logs", &job, "1"]);
+    assert!(log.contains("shard 1 of 3") && log.contains("2 + 2 == 5"), "{log}");
+}
+
+#[test]
+fn a_job_nothing_matches_ends_as_no_resource_with_the_reason() {
+    let s = Scratch::new();
+    let m = mesh(&s, 2, &["--slots", "0", "--no-resource-after", "2"], &[]);
+    let dir = script(&s, "job", "exit 0");
+    let out = submit(
+        &m.submitter,
+        &dir,
+        &["--input", ".", "--dimension", "os=Plan9", "--no-wait", "--", "./run.sh"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(text.contains("NO_RESOURCE"), "{text}");
+    assert!(text.contains("no node has os=Plan9"), "the reason is shown: {text}");
+}
+
+#[test]
+fn a_worker_killed_mid_shard_is_replaced_and_the_job_completes() {
+    let s = Scratch::new();
+    let m = mesh(&s, 2, &["--slots", "0"], &[]);
+    let dir = script(&s, "job", "echo start; sleep 3; echo done");
+    let submitter = &m.submitter;
+    let child = submitter
+        .grid(["submit", "--input", ".", "--shards", "2", "--json", "--", "./run.sh"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until both workers run a shard, then kill one without warning.
+    let mut workers = m.workers;
+    wait_for(30, "both workers to run a shard", || {
+        workers
+            .iter()
+            .all(|w| {
+                !w.json(["status", "--json"])["worker"]["running"].as_array().unwrap().is_empty()
+            })
+            .then_some(())
+    });
+    let victim = workers.remove(0);
+    let victim_id = victim.peer_id.clone();
+    victim.kill9();
+    let out = child.wait_with_output().unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let survivor = &workers[0];
+    for sh in v["shards"].as_array().unwrap() {
+        assert_eq!(sh["state"], "COMPLETED", "{v}");
+        assert_eq!(
+            sh["node"],
+            survivor.peer_id.as_str(),
+            "the killed node's shard ran again elsewhere: {v}"
+        );
+    }
+    assert_ne!(victim_id, survivor.peer_id);
+    let st = survivor.json(["status", "--json"]);
+    assert_eq!(st["worker"]["started"], 2, "{st}");
+}
+
+#[test]
+fn the_submitting_node_restarts_and_collect_finishes_without_rerunning() {
+    let s = Scratch::new();
+    let port = free_port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let submitter = NodeProc::start_listening(&s.path("submitter"), &listen, &["--slots", "0"]);
+    let worker = NodeProc::start(
+        &s.path("worker"),
+        &["--bootstrap", &submitter.addrs[0], "--trust", &submitter.peer_id, "--slots", "2"],
+    );
+    submitter.wait_connected(1);
+    // Shard 0 is quick; shard 1 is still running when the submitter dies.
+    let dir = script(&s, "job", "if [ \"$GRID_SHARD_INDEX\" = 1 ]; then sleep 6; fi; echo ok");
+    let out = submit(
+        &submitter,
+        &dir,
+        &["--input", ".", "--shards", "2", "--detach", "--json", "--", "./run.sh"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    wait_for(30, "shard 0 to complete", || {
+        let v = submitter.json(["status", &job, "--json"]);
+        (v["shards"][0]["state"] == "COMPLETED" && v["shards"][1]["state"] == "RUNNING")
+            .then_some(())
+    });
+    let (dir_s, peer) = (submitter.data_dir.clone(), submitter.peer_id.clone());
+    submitter.kill9();
+    let submitter = NodeProc::start_listening(
+        &dir_s,
+        &listen,
+        &["--slots", "0", "--bootstrap", &worker.addrs[0]],
+    );
+    assert_eq!(submitter.peer_id, peer);
+    let out = submitter.grid(["collect", &job, "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v = json_of(&out);
+    assert_eq!(v["shards"][0]["state"], "COMPLETED", "{v}");
+    assert_eq!(v["shards"][1]["state"], "COMPLETED", "{v}");
+    let st = worker.json(["status", "--json"]);
+    assert_eq!(st["worker"]["started"], 2, "no shard ran twice: {st}");
+}
+
+#[test]
+fn redundancy_3_with_a_lying_node_accepts_the_honest_outcome() {
+    let s = Scratch::new();
+    let m = mesh(&s, 4, &["--slots", "0"], &[&[], &[], &[], &["--fault", "lie"]]);
+    let dir = script(&s, "job", "echo honest; exit 0");
+    let out = submit(
+        &m.submitter,
+        &dir,
+        &["--input", ".", "--shards", "3", "--redundancy", "3", "--json", "--", "./run.sh"],
+    );
+    let v = json_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    let liar = &m.workers[3];
+    for sh in v["shards"].as_array().unwrap() {
+        assert_eq!(sh["state"], "COMPLETED", "{v}");
+        assert_eq!(sh["exit_code"], 0, "{v}");
+        assert_ne!(sh["node"], liar.peer_id.as_str(), "{v}");
+    }
+    let lied = liar.json(["status", "--json"])["worker"]["results"].as_u64().unwrap();
+    assert!(lied > 0, "the lying node took part");
+    assert!(v["dissents"].as_u64().unwrap() >= 1, "its results were outvoted: {v}");
+}
