@@ -374,7 +374,9 @@ fn counts(v: &Value) -> Counts {
 pub fn exit_code(v: &Value) -> u8 {
     let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
     let states: Vec<&str> = shards.iter().map(|s| s["state"].as_str().unwrap_or("")).collect();
-    if shards.iter().all(|s| s["passed"] == true) && !shards.is_empty() {
+    if shards.is_empty() {
+        EXIT_INFRA
+    } else if shards.iter().all(|s| s["passed"] == true) {
         EXIT_PASSED
     } else if states.iter().any(|s| !matches!(*s, "COMPLETED" | "TIMED_OUT")) {
         EXIT_INFRA

@@ -262,8 +262,10 @@ mod tests {
             assert_eq!(got.unwrap(), res);
         }
         // A length over the limit is refused before any allocation.
-        let huge = (u32::MAX).to_be_bytes();
+        let huge = [0xff, 0xff, 0xff, 0xff, 0];
         let err = block_on(ContentCodec.read_response(&CONTENT_PROTOCOL, &mut &huge[..]));
+        assert!(err.unwrap_err().to_string().contains("outside"));
+        let err = block_on(MsgCodec.read_request(&MSG_PROTOCOL, &mut &huge[..4]));
         assert!(err.unwrap_err().to_string().contains("over the"));
         let err = block_on(ContentCodec.read_request(&CONTENT_PROTOCOL, &mut &[0, 0, 0, 1, 9][..]));
         assert!(err.is_err());
