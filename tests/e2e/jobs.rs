@@ -264,3 +264,57 @@ fn redundancy_3_with_a_lying_node_accepts_the_honest_outcome() {
     assert!(lied > 0, "the lying node took part");
     assert!(v["dissents"].as_u64().unwrap() >= 1, "its results were outvoted: {v}");
 }
+
+#[test]
+fn a_quarantined_node_does_not_claim() {
+    let s = Scratch::new();
+    // The only worker wants more free disk than any machine has: it must not take shards.
+    let m = mesh(&s, 1, &["--slots", "0"], &[&["--min-free-disk", "1000T"]]);
+    let st = m.workers[0].json(["status", "--json"]);
+    let why = st["worker"]["quarantined"].as_str().unwrap_or_default().to_string();
+    assert!(why.contains("disk"), "the node says why it does not claim: {st}");
+    let dir = script(&s, "job", "exit 0");
+    let out = submit(&m.submitter, &dir, &["--input", ".", "--detach", "--json", "--", "./run.sh"]);
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    // It hears the job, and leaves it alone.
+    wait_for(20, "the worker to hear the job", || {
+        let st = m.workers[0].json(["status", "--json"]);
+        st["worker"]["heard"].as_array().unwrap().iter().any(|j| j == job.as_str()).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let v = m.submitter.json(["status", &job, "--json"]);
+    assert_eq!(v["shards"][0]["state"], "PENDING", "{v}");
+    assert_eq!(m.workers[0].json(["status", "--json"])["worker"]["started"], 0);
+}
+
+#[test]
+fn submit_with_bootstrap_runs_a_node_inside_the_command() {
+    let s = Scratch::new();
+    // Workers open to anyone's jobs (sandboxed): the in-command node has a fresh identity.
+    let a = NodeProc::start(&s.path("a"), &["--open", "--slots", "2"]);
+    let b = NodeProc::start(&s.path("b"), &["--open", "--bootstrap", &a.addrs[0]]);
+    b.wait_connected(1);
+    let dir = script(&s, "job", "echo \"sandboxed shard $GRID_SHARD_INDEX\"; exit 0");
+    let out = std::process::Command::new(grid_tests::bin("grid"))
+        .args(["--data-dir"])
+        .arg(s.path("nobody"))
+        .args([
+            "submit",
+            "--bootstrap",
+            &a.addrs[0],
+            "--input",
+            ".",
+            "--shards",
+            "3",
+            "--json",
+            "--",
+            "./run.sh",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v = json_of(&out);
+    assert_eq!(v["shards"].as_array().unwrap().len(), 3);
+    assert!(!s.path("nobody/node.sock").exists(), "no node is left behind");
+}

@@ -69,6 +69,10 @@ struct Args {
     /// NO_RESOURCE.
     #[arg(long, default_value_t = 60)]
     no_resource_after: u64,
+    /// Least free disk space to keep where shards run (e.g. 2G); below it the node stops
+    /// taking shards and says so in `grid status`.
+    #[arg(long, value_parser = grid_node::cli::parse_size, default_value = "1G")]
+    min_free_disk: u64,
     /// Run no job in the sandbox: jobs of submitters this node does not trust are refused.
     #[arg(long)]
     no_sandbox: bool,
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
             trust.open_pools.extend(pools.iter().cloned());
         }
         let mut exec = ExecConfig::new(args.runs_dir.clone().unwrap_or_else(|| dir.join("runs")));
+        exec.min_free_disk = args.min_free_disk;
         if args.no_sandbox {
             exec.sandbox = SandboxPolicy::Disabled;
         }
