@@ -123,6 +123,9 @@ enum Command {
         job: String,
         /// The shard.
         shard: u32,
+        /// Follow the output while the shard runs, until it ends.
+        #[arg(long, short = 'f')]
+        follow: bool,
     },
     /// Show the running grid-node's state (peer id, addresses, peers, cache, jobs), or one
     /// job's.
@@ -293,7 +296,16 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
             eprintln!("canceled {job}");
             Ok(())
         }
-        Command::Logs { job, shard } => {
+        Command::Logs { job, shard, follow: true } => {
+            let dir = require_node(global)?;
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            crate::submit::follow_output(&dir, &job, shard, &stop, |t| {
+                use std::io::Write as _;
+                print!("{t}");
+                let _ = std::io::stdout().flush();
+            })
+        }
+        Command::Logs { job, shard, follow: false } => {
             let dir = require_node(global)?;
             let v =
                 node_call(&dir, &control::Request::Job { job, submission: None, watch: false })?;

@@ -77,6 +77,15 @@ pub enum Request {
         /// The job id.
         job: String,
     },
+    /// The live output of a running shard from `offset` on, from the node running it.
+    Tail {
+        /// The job id.
+        job: String,
+        /// The shard.
+        shard: u32,
+        /// Offset in the shard's output.
+        offset: u64,
+    },
     /// Read a stored blob (a log) by content id: the bytes of the single file of a tree.
     Cat {
         /// The content id of a one-file tree.

@@ -19,6 +19,8 @@ use crate::control::{self, MAX_CLIENTS, MAX_LINE_BYTES, Request};
 use crate::engine::{Engine, EngineCommand, EngineConfig, Runner};
 use crate::exec::{ExecConfig, Executor, SandboxStatus};
 use crate::jobdb::JobDb;
+use crate::live::LiveLogs;
+use crate::mesh::codec::{ContentRequest, ContentResponse};
 use crate::mesh::fetch::{FetchReport, fetch_tree};
 use crate::mesh::{self, MeshConfig, MeshHandle};
 use crate::store::{Limits, Store};
@@ -114,6 +116,7 @@ impl Fetcher {
 struct ShardRunner {
     fetcher: Arc<Fetcher>,
     executor: Arc<Executor>,
+    live: Arc<LiveLogs>,
     lie: bool,
 }
 
@@ -125,6 +128,7 @@ impl Runner for ShardRunner {
     ) -> BoxFuture<'static, ExecOutcome> {
         let fetcher = self.fetcher.clone();
         let executor = self.executor.clone();
+        let live = self.live.clone();
         let lie = self.lie;
         async move {
             let t = std::time::Instant::now();
@@ -137,7 +141,19 @@ impl Runner for ShardRunner {
                 return o;
             }
             let fetched = t.elapsed();
-            let mut report = executor.run(&exec, None, cancel).await;
+            // Keep the live output for the submitter to follow while the shard runs.
+            let lease = exec.lease;
+            live.open(lease);
+            let (tx, mut rx) = mpsc::channel::<crate::exec::LogChunk>(64);
+            let keeper = live.clone();
+            let drain = tokio::spawn(async move {
+                while let Some(c) = rx.recv().await {
+                    keeper.append(&lease, c.offset, &c.data);
+                }
+            });
+            let mut report = executor.run(&exec, Some(tx), cancel).await;
+            let _ = drain.await;
+            live.close(&lease);
             report.outcome.overhead += fetched;
             // Logs and outputs are trees: provide them so the submitter can fetch them.
             for id in [report.outcome.log, report.outcome.outputs].into_iter().flatten() {
@@ -158,6 +174,7 @@ struct Node {
     mesh: MeshHandle,
     fetcher: Arc<Fetcher>,
     engine: mpsc::Sender<EngineCommand>,
+    live: Arc<LiveLogs>,
 }
 
 /// A running node, for tests and the binary.
@@ -197,7 +214,9 @@ pub async fn run(
     }
     let mut mesh_config = opts.mesh.clone();
     mesh_config.dimensions = Some(opts.engine.dimensions.clone());
-    let (mesh, mut inbound, mesh_task) = mesh::start(keypair.clone(), store.clone(), mesh_config)?;
+    let live = Arc::new(LiveLogs::default());
+    let (mesh, mut inbound, mesh_task) =
+        mesh::start(keypair.clone(), store.clone(), live.clone(), mesh_config)?;
     for topic in Engine::topics(&opts.engine.dimensions) {
         mesh.subscribe(topic).await?;
     }
@@ -209,6 +228,7 @@ pub async fn run(
     let runner = Arc::new(ShardRunner {
         fetcher: fetcher.clone(),
         executor: executor.clone(),
+        live: live.clone(),
         lie: opts.mesh.fault == Some(mesh::Fault::Lie),
     });
     let health = executor.clone();
@@ -230,7 +250,7 @@ pub async fn run(
     }
     on_start(&Started { peer_id: mesh.local_peer_id(), listening });
     let (engine_tx, mut engine_rx) = mpsc::channel(crate::engine::ENGINE_QUEUE);
-    let node = Arc::new(Node { store, mesh, fetcher, engine: engine_tx });
+    let node = Arc::new(Node { store, mesh, fetcher, engine: engine_tx, live });
     let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
     tokio::pin!(shutdown);
     loop {
@@ -473,6 +493,37 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
                 anyhow::bail!("this node has no job {job}");
             }
             Ok(json!({ "canceled": job.to_string() }))
+        }
+        Request::Tail { job, shard, offset } => {
+            let job: ContentId = job.parse().context("not a job id")?;
+            let holder =
+                ask(&node.engine, |reply| EngineCommand::Holder { job, shard, reply }).await?;
+            let Some((lease, peer)) = holder else {
+                return Ok(json!({ "running": false }));
+            };
+            let read = if peer == node.mesh.local_peer_id() {
+                node.live.read(&peer, &lease, offset).map(|r| (r.offset, r.data))
+            } else {
+                match node.mesh.content(peer, ContentRequest::LiveLog { lease, offset }).await? {
+                    Ok(ContentResponse::Found(b)) if b.len() >= 8 => {
+                        let at = u64::from_be_bytes(b[..8].try_into().expect("8 bytes"));
+                        Some((at, b[8..].to_vec()))
+                    }
+                    _ => None,
+                }
+            };
+            Ok(match read {
+                Some((at, data)) => json!({
+                    "running": true,
+                    "node": peer.to_string(),
+                    "offset": at,
+                    "text": String::from_utf8_lossy(&data),
+                    "bytes": data.len(),
+                }),
+                None => {
+                    json!({ "running": true, "node": peer.to_string(), "offset": offset, "text": "", "bytes": 0 })
+                }
+            })
         }
         Request::Cat { id } => {
             let id: ContentId = id.parse().context("not a content id")?;

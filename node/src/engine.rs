@@ -153,6 +153,15 @@ pub enum EngineCommand {
     },
     /// The worker side's state.
     Worker(oneshot::Sender<WorkerView>),
+    /// Who runs a shard of the newest submission of a job now: its lease and node.
+    Holder {
+        /// The job.
+        job: ContentId,
+        /// The shard.
+        shard: u32,
+        /// The answer.
+        reply: oneshot::Sender<Option<(LeaseId, PeerId)>>,
+    },
 }
 
 impl std::fmt::Debug for EngineCommand {
@@ -470,6 +479,25 @@ impl Engine {
                     }
                 }
                 let _ = reply.send(known);
+            }
+            EngineCommand::Holder { job, shard, reply } => {
+                let me = self.mesh.local_peer_id();
+                let found = self.submitters.iter().rev().find(|((j, _), _)| *j == job).and_then(
+                    |((j, u), s)| {
+                        let st = s.machine.shard(shard)?;
+                        st.attempts
+                            .iter()
+                            .rev()
+                            .find(|(_, _, a)| *a == grid_protocol::output::AttemptState::Running)
+                            .map(|(l, node, _)| {
+                                (
+                                    LeaseId { submitter: me, job: *j, submission: *u, lease: *l },
+                                    *node,
+                                )
+                            })
+                    },
+                );
+                let _ = reply.send(found);
             }
             EngineCommand::Worker(reply) => {
                 let _ = reply.send(WorkerView {

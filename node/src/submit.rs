@@ -93,6 +93,9 @@ pub struct SubmitArgs {
     /// Print the job id and return at once; the node keeps running the job (`grid collect`).
     #[arg(long)]
     pub detach: bool,
+    /// Show the live output of this shard while the job runs (on stderr, above the progress).
+    #[arg(long, value_name = "SHARD")]
+    pub follow: Option<u32>,
     /// Join the mesh through this peer with a node inside this command, instead of using the
     /// grid-node of the data directory.
     #[arg(long, value_name = "MULTIADDR")]
@@ -286,7 +289,7 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
         }
         return Ok(EXIT_PASSED);
     }
-    let final_view = follow(&node.dir, &submit, shards, args.json)?;
+    let final_view = follow(&node.dir, &submit, shards, args.json, args.follow)?;
     finish(&node.dir, &final_view, args.json, args.junit.as_deref())
 }
 
@@ -294,12 +297,18 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
 pub fn collect(data_dir: &Path, job: &str, args: &ResultArgs) -> anyhow::Result<u8> {
     let node = NodeAccess::open(data_dir, &[])?;
     let req = Request::Job { job: job.to_string(), submission: None, watch: true };
-    let v = follow(&node.dir, &req, 0, args.json)?;
+    let v = follow(&node.dir, &req, 0, args.json, None)?;
     finish(&node.dir, &v, args.json, args.junit.as_deref())
 }
 
 /// Streams a job's progress to the terminal (or plain lines in a pipe) until it ends.
-fn follow(dir: &Path, req: &Request, shards: u32, quiet: bool) -> anyhow::Result<Value> {
+fn follow(
+    dir: &Path,
+    req: &Request,
+    shards: u32,
+    quiet: bool,
+    follow_shard: Option<u32>,
+) -> anyhow::Result<Value> {
     let started = Instant::now();
     let live = std::io::stderr().is_terminal() && !quiet;
     let bar = live.then(|| {
@@ -314,8 +323,28 @@ fn follow(dir: &Path, req: &Request, shards: u32, quiet: bool) -> anyhow::Result
         b
     });
     let mut last_line = String::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut follower: Option<std::thread::JoinHandle<()>> = None;
     let client = control::Client::connect(dir)?;
     let v = client.call(req, |ev| {
+        if let (Some(shard), None, Some(job)) = (follow_shard, &follower, ev["job"].as_str()) {
+            let (dir, job, stop, bar) =
+                (dir.to_path_buf(), job.to_string(), stop.clone(), bar.clone());
+            follower = Some(std::thread::spawn(move || {
+                let print = |text: &str| {
+                    for line in text.lines() {
+                        let line = format!("[shard {shard}] {line}");
+                        match &bar {
+                            Some(b) => b.println(line),
+                            None => eprintln!("{line}"),
+                        }
+                    }
+                };
+                if let Err(e) = follow_output(&dir, &job, shard, &stop, print) {
+                    eprintln!("[shard {shard}] (live output unavailable: {e:#})");
+                }
+            }));
+        }
         let counts = counts(&ev);
         let mut line = format!(
             "{} pending, {} running, {} passed, {} failed",
@@ -340,10 +369,66 @@ fn follow(dir: &Path, req: &Request, shards: u32, quiet: bool) -> anyhow::Result
             None => {}
         }
     })?;
+    if let Some(f) = follower {
+        // The shard is final now: let the follower print the rest of its stored log.
+        let _ = f.join();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     Ok(v)
+}
+
+/// Prints a shard's output as it is produced, then the rest of its stored log once it ends.
+/// Returns when the shard is final, or when `stop` is set.
+pub fn follow_output(
+    dir: &Path,
+    job: &str,
+    shard: u32,
+    stop: &std::sync::atomic::AtomicBool,
+    mut out: impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let mut offset = 0u64;
+    let deadline_idle = Duration::from_millis(300);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let t = call(dir, &Request::Tail { job: job.to_string(), shard, offset })?;
+        if t["running"] == true {
+            let at = t["offset"].as_u64().unwrap_or(offset);
+            if at > offset {
+                out(&format!("[grid: {} bytes of output skipped]\n", at - offset));
+            }
+            let text = t["text"].as_str().unwrap_or_default();
+            if !text.is_empty() {
+                out(text);
+            }
+            offset = at + t["bytes"].as_u64().unwrap_or(0);
+            if t["bytes"].as_u64().unwrap_or(0) == 0 {
+                std::thread::sleep(deadline_idle);
+            }
+            continue;
+        }
+        let v = call(dir, &Request::Job { job: job.to_string(), submission: None, watch: false })?;
+        let s = &v["shards"][shard as usize];
+        if s.is_null() {
+            bail!("the job has no shard {shard}");
+        }
+        let state = s["state"].as_str().unwrap_or_default();
+        if state == "PENDING" || state == "RUNNING" {
+            std::thread::sleep(deadline_idle);
+            continue;
+        }
+        // Final: what the live view had not shown yet comes from the stored log.
+        if let Some(log) = s["log"].as_str() {
+            let t = call(dir, &Request::Cat { id: log.to_string() })?;
+            let text = t["text"].as_str().unwrap_or_default();
+            if !text.starts_with("[grid:") && (offset as usize) < text.len() {
+                out(&String::from_utf8_lossy(&text.as_bytes()[offset as usize..]));
+            }
+        }
+        return Ok(());
+    }
+    Ok(())
 }
 
 struct Counts {

@@ -318,3 +318,37 @@ fn submit_with_bootstrap_runs_a_node_inside_the_command() {
     assert_eq!(v["shards"].as_array().unwrap().len(), 3);
     assert!(!s.path("nobody/node.sock").exists(), "no node is left behind");
 }
+
+#[test]
+fn a_running_shard_s_output_can_be_followed_live() {
+    use std::io::BufRead;
+    let s = Scratch::new();
+    let m = mesh(&s, 1, &["--slots", "0"], &[]);
+    let flag = s.path("go-on");
+    let dir = script(
+        &s,
+        "job",
+        &format!(
+            "echo 'first line'\nwhile [ ! -e {} ]; do sleep 0.1; done\necho 'last line'",
+            flag.display()
+        ),
+    );
+    let out = submit(&m.submitter, &dir, &["--input", ".", "--detach", "--json", "--", "./run.sh"]);
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    let mut follower = m
+        .submitter
+        .grid(["logs", &job, "0", "--follow"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follower.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    assert_eq!(first, "first line");
+    // It arrived while the shard was still running: the shard waits for the flag.
+    let v = m.submitter.json(["status", &job, "--json"]);
+    assert_eq!(v["shards"][0]["state"], "RUNNING", "{v}");
+    std::fs::write(&flag, b"").unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert_eq!(rest, ["last line"], "the rest, once");
+    assert!(follower.wait().unwrap().success());
+}

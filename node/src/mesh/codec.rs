@@ -13,9 +13,10 @@
 use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use grid_protocol::content::{BLOCK_SIZE, ContentId, MAX_ID_BYTES};
+use grid_protocol::content::{BLOCK_SIZE, ContentId};
 use grid_protocol::manifest::MAX_MANIFEST_BYTES;
 use grid_protocol::message::MAX_MESSAGE_BYTES;
+use grid_protocol::output::LeaseId;
 use libp2p::StreamProtocol;
 
 /// The protocol-message protocol.
@@ -27,6 +28,9 @@ pub const CONTENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/grid/content/
 pub const MAX_CONTENT_RESPONSE: usize =
     1 + if MAX_MANIFEST_BYTES > BLOCK_SIZE { MAX_MANIFEST_BYTES } else { BLOCK_SIZE };
 
+/// Largest content request.
+pub const MAX_CONTENT_REQUEST: usize = 1024;
+
 /// What a peer asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentRequest {
@@ -34,33 +38,58 @@ pub enum ContentRequest {
     Manifest(ContentId),
     /// A block's bytes.
     Block(ContentId),
+    /// The live output of a shard running on the peer, from `offset` on (only its submitter
+    /// may ask). Found bytes start with the big-endian `u64` offset they begin at.
+    LiveLog {
+        /// The lease.
+        lease: LeaseId,
+        /// Offset in the shard's whole output.
+        offset: u64,
+    },
 }
 
 impl ContentRequest {
-    /// The id asked for.
-    pub fn id(&self) -> ContentId {
+    /// What is asked for, for logs.
+    pub fn describe(&self) -> String {
         match self {
-            ContentRequest::Manifest(id) | ContentRequest::Block(id) => *id,
+            ContentRequest::Manifest(id) | ContentRequest::Block(id) => id.to_string(),
+            ContentRequest::LiveLog { lease, offset } => {
+                format!("live log of {lease} from {offset}")
+            }
         }
     }
 
     fn encode(&self) -> Vec<u8> {
-        let (tag, id) = match self {
-            ContentRequest::Manifest(id) => (1u8, id),
-            ContentRequest::Block(id) => (2u8, id),
-        };
-        let mut v = vec![tag];
-        v.extend_from_slice(&id.to_bytes());
-        v
+        match self {
+            ContentRequest::Manifest(id) | ContentRequest::Block(id) => {
+                let tag = if matches!(self, ContentRequest::Manifest(_)) { 1u8 } else { 2u8 };
+                let mut v = vec![tag];
+                v.extend_from_slice(&id.to_bytes());
+                v
+            }
+            ContentRequest::LiveLog { lease, offset } => {
+                let mut v = vec![3u8];
+                v.extend_from_slice(&offset.to_be_bytes());
+                serde_cbor::to_writer(&mut v, lease).expect("lease ids always encode");
+                v
+            }
+        }
     }
 
     fn decode(b: &[u8]) -> io::Result<Self> {
         let (&tag, rest) = b.split_first().ok_or_else(|| invalid("empty content request"))?;
-        let id = ContentId::from_bytes(rest).map_err(|e| invalid(&format!("content id: {e}")))?;
+        let id = || ContentId::from_bytes(rest).map_err(|e| invalid(&format!("content id: {e}")));
         match tag {
-            1 => Ok(ContentRequest::Manifest(id)),
-            2 => Ok(ContentRequest::Block(id)),
-            t => Err(invalid(&format!("unknown content request kind {t}"))),
+            1 => Ok(ContentRequest::Manifest(id()?)),
+            2 => Ok(ContentRequest::Block(id()?)),
+            3 if rest.len() > 8 => {
+                let (off, lease) = rest.split_at(8);
+                let offset = u64::from_be_bytes(off.try_into().expect("8 bytes"));
+                let lease = serde_cbor::from_slice(lease)
+                    .map_err(|e| invalid(&format!("lease id: {e}")))?;
+                Ok(ContentRequest::LiveLog { lease, offset })
+            }
+            t => Err(invalid(&format!("unknown or short content request kind {t}"))),
         }
     }
 }
@@ -180,7 +209,7 @@ impl libp2p::request_response::Codec for ContentCodec {
         _: &StreamProtocol,
         io: &mut T,
     ) -> io::Result<ContentRequest> {
-        ContentRequest::decode(&read_frame(io, 1 + MAX_ID_BYTES).await?)
+        ContentRequest::decode(&read_frame(io, MAX_CONTENT_REQUEST).await?)
     }
 
     async fn read_response<T: AsyncRead + Unpin + Send>(
@@ -248,7 +277,17 @@ mod tests {
     #[test]
     fn content_frames_round_trip_and_refuse_garbage() {
         let id = block_id(b"x");
-        for req in [ContentRequest::Manifest(id), ContentRequest::Block(id)] {
+        let lease = LeaseId {
+            submitter: libp2p::PeerId::random(),
+            job: grid_protocol::content::job_id(b"j"),
+            submission: 3,
+            lease: grid_protocol::message::LeaseRef { shard: 1, attempt: 2 },
+        };
+        for req in [
+            ContentRequest::Manifest(id),
+            ContentRequest::Block(id),
+            ContentRequest::LiveLog { lease, offset: 77 },
+        ] {
             let mut buf = Vec::new();
             block_on(ContentCodec.write_request(&CONTENT_PROTOCOL, &mut buf, req)).unwrap();
             let got = block_on(ContentCodec.read_request(&CONTENT_PROTOCOL, &mut &buf[..]));

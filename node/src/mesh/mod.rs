@@ -354,6 +354,7 @@ pub enum StartError {
 pub fn start(
     keypair: Keypair,
     store: Arc<Store>,
+    live: Arc<crate::live::LiveLogs>,
     config: MeshConfig,
 ) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>, tokio::task::JoinHandle<()>), StartError> {
     let local = keypair.public().to_peer_id();
@@ -378,6 +379,7 @@ pub fn start(
     let driver = Driver {
         swarm,
         store,
+        live,
         commands: rx,
         self_tx: tx.downgrade(),
         inbound: in_tx,
@@ -483,6 +485,7 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
 struct Driver {
     swarm: Swarm<Behaviour>,
     store: Arc<Store>,
+    live: Arc<crate::live::LiveLogs>,
     commands: mpsc::Receiver<Command>,
     self_tx: mpsc::WeakSender<Command>,
     inbound: mpsc::Sender<MeshEvent>,
@@ -802,6 +805,19 @@ impl Driver {
                 self.swarm.behaviour_mut().content.send_response(channel, ContentResponse::Busy);
             return;
         };
+        if let ContentRequest::LiveLog { lease, offset } = req {
+            let response = match self.live.read(&peer, &lease, offset) {
+                Some(r) => {
+                    let mut b = r.offset.to_be_bytes().to_vec();
+                    b.extend_from_slice(&r.data);
+                    ContentResponse::Found(b)
+                }
+                None => ContentResponse::NotFound,
+            };
+            drop(permit);
+            let _ = self.swarm.behaviour_mut().content.send_response(channel, response);
+            return;
+        }
         let store = self.store.clone();
         let back = self.self_tx.clone();
         let fault = self.config.fault;
@@ -809,6 +825,7 @@ impl Driver {
             let found = match req {
                 ContentRequest::Manifest(id) => store.manifest_bytes(&id),
                 ContentRequest::Block(id) => store.read_block(&id),
+                ContentRequest::LiveLog { .. } => Ok(None),
             };
             let response = match found {
                 Ok(Some(mut b)) => {
@@ -822,7 +839,7 @@ impl Driver {
                 }
                 Ok(None) => ContentResponse::NotFound,
                 Err(e) => {
-                    warn!(%peer, id = %req.id(), error = %e, "cannot serve content");
+                    warn!(%peer, what = %req.describe(), error = %e, "cannot serve content");
                     ContentResponse::NotFound
                 }
             };
