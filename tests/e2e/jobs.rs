@@ -352,3 +352,51 @@ fn a_running_shard_s_output_can_be_followed_live() {
     assert_eq!(rest, ["last line"], "the rest, once");
     assert!(follower.wait().unwrap().success());
 }
+
+#[test]
+fn a_worker_stopped_with_sigterm_releases_its_shard_and_exits_cleanly() {
+    let s = Scratch::new();
+    let m = mesh(&s, 2, &["--slots", "0"], &[]);
+    let dir = script(&s, "job", "sleep 30");
+    let out = submit(
+        &m.submitter,
+        &dir,
+        &[
+            "--input",
+            ".",
+            "--shards",
+            "2",
+            "--timeout",
+            "60",
+            "--detach",
+            "--json",
+            "--",
+            "./run.sh",
+        ],
+    );
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    let mut workers = m.workers;
+    wait_for(30, "both workers to run a shard", || {
+        workers
+            .iter()
+            .all(|w| {
+                !w.json(["status", "--json"])["worker"]["running"].as_array().unwrap().is_empty()
+            })
+            .then_some(())
+    });
+    let started = std::time::Instant::now();
+    let status = workers.remove(0).stop();
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "it did not wait for the 30 s shard"
+    );
+    // Its shard is offered again at once (not after the 60 s lease): the other worker, busy
+    // with its own shard, has not taken it yet, so it is pending again.
+    let v = wait_for(10, "the released shard to be pending", || {
+        let v = m.submitter.json(["status", &job, "--json"]);
+        v["shards"].as_array().unwrap().iter().any(|s| s["state"] == "PENDING").then_some(v)
+    });
+    assert!(v["shards"].as_array().unwrap().iter().any(|s| s["state"] == "RUNNING"), "{v}");
+    m.submitter.ok(["cancel", &job]);
+}
