@@ -21,7 +21,12 @@ pub const EXIT_USAGE: u8 = 2;
 
 /// grid: run a test suite across a mesh of machines.
 #[derive(Debug, Parser)]
-#[command(name = "grid", version, about, max_term_width = 100)]
+#[command(
+    name = "grid",
+    version,
+    about = "grid: run a test suite across a mesh of machines",
+    max_term_width = 100
+)]
 pub struct Cli {
     #[command(flatten)]
     global: GlobalArgs,

@@ -209,8 +209,14 @@ pub async fn run(
             format!("failed to open the job database in {}", jobs_dir.display())
         })?);
     let executor = Arc::new(Executor::new(store.clone(), opts.exec.clone()));
+    let mut engine_config = opts.engine.clone();
     if let SandboxStatus::Unavailable { reason } = executor.sandbox() {
-        warn!(%reason, "no sandbox: jobs of submitters this node does not trust are refused");
+        if !engine_config.trust.open_pools.is_empty() {
+            warn!(%reason, "no sandbox, so --open is ignored: only trusted submitters' jobs run here");
+            engine_config.trust.open_pools.clear();
+        } else {
+            info!(%reason, "no sandbox: jobs of submitters this node does not trust are refused");
+        }
     }
     let mut mesh_config = opts.mesh.clone();
     mesh_config.dimensions = Some(opts.engine.dimensions.clone());
@@ -234,7 +240,7 @@ pub async fn run(
     let health = executor.clone();
     let (mut engine, mut finished) = Engine::new(
         keypair.clone(),
-        opts.engine.clone(),
+        engine_config,
         mesh.clone(),
         db,
         runner,

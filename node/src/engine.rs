@@ -302,7 +302,10 @@ impl Engine {
                 engine.submitter_config.clone(),
                 engine.seed,
             ) {
-                Ok(machine) => {
+                Ok(mut machine) => {
+                    if engine.db.is_canceled(&job, submission)? {
+                        machine.cancel(t);
+                    }
                     info!(%job, submission, finished = machine.is_finished(), "job restored");
                     let (watch, _) = broadcast::channel(WATCH_QUEUE);
                     engine.submitters.insert((job, submission), Submitted { machine, watch });
@@ -472,9 +475,12 @@ impl Engine {
             EngineCommand::Cancel { job, reply } => {
                 let t = now();
                 let mut known = false;
-                for ((j, _), s) in self.submitters.iter_mut() {
+                for ((j, u), s) in self.submitters.iter_mut() {
                     if *j == job {
                         known = true;
+                        if let Err(e) = self.db.put_canceled(j, *u) {
+                            warn!(%job, error = %e, "cannot record the cancel");
+                        }
                         s.machine.cancel(t);
                     }
                 }

@@ -6,7 +6,8 @@
 //! - `j ‖ job ‖ submission` -> the job request;
 //! - `l ‖ job ‖ submission ‖ shard ‖ attempt` -> a lease granted;
 //! - `r ‖ job ‖ submission ‖ shard ‖ attempt ‖ node` -> a result counted;
-//! - `o ‖ job ‖ submission ‖ shard ‖ attempt ‖ submitter` -> a result this node must deliver.
+//! - `o ‖ job ‖ submission ‖ shard ‖ attempt ‖ submitter` -> a result this node must deliver;
+//! - `c ‖ job ‖ submission` -> nothing: the user canceled it.
 //!
 //! Ids are length-prefixed, numbers big-endian. A write is one RocksDB put with the write-ahead
 //! log on: a crash of the process loses nothing written; `put` returns only once it is written,
@@ -135,6 +136,16 @@ impl JobDb {
         Ok(out)
     }
 
+    /// Remembers that the user canceled a submission, so a restart does not revive it.
+    pub fn put_canceled(&self, job: &ContentId, submission: u64) -> Result<(), JobDbError> {
+        Ok(self.db.put(job_prefix(b'c', job, submission), [])?)
+    }
+
+    /// Whether the user canceled a submission.
+    pub fn is_canceled(&self, job: &ContentId, submission: u64) -> Result<bool, JobDbError> {
+        Ok(self.db.get_pinned(job_prefix(b'c', job, submission))?.is_some())
+    }
+
     /// Results this node still has to deliver.
     pub fn outbox(&self) -> Result<Vec<Record>, JobDbError> {
         self.scan(b"o")
@@ -191,5 +202,9 @@ mod tests {
         assert_eq!(of7.len(), 4, "the job and its three leases, not submission 8's");
         assert!(matches!(of7[0], Record::Job { submission: 7, .. }));
         assert!(db.outbox().unwrap().is_empty());
+        assert!(!db.is_canceled(&job, 7).unwrap());
+        db.put_canceled(&job, 7).unwrap();
+        assert!(db.is_canceled(&job, 7).unwrap() && !db.is_canceled(&job, 8).unwrap());
+        assert_eq!(db.jobs().unwrap().len(), 2, "a cancel mark is not a job");
     }
 }

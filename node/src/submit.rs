@@ -211,7 +211,12 @@ impl NodeAccess {
             .collect::<anyhow::Result<Vec<libp2p::Multiaddr>>>()?;
         let tmp = tempfile::Builder::new().prefix("grid-submit-").tempdir()?;
         let dir = tmp.path().to_path_buf();
-        let key = crate::identity::load_or_create(&dir)?;
+        // The data directory's identity, so nodes that trust it run the job; a fresh one when
+        // that identity is busy in a running node.
+        let key = match control::Client::connect(data_dir) {
+            Err(control::ControlError::NotRunning(_)) => crate::identity::load_or_create(data_dir)?,
+            _ => crate::identity::load_or_create(&dir)?,
+        };
         let opts = crate::daemon::NodeOptions {
             data_dir: dir.clone(),
             mesh: crate::mesh::MeshConfig {

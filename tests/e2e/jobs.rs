@@ -400,3 +400,19 @@ fn a_worker_stopped_with_sigterm_releases_its_shard_and_exits_cleanly() {
     assert!(v["shards"].as_array().unwrap().iter().any(|s| s["state"] == "RUNNING"), "{v}");
     m.submitter.ok(["cancel", &job]);
 }
+
+#[test]
+fn a_canceled_job_stays_canceled_across_a_restart() {
+    let s = Scratch::new();
+    let node = NodeProc::start(&s.path("submitter"), &["--slots", "0"]);
+    let dir = script(&s, "job", "exit 0");
+    let out = submit(&node, &dir, &["--input", ".", "--detach", "--json", "--", "./run.sh"]);
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    node.ok(["cancel", &job]);
+    let data = node.data_dir.clone();
+    assert!(node.stop().success());
+    let node = NodeProc::start(&data, &["--slots", "0"]);
+    let v = node.json(["status", &job, "--json"]);
+    assert_eq!(v["shards"][0]["state"], "CANCELED", "{v}");
+    assert_eq!(v["finished"], true, "{v}");
+}

@@ -99,6 +99,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "info,libp2p_mdns=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let run = || -> anyhow::Result<()> {
         let dir = grid_node::cli::data_dir(args.data_dir.as_deref())?;

@@ -62,6 +62,8 @@ pub const DEFAULT_MIN_FREE_DISK: u64 = 1 << 30;
 /// Default number of attempts in a row failing before their command starts that quarantine
 /// the node.
 pub const DEFAULT_MAX_START_FAILURES: u32 = 3;
+/// Default [`ExecConfig::quarantine_cooldown`]: ten minutes.
+pub const DEFAULT_QUARANTINE_COOLDOWN: Duration = Duration::from_secs(600);
 /// Default largest output directory stored (4 GiB); a larger one is reported, not stored.
 pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 4 << 30;
 /// Default largest file a shard may write (`RLIMIT_FSIZE`, 16 GiB).
@@ -164,6 +166,9 @@ pub struct ExecConfig {
     pub min_free_disk: u64,
     /// Attempts in a row failing before their command starts that quarantine the node.
     pub max_start_failures: u32,
+    /// How long a quarantine for failed starts lasts; then the node tries again (and one more
+    /// failure quarantines it again), so one broken job cannot take a node out for good.
+    pub quarantine_cooldown: Duration,
     /// Largest output directory stored.
     pub max_output_bytes: u64,
 }
@@ -178,6 +183,7 @@ impl ExecConfig {
             sandbox: SandboxPolicy::Bubblewrap(PathBuf::from(DEFAULT_BWRAP)),
             min_free_disk: DEFAULT_MIN_FREE_DISK,
             max_start_failures: DEFAULT_MAX_START_FAILURES,
+            quarantine_cooldown: DEFAULT_QUARANTINE_COOLDOWN,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
         }
     }
@@ -220,6 +226,7 @@ enum StartError {
 struct HealthState {
     start_failures: u32,
     last_failure: String,
+    last_failure_at: Option<Instant>,
 }
 
 /// Runs shards. See the module docs.
@@ -372,7 +379,11 @@ impl Executor {
             }
         }
         let h = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if self.config.max_start_failures > 0 && h.start_failures >= self.config.max_start_failures
+        let cooling =
+            h.last_failure_at.is_some_and(|t| t.elapsed() < self.config.quarantine_cooldown);
+        if self.config.max_start_failures > 0
+            && h.start_failures >= self.config.max_start_failures
+            && cooling
         {
             return Health::Quarantined {
                 reason: format!(
@@ -406,6 +417,15 @@ impl Executor {
             Err(e @ StartError::Failed(_)) => {
                 h.start_failures = h.start_failures.saturating_add(1);
                 h.last_failure = e.to_string();
+                h.last_failure_at = Some(Instant::now());
+                if h.start_failures == self.config.max_start_failures {
+                    tracing::warn!(
+                        failures = h.start_failures,
+                        last = %h.last_failure,
+                        cooldown_s = self.config.quarantine_cooldown.as_secs(),
+                        "attempts keep failing before their command starts; not claiming shards for a while"
+                    );
+                }
             }
         }
     }

@@ -555,6 +555,19 @@ async fn start_failures_and_low_disk_quarantine_the_node() {
     );
     assert_eq!(fs::read_dir(fx.path("runs")).unwrap().count(), 0);
 
+    // The quarantine for failed starts lasts its cool-down, then the node tries again.
+    let mut config = fx.config();
+    config.quarantine_cooldown = Duration::from_millis(300);
+    let brief = Executor::new(fx.store.clone(), config);
+    for _ in 0..DEFAULT_MAX_START_FAILURES {
+        run(&brief, &missing).await;
+    }
+    assert!(brief.may_claim().is_err());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(brief.may_claim(), Ok(()), "the cool-down has passed");
+    run(&brief, &missing).await;
+    assert!(brief.may_claim().is_err(), "one more failure quarantines it again");
+
     let mut config = fx.config();
     config.min_free_disk = u64::MAX;
     let full = Executor::new(fx.store.clone(), config);

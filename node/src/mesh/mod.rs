@@ -48,6 +48,8 @@ pub const INBOUND_QUEUE: usize = 1024;
 pub const MAX_BAD_PEERS: usize = 4096;
 /// Most providers a lookup returns.
 pub const MAX_PROVIDERS: usize = 32;
+/// How often a node with no connection dials its bootstrap peers again.
+pub const REDIAL_INTERVAL: Duration = Duration::from_secs(10);
 /// Most manifests announced in the DHT at start (the most recently used ones).
 pub const MAX_PROVIDED_AT_START: usize = 1000;
 
@@ -514,6 +516,7 @@ impl Driver {
             Err(e) => warn!(error = %e, "cannot list stored manifests to provide"),
         }
         let mut bootstrap = tokio::time::interval(Duration::from_secs(300));
+        let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm(event),
@@ -524,6 +527,15 @@ impl Driver {
                 _ = bootstrap.tick() => {
                     if self.bootstrapped {
                         let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+                _ = redial.tick() => {
+                    // Alone (every peer restarted or the network came back): dial the
+                    // bootstrap peers again rather than wait for a DHT refresh.
+                    if self.swarm.connected_peers().next().is_none() {
+                        for addr in self.config.bootstrap.clone() {
+                            let _ = self.swarm.dial(addr);
+                        }
                     }
                 }
             }
