@@ -215,7 +215,12 @@ pub struct Engine {
     heard: std::collections::VecDeque<ContentId>,
     republish: Vec<(Time, String, Vec<u8>, u32)>,
     peer_dims: BTreeMap<PeerId, Dimensions>,
+    dirty: std::collections::BTreeSet<SubKey>,
+    views_sent: Time,
 }
+
+/// Shortest time between two progress views of one job sent to its watchers.
+pub const VIEW_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Delay before publishing again an announcement no peer took.
 pub const REPUBLISH_AFTER: Duration = Duration::from_millis(500);
@@ -270,6 +275,8 @@ impl Engine {
             heard: std::collections::VecDeque::new(),
             republish: Vec::new(),
             peer_dims: BTreeMap::new(),
+            dirty: std::collections::BTreeSet::new(),
+            views_sent: Time::ZERO,
         };
         // Results not yet acknowledged before a restart are delivered again.
         let t = now();
@@ -324,6 +331,10 @@ impl Engine {
     /// When [`Engine::on_timeout`] is next due.
     pub fn next_timeout(&self) -> Option<Time> {
         let mut t = self.worker.poll_timeout();
+        if !self.dirty.is_empty() {
+            let v = self.views_sent + VIEW_INTERVAL;
+            t = Some(t.map_or(v, |t| t.min(v)));
+        }
         if let Some(r) = self.republish.iter().map(|r| r.0).min() {
             t = Some(t.map_or(r, |t| t.min(r)));
         }
@@ -338,6 +349,14 @@ impl Engine {
     /// Handles deadlines.
     pub async fn on_timeout(&mut self) {
         let t = now();
+        if !self.dirty.is_empty() && t >= self.views_sent + VIEW_INTERVAL {
+            self.views_sent = t;
+            for key in std::mem::take(&mut self.dirty) {
+                if let Some(s) = self.submitters.get(&key) {
+                    let _ = s.watch.send(view(&s.machine));
+                }
+            }
+        }
         let due: Vec<_> = self.republish.iter().filter(|r| r.0 <= t).cloned().collect();
         self.republish.retain(|r| r.0 > t);
         for (_, topic, frame, tries) in due {
@@ -563,7 +582,9 @@ impl Engine {
         let key = (machine.job(), machine.submission());
         info!(job = %key.0, submission = key.1, shards = machine.request().spec.shards, "job submitted");
         let mut machine = machine;
-        machine.observe_node(self.mesh.local_peer_id(), self.dimensions.clone());
+        if self.slots > 0 {
+            machine.observe_node(self.mesh.local_peer_id(), self.dimensions.clone());
+        }
         for (p, d) in &self.peer_dims {
             machine.observe_node(*p, d.clone());
         }
@@ -591,7 +612,14 @@ impl Engine {
                     self.apply(o, Some(key)).await;
                 }
                 if changed && let Some(s) = self.submitters.get(&key) {
-                    let _ = s.watch.send(view(&s.machine));
+                    // Watchers get a view at most every VIEW_INTERVAL (building one costs a
+                    // pass over every shard), and always the final one at once.
+                    if s.machine.is_finished() {
+                        self.dirty.remove(&key);
+                        let _ = s.watch.send(view(&s.machine));
+                    } else if s.watch.receiver_count() > 0 {
+                        self.dirty.insert(key);
+                    }
                 }
             }
             if !progressed {
@@ -746,11 +774,19 @@ pub fn view(s: &Submitter) -> JobView {
             // The accepted outcome's first result, for its node, log and timing.
             let accepted = outcome.and_then(|o| s.results(i).find(|r| r.body.outcome() == o));
             let body = accepted.map(|r| &r.body);
+            // Its node, from the attempt (no key decoding).
+            let node = body.and_then(|b| {
+                st.as_ref()?
+                    .attempts
+                    .iter()
+                    .find(|(l, _, _)| l.shard == b.shard && l.attempt == b.attempt)
+                    .map(|(_, n, _)| n.to_string())
+            });
             ShardView {
                 shard: i,
                 state: state.name().to_string(),
                 exit_code: body.and_then(|b| b.exit_code),
-                node: accepted.and_then(|r| r.claimed_signer()).map(|p| p.to_string()),
+                node,
                 duration_ms: body.map(|b| b.duration.as_millis() as u64),
                 log: body.and_then(|b| b.log).map(|c| c.to_string()),
                 outputs: body.and_then(|b| b.outputs).map(|c| c.to_string()),
