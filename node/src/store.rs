@@ -419,6 +419,10 @@ impl Store {
         opts.set_max_open_files(256);
         opts.set_keep_log_file_num(4);
         opts.increase_parallelism(2);
+        // Opening the table files needs no thread pool: RocksDB would start 16 threads per
+        // column family at every open, which costs a short-lived `grid` command dearly.
+        opts.set_max_file_opening_threads(1);
+        opts.set_skip_stats_update_on_db_open(true);
         let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, root.join("index"), cfs)?;
         let totals = match db.get_cf(cf(&db, CF_TOTALS), TOTALS_KEY)? {
