@@ -790,7 +790,10 @@ pub fn view(s: &Submitter) -> JobView {
                 duration_ms: body.map(|b| b.duration.as_millis() as u64),
                 log: body.and_then(|b| b.log).map(|c| c.to_string()),
                 outputs: body.and_then(|b| b.outputs).map(|c| c.to_string()),
-                error: body.filter(|b| !b.error.is_empty()).map(|b| b.error.clone()),
+                error: body
+                    .filter(|b| !b.error.is_empty())
+                    .map(|b| b.error.clone())
+                    .or_else(|| st.as_ref().and_then(|x| x.last_error.clone())),
                 passed: state == ShardState::Completed && body.and_then(|b| b.exit_code) == Some(0),
             }
         })

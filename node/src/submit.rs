@@ -483,13 +483,17 @@ fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Re
     let shards = v["shards"].as_array().cloned().unwrap_or_default();
     let mut tails = BTreeMap::new();
     for s in &shards {
-        if s["passed"] != true
-            && let Some(log) = s["log"].as_str()
-        {
-            let text = call(dir, &Request::Cat { id: log.to_string() })
-                .map(|t| t["text"].as_str().unwrap_or_default().to_string())
-                .unwrap_or_else(|e| format!("(log {log} unavailable: {e:#})"));
-            tails.insert(s["shard"].as_u64().unwrap_or(0), tail(&text, 20));
+        if s["passed"] == true || s["state"] == "CANCELED" {
+            continue;
+        }
+        let text = match s["log"].as_str() {
+            Some(log) => call(dir, &Request::Cat { id: log.to_string() })
+                .map(|t| tail(t["text"].as_str().unwrap_or_default(), 20))
+                .unwrap_or_else(|e| format!("(log {log} unavailable: {e:#})\n")),
+            None => String::new(),
+        };
+        if !text.is_empty() || s["error"].is_string() {
+            tails.insert(s["shard"].as_u64().unwrap_or(0), text);
         }
     }
     let merged = match junit {
@@ -533,7 +537,7 @@ fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Re
             println!("error: {e}");
         }
         print!("{text}");
-        if !text.ends_with('\n') {
+        if !text.is_empty() && !text.ends_with('\n') {
             println!();
         }
     }

@@ -175,6 +175,8 @@ struct Shard {
     /// Lost attempts so far, and whether one of them was a worker-reported error.
     lost: u8,
     lost_error: bool,
+    /// The error text of the last attempt a node reported it could not run.
+    last_error: String,
     /// Attempt counter (the last attempt number granted).
     granted: u32,
     /// Every node ever leased this shard.
@@ -217,6 +219,8 @@ pub struct ShardStatus {
     pub accepted: Option<Outcome>,
     /// Whether it was reused from an earlier run.
     pub reused: bool,
+    /// Why the last attempt a node could not run failed (its `error`), if one did.
+    pub last_error: Option<String>,
 }
 
 /// The submitter of one job (see the module docs).
@@ -271,6 +275,7 @@ impl Submitter {
             class: None,
             lost: 0,
             lost_error: false,
+            last_error: String::new(),
             granted: 0,
             nodes: BTreeSet::new(),
             failed_on: BTreeSet::new(),
@@ -449,7 +454,13 @@ impl Submitter {
             .range(LeaseRef { shard, attempt: 0 }..=LeaseRef { shard, attempt: u32::MAX })
             .map(|(l, a)| (*l, a.node, a.state))
             .collect();
-        Some(ShardStatus { state: s.state, attempts, accepted: s.accepted, reused: s.reused })
+        Some(ShardStatus {
+            state: s.state,
+            attempts,
+            accepted: s.accepted,
+            reused: s.reused,
+            last_error: (!s.last_error.is_empty()).then(|| s.last_error.clone()),
+        })
     }
 
     /// The counted results of a shard (the accepted outcome's and any dissent), signed.
@@ -733,6 +744,9 @@ impl Submitter {
         match body.state {
             RunState::Error | RunState::Canceled => {
                 // No outcome: the node could not (or was told not to) finish. Offer it again.
+                if body.state == RunState::Error && !body.error.is_empty() {
+                    self.shards[idx].last_error = body.error.clone();
+                }
                 if was_running {
                     self.lose(now, lease, state);
                 }

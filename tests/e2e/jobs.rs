@@ -416,3 +416,19 @@ fn a_canceled_job_stays_canceled_across_a_restart() {
     assert_eq!(v["shards"][0]["state"], "CANCELED", "{v}");
     assert_eq!(v["finished"], true, "{v}");
 }
+
+#[test]
+fn a_shard_no_node_can_start_ends_failed_with_the_reason() {
+    let s = Scratch::new();
+    let m = mesh(&s, 3, &["--slots", "0"], &[]);
+    let dir = script(&s, "job", "exit 0");
+    // The command is in no input tree and no PATH: every attempt fails to start.
+    let out = submit(&m.submitter, &dir, &["--input", ".", "--", "./not-there.sh"]);
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(text.contains("FAILED"), "{text}");
+    assert!(
+        text.contains("error: command \"./not-there.sh\" not found"),
+        "the reason is shown: {text}"
+    );
+}
