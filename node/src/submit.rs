@@ -78,6 +78,11 @@ pub struct SubmitArgs {
     /// time, instead of waiting for one to join.
     #[arg(long)]
     pub no_wait: bool,
+    /// A path, relative to the run directory, that the shard writes and that comes back with
+    /// its outputs (repeatable; anything written to $GRID_OUTPUT_DIR comes back anyway).
+    /// Sandboxed shards can only write to $GRID_OUTPUT_DIR and /tmp.
+    #[arg(long = "output", value_name = "PATH")]
+    pub outputs: Vec<String>,
     /// An environment variable for the command: NAME=VALUE (repeatable).
     #[arg(long = "env", value_parser = crate::cli::parse_var)]
     pub env: Vec<(String, String)>,
@@ -147,6 +152,10 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     let mut spec = JobSpec::new(command, manifest, &args.pool);
     spec.args = rest.to_vec();
     spec.env = args.env.iter().cloned().collect();
+    let mut outputs = args.outputs.clone();
+    outputs.sort();
+    outputs.dedup();
+    spec.outputs = outputs;
     spec.shards = args.shards;
     spec.hard_timeout = Duration::from_secs(args.timeout);
     spec.io_timeout = Duration::from_secs(args.io_timeout);

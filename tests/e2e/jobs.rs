@@ -432,3 +432,33 @@ fn a_shard_no_node_can_start_ends_failed_with_the_reason() {
         "the reason is shown: {text}"
     );
 }
+
+#[test]
+fn declared_outputs_and_the_output_dir_come_back() {
+    let s = Scratch::new();
+    let m = mesh(&s, 1, &["--slots", "0"], &[]);
+    let dir = script(
+        &s,
+        "job",
+        "mkdir -p reports && echo \"report $GRID_SHARD_INDEX\" > reports/r.txt\n\
+         printf 'out %s' \"$GRID_SHARD_INDEX\" > \"$GRID_OUTPUT_DIR/o.txt\"",
+    );
+    let out = submit(
+        &m.submitter,
+        &dir,
+        &["--input", ".", "--shards", "2", "--output", "reports/r.txt", "--json", "--", "./run.sh"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v = json_of(&out);
+    for sh in v["shards"].as_array().unwrap() {
+        let i = sh["shard"].as_u64().unwrap();
+        let tree = sh["outputs"].as_str().unwrap();
+        let into = s.path(&format!("out{i}"));
+        m.submitter.ok(["fetch", tree, "--out", into.to_str().unwrap()]);
+        assert_eq!(std::fs::read_to_string(into.join("o.txt")).unwrap(), format!("out {i}"));
+        assert_eq!(
+            std::fs::read_to_string(into.join("reports/r.txt")).unwrap(),
+            format!("report {i}\n")
+        );
+    }
+}
