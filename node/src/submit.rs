@@ -83,6 +83,10 @@ pub struct SubmitArgs {
     /// Sandboxed shards can only write to $GRID_OUTPUT_DIR and /tmp.
     #[arg(long = "output", value_name = "PATH")]
     pub outputs: Vec<String>,
+    /// An input the shard may change (a file, or a directory and everything in it): it gets
+    /// a private writable copy instead of a read-only link into the cache (repeatable).
+    #[arg(long = "writable", value_name = "PATH")]
+    pub writable: Vec<String>,
     /// An environment variable for the command: NAME=VALUE (repeatable).
     #[arg(long = "env", value_parser = crate::cli::parse_var)]
     pub env: Vec<(String, String)>,
@@ -156,6 +160,10 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     outputs.sort();
     outputs.dedup();
     spec.outputs = outputs;
+    let mut writable = args.writable.clone();
+    writable.sort();
+    writable.dedup();
+    spec.writable = writable;
     spec.shards = args.shards;
     spec.hard_timeout = Duration::from_secs(args.timeout);
     spec.io_timeout = Duration::from_secs(args.io_timeout);

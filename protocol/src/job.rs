@@ -121,6 +121,10 @@ pub struct JobSpec {
     /// Paths (relative to the run dir) archived as outputs, sorted, without duplicates.
     #[serde(rename = "o", default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// Paths (relative to the run dir) of inputs the job may change: each is a writable copy
+    /// instead of a read-only link into the cache. Sorted, without duplicates.
+    #[serde(rename = "wr", default, skip_serializing_if = "Vec::is_empty")]
+    pub writable: Vec<String>,
 }
 
 /// Why a job spec or its scheduling is invalid, or its bytes are not one.
@@ -181,6 +185,7 @@ impl JobSpec {
             grace: Duration::from_secs(30),
             idempotent: false,
             outputs: Vec::new(),
+            writable: Vec::new(),
         }
     }
 
@@ -277,6 +282,18 @@ impl JobSpec {
         }
         if self.outputs.windows(2).any(|w| w[0] >= w[1]) {
             return Err(field("outputs", "must be sorted without duplicates"));
+        }
+        if self.writable.len() > MAX_OUTPUTS {
+            return Err(field(
+                "writable",
+                format!("{} paths; the limit is {MAX_OUTPUTS}", self.writable.len()),
+            ));
+        }
+        for w in &self.writable {
+            validate_path(w).map_err(|e| field("writable", e.to_string()))?;
+        }
+        if self.writable.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(field("writable", "must be sorted without duplicates"));
         }
         // Each field within its bounds can still add up to more than a grant carries.
         let len = self.encode().len();
@@ -495,6 +512,8 @@ pub(crate) mod tests {
             (|s| s.io_timeout = Duration::from_secs(7200), "io_timeout"),
             (|s| s.grace = Duration::from_secs(7200), "grace"),
             (|s| s.outputs = vec!["b".into(), "a".into()], "outputs"),
+            (|s| s.writable = vec!["../etc".into()], "writable"),
+            (|s| s.writable = vec!["b".into(), "a".into()], "writable"),
             (|s| s.manifest = content::block_id(b"x"), "manifest"),
         ];
         for (f, name) in cases {

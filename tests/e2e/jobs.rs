@@ -462,3 +462,62 @@ fn declared_outputs_and_the_output_dir_come_back() {
         );
     }
 }
+
+#[test]
+fn inputs_are_read_only_except_where_the_job_asks() {
+    let s = Scratch::new();
+    // A trusted worker runs jobs as they are; the other runs them in its sandbox (--open) and
+    // alone serves the pool "sandboxed".
+    let submitter = NodeProc::start(&s.path("submitter"), &["--slots", "0"]);
+    let boot = submitter.addrs[0].clone();
+    let trusted =
+        NodeProc::start(&s.path("trusted"), &["--bootstrap", &boot, "--trust", &submitter.peer_id]);
+    let open = NodeProc::start(
+        &s.path("open"),
+        &["--bootstrap", &boot, "--open", "--pool", "default", "--pool", "sandboxed"],
+    );
+    submitter.wait_connected(2);
+    s.write("job/conf/settings.ini", b"mode=original\n", 0o644);
+    s.write("job/cache/seed.txt", b"seed\n", 0o644);
+    s.write("job/data.txt", b"do not touch\n", 0o644);
+    let dir = script(
+        &s,
+        "job",
+        "echo 'mode=changed' > conf/settings.ini || exit 10\n\
+         echo more >> cache/seed.txt && echo new > cache/new.txt || exit 11\n\
+         if [ -n \"$CHECK_READ_ONLY\" ]; then\n\
+           if echo x >> data.txt 2>/dev/null; then exit 12; fi\n\
+           if chmod u+w data.txt 2>/dev/null && echo x >> data.txt 2>/dev/null; then exit 13; fi\n\
+         fi\n\
+         cat conf/settings.ini cache/seed.txt > \"$GRID_OUTPUT_DIR/seen.txt\"",
+    );
+    let writable = ["--writable", "conf/settings.ini", "--writable", "cache"];
+    // Two replicas, one on each worker: the writable copies work in both modes.
+    let mut args = vec!["--input", ".", "--redundancy", "2", "--json"];
+    args.extend(writable);
+    args.extend(["--", "./run.sh"]);
+    let out = submit(&submitter, &dir, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let v = json_of(&out);
+    let tree = v["shards"][0]["outputs"].as_str().unwrap();
+    submitter.ok(["fetch", tree, "--out", s.path("seen").to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read_to_string(s.path("seen/seen.txt")).unwrap(),
+        "mode=changed\nseed\nmore\n"
+    );
+    // In the sandbox every other input is read-only, even to chmod.
+    let mut args = vec!["--input", ".", "--pool", "sandboxed", "--env", "CHECK_READ_ONLY=1"];
+    args.extend(writable);
+    args.extend(["--", "./run.sh"]);
+    let out = submit(&submitter, &dir, &args);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    for w in [&trusted, &open] {
+        let v = w.ok(["verify"]);
+        assert!(
+            v.contains(" 0 dropped;") && v.contains("manifests ok, 0 dropped"),
+            "the cache is intact: {v}"
+        );
+    }
+    assert_eq!(open.json(["status", "--json"])["worker"]["results"], 2);
+    assert_eq!(trusted.json(["status", "--json"])["worker"]["results"], 1);
+}

@@ -526,6 +526,14 @@ impl Executor {
         for d in [&out, &tmp] {
             fs::create_dir(d).map_err(|e| failed(format!("cannot create {}: {e}", d.display())))?;
         }
+        for w in &spec.writable {
+            let work = work.clone();
+            let w2 = w.clone();
+            tokio::task::spawn_blocking(move || make_writable(&work, &w2))
+                .await
+                .map_err(|e| failed(format!("preparing writable inputs panicked: {e}")))?
+                .map_err(|e| failed(format!("cannot make {w} writable: {e}")))?;
+        }
         let cwd = if spec.cwd.is_empty() { work.clone() } else { work.join(&spec.cwd) };
         fs::create_dir_all(&cwd).map_err(|e| {
             failed(format!("cannot create the working directory {}: {e}", spec.cwd))
@@ -650,10 +658,16 @@ impl Executor {
             Path::new(SANDBOX_RUN_DIR).join(&spec.cwd)
         };
         let mut a = sandbox::base_args(limits.sandbox_tmp);
+        a.extend(["--ro-bind".into(), run.work().into_os_string(), SANDBOX_RUN_DIR.into()]);
+        // The inputs the job may change: writable copies, mounted over the read-only tree.
+        for w in &spec.writable {
+            a.extend([
+                "--bind".into(),
+                run.work().join(w).into_os_string(),
+                Path::new(SANDBOX_RUN_DIR).join(w).into_os_string(),
+            ]);
+        }
         a.extend([
-            "--ro-bind".into(),
-            run.work().into_os_string(),
-            SANDBOX_RUN_DIR.into(),
             "--bind".into(),
             run.out().into_os_string(),
             SANDBOX_OUTPUT_DIR.into(),
@@ -829,6 +843,59 @@ fn store_log(store: &Store, session: &Session, tail: log::Tail, run: &RunDir) ->
             None
         }
     }
+}
+
+/// Turns the input `rel` of the tree in `work` into a writable copy: a file is copied (so the
+/// cache's read-only object is never written through), a directory has every file in it copied
+/// and is left writable, and a path the tree does not have becomes an empty directory. A
+/// symlink on the way is refused: the copy must stay inside the run directory.
+fn make_writable(work: &Path, rel: &str) -> Result<(), String> {
+    let mut at = work.to_path_buf();
+    for c in Path::new(rel).components() {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(md) if md.file_type().is_symlink() => {
+                return Err(format!("{} is a symlink", at.display()));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            Err(e) => return Err(format!("{}: {e}", at.display())),
+        }
+    }
+    let path = work.join(rel);
+    let md = match fs::symlink_metadata(&path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return fs::create_dir_all(&path).map_err(|e| format!("{}: {e}", path.display()));
+        }
+        Err(e) => return Err(format!("{}: {e}", path.display())),
+    };
+    if md.is_file() {
+        return copy_in_place(&path);
+    }
+    for e in walkdir::WalkDir::new(&path) {
+        let e = e.map_err(|e| e.to_string())?;
+        let p = e.path();
+        if e.file_type().is_file() {
+            copy_in_place(p)?;
+        } else if e.file_type().is_dir() {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755))
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Replaces a (hardlinked, read-only) file by a private writable copy.
+fn copy_in_place(path: &Path) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let mode = fs::metadata(path).map_err(err)?.permissions().mode();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".grid-writable");
+    let tmp = PathBuf::from(tmp);
+    fs::copy(path, &tmp).map_err(err)?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode((mode & 0o777) | 0o200)).map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)
 }
 
 /// Stores the output directory and the spec's declared outputs as one tree.
