@@ -285,7 +285,11 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(crate::submit::EXIT_INFRA)
+            if e.downcast_ref::<crate::submit::UsageError>().is_some() {
+                ExitCode::from(crate::submit::EXIT_USAGE)
+            } else {
+                ExitCode::from(crate::submit::EXIT_INFRA)
+            }
         }
     }
 }

@@ -31,6 +31,15 @@ pub const EXIT_INFRA: u8 = 3;
 /// Exit code: a shard hit its hard or I/O timeout (and none failed outright).
 pub const EXIT_TIMED_OUT: u8 = 4;
 
+/// A command line that cannot work, found by grid itself (exit code [`EXIT_USAGE`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
 /// Options of `grid submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
@@ -133,7 +142,9 @@ fn call(dir: &Path, req: &Request) -> anyhow::Result<Value> {
 fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     let manifest = match (&args.tree, &args.isolate, args.inputs.is_empty()) {
         (Some(t), _, _) => *t,
-        (None, None, true) => bail!("no inputs: give --isolate FILE, --input PATH or --tree ID"),
+        (None, None, true) => {
+            return Err(usage("no inputs: give --isolate FILE, --input PATH or --tree ID"));
+        }
         (None, isolate, _) => {
             let (root, inputs) = crate::isolate_file::resolve_inputs(
                 isolate.as_deref(),
@@ -170,7 +181,7 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     spec.grace = Duration::from_secs(args.grace);
     for (k, v) in &args.dimensions {
         if k == POOL {
-            bail!("give the pool with --pool, not --dimension pool=...");
+            return Err(usage("give the pool with --pool, not --dimension pool=..."));
         }
         let values: Vec<&str> = v.split('|').collect();
         spec.dimensions = spec.dimensions.with(k, &values);
@@ -181,7 +192,7 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     let mut req = JobRequest::new(spec);
     req.scheduling = scheduling;
     req.name = args.name.clone().unwrap_or_else(|| args.command.join(" "));
-    req.validate().context("invalid job")?;
+    req.validate().map_err(|e| usage(format!("invalid job: {e}")))?;
     Ok(req)
 }
 
@@ -292,7 +303,9 @@ impl NodeAccess {
 /// `grid submit`.
 pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
     if args.detach && !args.bootstrap.is_empty() {
-        bail!("--detach needs a grid-node to keep the job: it cannot be used with --bootstrap");
+        return Err(usage(
+            "--detach needs a grid-node to keep the job: it cannot be used with --bootstrap",
+        ));
     }
     let node = NodeAccess::open(data_dir, &args.bootstrap)?;
     let req = request(&node.dir, &args)?;

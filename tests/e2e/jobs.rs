@@ -521,3 +521,22 @@ fn inputs_are_read_only_except_where_the_job_asks() {
     assert_eq!(open.json(["status", "--json"])["worker"]["results"], 2);
     assert_eq!(trusted.json(["status", "--json"])["worker"]["results"], 1);
 }
+
+#[test]
+fn a_command_line_that_cannot_work_exits_2_and_says_why() {
+    let s = Scratch::new();
+    let node = NodeProc::start(&s.path("n"), &[]);
+    let dir = script(&s, "job", "exit 0");
+    for (args, why) in [
+        (vec!["--input", ".", "--dimension", "pool=x", "--", "./run.sh"], "--pool"),
+        (vec!["--input", ".", "--shards", "0", "--", "./run.sh"], "shards"),
+        (vec!["--", "./run.sh"], "no inputs"),
+    ] {
+        let out = submit(&node, &dir, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{}", describe(&out));
+    }
+    // `grid status` lists no job yet, and says so by listing none.
+    let st = node.ok(["status"]);
+    assert!(st.contains("peer id: ") && !st.contains("job "), "{st}");
+}
