@@ -114,7 +114,32 @@ fn absolute(p: &Path) -> Result<PathBuf, PackError> {
     Ok(out)
 }
 
-fn classify(root: &Path, abs: &Path, found: &mut Vec<Found>) -> Result<(), PackError> {
+/// Lists the paths under the input `abs` to examine: the input itself, or every non-directory
+/// below it. Only directories are read here; examining each path (its metadata) happens in
+/// parallel afterwards.
+fn collect(abs: &Path, out: &mut Vec<PathBuf>) -> Result<(), PackError> {
+    let md = fs::symlink_metadata(abs).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => PackError::Missing(abs.to_path_buf()),
+        _ => PackError::Io(abs.to_path_buf(), e),
+    })?;
+    if !md.is_dir() {
+        out.push(abs.to_path_buf());
+        return Ok(());
+    }
+    for e in walkdir::WalkDir::new(abs).min_depth(1).follow_links(false).sort_by_file_name() {
+        let e = e.map_err(|e| {
+            let p = e.path().unwrap_or(abs).to_path_buf();
+            PackError::Io(p, e.into_io_error().unwrap_or_else(|| io::Error::other("loop")))
+        })?;
+        if !e.file_type().is_dir() {
+            out.push(e.into_path());
+        }
+    }
+    Ok(())
+}
+
+/// What one listed path is.
+fn classify(root: &Path, abs: &Path) -> Result<Found, PackError> {
     let md = fs::symlink_metadata(abs).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => PackError::Missing(abs.to_path_buf()),
         _ => PackError::Io(abs.to_path_buf(), e),
@@ -122,41 +147,28 @@ fn classify(root: &Path, abs: &Path, found: &mut Vec<Found>) -> Result<(), PackE
     let rel = rel_string(root, abs)?;
     let ft = md.file_type();
     if ft.is_file() {
-        found.push(Found::File { rel, abs: abs.to_path_buf(), md: Some(md) });
-    } else if ft.is_symlink() {
-        let target = fs::read_link(abs).map_err(|e| PackError::Io(abs.to_path_buf(), e))?;
-        let inside = target
-            .to_str()
-            .filter(|t| manifest::resolve_link(&rel, t).is_some())
-            .map(str::to_string);
-        match inside {
-            Some(target) => found.push(Found::Link { rel, target }),
-            None => {
-                // A link leaving the tree: the test needs the bytes, so store what it points to.
-                let resolved = fs::metadata(abs).map_err(|e| match e.kind() {
-                    io::ErrorKind::NotFound => PackError::Missing(abs.to_path_buf()),
-                    _ => PackError::Io(abs.to_path_buf(), e),
-                })?;
-                if resolved.is_dir() {
-                    return Err(PackError::LinkToOutsideDir { path: abs.to_path_buf(), target });
-                }
-                found.push(Found::File { rel, abs: abs.to_path_buf(), md: None });
-            }
-        }
-    } else if ft.is_dir() {
-        for e in walkdir::WalkDir::new(abs).min_depth(1).follow_links(false).sort_by_file_name() {
-            let e = e.map_err(|e| {
-                let p = e.path().unwrap_or(abs).to_path_buf();
-                PackError::Io(p, e.into_io_error().unwrap_or_else(|| io::Error::other("loop")))
-            })?;
-            if !e.file_type().is_dir() {
-                classify(root, e.path(), found)?;
-            }
-        }
-    } else {
+        return Ok(Found::File { rel, abs: abs.to_path_buf(), md: Some(md) });
+    }
+    if !ft.is_symlink() {
         return Err(PackError::Special(abs.to_path_buf()));
     }
-    Ok(())
+    let target = fs::read_link(abs).map_err(|e| PackError::Io(abs.to_path_buf(), e))?;
+    let inside =
+        target.to_str().filter(|t| manifest::resolve_link(&rel, t).is_some()).map(str::to_string);
+    match inside {
+        Some(target) => Ok(Found::Link { rel, target }),
+        None => {
+            // A link leaving the tree: the test needs the bytes, so store what it points to.
+            let resolved = fs::metadata(abs).map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => PackError::Missing(abs.to_path_buf()),
+                _ => PackError::Io(abs.to_path_buf(), e),
+            })?;
+            if resolved.is_dir() {
+                return Err(PackError::LinkToOutsideDir { path: abs.to_path_buf(), target });
+            }
+            Ok(Found::File { rel, abs: abs.to_path_buf(), md: None })
+        }
+    }
 }
 
 /// Packs `inputs` (files or directories, absolute or relative to the current directory, all
@@ -174,19 +186,41 @@ pub fn pack_in(
     inputs: &[PathBuf],
 ) -> Result<Packed, PackError> {
     let root = absolute(root)?;
-    let mut found = Vec::new();
+    let mut paths = Vec::new();
     for input in inputs {
         let abs = absolute(&if input.is_absolute() { input.clone() } else { root.join(input) })?;
-        classify(&root, &abs, &mut found)?;
+        collect(&abs, &mut paths)?;
     }
+    let found: Vec<Found> =
+        paths.into_par_iter().map(|p| classify(&root, &p)).collect::<Result<_, PackError>>()?;
+    // Unchanged files are answered from the stat cache in one batch; the rest are read.
+    let with_md: Vec<(&Path, &fs::Metadata)> = found
+        .iter()
+        .filter_map(|f| match f {
+            Found::File { abs, md: Some(md), .. } => Some((abs.as_path(), md)),
+            _ => None,
+        })
+        .collect();
+    let mut hits = store.stat_hits(&with_md, session)?.into_iter();
+    let found: Vec<(Found, Option<crate::store::StoredFile>)> = found
+        .into_iter()
+        .map(|f| {
+            let hit = match &f {
+                Found::File { md: Some(_), .. } => hits.next().flatten(),
+                _ => None,
+            };
+            (f, hit)
+        })
+        .collect();
     let stored: Vec<(String, Entry, bool)> = found
         .into_par_iter()
-        .map(|f| match f {
+        .map(|(f, hit)| match f {
             Found::Link { rel, target } => Ok((rel, Entry::Symlink { target }, false)),
             Found::File { rel, abs, md } => {
-                let s = match md {
-                    Some(md) => store.put_file_stat(&abs, md, session)?,
-                    None => store.put_file(&abs, session)?,
+                let s = match (hit, md) {
+                    (Some(s), _) => s,
+                    (None, Some(md)) => store.put_file_stat(&abs, md, session)?,
+                    (None, None) => store.put_file(&abs, session)?,
                 };
                 let entry =
                     Entry::File { size: s.size, executable: s.executable, blocks: s.blocks };
@@ -201,7 +235,7 @@ pub fn pack_in(
         m.entries.insert(rel, entry);
     }
     m.validate().map_err(|e| PackError::Manifest(Box::new(e)))?;
-    let id = store.put_manifest(&m, session)?;
+    let id = store.put_packed_manifest(&m, session)?;
     let (mut files, mut symlinks) = (0, 0);
     for e in m.entries.values() {
         match e {

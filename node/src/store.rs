@@ -244,6 +244,11 @@ impl Session {
         p.objects.entry(self.id).or_default().insert(key);
     }
 
+    fn add_objects(&self, keys: Vec<[u8; 20]>) {
+        let mut p = self.pins.lock().expect("session pins lock");
+        p.objects.entry(self.id).or_default().extend(keys);
+    }
+
     fn add_manifest(&self, id: ContentId) {
         let mut p = self.pins.lock().expect("session pins lock");
         p.manifests.entry(self.id).or_default().insert(id);
@@ -483,6 +488,63 @@ impl Store {
             .db
             .get_pinned_cf(cf(&self.db, CF_OBJECTS), object_key(blocks, executable))?
             .is_some())
+    }
+
+    /// The stat cache's answers for many files at once (one batched read of the cache and one
+    /// of the objects): for each `(path, metadata)`, the stored file when the cache knows it
+    /// unchanged and its object is still here, else `None` (store it with
+    /// [`Store::put_file_stat`]). Hits are protected by `session`.
+    pub fn stat_hits(
+        &self,
+        files: &[(&Path, &fs::Metadata)],
+        session: &Session,
+    ) -> Result<Vec<Option<StoredFile>>, StoreError> {
+        let keys: Vec<&[u8]> =
+            files.iter().map(|(p, _)| p.as_os_str().as_encoded_bytes()).collect();
+        let found = self.db.batched_multi_get_cf(cf(&self.db, CF_STAT), keys.iter(), false);
+        let mut hits: Vec<Option<StatEntry>> = Vec::with_capacity(files.len());
+        for ((_, md), v) in files.iter().zip(found) {
+            let hit = v?
+                .and_then(|b| serde_cbor::from_slice::<StatEntry>(&b).ok())
+                .filter(|h| h.matches(md));
+            hits.push(hit);
+        }
+        let object_keys: Vec<[u8; 20]> = hits
+            .iter()
+            .flatten()
+            .filter(|h| !h.blocks.is_empty())
+            .map(|h| object_key(&h.blocks, h.executable))
+            .collect();
+        let present = self.db.batched_multi_get_cf(
+            cf(&self.db, CF_OBJECTS),
+            object_keys.iter().map(|k| k.as_slice()),
+            false,
+        );
+        let mut present = present.into_iter();
+        let mut kept = Vec::with_capacity(object_keys.len());
+        let mut out = Vec::with_capacity(files.len());
+        for hit in hits {
+            let Some(h) = hit else {
+                out.push(None);
+                continue;
+            };
+            if !h.blocks.is_empty() {
+                let here = present.next().transpose()?.flatten().is_some();
+                if !here {
+                    out.push(None);
+                    continue;
+                }
+                kept.push(object_key(&h.blocks, h.executable));
+            }
+            out.push(Some(StoredFile {
+                size: h.size,
+                executable: h.executable,
+                blocks: h.blocks,
+                from_stat_cache: true,
+            }));
+        }
+        session.add_objects(kept);
+        Ok(out)
     }
 
     /// Stores a local file, reading and hashing it, unless the stat cache already knows it.
@@ -745,6 +807,19 @@ impl Store {
                 return Err(StoreError::Missing(*inc));
             }
         }
+        self.put_manifest_bytes(id, &bytes, session)?;
+        Ok(id)
+    }
+
+    /// Stores a manifest just built by packing: it is already validated, and every object it
+    /// names was found or stored under `session` (so it is present and cannot be evicted).
+    pub(crate) fn put_packed_manifest(
+        &self,
+        m: &Manifest,
+        session: &Session,
+    ) -> Result<ContentId, StoreError> {
+        let bytes = m.encode();
+        let id = content::manifest_id(&bytes);
         self.put_manifest_bytes(id, &bytes, session)?;
         Ok(id)
     }
