@@ -78,15 +78,7 @@ impl Scratch {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "grid failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
+        success_stdout(self.run(args))
     }
 
     /// Runs `grid`, requires failure, and returns its stderr.
@@ -112,6 +104,18 @@ impl Scratch {
         fs::set_permissions(&p, fs::Permissions::from_mode(mode)).expect("chmod");
         p
     }
+}
+
+/// Requires a successful `grid` run and returns its stdout.
+fn success_stdout(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "grid failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
 /// One node of a tree as seen on disk, for comparing trees.
@@ -222,15 +226,7 @@ impl NodeProc {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let out = self.grid(args).output().expect("run grid");
-        assert!(
-            out.status.success(),
-            "grid failed ({}):\nstdout: {}\nstderr: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8 stdout")
+        success_stdout(self.grid(args).output().expect("run grid"))
     }
 
     /// Runs `grid ... --json` against this node and parses the answer.

@@ -26,6 +26,18 @@ fn mesh(s: &Scratch, n: usize, submitter_args: &[&str], worker_args: &[&[&str]])
     Mesh { submitter, workers }
 }
 
+/// Waits until every one of `workers` runs a shard.
+fn wait_until_each_runs_a_shard(workers: &[NodeProc]) {
+    wait_for(30, "every worker to run a shard", || {
+        workers
+            .iter()
+            .all(|w| {
+                !w.json(["status", "--json"])["worker"]["running"].as_array().unwrap().is_empty()
+            })
+            .then_some(())
+    });
+}
+
 fn submit(node: &NodeProc, dir: &std::path::Path, args: &[&str]) -> Output {
     node.grid(["submit"]).args(args).current_dir(dir).output().expect("run grid submit")
 }
@@ -172,14 +184,7 @@ fn a_worker_killed_mid_shard_is_replaced_and_the_job_completes() {
         .unwrap();
     // Wait until both workers run a shard, then kill one without warning.
     let mut workers = m.workers;
-    wait_for(30, "both workers to run a shard", || {
-        workers
-            .iter()
-            .all(|w| {
-                !w.json(["status", "--json"])["worker"]["running"].as_array().unwrap().is_empty()
-            })
-            .then_some(())
-    });
+    wait_until_each_runs_a_shard(&workers);
     let victim = workers.remove(0);
     let victim_id = victim.peer_id.clone();
     victim.kill9();
@@ -376,14 +381,7 @@ fn a_worker_stopped_with_sigterm_releases_its_shard_and_exits_cleanly() {
     );
     let job = json_of(&out)["job"].as_str().unwrap().to_string();
     let mut workers = m.workers;
-    wait_for(30, "both workers to run a shard", || {
-        workers
-            .iter()
-            .all(|w| {
-                !w.json(["status", "--json"])["worker"]["running"].as_array().unwrap().is_empty()
-            })
-            .then_some(())
-    });
+    wait_until_each_runs_a_shard(&workers);
     let started = std::time::Instant::now();
     let status = workers.remove(0).stop();
     assert!(status.success(), "{status}");
