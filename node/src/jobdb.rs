@@ -108,6 +108,8 @@ impl JobDb {
         Ok(self.db.delete(k)?)
     }
 
+    /// The records under `prefix`. A damaged record is skipped with a warning rather than
+    /// failing the scan: one bad record must not cost the node every other job.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<Record>, JobDbError> {
         let mut out = Vec::new();
         let iter = self.db.iterator(IteratorMode::From(prefix, rocksdb::Direction::Forward));
@@ -116,9 +118,14 @@ impl JobDb {
             if !k.starts_with(prefix) {
                 break;
             }
-            let r = Record::decode(&v)
-                .map_err(|e| JobDbError::Damaged { key: hex::encode(&k), detail: e.to_string() })?;
-            out.push(r);
+            match Record::decode(&v) {
+                Ok(r) => out.push(r),
+                Err(e) => {
+                    let damaged =
+                        JobDbError::Damaged { key: hex::encode(&k), detail: e.to_string() };
+                    tracing::warn!("{damaged}; skipped");
+                }
+            }
         }
         Ok(out)
     }
@@ -206,5 +213,12 @@ mod tests {
         db.put_canceled(&job, 7).unwrap();
         assert!(db.is_canceled(&job, 7).unwrap() && !db.is_canceled(&job, 8).unwrap());
         assert_eq!(db.jobs().unwrap().len(), 2, "a cancel mark is not a job");
+        // A damaged record (bytes from disk) is skipped, and the others are still read.
+        let mut bad = job_prefix(b'j', &job, 9);
+        db.db.put(&bad, b"\xff\x00not cbor").unwrap();
+        assert_eq!(db.jobs().unwrap().len(), 2);
+        bad[0] = b'l';
+        db.db.put(&bad, [0u8; 3]).unwrap();
+        assert_eq!(db.submission(&job, 7).unwrap().len(), 4);
     }
 }
