@@ -104,9 +104,9 @@ impl Default for MeshConfig {
             max_connections: 256,
             idle_timeout: Duration::from_secs(120),
             request_timeout: Duration::from_secs(30),
-            serve_concurrency: 32,
-            fetch_window: 32,
-            fetch_window_per_peer: 16,
+            serve_concurrency: 64,
+            fetch_window: 64,
+            fetch_window_per_peer: 32,
             dimensions: None,
             fault: None,
         }
