@@ -656,7 +656,7 @@ impl Engine {
             Output::Persist(r) => {
                 if let Err(e) = self.db.put(&r) {
                     // Carrying on would break the persist-before-send rule.
-                    panic_free_abort(&e);
+                    stop_when_records_cannot_be_kept(&e);
                 }
             }
             Output::Forget(lease) => {
@@ -746,7 +746,7 @@ impl Engine {
     }
 }
 
-fn panic_free_abort(e: &crate::jobdb::JobDbError) -> ! {
+fn stop_when_records_cannot_be_kept(e: &crate::jobdb::JobDbError) -> ! {
     tracing::error!(error = %e, "cannot persist a job record; stopping so no peer is told something this node would forget");
     std::process::exit(3)
 }
