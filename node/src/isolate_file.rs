@@ -20,9 +20,36 @@ pub fn resolve_inputs(
     inputs: &[PathBuf],
     root: Option<&Path>,
 ) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let r = resolve(isolate_file, vars, inputs, root)?;
+    Ok((r.root, r.inputs))
+}
+
+/// What `.isolate` files and `--input` paths resolve to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The tree's root directory.
+    pub root: PathBuf,
+    /// The inputs, absolute, sorted, each once.
+    pub inputs: Vec<PathBuf>,
+    /// The `.isolate` file's `command`, if it gives one: the program (relative to the root
+    /// when it is a path, else a name to look up in PATH) and its arguments.
+    pub command: Option<Vec<String>>,
+    /// The directory the command runs from, relative to the root (`""` for the root itself).
+    pub cwd: String,
+}
+
+/// As [`resolve_inputs`], with the `.isolate` file's command made relative to the tree root,
+/// as a job spec wants it.
+pub fn resolve(
+    isolate_file: Option<&Path>,
+    vars: &BTreeMap<String, String>,
+    inputs: &[PathBuf],
+    root: Option<&Path>,
+) -> anyhow::Result<Resolved> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let mut paths: Vec<PathBuf> = inputs.iter().map(|p| normalize(&cwd.join(p))).collect();
     let mut default_root = cwd.clone();
+    let mut command = None;
     if let Some(file) = isolate_file {
         let name = file
             .to_str()
@@ -33,6 +60,9 @@ pub fn resolve_inputs(
         })?;
         let dir = normalize(&cwd.join(file)).parent().map(Path::to_path_buf).unwrap_or_default();
         default_root = dir.clone();
+        if let Some(c) = &evaluated.command {
+            command = Some((normalize(&dir.join(&c.relative_cwd)), c.args.clone()));
+        }
         for entry in &evaluated.files {
             let abs = normalize(&dir.join(&entry.path));
             match fs::metadata(&abs) {
@@ -58,7 +88,30 @@ pub fn resolve_inputs(
     let root = root.map(|r| normalize(&cwd.join(r))).unwrap_or(default_root);
     paths.sort();
     paths.dedup();
-    Ok((root, paths))
+    let (command, run_cwd) = match command {
+        None => (None, String::new()),
+        Some((dir, mut args)) => {
+            let rel = dir.strip_prefix(&root).with_context(|| {
+                format!("the .isolate command's directory {} is outside the tree", dir.display())
+            })?;
+            let rel_str = |p: &Path| -> anyhow::Result<String> {
+                Ok(p.to_str().context("paths must be UTF-8")?.to_string())
+            };
+            // A program given as a path is relative to the command's directory; a job spec
+            // names it relative to the tree's root.
+            if let Some(program) = args.first_mut()
+                && program.contains('/')
+            {
+                let p = normalize(&dir.join(&*program));
+                let p = p.strip_prefix(&root).with_context(|| {
+                    format!("the .isolate command {program:?} is outside the tree")
+                })?;
+                *program = format!("./{}", rel_str(p)?);
+            }
+            (Some(args).filter(|a| !a.is_empty()), rel_str(rel)?)
+        }
+    };
+    Ok(Resolved { root, inputs: paths, command, cwd: run_cwd })
 }
 
 /// `p` with `.` and `..` folded lexically.
@@ -83,6 +136,31 @@ fn common_ancestor(a: &Path, b: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_isolate_command_is_made_relative_to_the_tree_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        fs::create_dir_all(root.join("sub")).unwrap();
+        fs::create_dir_all(root.join("lib")).unwrap();
+        fs::write(root.join("sub/run.sh"), "#!/bin/sh\n").unwrap();
+        fs::write(root.join("lib/x"), "x").unwrap();
+        fs::write(
+            root.join("sub/t.isolate"),
+            "{'variables': {'command': ['./run.sh', '--fast', 'python3'], \
+             'files': ['run.sh', '../lib/']}}",
+        )
+        .unwrap();
+        let file = root.join("sub/t.isolate");
+        let r = resolve(Some(&file), &BTreeMap::new(), &[], None).unwrap();
+        assert_eq!(r.root, normalize(root));
+        assert_eq!(r.command.unwrap(), ["./sub/run.sh", "--fast", "python3"]);
+        assert_eq!(r.cwd, "sub");
+        // No command in the file: none.
+        fs::write(&file, "{'variables': {'files': ['run.sh']}}").unwrap();
+        let r = resolve(Some(&file), &BTreeMap::new(), &[], None).unwrap();
+        assert_eq!((r.command, r.cwd.as_str()), (None, ""));
+    }
 
     #[test]
     fn common_ancestors() {

@@ -118,8 +118,9 @@ pub struct SubmitArgs {
     /// grid-node of the data directory.
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<String>,
-    /// The command and its arguments, after `--`.
-    #[arg(last = true, required = true, num_args = 1..)]
+    /// The command and its arguments, after `--` (default: the `command` of the `.isolate`
+    /// file).
+    #[arg(last = true, num_args = 0..)]
     pub command: Vec<String>,
 }
 
@@ -140,18 +141,21 @@ fn call(dir: &Path, req: &Request) -> anyhow::Result<Value> {
 
 /// Builds the job request `args` describe, packing the inputs through the node.
 fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
+    let mut isolate_command: Option<(Vec<String>, String)> = None;
     let manifest = match (&args.tree, &args.isolate, args.inputs.is_empty()) {
         (Some(t), _, _) => *t,
         (None, None, true) => {
             return Err(usage("no inputs: give --isolate FILE, --input PATH or --tree ID"));
         }
         (None, isolate, _) => {
-            let (root, inputs) = crate::isolate_file::resolve_inputs(
+            let resolved = crate::isolate_file::resolve(
                 isolate.as_deref(),
                 &args.vars.iter().cloned().collect::<BTreeMap<_, _>>(),
                 &args.inputs,
                 args.root.as_deref(),
             )?;
+            let (root, inputs) = (resolved.root, resolved.inputs);
+            isolate_command = resolved.command.map(|c| (c, resolved.cwd));
             let abs = |p: &Path| {
                 std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
             };
@@ -163,9 +167,19 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
             v["id"].as_str().unwrap_or_default().parse().context("the node answered a bad id")?
         }
     };
-    let (command, rest) = args.command.split_first().context("no command given after --")?;
+    let (argv, cwd) = match (args.command.is_empty(), isolate_command) {
+        (false, _) => (args.command.clone(), String::new()),
+        (true, Some((argv, cwd))) => (argv, cwd),
+        (true, None) => {
+            return Err(usage(
+                "no command: give it after `--`, or as `command` in the .isolate file",
+            ));
+        }
+    };
+    let (command, rest) = argv.split_first().expect("not empty");
     let mut spec = JobSpec::new(command, manifest, &args.pool);
     spec.args = rest.to_vec();
+    spec.cwd = cwd;
     spec.env = args.env.iter().cloned().collect();
     let mut outputs = args.outputs.clone();
     outputs.sort();
@@ -191,7 +205,7 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     scheduling.wait_for_capacity = !args.no_wait;
     let mut req = JobRequest::new(spec);
     req.scheduling = scheduling;
-    req.name = args.name.clone().unwrap_or_else(|| args.command.join(" "));
+    req.name = args.name.clone().unwrap_or_else(|| argv.join(" "));
     req.validate().map_err(|e| usage(format!("invalid job: {e}")))?;
     Ok(req)
 }

@@ -110,8 +110,7 @@ fn a_sharded_job_covers_the_suite_exactly_once() {
             "4",
             "--junit",
             junit.to_str().unwrap(),
-            "--",
-            "./run_tests.sh",
+            // No command: the .isolate file's `command` runs.
         ],
     );
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
