@@ -60,6 +60,9 @@ pub enum Request {
         request: Box<grid_protocol::job::JobRequest>,
         /// Stream progress events, then answer the final state.
         watch: bool,
+        /// Run every shard, even those an earlier run of an idempotent job passed.
+        #[serde(default)]
+        force: bool,
     },
     /// A job's state; with `watch`, stream progress until it ends.
     Job {

@@ -457,7 +457,7 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
                 "hashed": packed.hashed,
             }))
         }
-        Request::Submit { request, .. } => {
+        Request::Submit { request, force, .. } => {
             let spec = &request.spec;
             // The submitter seeds its own inputs: they must be here in full.
             let tree = node.store.tree(&spec.manifest).with_context(|| {
@@ -470,7 +470,7 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
                 );
             }
             let (job, submission) =
-                ask(&node.engine, |reply| EngineCommand::Submit { request, reply })
+                ask(&node.engine, |reply| EngineCommand::Submit { request, force, reply })
                     .await?
                     .map_err(anyhow::Error::msg)?;
             let v = ask(&node.engine, |reply| EngineCommand::Job {

@@ -123,6 +123,8 @@ pub enum EngineCommand {
     Submit {
         /// The request.
         request: Box<JobRequest>,
+        /// Run everything, even shards an earlier run of an idempotent job passed.
+        force: bool,
         /// The answer.
         reply: oneshot::Sender<Result<SubKey, String>>,
     },
@@ -312,6 +314,8 @@ impl Engine {
                 Ok(mut machine) => {
                     if engine.db.is_canceled(&job, submission)? {
                         machine.cancel(t);
+                    } else {
+                        engine.reuse_earlier(&mut machine);
                     }
                     info!(%job, submission, finished = machine.is_finished(), "job restored");
                     let (watch, _) = broadcast::channel(WATCH_QUEUE);
@@ -472,8 +476,8 @@ impl Engine {
     /// A control request.
     pub async fn on_command(&mut self, cmd: EngineCommand) {
         match cmd {
-            EngineCommand::Submit { request, reply } => {
-                let r = self.submit(*request);
+            EngineCommand::Submit { request, force, reply } => {
+                let r = self.submit(*request, force);
                 let _ = reply.send(r);
             }
             EngineCommand::Job { job, submission, reply } => {
@@ -558,7 +562,7 @@ impl Engine {
         self.dimensions.clone()
     }
 
-    fn submit(&mut self, request: JobRequest) -> Result<SubKey, String> {
+    fn submit(&mut self, request: JobRequest, force: bool) -> Result<SubKey, String> {
         if self.submitters.len() >= MAX_SUBMITTED_JOBS {
             // Forget the oldest finished job to make room.
             let done =
@@ -571,17 +575,15 @@ impl Engine {
             }
         }
         self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let machine = Submitter::new(
-            request,
-            self.keypair.clone(),
-            now(),
-            self.submitter_config.clone(),
-            self.seed,
-        )
-        .map_err(|e| e.to_string())?;
+        let config = SubmitterConfig { force, ..self.submitter_config.clone() };
+        let machine = Submitter::new(request, self.keypair.clone(), now(), config, self.seed)
+            .map_err(|e| e.to_string())?;
         let key = (machine.job(), machine.submission());
         info!(job = %key.0, submission = key.1, shards = machine.request().spec.shards, "job submitted");
         let mut machine = machine;
+        if !force {
+            self.reuse_earlier(&mut machine);
+        }
         if self.slots > 0 {
             machine.observe_node(self.mesh.local_peer_id(), self.dimensions.clone());
         }
@@ -591,6 +593,38 @@ impl Engine {
         let (watch, _) = broadcast::channel(WATCH_QUEUE);
         self.submitters.insert(key, Submitted { machine, watch });
         Ok(key)
+    }
+
+    /// An idempotent job takes the shards an earlier run of the same job passed (the newest
+    /// results first; see `Submitter::reuse` for what counts).
+    fn reuse_earlier(&self, machine: &mut Submitter) {
+        if !machine.request().spec.idempotent {
+            return;
+        }
+        let records = match self.db.results_of_job(&machine.job()) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot read earlier results to reuse");
+                return;
+            }
+        };
+        let t = now();
+        let mut by_shard: BTreeMap<u32, Vec<grid_protocol::record::SignedResult>> = BTreeMap::new();
+        for r in records {
+            if let Record::Result(r) = r
+                && r.body.is_success()
+                && r.body.submission != machine.submission()
+            {
+                by_shard.entry(r.body.shard).or_default().push(r);
+            }
+        }
+        for (shard, mut rs) in by_shard {
+            rs.sort_by_key(|r| std::cmp::Reverse(r.body.finished));
+            rs.truncate(grid_protocol::job::MAX_REPLICAS as usize);
+            if machine.reuse(t, shard, &rs).is_ok() {
+                debug!(job = %machine.job(), shard, "reused an earlier result");
+            }
+        }
     }
 
     /// Carries out every queued output, in order.

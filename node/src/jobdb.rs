@@ -153,6 +153,13 @@ impl JobDb {
         Ok(self.db.get_pinned(job_prefix(b'c', job, submission))?.is_some())
     }
 
+    /// Every counted result of a job, over all its submissions (for idempotent reuse).
+    pub fn results_of_job(&self, job: &ContentId) -> Result<Vec<Record>, JobDbError> {
+        let mut prefix = vec![b'r'];
+        id_bytes(&mut prefix, job);
+        self.scan(&prefix)
+    }
+
     /// Results this node still has to deliver.
     pub fn outbox(&self) -> Result<Vec<Record>, JobDbError> {
         self.scan(b"o")

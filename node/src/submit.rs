@@ -102,6 +102,14 @@ pub struct SubmitArgs {
     /// A display name for the job.
     #[arg(long)]
     pub name: Option<String>,
+    /// The command is deterministic: a shard an earlier run of the very same job (same tree,
+    /// command, environment and shard count) passed within 7 days is not run again; its
+    /// result is reused.
+    #[arg(long)]
+    pub idempotent: bool,
+    /// With --idempotent: run every shard anyway.
+    #[arg(long)]
+    pub force: bool,
     /// Print one JSON document at the end instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -180,6 +188,7 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     let mut spec = JobSpec::new(command, manifest, &args.pool);
     spec.args = rest.to_vec();
     spec.cwd = cwd;
+    spec.idempotent = args.idempotent;
     spec.env = args.env.iter().cloned().collect();
     let mut outputs = args.outputs.clone();
     outputs.sort();
@@ -324,7 +333,7 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
     let node = NodeAccess::open(data_dir, &args.bootstrap)?;
     let req = request(&node.dir, &args)?;
     let shards = req.spec.shards;
-    let submit = Request::Submit { request: Box::new(req), watch: !args.detach };
+    let submit = Request::Submit { request: Box::new(req), watch: !args.detach, force: args.force };
     if args.detach {
         let v = call(&node.dir, &submit)?;
         if args.json {

@@ -328,6 +328,8 @@ impl Submitter {
     /// shard is offered again. Announcements continue with a sequence number above any sent
     /// before, so workers holding the old announcement take the new ones. Re-counting queues
     /// the usual outputs (the results' records again, and acks their nodes may still wait for).
+    /// Shards an idempotent job took from an earlier run are pending again: their results
+    /// belong to that run, and the driver applies [`Submitter::reuse`] again.
     pub fn restore(
         records: &[Record],
         keypair: Keypair,

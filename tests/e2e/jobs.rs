@@ -537,3 +537,35 @@ fn a_command_line_that_cannot_work_exits_2_and_says_why() {
     let st = node.ok(["status"]);
     assert!(st.contains("peer id: ") && !st.contains("job "), "{st}");
 }
+
+#[test]
+fn an_idempotent_job_reuses_what_an_earlier_run_passed_unless_forced() {
+    let s = Scratch::new();
+    let m = mesh(&s, 1, &["--slots", "0"], &[&["--slots", "2"]]);
+    // Shard 1 fails the first time only (a flag file it leaves behind, outside the tree).
+    let flag = s.path("failed-once");
+    let dir = script(
+        &s,
+        "job",
+        &format!(
+            "if [ \"$GRID_SHARD_INDEX\" = 1 ] && [ ! -e {f} ]; then touch {f}; exit 1; fi; echo ok",
+            f = flag.display()
+        ),
+    );
+    let args = ["--input", ".", "--shards", "3", "--idempotent", "--json", "--", "./run.sh"];
+    let started = |m: &Mesh| m.workers[0].json(["status", "--json"])["worker"]["started"].clone();
+    let first = submit(&m.submitter, &dir, &args);
+    assert_eq!(first.status.code(), Some(1), "{}", describe(&first));
+    assert_eq!(started(&m), 3);
+    // The same job again: only the shard that failed runs.
+    let second = submit(&m.submitter, &dir, &args);
+    assert_eq!(second.status.code(), Some(0), "{}", describe(&second));
+    assert_eq!(started(&m), 4, "shards 0 and 2 were reused");
+    assert_eq!(json_of(&first)["job"], json_of(&second)["job"], "the same job id");
+    // Forced: everything runs.
+    let mut forced = args.to_vec();
+    forced.insert(0, "--force");
+    let third = submit(&m.submitter, &dir, &forced);
+    assert_eq!(third.status.code(), Some(0), "{}", describe(&third));
+    assert_eq!(started(&m), 7);
+}
