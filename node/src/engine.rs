@@ -32,6 +32,8 @@ use crate::mesh::{Inbound, MeshHandle};
 pub const ENGINE_QUEUE: usize = 256;
 /// Capacity of each job's progress channel; a client that falls further behind resyncs.
 pub const WATCH_QUEUE: usize = 1024;
+/// How long a submitted job's records are kept (results stay reusable for 7 days).
+pub const JOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most jobs this node keeps submitters for at once.
 pub const MAX_SUBMITTED_JOBS: usize = 256;
 
@@ -300,6 +302,16 @@ impl Engine {
             })
             .collect();
         jobs.sort();
+        // Records of jobs submitted longer ago than the retention are dropped: the database
+        // stays bounded however long the node runs.
+        let cutoff = Time(t.0.saturating_sub(grid_protocol::time::millis(JOB_RETENTION)));
+        let (old, kept): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|(c, _, _)| *c < cutoff);
+        for (_, job, submission) in old {
+            if let Err(e) = engine.db.forget_submission(&job, submission) {
+                warn!(%job, error = %e, "cannot drop an old job's records");
+            }
+        }
+        let jobs = kept;
         let skip = jobs.len().saturating_sub(MAX_SUBMITTED_JOBS);
         for (_, job, submission) in jobs.into_iter().skip(skip) {
             let records = engine.db.submission(&job, submission)?;

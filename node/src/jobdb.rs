@@ -153,6 +153,27 @@ impl JobDb {
         Ok(self.db.get_pinned(job_prefix(b'c', job, submission))?.is_some())
     }
 
+    /// Deletes every record of one submission (its job, leases, results and cancel mark).
+    pub fn forget_submission(&self, job: &ContentId, submission: u64) -> Result<(), JobDbError> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for kind in [b'j', b'l', b'r', b'c'] {
+            let from = job_prefix(kind, job, submission);
+            let mut to = from.clone();
+            // The first key after every key starting with `from`.
+            while let Some(last) = to.pop() {
+                if last < u8::MAX {
+                    to.push(last + 1);
+                    break;
+                }
+            }
+            if to.is_empty() {
+                continue;
+            }
+            batch.delete_range(&from, &to);
+        }
+        Ok(self.db.write(batch)?)
+    }
+
     /// Every counted result of a job, over all its submissions (for idempotent reuse).
     pub fn results_of_job(&self, job: &ContentId) -> Result<Vec<Record>, JobDbError> {
         let mut prefix = vec![b'r'];
@@ -227,5 +248,10 @@ mod tests {
         bad[0] = b'l';
         db.db.put(&bad, [0u8; 3]).unwrap();
         assert_eq!(db.submission(&job, 7).unwrap().len(), 4);
+        // Forgetting a submission leaves the others whole.
+        db.forget_submission(&job, 7).unwrap();
+        assert!(db.submission(&job, 7).unwrap().is_empty());
+        assert!(!db.is_canceled(&job, 7).unwrap());
+        assert_eq!(db.submission(&job, 8).unwrap().len(), 2, "submission 8: its job and lease");
     }
 }
