@@ -271,29 +271,19 @@ impl JobSpec {
         if self.grace > MAX_GRACE {
             return Err(field("grace", "must be at most 1 hour"));
         }
-        if self.outputs.len() > MAX_OUTPUTS {
-            return Err(field(
-                "outputs",
-                format!("{} paths; the limit is {MAX_OUTPUTS}", self.outputs.len()),
-            ));
-        }
-        for o in &self.outputs {
-            validate_path(o).map_err(|e| field("outputs", e.to_string()))?;
-        }
-        if self.outputs.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(field("outputs", "must be sorted without duplicates"));
-        }
-        if self.writable.len() > MAX_OUTPUTS {
-            return Err(field(
-                "writable",
-                format!("{} paths; the limit is {MAX_OUTPUTS}", self.writable.len()),
-            ));
-        }
-        for w in &self.writable {
-            validate_path(w).map_err(|e| field("writable", e.to_string()))?;
-        }
-        if self.writable.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(field("writable", "must be sorted without duplicates"));
+        for (name, paths) in [("outputs", &self.outputs), ("writable", &self.writable)] {
+            if paths.len() > MAX_OUTPUTS {
+                return Err(field(
+                    name,
+                    format!("{} paths; the limit is {MAX_OUTPUTS}", paths.len()),
+                ));
+            }
+            for p in paths {
+                validate_path(p).map_err(|e| field(name, e.to_string()))?;
+            }
+            if paths.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(field(name, "must be sorted without duplicates"));
+            }
         }
         // Each field within its bounds can still add up to more than a grant carries.
         let len = self.encode().len();
