@@ -285,6 +285,7 @@ pub async fn run(
             event = inbound.recv() => match event {
                 Some(mesh::MeshEvent::Message(m)) => engine.on_inbound(m).await,
                 Some(mesh::MeshEvent::PeerGone(p)) => engine.on_peer_gone(p).await,
+                Some(mesh::MeshEvent::PeerConnected(p)) => engine.on_peer_connected(p).await,
                 Some(mesh::MeshEvent::PeerDimensions(p, d)) => engine.on_peer_dimensions(p, d),
                 None => break,
             },

@@ -407,6 +407,12 @@ impl Engine {
         self.peer_dims.insert(peer, dims);
     }
 
+    /// A peer connected: results waiting for it (a submitter that restarted) go out now.
+    pub async fn on_peer_connected(&mut self, peer: PeerId) {
+        self.worker.peer_returned(now(), peer);
+        self.drain().await;
+    }
+
     /// A peer's last connection closed: its leases are lost now, not at their deadlines.
     pub async fn on_peer_gone(&mut self, peer: PeerId) {
         let t = now();

@@ -361,6 +361,24 @@ impl Worker {
         self.schedule(now);
     }
 
+    /// The transport reached `peer` again (it restarted, or the network came back): results
+    /// waiting for that submitter are sent at once, with the resend delay started over,
+    /// instead of at their next backed-off resend.
+    pub fn peer_returned(&mut self, now: Time, peer: PeerId) {
+        self.now = self.now.max(now);
+        let mut due = false;
+        for (l, u) in self.outbox.iter_mut() {
+            if l.submitter == peer && u.next_send > now {
+                u.next_send = now;
+                u.backoff = self.config.result_retry / 2;
+                due = true;
+            }
+        }
+        if due {
+            self.handle_timeout(now);
+        }
+    }
+
     /// A gossip announcement. Verifies it, judges trust and fit, remembers it, and claims if
     /// there are free slots. An ended job's running leases are killed.
     pub fn handle_announcement(
@@ -1087,6 +1105,23 @@ mod tests {
         }
         assert!(resends[0] >= Time(15_000));
         assert!(resends[1].saturating_since(resends[0]) >= Duration::from_secs(20));
+        // The submitter is back (say, it restarted): the result goes out at once, whatever the
+        // backoff, but not for another peer's return.
+        let back = resends[1] + Duration::from_secs(1);
+        w.peer_returned(back, key(51).public().to_peer_id());
+        assert!(
+            !drain(&mut w)
+                .iter()
+                .any(|o| matches!(o, Output::Send { msg: Message::Result(_), .. }))
+        );
+        w.peer_returned(back, sub_id());
+        assert!(
+            drain(&mut w).iter().any(
+                |o| matches!(o, Output::Send { msg: Message::Result(_), to } if *to == sub_id())
+            )
+        );
+        let next = w.outbox.values().map(|u| u.next_send).min().unwrap();
+        assert_eq!(next.saturating_since(back), Duration::from_secs(10), "the delay starts over");
         // An ack from someone else changes nothing; the submitter's ack forgets it.
         let ack = Ack {
             job: s.id(),

@@ -215,8 +215,10 @@ fn the_submitting_node_restarts_and_collect_finishes_without_rerunning() {
         &["--bootstrap", &submitter.addrs[0], "--trust", &submitter.peer_id, "--slots", "2"],
     );
     submitter.wait_connected(1);
-    // Shard 0 is quick; shard 1 is still running when the submitter dies.
-    let dir = script(&s, "job", "if [ \"$GRID_SHARD_INDEX\" = 1 ]; then sleep 6; fi; echo ok");
+    // Shard 0 is quick; shard 1 is still running when the submitter dies, and finishes while
+    // it is down: its result waits in the worker's outbox and goes out when the submitter is
+    // back.
+    let dir = script(&s, "job", "if [ \"$GRID_SHARD_INDEX\" = 1 ]; then sleep 3; fi; echo ok");
     let out = submit(
         &submitter,
         &dir,
@@ -231,6 +233,9 @@ fn the_submitting_node_restarts_and_collect_finishes_without_rerunning() {
     });
     let (dir_s, peer) = (submitter.data_dir.clone(), submitter.peer_id.clone());
     submitter.kill9();
+    wait_for(30, "shard 1 to finish while the submitter is down", || {
+        (worker.json(["status", "--json"])["worker"]["results"] == 2).then_some(())
+    });
     let submitter = NodeProc::start_listening(
         &dir_s,
         &listen,

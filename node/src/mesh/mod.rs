@@ -143,6 +143,8 @@ pub enum MeshEvent {
     Message(Inbound),
     /// The last connection to a peer closed.
     PeerGone(PeerId),
+    /// A first connection to a peer opened.
+    PeerConnected(PeerId),
     /// A peer said what dimensions it has.
     PeerDimensions(PeerId, grid_protocol::dims::Dimensions),
 }
@@ -663,7 +665,12 @@ impl Driver {
                 info!(address = %full, "listening");
                 self.listening.push(full);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                if num_established.get() == 1
+                    && self.inbound.try_send(MeshEvent::PeerConnected(peer_id)).is_err()
+                {
+                    debug!(peer = %peer_id, "event queue full; a connection was not reported");
+                }
                 let address = endpoint.get_remote_address().clone();
                 debug!(peer = %peer_id, %address, "connected");
                 let known = self.addresses.entry(peer_id).or_default();
