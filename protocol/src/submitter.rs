@@ -404,9 +404,30 @@ impl Submitter {
             })
             .collect();
         results.sort_by_key(|r| (r.body.shard, r.body.attempt));
+        // Counted results are counted again before any lease lapses: every one of them was
+        // counted when it came (the shard was open), whatever lapsed since; lapsing first could
+        // end a shard its own results had decided.
         for r in results {
             let Some(from) = r.claimed_signer() else { continue };
-            s.handle_result(now, from, r.clone());
+            s.handle_result(created, from, r.clone());
+        }
+        // A shard is leased again only when fewer replicas than wanted are live, so of its
+        // leases still open in the records only the newest can be live; older ones were lost
+        // (a lapse or a departure is not recorded) and count as lost again.
+        for idx in 0..s.shards.len() {
+            let shard = idx as u32;
+            let wanted =
+                usize::from(s.shards[idx].target).saturating_sub(s.shards[idx].votes.len());
+            let live: Vec<LeaseRef> = s
+                .attempts
+                .range(LeaseRef { shard, attempt: 0 }..=LeaseRef { shard, attempt: u32::MAX })
+                .filter(|(_, a)| a.state == AttemptState::Running)
+                .map(|(l, _)| *l)
+                .collect();
+            let stale = live.len().saturating_sub(wanted);
+            for l in live.into_iter().take(stale) {
+                s.lose(created, l, AttemptState::WorkerDied);
+            }
         }
         s.catch_up(now);
         s.flush(now);
@@ -1847,6 +1868,7 @@ mod tests {
         Gone { node: u8 },
         Advance { ms: u64 },
         Cancel,
+        Restart,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1859,6 +1881,7 @@ mod tests {
             1 => (0u8..5).prop_map(|node| Op::Gone { node }),
             2 => (1u64..40_000).prop_map(|ms| Op::Advance { ms }),
             1 => Just(Op::Cancel),
+            1 => Just(Op::Restart),
         ]
     }
 
@@ -1866,16 +1889,24 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// Any sequence of claims, heartbeats, honest, forged and replayed results, departures,
-        /// time and cancels keeps the invariants: leases persisted before granted, final states
-        /// final, no node holding two replicas of a shard, live replicas within the target,
-        /// forged or replayed results never counted, and every accepted outcome a strict
-        /// majority of its counted votes.
+        /// time, cancels and restarts (a restore from the records persisted so far) keeps the
+        /// invariants: leases persisted before granted, final states final, no node holding two
+        /// replicas of a shard, live replicas within the target, forged or replayed results
+        /// never counted, every accepted outcome a strict majority of its counted votes, and no
+        /// accepted outcome lost or changed by a restart.
         #[test]
         fn invariants_hold_under_any_inputs(k in 1u8..4, ops in proptest::collection::vec(op(), 1..60)) {
             let mut s = submitter(request(3, k));
             let nodes: Vec<Node> = (1..=5).map(node).collect();
             let mut now = 0u64;
             let mut finals: BTreeMap<u32, ShardState> = BTreeMap::new();
+            // What a driver would have stored, and whether the user canceled.
+            let mut records = vec![Record::Job {
+                request: s.request().clone(),
+                submission: s.submission(),
+                created: Time(0),
+            }];
+            let mut canceled = false;
             for op in ops {
                 match op {
                     Op::Claim { node, slots } => {
@@ -1915,9 +1946,36 @@ mod tests {
                         // A driver that sleeps until poll_timeout never spins.
                         prop_assert!(s.poll_timeout().is_none_or(|t| t > Time(now)));
                     }
-                    Op::Cancel => s.cancel(Time(now)),
+                    Op::Cancel => {
+                        canceled = true;
+                        s.cancel(Time(now));
+                    }
+                    Op::Restart => {
+                        let decided: BTreeMap<u32, (ShardState, Option<Outcome>)> = (0..3)
+                            .filter_map(|i| {
+                                let st = s.shard(i).unwrap();
+                                st.accepted.map(|_| (i, (st.state, st.accepted)))
+                            })
+                            .collect();
+                        s = Submitter::restore(&records, key(100), Time(now), SubmitterConfig::default(), 9)
+                            .expect("the records hold the job");
+                        if canceled {
+                            s.cancel(Time(now));
+                        }
+                        for (i, before) in &decided {
+                            let st = s.shard(*i).unwrap();
+                            prop_assert_eq!(&(st.state, st.accepted), before, "a restart changed a decided shard");
+                        }
+                        // Only decided shards are bound to keep their final state; the others
+                        // are judged again from the records (an error report is not one).
+                        finals.retain(|i, _| decided.contains_key(i));
+                    }
                 }
                 let out = drain(&mut s);
+                records.extend(out.iter().filter_map(|o| match o {
+                    Output::Persist(r) => Some(r.clone()),
+                    _ => None,
+                }));
                 // Persist before grant, lease by lease.
                 let mut persisted = BTreeSet::new();
                 for o in &out {
