@@ -244,22 +244,10 @@ fn node_client(g: &GlobalArgs) -> anyhow::Result<Option<PathBuf>> {
     }
 }
 
-fn node_call(dir: &Path, req: &control::Request) -> anyhow::Result<serde_json::Value> {
-    Ok(control::call(dir, req)?)
-}
-
 fn require_node(g: &GlobalArgs) -> anyhow::Result<PathBuf> {
     let dir = data_dir(g.data_dir.as_deref())?;
-    match control::Client::connect(&dir) {
-        Ok(_) => Ok(dir),
-        Err(control::ControlError::NotRunning(_)) => bail!(
-            "no grid-node is running with data directory {} (start one with `grid-node \
-             --data-dir {}`)",
-            dir.display(),
-            dir.display()
-        ),
-        Err(e) => Err(e.into()),
-    }
+    control::Client::connect(&dir)?;
+    Ok(dir)
 }
 
 /// Runs the CLI and returns the process exit code.
@@ -301,7 +289,7 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Cancel { job } => {
             let dir = require_node(global)?;
-            node_call(&dir, &control::Request::Cancel { job: job.clone() })?;
+            control::call(&dir, &control::Request::Cancel { job: job.clone() })?;
             eprintln!("canceled {job}");
             Ok(())
         }
@@ -316,8 +304,10 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Logs { job, shard, follow: false } => {
             let dir = require_node(global)?;
-            let v =
-                node_call(&dir, &control::Request::Job { job, submission: None, watch: false })?;
+            let v = control::call(
+                &dir,
+                &control::Request::Job { job, submission: None, watch: false },
+            )?;
             let s = v["shards"]
                 .as_array()
                 .and_then(|a| a.get(shard as usize))
@@ -328,14 +318,16 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                     s["state"].as_str().unwrap_or("?")
                 )
             })?;
-            let t = node_call(&dir, &control::Request::Cat { id: log.to_string() })?;
+            let t = control::call(&dir, &control::Request::Cat { id: log.to_string() })?;
             print!("{}", t["text"].as_str().unwrap_or_default());
             Ok(())
         }
         Command::Status { job: Some(job), json } => {
             let dir = require_node(global)?;
-            let v =
-                node_call(&dir, &control::Request::Job { job, submission: None, watch: false })?;
+            let v = control::call(
+                &dir,
+                &control::Request::Job { job, submission: None, watch: false },
+            )?;
             if json {
                 println!("{v}");
             } else {
@@ -361,7 +353,7 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         Command::Isolate(args) => isolate(global, args),
         Command::Show { id } => {
             if let Some(dir) = node_client(global)? {
-                let v = node_call(&dir, &control::Request::Show { id: id.to_string() })?;
+                let v = control::call(&dir, &control::Request::Show { id: id.to_string() })?;
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
@@ -376,7 +368,7 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
                 let out = std::path::absolute(&out)
                     .with_context(|| format!("bad output path {}", out.display()))?;
                 let req = control::Request::Fetch { id: id.to_string(), out: Some(out.clone()) };
-                let v = node_call(&dir, &req).context("failed to fetch")?;
+                let v = control::call(&dir, &req).context("failed to fetch")?;
                 if json {
                     println!("{v}");
                 } else {
@@ -413,7 +405,7 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Status { job: None, json } => {
             let dir = require_node(global)?;
-            let v = node_call(&dir, &control::Request::Status)?;
+            let v = control::call(&dir, &control::Request::Status)?;
             if json {
                 println!("{v}");
             } else {
@@ -437,7 +429,7 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Peers { json } => {
             let dir = require_node(global)?;
-            let v = node_call(&dir, &control::Request::Peers)?;
+            let v = control::call(&dir, &control::Request::Peers)?;
             if json {
                 println!("{v}");
             } else {
@@ -461,7 +453,7 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Verify => {
             if let Some(dir) = node_client(global)? {
-                let v = node_call(&dir, &control::Request::Verify)?;
+                let v = control::call(&dir, &control::Request::Verify)?;
                 println!(
                     "{} objects ok, {} dropped; {} manifests ok, {} dropped; {} orphan files \
                      removed",
@@ -493,7 +485,7 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Gc => {
             if let Some(dir) = node_client(global)? {
-                let v = node_call(&dir, &control::Request::Gc)?;
+                let v = control::call(&dir, &control::Request::Gc)?;
                 println!(
                     "evicted {} items ({} bytes); the cache now holds {} items ({} bytes)",
                     v["items"], v["bytes"], v["now_items"], v["now_bytes"]
@@ -532,7 +524,7 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
                 root: abs(&root)?,
                 inputs: inputs.iter().map(|p| abs(p)).collect::<anyhow::Result<_>>()?,
             };
-            let v = node_call(&dir, &req).context("failed to isolate")?;
+            let v = control::call(&dir, &req).context("failed to isolate")?;
             let n = |k: &str| v[k].as_u64().unwrap_or(0);
             pack::Packed {
                 id: v["id"]

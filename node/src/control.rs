@@ -102,7 +102,11 @@ pub enum Request {
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
     /// No node is running with this data directory.
-    #[error("no grid-node is running with data directory {0}")]
+    #[error(
+        "no grid-node is running with data directory {} (start one with `grid-node --data-dir {}`)",
+        .0.display(),
+        .0.display()
+    )]
     NotRunning(PathBuf),
     /// The socket failed mid-conversation.
     #[error("control socket {path}: {source}")]

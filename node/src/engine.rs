@@ -549,7 +549,8 @@ impl Engine {
             EngineCommand::Worker(reply) => {
                 let _ = reply.send(WorkerView {
                     dimensions: self
-                        .worker_dimensions()
+                        .dimensions
+                        .clone()
                         .0
                         .into_iter()
                         .map(|(k, v)| (k, v.into_iter().collect()))
@@ -574,10 +575,6 @@ impl Engine {
             }
             self.heard.push_back(job);
         }
-    }
-
-    fn worker_dimensions(&self) -> Dimensions {
-        self.dimensions.clone()
     }
 
     fn submit(&mut self, request: JobRequest, force: bool) -> Result<SubKey, String> {

@@ -143,10 +143,6 @@ pub struct ResultArgs {
     pub junit: Option<PathBuf>,
 }
 
-fn call(dir: &Path, req: &Request) -> anyhow::Result<Value> {
-    Ok(control::call(dir, req)?)
-}
-
 /// Builds the job request `args` describe, packing the inputs through the node.
 fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     let mut isolate_command: Option<(Vec<String>, String)> = None;
@@ -171,7 +167,7 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
                 root: abs(&root)?,
                 inputs: inputs.iter().map(|p| abs(p)).collect::<anyhow::Result<_>>()?,
             };
-            let v = call(dir, &req).context("failed to pack the inputs")?;
+            let v = control::call(dir, &req).context("failed to pack the inputs")?;
             v["id"].as_str().unwrap_or_default().parse().context("the node answered a bad id")?
         }
     };
@@ -247,12 +243,9 @@ impl NodeAccess {
         if bootstrap.is_empty() {
             return match control::Client::connect(data_dir) {
                 Ok(_) => Ok(NodeAccess { dir: data_dir.to_path_buf(), _inproc: None }),
-                Err(control::ControlError::NotRunning(_)) => bail!(
-                    "no grid-node is running with data directory {}: start one (`grid-node \
-                     --data-dir {}`) or join a mesh directly with --bootstrap MULTIADDR",
-                    data_dir.display(),
-                    data_dir.display()
-                ),
+                Err(e @ control::ControlError::NotRunning(_)) => {
+                    bail!("{e}, or join a mesh directly with --bootstrap MULTIADDR")
+                }
                 Err(e) => Err(e.into()),
             };
         }
@@ -313,7 +306,7 @@ impl NodeAccess {
         // Wait until the mesh answers, so the job's announcement has somewhere to go.
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            let v = call(&dir, &Request::Status)?;
+            let v = control::call(&dir, &Request::Status)?;
             if v["mesh"]["connected"].as_u64().unwrap_or(0) > 0 {
                 break;
             }
@@ -335,7 +328,7 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
     let shards = req.spec.shards;
     let submit = Request::Submit { request: Box::new(req), watch: !args.detach, force: args.force };
     if args.detach {
-        let v = call(&node.dir, &submit)?;
+        let v = control::call(&node.dir, &submit)?;
         if args.json {
             println!("{v}");
         } else {
@@ -450,7 +443,7 @@ pub fn follow_output(
     let mut offset = 0u64;
     let deadline_idle = Duration::from_millis(300);
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let t = call(dir, &Request::Tail { job: job.to_string(), shard, offset })?;
+        let t = control::call(dir, &Request::Tail { job: job.to_string(), shard, offset })?;
         if t["running"] == true {
             let at = t["offset"].as_u64().unwrap_or(offset);
             if at > offset {
@@ -466,7 +459,10 @@ pub fn follow_output(
             }
             continue;
         }
-        let v = call(dir, &Request::Job { job: job.to_string(), submission: None, watch: false })?;
+        let v = control::call(
+            dir,
+            &Request::Job { job: job.to_string(), submission: None, watch: false },
+        )?;
         let s = &v["shards"][shard as usize];
         if s.is_null() {
             bail!("the job has no shard {shard}");
@@ -478,7 +474,7 @@ pub fn follow_output(
         }
         // Final: what the live view had not shown yet comes from the stored log.
         if let Some(log) = s["log"].as_str() {
-            let t = call(dir, &Request::Cat { id: log.to_string() })?;
+            let t = control::call(dir, &Request::Cat { id: log.to_string() })?;
             let text = t["text"].as_str().unwrap_or_default();
             if !text.starts_with("[grid:") && (offset as usize) < text.len() {
                 out(&String::from_utf8_lossy(&text.as_bytes()[offset as usize..]));
@@ -540,7 +536,7 @@ fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Re
             continue;
         }
         let text = match s["log"].as_str() {
-            Some(log) => call(dir, &Request::Cat { id: log.to_string() })
+            Some(log) => control::call(dir, &Request::Cat { id: log.to_string() })
                 .map(|t| tail(t["text"].as_str().unwrap_or_default(), 20))
                 .unwrap_or_else(|e| format!("(log {log} unavailable: {e:#})\n")),
             None => String::new(),
@@ -630,7 +626,7 @@ fn merge_junit(dir: &Path, shards: &[Value], path: &Path) -> anyhow::Result<usiz
     for s in shards {
         let Some(out) = s["outputs"].as_str() else { continue };
         let into = tmp.path().join(format!("shard-{}", s["shard"]));
-        call(dir, &Request::Fetch { id: out.to_string(), out: Some(into.clone()) })
+        control::call(dir, &Request::Fetch { id: out.to_string(), out: Some(into.clone()) })
             .with_context(|| format!("cannot fetch the outputs of shard {}", s["shard"]))?;
         for e in walkdir::WalkDir::new(&into).sort_by_file_name() {
             let e = e?;
