@@ -851,6 +851,17 @@ impl Store {
         Ok(())
     }
 
+    /// Stores manifest bytes the caller has already verified against `id` and decoded (the
+    /// content swarm checks a manifest as it arrives, to judge the peer that sent it).
+    pub(crate) fn put_checked_manifest(
+        &self,
+        id: ContentId,
+        bytes: &[u8],
+        session: &Session,
+    ) -> Result<(), StoreError> {
+        self.put_manifest_bytes(id, bytes, session)
+    }
+
     /// Stores manifest bytes received from elsewhere, after verifying them against `id`.
     pub fn put_verified_manifest(
         &self,

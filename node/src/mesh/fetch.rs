@@ -172,7 +172,8 @@ impl Fetch<'_> {
             self.objects(id, missing, providers).await?;
             fetched = true;
         }
-        self.store.put_verified_manifest(id, &bytes, &self.session)?;
+        // Verified and decoded already: as it arrived, or when it was first stored.
+        self.store.put_checked_manifest(id, &bytes, &self.session)?;
         self.mesh.provide(id).await?;
         Ok(fetched || self.report.bytes > 0)
     }
