@@ -298,7 +298,11 @@ pub fn free_port() -> u16 {
 
 /// The sample test suite shipped with the tests.
 pub fn suite_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/suite")
+    // Cargo names the package directory at run time too; the build-time one may be another
+    // checkout's that shared the build cache.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    dir.join("fixtures/suite")
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, for at most `secs` seconds.

@@ -7,13 +7,16 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use grid_protocol::content::ContentId;
 use grid_protocol::manifest::{self, Entry, Manifest};
 use rayon::prelude::*;
+use sha1::Digest as _;
 
-use crate::store::{Session, Store, StoreError};
+use crate::store::{PackedTree, Session, Store, StoreError};
 
 /// Why packing failed.
 #[derive(Debug, thiserror::Error)]
@@ -185,14 +188,41 @@ pub fn pack_in(
     root: &Path,
     inputs: &[PathBuf],
 ) -> Result<Packed, PackError> {
+    pack_at(store, session, root, inputs, SystemTime::now()).map(|(p, _)| p)
+}
+
+/// [`pack_in`] as if it started at `started`; also says whether the tree was known unchanged
+/// as a whole (the state remembered by an earlier pack of the same inputs).
+fn pack_at(
+    store: &Store,
+    session: &Session,
+    root: &Path,
+    inputs: &[PathBuf],
+    started: SystemTime,
+) -> Result<(Packed, bool), PackError> {
+    let drops = store.drops();
     let root = absolute(root)?;
     let mut paths = Vec::new();
+    let mut inputs_key = sha1::Sha1::new();
+    inputs_key.update(root.as_os_str().as_encoded_bytes());
     for input in inputs {
         let abs = absolute(&if input.is_absolute() { input.clone() } else { root.join(input) })?;
+        inputs_key.update([0]);
+        inputs_key.update(abs.as_os_str().as_encoded_bytes());
         collect(&abs, &mut paths)?;
     }
+    let inputs_key: [u8; 20] = inputs_key.finalize().into();
     let found: Vec<Found> =
         paths.into_par_iter().map(|p| classify(&root, &p)).collect::<Result<_, PackError>>()?;
+    // The same inputs, every path as it was: the tree packed then is this tree.
+    let fingerprint = fingerprint(&found, started);
+    if let Some((fp, _)) = &fingerprint
+        && let Some(t) = store.packed_tree(&inputs_key, fp, session)?
+    {
+        let packed =
+            Packed { id: t.id, files: t.files, symlinks: t.symlinks, bytes: t.bytes, hashed: 0 };
+        return Ok((packed, true));
+    }
     // Unchanged files are answered from the stat cache in one batch; the rest are read.
     let with_md: Vec<(&Path, &fs::Metadata)> = found
         .iter()
@@ -243,5 +273,179 @@ pub fn pack_in(
             Entry::Symlink { .. } => symlinks += 1,
         }
     }
-    Ok(Packed { id, files, symlinks, bytes: m.total_size(), hashed })
+    let bytes = m.total_size();
+    if let Some((fp, false)) = fingerprint {
+        let tree = PackedTree { id, files, symlinks, bytes };
+        store.remember_packed_tree(&inputs_key, fp, drops, &tree)?;
+    }
+    Ok((Packed { id, files, symlinks, bytes, hashed }, false))
+}
+
+/// Files changed this recently may change again within one tick of the file system's clock
+/// without their times showing it; a tree holding one is not remembered.
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// A digest of every found path's name and kind, and of a file's size, times, inode, device
+/// and mode or a link's target; and whether a file changed within [`RACY_WINDOW`] of `started`.
+/// `None` when a file's metadata is unknown (a link leaving the tree, followed later).
+fn fingerprint(found: &[Found], started: SystemTime) -> Option<([u8; 20], bool)> {
+    let racy_after = started
+        .checked_sub(RACY_WINDOW)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(i128::MAX, |d| d.as_nanos() as i128);
+    let mut h = sha1::Sha1::new();
+    let mut racy = false;
+    for f in found {
+        match f {
+            Found::File { rel, md: Some(md), .. } => {
+                let mtime = md.mtime() as i128 * 1_000_000_000 + md.mtime_nsec() as i128;
+                let ctime = md.ctime() as i128 * 1_000_000_000 + md.ctime_nsec() as i128;
+                racy |= mtime >= racy_after || ctime >= racy_after;
+                h.update(b"f");
+                h.update(rel.as_bytes());
+                h.update([0]);
+                h.update(md.size().to_le_bytes());
+                h.update(mtime.to_le_bytes());
+                h.update(ctime.to_le_bytes());
+                h.update(md.ino().to_le_bytes());
+                h.update(md.dev().to_le_bytes());
+                h.update(md.mode().to_le_bytes());
+            }
+            Found::File { md: None, .. } => return None,
+            Found::Link { rel, target } => {
+                h.update(b"l");
+                h.update(rel.as_bytes());
+                h.update([0]);
+                h.update(target.as_bytes());
+                h.update([0]);
+            }
+        }
+    }
+    Some((h.finalize().into(), racy))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::store::Limits;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        store: Store,
+    }
+
+    impl Fixture {
+        fn new(limits: Limits) -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("store"), limits).unwrap();
+            let fx = Fixture { dir, store };
+            fx.write("a/one.txt", b"one");
+            fx.write("a/b/two.bin", &vec![7u8; 3 << 20]);
+            fx.write("three", b"");
+            std::os::unix::fs::symlink("a/one.txt", fx.root().join("link")).unwrap();
+            fx
+        }
+
+        fn root(&self) -> PathBuf {
+            self.dir.path().join("src")
+        }
+
+        fn write(&self, rel: &str, data: &[u8]) {
+            let p = self.root().join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, data).unwrap();
+        }
+
+        /// Packs the whole source tree as if well after its files were written.
+        fn pack(&self) -> (Packed, bool) {
+            let later = SystemTime::now() + Duration::from_secs(60);
+            let s = self.store.session();
+            pack_at(&self.store, &s, &self.root(), &[self.root()], later).unwrap()
+        }
+
+        fn fetch(&self, id: &ContentId, name: &str) -> PathBuf {
+            let out = self.dir.path().join(name);
+            self.store.materialize(id, &out).unwrap();
+            out
+        }
+    }
+
+    #[test]
+    fn an_unchanged_tree_is_known_as_a_whole_and_any_change_is_seen() {
+        let fx = Fixture::new(Limits::default());
+        let (first, remembered) = fx.pack();
+        assert!(!remembered);
+        assert_eq!((first.files, first.symlinks, first.hashed), (3, 1, 3));
+        let (again, remembered) = fx.pack();
+        assert!(remembered, "an unchanged tree is answered from its remembered state");
+        assert_eq!(again, Packed { hashed: 0, ..first.clone() });
+
+        // Same size, new content: seen through the file's times.
+        fx.write("a/one.txt", b"uno");
+        let (changed, remembered) = fx.pack();
+        assert!(!remembered);
+        assert_ne!(changed.id, first.id);
+        assert_eq!(changed.hashed, 1);
+        assert_eq!(fs::read(fx.fetch(&changed.id, "out1").join("a/one.txt")).unwrap(), b"uno");
+
+        // A new file, a removed one, a link retargeted, a mode changed: each is a new tree.
+        let mut ids = vec![first.id, changed.id];
+        let edits: [&dyn Fn(); 4] = [
+            &|| fx.write("a/new", b"new"),
+            &|| fs::remove_file(fx.root().join("three")).unwrap(),
+            &|| {
+                fs::remove_file(fx.root().join("link")).unwrap();
+                std::os::unix::fs::symlink("a/b/two.bin", fx.root().join("link")).unwrap();
+            },
+            &|| {
+                let p = fx.root().join("a/new");
+                fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+            },
+        ];
+        for edit in edits {
+            edit();
+            let (p, remembered) = fx.pack();
+            assert!(!remembered);
+            assert!(!ids.contains(&p.id), "an edit must give a new tree");
+            ids.push(p.id);
+            assert!(fx.pack().1, "and that tree is remembered in turn");
+        }
+    }
+
+    #[test]
+    fn a_tree_whose_objects_were_dropped_is_stored_again() {
+        let fx = Fixture::new(Limits::default());
+        let (first, _) = fx.pack();
+        // Damage the big file's object on disk; `grid verify` drops it, the manifest stays.
+        let objects = fx.dir.path().join("store/objects");
+        let big = walkdir::WalkDir::new(&objects)
+            .into_iter()
+            .map(|e| e.unwrap().into_path())
+            .find(|p| p.is_file() && fs::metadata(p).unwrap().len() == 3 << 20)
+            .expect("the big file's object");
+        fs::set_permissions(&big, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(&big, vec![0u8; 3 << 20]).unwrap();
+        assert_eq!(fx.store.verify().unwrap().objects_dropped.len(), 1);
+        let (again, remembered) = fx.pack();
+        assert!(!remembered, "a tree whose objects were dropped is not taken as unchanged");
+        assert_eq!(again.id, first.id);
+        assert_eq!(again.hashed, 1, "the dropped object is stored again");
+        let out = fx.fetch(&again.id, "out");
+        assert_eq!(fs::read(out.join("a/b/two.bin")).unwrap(), vec![7u8; 3 << 20]);
+    }
+
+    #[test]
+    fn a_tree_changed_moments_before_packing_is_not_remembered() {
+        let fx = Fixture::new(Limits::default());
+        let s = fx.store.session();
+        let root = fx.root();
+        let now = SystemTime::now();
+        pack_at(&fx.store, &s, &root, std::slice::from_ref(&root), now).unwrap();
+        let (p, remembered) =
+            pack_at(&fx.store, &s, &root, std::slice::from_ref(&root), now).unwrap();
+        assert!(!remembered, "a file written within the racy window may still change unseen");
+        assert_eq!(p.hashed, 0, "the stat cache still answers for each file");
+    }
 }

@@ -43,6 +43,8 @@ const CF_TOTALS: &str = "totals";
 const ALL_CFS: [&str; 7] =
     [CF_OBJECTS, CF_BLOCKS, CF_LRU, CF_MANIFESTS, CF_PINS, CF_STAT, CF_TOTALS];
 const TOTALS_KEY: &[u8] = b"totals";
+/// Key (in the totals column family) of the count of objects ever dropped.
+const DROPS_KEY: &[u8] = b"drops";
 /// Deepest chain of manifest includes followed.
 pub const MAX_INCLUDE_DEPTH: usize = 8;
 /// Uses of an item closer together than this do not rewrite its last-use time.
@@ -391,7 +393,59 @@ pub struct Store {
     clock: Clock,
     /// Serializes index writes that change totals; file IO happens outside it.
     totals: Mutex<Totals>,
+    /// How many objects have ever been dropped from this store (persisted under
+    /// [`DROPS_KEY`]); changed only under the `totals` lock. While it stands still, every object
+    /// indexed before is still here, which lets a re-isolate skip checking them one by one.
+    drops: std::sync::atomic::AtomicU64,
     sessions: Arc<Mutex<SessionPins>>,
+}
+
+/// Key prefix, in the stat column family, of the state a pack leaves for a re-pack of the same
+/// inputs. Stat cache keys are absolute paths, so they never start with a NUL.
+const TREE_STATE_PREFIX: &[u8] = b"\0tree\0";
+
+/// What packing some inputs found, kept so that packing the same inputs again, unchanged, costs
+/// one comparison instead of a stat cache lookup per file (as Chromium's `.isolated.state`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TreeState {
+    /// Digest of every path's name, kind, size, times, inode, device and mode (or link target).
+    fingerprint: [u8; 20],
+    /// The object drop count when the tree was packed: unchanged means all its objects remain.
+    drops: u64,
+    id: ContentId,
+    files: u64,
+    symlinks: u64,
+    bytes: u64,
+}
+
+/// A packed tree and its counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PackedTree {
+    pub id: ContentId,
+    pub files: u64,
+    pub symlinks: u64,
+    pub bytes: u64,
+}
+
+/// Memtables larger than this are flushed when the store is closed, so that the next short
+/// `grid` command opens the index without replaying a long write-ahead log.
+const FLUSH_ON_CLOSE_BYTES: u64 = 1 << 20;
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        let handles: Vec<_> = ALL_CFS.iter().map(|n| cf(&self.db, n)).collect();
+        let unflushed: u64 = handles
+            .iter()
+            .filter_map(|h| {
+                self.db.property_int_value_cf(*h, "rocksdb.cur-size-all-mem-tables").ok().flatten()
+            })
+            .sum();
+        if unflushed > FLUSH_ON_CLOSE_BYTES
+            && let Err(e) = self.db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default())
+        {
+            tracing::warn!("could not flush the content index at close: {e}");
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -428,6 +482,9 @@ impl Store {
         // column family at every open, which costs a short-lived `grid` command dearly.
         opts.set_max_file_opening_threads(1);
         opts.set_skip_stats_update_on_db_open(true);
+        // The index's own log is for errors: at info level RocksDB rewrites ~130 KB of it at
+        // every open.
+        opts.set_log_level(rocksdb::LogLevel::Warn);
         let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, root.join("index"), cfs)?;
         let totals = match db.get_cf(cf(&db, CF_TOTALS), TOTALS_KEY)? {
@@ -437,12 +494,17 @@ impl Store {
             })?,
             None => Totals::default(),
         };
+        let drops = db
+            .get_cf(cf(&db, CF_TOTALS), DROPS_KEY)?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map_or(0, u64::from_be_bytes);
         Ok(Store {
             root: root.to_path_buf(),
             db,
             limits,
             clock,
             totals: Mutex::new(totals),
+            drops: std::sync::atomic::AtomicU64::new(drops),
             sessions: Arc::new(Mutex::new(SessionPins::default())),
         })
     }
@@ -586,7 +648,7 @@ impl Store {
             (Vec::new(), 0, None)
         } else {
             self.reserve(md.size())?;
-            let (blocks, size, tmp) = self.copy_to_tmp(&mut f, src)?;
+            let (blocks, size, tmp) = self.copy_to_tmp(&mut f, src, md.size())?;
             (blocks, size, Some(tmp))
         };
         if let Some(tmp) = tmp {
@@ -615,30 +677,39 @@ impl Store {
         self.root.join("tmp").join(format!("{}-{n}", std::process::id()))
     }
 
-    /// Copies `src` into a new temporary file, hashing it block by block.
+    /// Copies `src` (of about `size_hint` bytes) into a new temporary file, hashing it block by
+    /// block.
     fn copy_to_tmp(
         &self,
         src: &mut File,
         src_path: &Path,
+        size_hint: u64,
     ) -> Result<(Vec<ContentId>, u64, PathBuf), StoreError> {
         let tmp = self.tmp_path();
-        let mut out = File::create(&tmp).map_err(io_err("create", &tmp))?;
-        let mut buf = vec![0u8; BLOCK_SIZE];
-        let mut blocks = Vec::new();
-        let mut size = 0u64;
-        loop {
-            let n = read_full(src, &mut buf).map_err(io_err("read", src_path))?;
-            if n == 0 {
-                break;
-            }
-            blocks.push(content::block_id(&buf[..n]));
-            out.write_all(&buf[..n]).map_err(io_err("write", &tmp))?;
-            size += n as u64;
-            if n < BLOCK_SIZE {
-                break;
-            }
+        let mut out = TmpWriter::create(&tmp, size_hint).map_err(io_err("create", &tmp))?;
+        // One aligned block buffer per thread: allocating (and zeroing) a fresh one per file
+        // would cost a 1 MiB memset for every small file.
+        thread_local! {
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        Ok((blocks, size, tmp))
+        BUF.with_borrow_mut(|raw| {
+            raw.resize(BLOCK_SIZE + DIRECT_ALIGN, 0);
+            let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
+            let buf = &mut raw[start..start + BLOCK_SIZE];
+            let mut blocks = Vec::new();
+            loop {
+                let n = read_full(src, buf).map_err(io_err("read", src_path))?;
+                if n == 0 {
+                    break;
+                }
+                blocks.push(content::block_id(&buf[..n]));
+                out.append(buf, n, &tmp).map_err(io_err("write", &tmp))?;
+                if n < BLOCK_SIZE {
+                    break;
+                }
+            }
+            Ok((blocks, out.written, tmp))
+        })
     }
 
     /// Moves a complete temporary file into `objects/` and indexes it, unless an identical
@@ -686,6 +757,72 @@ impl Store {
         batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
         self.db.write(batch)?;
         *totals = new;
+        Ok(())
+    }
+
+    /// How many objects have ever been dropped from this store.
+    pub(crate) fn drops(&self) -> u64 {
+        self.drops.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn tree_state_key(inputs: &[u8; 20]) -> Vec<u8> {
+        let mut k = TREE_STATE_PREFIX.to_vec();
+        k.extend_from_slice(inputs);
+        k
+    }
+
+    /// The tree packed earlier from the inputs `inputs` (a digest of the root and input paths)
+    /// when they still have the `fingerprint` they had then, the manifest is still here and no
+    /// object was dropped since. The tree is protected by `session` and its use recorded.
+    pub(crate) fn packed_tree(
+        &self,
+        inputs: &[u8; 20],
+        fingerprint: &[u8; 20],
+        session: &Session,
+    ) -> Result<Option<PackedTree>, StoreError> {
+        let Some(raw) =
+            self.db.get_pinned_cf(cf(&self.db, CF_STAT), Self::tree_state_key(inputs))?
+        else {
+            return Ok(None);
+        };
+        let Ok(state) = serde_cbor::from_slice::<TreeState>(&raw) else { return Ok(None) };
+        if state.fingerprint != *fingerprint {
+            return Ok(None);
+        }
+        // Protect first, then check that nothing was dropped before the protection held.
+        session.add_manifest(state.id);
+        if state.drops != self.drops()
+            || self.db.get_pinned_cf(cf(&self.db, CF_MANIFESTS), state.id.to_bytes())?.is_none()
+        {
+            return Ok(None);
+        }
+        self.touch_tree(&state.id, None)?;
+        Ok(Some(PackedTree {
+            id: state.id,
+            files: state.files,
+            symlinks: state.symlinks,
+            bytes: state.bytes,
+        }))
+    }
+
+    /// Remembers that inputs with `fingerprint` packed into `tree`, all of whose objects were
+    /// present when the drop count was `drops`.
+    pub(crate) fn remember_packed_tree(
+        &self,
+        inputs: &[u8; 20],
+        fingerprint: [u8; 20],
+        drops: u64,
+        tree: &PackedTree,
+    ) -> Result<(), StoreError> {
+        let state = TreeState {
+            fingerprint,
+            drops,
+            id: tree.id,
+            files: tree.files,
+            symlinks: tree.symlinks,
+            bytes: tree.bytes,
+        };
+        self.db.put_cf(cf(&self.db, CF_STAT), Self::tree_state_key(inputs), encode(&state))?;
         Ok(())
     }
 
@@ -833,8 +970,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         session.add_manifest(id);
         let key = id.to_bytes();
-        if self.manifest_bytes(&id)?.is_some() {
-            return self.touch(ITEM_MANIFEST, &key);
+        if self.db.get_pinned_cf(cf(&self.db, CF_MANIFESTS), &key)?.is_some() {
+            return self.touch_tree(&id, None);
         }
         self.reserve(bytes.len() as u64)?;
         let now = (self.clock)();
@@ -945,6 +1082,7 @@ impl Store {
     /// Writes a tree into `out` (new or empty): files hardlinked read-only from the store
     /// (copied where a hardlink is impossible), modes and symlinks restored.
     pub fn materialize(&self, id: &ContentId, out: &Path) -> Result<MaterializeStats, StoreError> {
+        // The session's manifest protects every object of the tree from eviction meanwhile.
         let session = self.session();
         session.add_manifest(*id);
         let tree = self.tree(id)?;
@@ -955,46 +1093,29 @@ impl Store {
             }
         }
         fs::create_dir_all(out).map_err(io_err("create", out))?;
-        // Pin every object first, so nothing this tree needs is evicted half way.
-        let mut objects = Vec::new();
-        for entry in tree.values() {
-            if let Entry::File { blocks, executable, .. } = entry
-                && !blocks.is_empty()
-            {
-                let key = object_key(blocks, *executable);
-                session.add_object(key);
-                objects.push((key, blocks[0]));
-            }
-        }
-        let metas = self.db.batched_multi_get_cf(
-            cf(&self.db, CF_OBJECTS),
-            objects.iter().map(|(k, _)| k.as_slice()),
-            false,
-        );
-        let now = (self.clock)();
-        let mut stale = Vec::new();
-        for ((key, first), meta) in objects.iter().zip(metas) {
-            let Some(meta) = meta? else {
-                return Err(StoreError::Missing(*first));
-            };
-            // Only uses that move an object in the LRU order cost a write.
-            let last_use = serde_cbor::from_slice::<ObjectMeta>(&meta).map_or(0, |m| m.last_use);
-            if now.saturating_sub(last_use) >= TOUCH_GRANULARITY_SECS {
-                stale.push(*key);
-            }
-        }
-        let mut dirs = BTreeSet::new();
+        // Every directory, parents before children: one level at a time, each in parallel.
+        let mut by_depth: Vec<BTreeSet<&str>> = Vec::new();
         for path in tree.keys() {
-            if let Some((parent, _)) = path.rsplit_once('/') {
-                dirs.insert(parent);
+            for (depth, (i, _)) in path.match_indices('/').enumerate() {
+                if by_depth.len() <= depth {
+                    by_depth.push(BTreeSet::new());
+                }
+                by_depth[depth].insert(&path[..i]);
             }
         }
-        for d in &dirs {
-            let p = out.join(d);
-            fs::create_dir_all(&p).map_err(io_err("create", &p))?;
+        use rayon::prelude::*;
+        for level in &by_depth {
+            level.par_iter().try_for_each(|d| {
+                let p = out.join(d);
+                match fs::create_dir(&p) {
+                    Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                        Err(io_err("create", &p)(e))
+                    }
+                    _ => Ok(()),
+                }
+            })?;
         }
         let entries: Vec<(&String, &Entry)> = tree.iter().collect();
-        use rayon::prelude::*;
         let stats = entries
             .par_chunks(256)
             .map(|chunk| {
@@ -1013,11 +1134,72 @@ impl Store {
                     bytes: a.bytes + b.bytes,
                 })
             })?;
-        for k in stale {
-            self.touch(ITEM_OBJECT, &k)?;
-        }
-        self.touch(ITEM_MANIFEST, &id.to_bytes())?;
+        self.touch_tree(id, Some(&tree))?;
         Ok(stats)
+    }
+
+    /// Records a use of a tree. The manifest moves to the young end of the LRU order; so does
+    /// every object it names, but only when the manifest's own last use is older than
+    /// [`TOUCH_GRANULARITY_SECS`]. A recently used manifest therefore means its objects were
+    /// touched within that granularity too, and a hot tree costs no per-object index work.
+    fn touch_tree(
+        &self,
+        id: &ContentId,
+        tree: Option<&BTreeMap<String, Entry>>,
+    ) -> Result<(), StoreError> {
+        let key = id.to_bytes();
+        let Some(v) = self.db.get_pinned_cf(cf(&self.db, CF_MANIFESTS), &key)? else {
+            return Ok(());
+        };
+        let last_use = v.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes);
+        drop(v);
+        let now = (self.clock)();
+        if now.saturating_sub(last_use) < TOUCH_GRANULARITY_SECS {
+            return Ok(());
+        }
+        let owned;
+        let tree = match tree {
+            Some(t) => t,
+            None => match self.tree(id) {
+                Ok(t) => {
+                    owned = t;
+                    &owned
+                }
+                // A tree whose includes are not all here yet: its objects are not known.
+                Err(_) => return self.touch(ITEM_MANIFEST, &key),
+            },
+        };
+        let keys: BTreeSet<[u8; 20]> = tree
+            .values()
+            .filter_map(|e| match e {
+                Entry::File { blocks, executable, .. } if !blocks.is_empty() => {
+                    Some(object_key(blocks, *executable))
+                }
+                _ => None,
+            })
+            .collect();
+        // Under the lock that object drops take, so a dropped object is not indexed again.
+        let guard = self.totals.lock().expect("totals lock");
+        let metas = self.db.batched_multi_get_cf(
+            cf(&self.db, CF_OBJECTS),
+            keys.iter().map(|k| k.as_slice()),
+            false,
+        );
+        let mut batch = WriteBatch::default();
+        for (k, meta) in keys.iter().zip(metas) {
+            let Some(raw) = meta? else { continue };
+            let Ok(mut meta) = serde_cbor::from_slice::<ObjectMeta>(&raw) else { continue };
+            if now.saturating_sub(meta.last_use) < TOUCH_GRANULARITY_SECS {
+                continue;
+            }
+            batch.delete_cf(cf(&self.db, CF_LRU), lru_key(meta.last_use, ITEM_OBJECT, k));
+            batch.put_cf(cf(&self.db, CF_LRU), lru_key(now, ITEM_OBJECT, k), []);
+            meta.last_use = now;
+            batch.put_cf(cf(&self.db, CF_OBJECTS), k, encode(&meta));
+        }
+        self.db.write(batch)?;
+        drop(guard);
+        self.touch(ITEM_MANIFEST, &key)
     }
 
     fn materialize_entry(
@@ -1276,8 +1458,10 @@ impl Store {
             items: totals.items.saturating_sub(1),
         };
         batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
+        let drops = self.count_drop(&mut batch);
         self.db.write(batch)?;
         *totals = new;
+        self.drops.store(drops, std::sync::atomic::Ordering::SeqCst);
         drop(totals);
         let path = self.object_path(key);
         match fs::remove_file(&path) {
@@ -1398,10 +1582,23 @@ impl Store {
         if serde_cbor::from_slice::<ObjectMeta>(raw).is_ok() {
             self.drop_object(key)?;
         } else {
-            self.db.delete_cf(cf(&self.db, CF_OBJECTS), key)?;
+            let _totals = self.totals.lock().expect("totals lock");
+            let mut batch = WriteBatch::default();
+            batch.delete_cf(cf(&self.db, CF_OBJECTS), key);
+            let drops = self.count_drop(&mut batch);
+            self.db.write(batch)?;
+            self.drops.store(drops, std::sync::atomic::Ordering::SeqCst);
             let _ = fs::remove_file(self.object_path(key));
         }
         Ok(())
+    }
+
+    /// Adds one more dropped object to `batch`; returns the new count, to publish once the
+    /// batch is written. The caller holds the `totals` lock.
+    fn count_drop(&self, batch: &mut WriteBatch) -> u64 {
+        let n = self.drops.load(std::sync::atomic::Ordering::SeqCst) + 1;
+        batch.put_cf(cf(&self.db, CF_TOTALS), DROPS_KEY, n.to_be_bytes());
+        n
     }
 }
 
@@ -1414,6 +1611,73 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 /// Reads until `buf` is full or the end of the file.
+/// Files at least this large are written into the store past the page cache (`O_DIRECT`).
+/// Copying a big tree in then costs no second cached copy of it, and on machines where
+/// allocating page cache is slow (virtual machines that hand freed memory back to their host)
+/// buffered writes take several times as long as the disk does.
+const DIRECT_WRITE_MIN: u64 = 256 << 10;
+/// Alignment of direct writes: of the buffer, the file offset and the length.
+const DIRECT_ALIGN: usize = 4096;
+
+/// A new temporary file written front to back, directly to disk when it is large and the file
+/// system allows.
+struct TmpWriter {
+    file: File,
+    direct: bool,
+    written: u64,
+}
+
+impl TmpWriter {
+    fn create(path: &Path, size_hint: u64) -> io::Result<TmpWriter> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if size_hint >= DIRECT_WRITE_MIN {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(path)
+            {
+                Ok(file) => return Ok(TmpWriter { file, direct: true, written: 0 }),
+                // A file system without direct IO (tmpfs on older kernels).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let file = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
+        Ok(TmpWriter { file, direct: false, written: 0 })
+    }
+
+    /// Appends `buf[..n]`. `buf` is aligned to [`DIRECT_ALIGN`], as long as a block, and only
+    /// the last append may be shorter than a block.
+    fn append(&mut self, buf: &mut [u8], n: usize, path: &Path) -> io::Result<()> {
+        if self.direct {
+            let padded = n.next_multiple_of(DIRECT_ALIGN).min(buf.len());
+            buf[n..padded].fill(0);
+            match self.file.write_all(&buf[..padded]) {
+                Ok(()) => {
+                    self.written += n as u64;
+                    if padded != n {
+                        self.file.set_len(self.written)?;
+                    }
+                    return Ok(());
+                }
+                // The device wants a larger alignment: go on through the page cache.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.file = fs::OpenOptions::new().write(true).open(path)?;
+                    self.file.set_len(self.written)?;
+                    use std::io::Seek;
+                    self.file.seek(io::SeekFrom::Start(self.written))?;
+                    self.direct = false;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.write_all(&buf[..n])?;
+        self.written += n as u64;
+        Ok(())
+    }
+}
+
 fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {

@@ -524,7 +524,10 @@ mod tests {
 
     #[test]
     fn the_shipped_scenarios_parse() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        // The package directory at run time: a build shared between checkouts may carry another
+        // checkout's build-time path.
+        let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo");
+        let dir = Path::new(&manifest_dir).join("scenarios");
         let mut n = 0;
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();

@@ -8,7 +8,8 @@ use grid_sim::scenario::Scenario;
 use grid_sim::world;
 
 fn smoke() -> Scenario {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke.toml");
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo");
+    let path = Path::new(&manifest_dir).join("scenarios/smoke.toml");
     Scenario::load(&path).unwrap()
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use grid_tests::{Scratch, snapshot};
+use grid_tests::{Scratch, snapshot, suite_dir};
 
 /// A tree with everything a materializer must restore.
 fn sample_tree(s: &Scratch) {
@@ -73,7 +73,7 @@ fn isolate_show_fetch_round_trip_is_byte_identical() {
 #[test]
 fn isolate_reads_chromium_isolate_files() {
     let s = Scratch::new();
-    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/suite");
+    let suite = suite_dir();
     let iso = suite.join("suite.isolate");
     let iso = iso.to_str().unwrap();
     let id = isolate_id(&s.ok(["isolate", "--isolate", iso, "--var", "OS=linux"]));
