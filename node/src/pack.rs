@@ -212,8 +212,29 @@ fn pack_at(
         collect(&abs, &mut paths)?;
     }
     let inputs_key: [u8; 20] = inputs_key.finalize().into();
+    // Reading, hashing and writing files waits on the disk as much as it computes: twice as many
+    // threads as cores keep the cores busy.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("grid-pack-{i}"))
+        .build()
+        .map_err(|e| PackError::Io(root.clone(), io::Error::other(e)))?;
+    pool.install(|| pack_with(store, session, &root, inputs_key, drops, started, paths))
+}
+
+/// [`pack_at`] once the inputs are listed, on the current thread pool.
+fn pack_with(
+    store: &Store,
+    session: &Session,
+    root: &Path,
+    inputs_key: [u8; 20],
+    drops: u64,
+    started: SystemTime,
+    paths: Vec<PathBuf>,
+) -> Result<(Packed, bool), PackError> {
     let found: Vec<Found> =
-        paths.into_par_iter().map(|p| classify(&root, &p)).collect::<Result<_, PackError>>()?;
+        paths.into_par_iter().map(|p| classify(root, &p)).collect::<Result<_, PackError>>()?;
     // The same inputs, every path as it was: the tree packed then is this tree.
     let fingerprint = fingerprint(&found, started);
     if let Some((fp, _)) = &fingerprint

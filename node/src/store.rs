@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -271,8 +271,7 @@ impl Drop for Session {
 /// Dropping it unfinished removes the temporary file.
 #[derive(Debug)]
 pub struct Incoming {
-    path: PathBuf,
-    file: File,
+    staged: Staged,
     size: u64,
     executable: bool,
     blocks: Vec<ContentId>,
@@ -304,19 +303,13 @@ impl Incoming {
         if self.received[index] {
             return Ok(());
         }
-        self.file
+        self.staged
+            .file
             .write_all_at(data, index as u64 * BLOCK_SIZE as u64)
-            .map_err(io_err("write", &self.path))?;
+            .map_err(io_err("write", &self.staged.shown))?;
         self.received[index] = true;
         self.missing_count -= 1;
         Ok(())
-    }
-}
-
-impl Drop for Incoming {
-    fn drop(&mut self) {
-        // After a successful finish the file has been renamed away and this fails harmlessly.
-        let _ = fs::remove_file(&self.path);
     }
 }
 
@@ -652,7 +645,7 @@ impl Store {
             (blocks, size, Some(tmp))
         };
         if let Some(tmp) = tmp {
-            self.commit_object(&tmp, &blocks, size, executable, session)?;
+            self.commit_object(tmp, &blocks, size, executable, session)?;
         }
         let entry = StatEntry {
             size,
@@ -684,9 +677,9 @@ impl Store {
         src: &mut File,
         src_path: &Path,
         size_hint: u64,
-    ) -> Result<(Vec<ContentId>, u64, PathBuf), StoreError> {
-        let tmp = self.tmp_path();
-        let mut out = TmpWriter::create(&tmp, size_hint).map_err(io_err("create", &tmp))?;
+    ) -> Result<(Vec<ContentId>, u64, Staged), StoreError> {
+        let objects = self.root.join("objects");
+        let mut out = TmpWriter::create(self, size_hint).map_err(io_err("create in", &objects))?;
         // One aligned block buffer per thread: allocating (and zeroing) a fresh one per file
         // would cost a 1 MiB memset for every small file.
         thread_local! {
@@ -703,12 +696,12 @@ impl Store {
                     break;
                 }
                 blocks.push(content::block_id(&buf[..n]));
-                out.append(buf, n, &tmp).map_err(io_err("write", &tmp))?;
+                out.append(buf, n).map_err(io_err("write", &out.staged.shown))?;
                 if n < BLOCK_SIZE {
                     break;
                 }
             }
-            Ok((blocks, out.written, tmp))
+            Ok((blocks, out.written, out.staged))
         })
     }
 
@@ -716,7 +709,7 @@ impl Store {
     /// object is already there.
     fn commit_object(
         &self,
-        tmp: &Path,
+        staged: Staged,
         blocks: &[ContentId],
         size: u64,
         executable: bool,
@@ -725,17 +718,12 @@ impl Store {
         let key = object_key(blocks, executable);
         session.add_object(key);
         if self.object_meta(&key)?.is_some() {
-            let _ = fs::remove_file(tmp);
+            drop(staged);
             self.touch(ITEM_OBJECT, &key)?;
             return Ok(());
         }
         let mode = if executable { 0o555 } else { 0o444 };
-        fs::set_permissions(tmp, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", tmp))?;
-        let dst = self.object_path(&key);
-        if let Some(dir) = dst.parent() {
-            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-        }
-        fs::rename(tmp, &dst).map_err(io_err("rename into", &dst))?;
+        staged.persist(&self.object_path(&key), mode)?;
         let now = (self.clock)();
         let meta = ObjectMeta { size, executable, blocks: blocks.to_vec(), last_use: now };
         let mut batch = WriteBatch::default();
@@ -841,19 +829,19 @@ impl Store {
             });
         }
         self.reserve(size)?;
-        let path = self.tmp_path();
-        let file = File::create(&path).map_err(io_err("create", &path))?;
-        file.set_len(size).map_err(io_err("size", &path))?;
+        let objects = self.root.join("objects");
+        let staged = Staged::create(self, 0).map_err(io_err("create in", &objects))?;
+        staged.file.set_len(size).map_err(io_err("size", &staged.shown))?;
         let received = vec![false; blocks.len()];
         let missing_count = blocks.len();
-        Ok(Incoming { path, file, size, executable, blocks, received, missing_count })
+        Ok(Incoming { staged, size, executable, blocks, received, missing_count })
     }
 
     /// Moves a completely received file into the store and indexes it.
     pub fn finish_incoming(&self, inc: Incoming, session: &Session) -> Result<(), StoreError> {
         if inc.missing_count != 0 {
             return Err(StoreError::Corrupt {
-                what: format!("incoming file {}", inc.path.display()),
+                what: format!("incoming file {}", inc.staged.shown.display()),
                 detail: format!(
                     "{} of {} blocks not received",
                     inc.missing_count,
@@ -861,7 +849,7 @@ impl Store {
                 ),
             });
         }
-        self.commit_object(&inc.path, &inc.blocks, inc.size, inc.executable, session)
+        self.commit_object(inc.staged, &inc.blocks, inc.size, inc.executable, session)
     }
 
     /// The blocks a tree needs that this store does not hold, by file: for each distinct missing
@@ -1615,64 +1603,162 @@ fn encode<T: Serialize>(v: &T) -> Vec<u8> {
 /// Copying a big tree in then costs no second cached copy of it, and on machines where
 /// allocating page cache is slow (virtual machines that hand freed memory back to their host)
 /// buffered writes take several times as long as the disk does.
-const DIRECT_WRITE_MIN: u64 = 256 << 10;
+const DIRECT_WRITE_MIN: u64 = 64 << 10;
 /// Alignment of direct writes: of the buffer, the file offset and the length.
 const DIRECT_ALIGN: usize = 4096;
 
-/// A new temporary file written front to back, directly to disk when it is large and the file
+/// A file being built in the store before it gets its final name. It is unnamed (`O_TMPFILE`)
+/// where the file system allows: a crash then leaves nothing behind, and naming it locks only
+/// the destination directory (a rename out of a shared `tmp/` locks both, and writers queue on
+/// `tmp/`). Elsewhere it is a named file in `tmp/`, which the next open of the store clears.
+#[derive(Debug)]
+struct Staged {
+    file: File,
+    /// The name in `tmp/`, for a named file not yet persisted.
+    name: Option<PathBuf>,
+    /// Where it is, for messages.
+    shown: PathBuf,
+}
+
+/// Whether unnamed files can be given a name here (through `/proc/self/fd`).
+fn can_link_unnamed() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+}
+
+impl Staged {
+    /// A new file in `store`, written with `flags` (e.g. `O_DIRECT`) when given.
+    fn create(store: &Store, flags: i32) -> io::Result<Staged> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let objects = store.root.join("objects");
+        if can_link_unnamed() {
+            match fs::OpenOptions::new()
+                .write(true)
+                .mode(0o600)
+                .custom_flags(libc::O_TMPFILE | flags)
+                .open(&objects)
+            {
+                Ok(file) => return Ok(Staged { file, name: None, shown: objects }),
+                // No unnamed files on this file system (or kernel): use a named one.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL | libc::ENOENT)
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let path = store.tmp_path();
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(flags)
+            .open(&path)?;
+        Ok(Staged { file, name: Some(path.clone()), shown: path })
+    }
+
+    /// Gives the file its final name `dst`, read-only with `mode`. Another file already there
+    /// under that name has the same content (names are content ids), and is kept.
+    fn persist(mut self, dst: &Path, mode: u32) -> Result<(), StoreError> {
+        self.file
+            .set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io_err("chmod", &self.shown))?;
+        let name = |s: &Staged| -> io::Result<()> {
+            match &s.name {
+                Some(tmp) => fs::rename(tmp, dst),
+                None => {
+                    use std::os::fd::AsRawFd;
+                    let fd = format!("/proc/self/fd/{}", s.file.as_raw_fd());
+                    use nix::fcntl::{AT_FDCWD, AtFlags};
+                    nix::unistd::linkat(
+                        AT_FDCWD,
+                        fd.as_str(),
+                        AT_FDCWD,
+                        dst,
+                        AtFlags::AT_SYMLINK_FOLLOW,
+                    )
+                    .map_err(io::Error::from)
+                }
+            }
+        };
+        let mut result = name(&self);
+        if result.as_ref().is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+            && let Some(dir) = dst.parent()
+        {
+            fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+            result = name(&self);
+        }
+        match result {
+            Ok(()) => {
+                self.name = None;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(io_err("name", dst)(e)),
+        }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(p) = &self.name {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// A new staged file written front to back, directly to disk when it is large and the file
 /// system allows.
 struct TmpWriter {
-    file: File,
+    staged: Staged,
     direct: bool,
     written: u64,
 }
 
 impl TmpWriter {
-    fn create(path: &Path, size_hint: u64) -> io::Result<TmpWriter> {
-        use std::os::unix::fs::OpenOptionsExt;
+    fn create(store: &Store, size_hint: u64) -> io::Result<TmpWriter> {
         if size_hint >= DIRECT_WRITE_MIN {
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(path)
-            {
-                Ok(file) => return Ok(TmpWriter { file, direct: true, written: 0 }),
+            match Staged::create(store, libc::O_DIRECT) {
+                Ok(staged) => return Ok(TmpWriter { staged, direct: true, written: 0 }),
                 // A file system without direct IO (tmpfs on older kernels).
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(e),
             }
         }
-        let file = fs::OpenOptions::new().write(true).create_new(true).open(path)?;
-        Ok(TmpWriter { file, direct: false, written: 0 })
+        Ok(TmpWriter { staged: Staged::create(store, 0)?, direct: false, written: 0 })
     }
 
     /// Appends `buf[..n]`. `buf` is aligned to [`DIRECT_ALIGN`], as long as a block, and only
     /// the last append may be shorter than a block.
-    fn append(&mut self, buf: &mut [u8], n: usize, path: &Path) -> io::Result<()> {
+    fn append(&mut self, buf: &mut [u8], n: usize) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = &self.staged.file;
         if self.direct {
             let padded = n.next_multiple_of(DIRECT_ALIGN).min(buf.len());
             buf[n..padded].fill(0);
-            match self.file.write_all(&buf[..padded]) {
+            match file.write_all_at(&buf[..padded], self.written) {
                 Ok(()) => {
                     self.written += n as u64;
                     if padded != n {
-                        self.file.set_len(self.written)?;
+                        file.set_len(self.written)?;
                     }
                     return Ok(());
                 }
                 // The device wants a larger alignment: go on through the page cache.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.file = fs::OpenOptions::new().write(true).open(path)?;
-                    self.file.set_len(self.written)?;
-                    use std::io::Seek;
-                    self.file.seek(io::SeekFrom::Start(self.written))?;
+                    use std::os::fd::AsFd;
+                    let flags = nix::fcntl::fcntl(file.as_fd(), nix::fcntl::F_GETFL)?;
+                    let flags = nix::fcntl::OFlag::from_bits_truncate(flags)
+                        .difference(nix::fcntl::OFlag::O_DIRECT);
+                    nix::fcntl::fcntl(file.as_fd(), nix::fcntl::F_SETFL(flags))?;
+                    file.set_len(self.written)?;
                     self.direct = false;
                 }
                 Err(e) => return Err(e),
             }
         }
-        self.file.write_all(&buf[..n])?;
+        file.write_all_at(&buf[..n], self.written)?;
         self.written += n as u64;
         Ok(())
     }
