@@ -319,3 +319,53 @@ fn manifests_from_elsewhere_are_verified() {
     store.put_verified_manifest(id, &bytes, &s).unwrap();
     assert_eq!(store.manifest(&id).unwrap(), m);
 }
+
+#[test]
+fn files_received_block_by_block_from_several_threads_are_stored_whole() {
+    use grid_protocol::content::block_ids;
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    // Direct IO for the large file (its last block is not aligned), the page cache for the small.
+    let large: Vec<u8> = (0..(3 * BLOCK_SIZE + 4321)).map(|i| (i * 7 % 251) as u8).collect();
+    let small = b"a small file".to_vec();
+    let s = store.session();
+    let mut m = Manifest::new();
+    for (name, data, exec) in [("large", &large, true), ("small", &small, false)] {
+        let blocks = block_ids(data);
+        let mut inc = store.incoming(data.len() as u64, exec, blocks.clone()).unwrap();
+        let writer = inc.writer();
+        // Blocks arrive out of order, written by other threads.
+        let order: Vec<usize> = (0..blocks.len()).rev().collect();
+        std::thread::scope(|scope| {
+            for &i in &order {
+                let (writer, data) = (writer.clone(), &data[..]);
+                scope.spawn(move || {
+                    let end = ((i + 1) * BLOCK_SIZE).min(data.len());
+                    writer.write(i, &data[i * BLOCK_SIZE..end]).unwrap();
+                });
+            }
+        });
+        assert!(!inc.is_complete(), "only marked blocks count");
+        for i in order {
+            inc.mark_written(i);
+        }
+        assert!(inc.is_complete());
+        store.finish_incoming(inc, &s).unwrap();
+        m.entries
+            .insert(name.into(), Entry::File { size: data.len() as u64, executable: exec, blocks });
+    }
+    // A block of the wrong length is refused, whichever thread writes it.
+    let inc = store.incoming(10, false, block_ids(b"0123456789")).unwrap();
+    assert!(matches!(inc.writer().write(0, b"short"), Err(StoreError::Corrupt { .. })));
+    drop(inc);
+    let id = store.put_manifest(&m, &s).unwrap();
+    let out = fx.src.parent().unwrap().join("out");
+    store.materialize(&id, &out).unwrap();
+    assert_eq!(fs::read(out.join("large")).unwrap(), large);
+    assert_eq!(fs::read(out.join("small")).unwrap(), small);
+    let mode = fs::metadata(out.join("large")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o555);
+    let report = store.verify().unwrap();
+    assert!(report.objects_dropped.is_empty() && report.orphans_removed == 0, "{report:?}");
+    assert!(fs::read_dir(fx.store_dir.join("tmp")).unwrap().next().is_none(), "nothing left");
+}

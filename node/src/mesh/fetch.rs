@@ -102,7 +102,7 @@ pub async fn fetch_tree(
     let mut f = Fetch {
         mesh,
         store,
-        session: store.session(),
+        session: Arc::new(store.session()),
         bad: BTreeSet::new(),
         report: FetchReport { id: id.to_string(), ..Default::default() },
     };
@@ -126,13 +126,53 @@ pub async fn fetch_tree(
 struct Fetch<'a> {
     mesh: &'a MeshHandle,
     store: &'a Arc<Store>,
-    session: Session,
+    session: Arc<Session>,
     bad: BTreeSet<PeerId>,
     report: FetchReport,
 }
 
+/// Received files waiting for the task that names and indexes them.
+const FINISH_QUEUE: usize = 64;
+
+/// One missing file of a transfer.
+enum FileSlot {
+    /// No block asked for yet.
+    Waiting { size: u64, executable: bool, blocks: Vec<ContentId> },
+    /// Being received.
+    Open(Incoming),
+    /// Complete, handed to the finisher.
+    Done,
+}
+
+impl FileSlot {
+    /// The file being received, created on first use; `None` once it is complete.
+    fn open(&mut self, store: &Store) -> Result<Option<&Incoming>, StoreError> {
+        if let FileSlot::Waiting { size, executable, blocks } = self {
+            let inc = store.incoming(*size, *executable, std::mem::take(blocks))?;
+            *self = FileSlot::Open(inc);
+        }
+        Ok(match self {
+            FileSlot::Open(inc) => Some(inc),
+            _ => None,
+        })
+    }
+
+    /// Block `index`'s id, for messages.
+    fn block(&self, index: usize) -> String {
+        let blocks = match self {
+            FileSlot::Waiting { blocks, .. } => blocks.as_slice(),
+            FileSlot::Open(inc) => inc.blocks(),
+            FileSlot::Done => &[],
+        };
+        blocks.get(index).map(ToString::to_string).unwrap_or_default()
+    }
+}
+
 enum Got {
-    Block(Vec<u8>),
+    /// Verified and written: this many bytes.
+    Block(u64),
+    /// Verified, but writing it failed here.
+    WriteFailed(StoreError),
     Corrupt(String),
     NotFound,
     Busy,
@@ -237,14 +277,46 @@ impl Fetch<'_> {
         mut peers: Vec<PeerId>,
     ) -> Result<(), FetchError> {
         let config = self.mesh.config().clone();
-        let mut files: Vec<Option<Incoming>> = Vec::with_capacity(missing.len());
+        // Each file is created when its first block is asked for, so requests start at once.
+        let mut files: Vec<FileSlot> = Vec::with_capacity(missing.len());
         let mut queue = VecDeque::new();
         for (fi, (size, executable, blocks)) in missing.into_iter().enumerate() {
             for bi in 0..blocks.len() {
                 queue.push_back((fi, bi));
             }
-            files.push(Some(self.store.incoming(size, executable, blocks)?));
+            files.push(FileSlot::Waiting { size, executable, blocks });
         }
+        // Complete files are named and indexed off this loop, in order, by one task.
+        let (finish_tx, mut finish_rx) = tokio::sync::mpsc::channel::<Incoming>(FINISH_QUEUE);
+        let (store, session) = (self.store.clone(), self.session.clone());
+        let finisher = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
+            let mut n = 0;
+            while let Some(inc) = finish_rx.blocking_recv() {
+                store.finish_incoming(inc, &session)?;
+                n += 1;
+            }
+            Ok(n)
+        });
+        let result = self.transfer(id, &config, &mut files, queue, &mut peers, &finish_tx).await;
+        drop(finish_tx);
+        let finished = finisher.await.map_err(|e| StoreError::Corrupt {
+            what: "finishing received files".into(),
+            detail: e.to_string(),
+        })?;
+        result?;
+        self.report.files += finished?;
+        Ok(())
+    }
+
+    async fn transfer(
+        &mut self,
+        id: ContentId,
+        config: &super::MeshConfig,
+        files: &mut [FileSlot],
+        mut queue: VecDeque<(usize, usize)>,
+        peers: &mut Vec<PeerId>,
+        finish: &tokio::sync::mpsc::Sender<Incoming>,
+    ) -> Result<(), FetchError> {
         let mut load: HashMap<PeerId, usize> = HashMap::new();
         let mut failures: HashMap<PeerId, u32> = HashMap::new();
         let mut busy_until: HashMap<PeerId, Instant> = HashMap::new();
@@ -253,6 +325,9 @@ impl Fetch<'_> {
         let mut lookups = 0;
         let mut inflight = FuturesUnordered::new();
         let mut tried: HashSet<PeerId> = peers.iter().copied().collect();
+        // Verifying and writing is CPU and disk work: as many at once as keeps both busy.
+        let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
+        let workers = Arc::new(tokio::sync::Semaphore::new(workers));
         loop {
             // Fill the window, least-loaded eligible peer first.
             let now = Instant::now();
@@ -277,10 +352,12 @@ impl Fetch<'_> {
                     }
                     continue;
                 };
-                let Some(inc) = files[fi].as_ref() else { continue };
+                let Some(inc) = files[fi].open(self.store)? else { continue };
                 let block = inc.blocks()[bi];
+                let writer = inc.writer();
                 *load.entry(peer).or_default() += 1;
                 let mesh = self.mesh.clone();
+                let workers = workers.clone();
                 inflight.push(async move {
                     let got = match mesh.content(peer, ContentRequest::Block(block)).await {
                         Err(_) => Got::Failed("the mesh has shut down".into()),
@@ -288,15 +365,21 @@ impl Fetch<'_> {
                         Ok(Ok(ContentResponse::NotFound)) => Got::NotFound,
                         Ok(Ok(ContentResponse::Busy)) => Got::Busy,
                         Ok(Ok(ContentResponse::Found(data))) => {
-                            let check = tokio::task::spawn_blocking(move || {
-                                content::verify_block(&block, &data).map(|()| data)
+                            // Verified and written on the blocking pool, several at once.
+                            let Ok(_worker) = workers.acquire_owned().await else {
+                                return (fi, bi, peer, Got::Failed("fetch ended".into()));
+                            };
+                            let done = tokio::task::spawn_blocking(move || {
+                                if let Err(e) = content::verify_block(&block, &data) {
+                                    return Got::Corrupt(e.to_string());
+                                }
+                                match writer.write(bi, &data) {
+                                    Ok(()) => Got::Block(data.len() as u64),
+                                    Err(e) => Got::WriteFailed(e),
+                                }
                             })
                             .await;
-                            match check {
-                                Ok(Ok(data)) => Got::Block(data),
-                                Ok(Err(e)) => Got::Corrupt(e.to_string()),
-                                Err(e) => Got::Failed(e.to_string()),
-                            }
+                            done.unwrap_or_else(|e| Got::Failed(e.to_string()))
                         }
                     };
                     (fi, bi, peer, got)
@@ -316,14 +399,13 @@ impl Fetch<'_> {
                 lookups += 1;
                 if lookups > MAX_PROVIDER_LOOKUPS {
                     let (fi, bi) = queue[0];
-                    let block = files[fi].as_ref().map(|f| f.blocks()[bi].to_string());
                     return Err(FetchError::Unavailable {
-                        what: format!("block {} of {id}", block.unwrap_or_default()),
+                        what: format!("block {} of {id}", files[fi].block(bi)),
                         tried: tried.len(),
                     });
                 }
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(lookups))).await;
-                peers = self.candidates(id).await?;
+                *peers = self.candidates(id).await?;
                 tried.extend(peers.iter().copied());
                 failures.clear();
                 lacking.clear();
@@ -333,21 +415,23 @@ impl Fetch<'_> {
                 *l = l.saturating_sub(1);
             }
             let retry = match got {
-                Got::Block(data) => {
-                    let Some(inc) = files[fi].as_mut() else { continue };
-                    inc.write_block(bi, &data)?;
+                Got::Block(len) => {
+                    let FileSlot::Open(inc) = &mut files[fi] else { continue };
+                    inc.mark_written(bi);
                     self.report.blocks += 1;
-                    self.report.bytes += data.len() as u64;
-                    *self.report.bytes_by_peer.entry(peer.to_string()).or_default() +=
-                        data.len() as u64;
+                    self.report.bytes += len;
+                    *self.report.bytes_by_peer.entry(peer.to_string()).or_default() += len;
                     if inc.is_complete()
-                        && let Some(inc) = files[fi].take()
+                        && let FileSlot::Open(inc) =
+                            std::mem::replace(&mut files[fi], FileSlot::Done)
+                        && finish.send(inc).await.is_err()
                     {
-                        self.store.finish_incoming(inc, &self.session)?;
-                        self.report.files += 1;
+                        // The finisher stopped on an error, which the caller reports.
+                        return Ok(());
                     }
                     false
                 }
+                Got::WriteFailed(e) => return Err(e.into()),
                 Got::Corrupt(e) => {
                     warn!(%peer, error = %e, "peer served a corrupt block");
                     self.mark_bad(peer).await?;
@@ -372,9 +456,8 @@ impl Fetch<'_> {
                 let n = tries.entry((fi, bi)).or_default();
                 *n += 1;
                 if *n > MAX_BLOCK_TRIES {
-                    let block = files[fi].as_ref().map(|f| f.blocks()[bi].to_string());
                     return Err(FetchError::Unavailable {
-                        what: format!("block {} of {id}", block.unwrap_or_default()),
+                        what: format!("block {} of {id}", files[fi].block(bi)),
                         tried: tried.len(),
                     });
                 }
