@@ -279,14 +279,11 @@ pub enum VerifyError {
 fn verify(id: &ContentId, data: &[u8]) -> Result<(), VerifyError> {
     match id.hash_alg() {
         HashAlg::Sha1 => {
-            let mut hasher = sha1collisiondetection::Sha1CD::default();
-            hasher.update(data);
-            let mut out = sha1collisiondetection::Output::default();
-            if hasher.finalize_into_dirty_cd(&mut out).is_err() {
+            let Ok(out) = sha1dc::digest(data) else {
                 return Err(VerifyError::Collision { id: *id });
-            }
-            if out.as_slice() != id.digest() {
-                return Err(VerifyError::Mismatch { id: *id, actual: hex::encode(out) });
+            };
+            if out.as_ref() != id.digest() {
+                return Err(VerifyError::Mismatch { id: *id, actual: hex::encode(out.as_ref()) });
             }
             Ok(())
         }
