@@ -18,5 +18,6 @@ pub mod jobdb;
 pub mod live;
 pub mod mesh;
 pub mod pack;
+pub mod payload;
 pub mod store;
 pub mod submit;

@@ -98,8 +98,8 @@ fn files_round_trip_with_modes_empty_files_and_large_files() {
     // Blocks are served from offsets inside the object.
     let Entry::File { blocks, .. } = &m.entries["data/nested/big"] else { unreachable!() };
     assert_eq!(blocks.len(), 3);
-    assert_eq!(store.read_block(&blocks[1]).unwrap().unwrap(), big[BLOCK_SIZE..2 * BLOCK_SIZE]);
-    assert_eq!(store.read_block(&blocks[2]).unwrap().unwrap(), big[2 * BLOCK_SIZE..]);
+    assert_eq!(*store.read_block(&blocks[1]).unwrap().unwrap(), big[BLOCK_SIZE..2 * BLOCK_SIZE]);
+    assert_eq!(*store.read_block(&blocks[2]).unwrap().unwrap(), big[2 * BLOCK_SIZE..]);
 
     // A second fetch into the same directory is refused, not merged.
     let err = store.materialize(&id, &out).unwrap_err();

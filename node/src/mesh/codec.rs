@@ -19,6 +19,8 @@ use grid_protocol::message::MAX_MESSAGE_BYTES;
 use grid_protocol::output::LeaseId;
 use libp2p::StreamProtocol;
 
+use crate::payload::Payload;
+
 /// The protocol-message protocol.
 pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/grid/msg/1");
 /// The content protocol.
@@ -98,7 +100,7 @@ impl ContentRequest {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContentResponse {
     /// The bytes (unverified until the asker checks them against the id).
-    Found(Vec<u8>),
+    Found(Payload),
     /// The peer does not hold it.
     NotFound,
     /// The peer is serving as much as it allows; ask again later or elsewhere.
@@ -228,7 +230,7 @@ impl libp2p::request_response::Codec for ContentCodec {
         }
         match (head[4], len) {
             (0, _) => {
-                let mut buf = vec![0u8; len - 1];
+                let mut buf = Payload::for_reading(len - 1);
                 io.read_exact(&mut buf).await?;
                 Ok(ContentResponse::Found(buf))
             }
@@ -269,6 +271,7 @@ impl libp2p::request_response::Codec for ContentCodec {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
     use futures::executor::block_on;
     use grid_protocol::content::block_id;
@@ -293,7 +296,12 @@ mod tests {
             let got = block_on(ContentCodec.read_request(&CONTENT_PROTOCOL, &mut &buf[..]));
             assert_eq!(got.unwrap(), req);
         }
-        for res in [ContentResponse::Found(b"abc".to_vec()), ContentResponse::NotFound] {
+        let block: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        for res in [
+            ContentResponse::Found(b"abc".to_vec().into()),
+            ContentResponse::Found(block.into()),
+            ContentResponse::NotFound,
+        ] {
             let mut buf = Vec::new();
             block_on(ContentCodec.write_response(&CONTENT_PROTOCOL, &mut buf, res.clone()))
                 .unwrap();

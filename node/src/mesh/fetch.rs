@@ -245,6 +245,7 @@ impl Fetch<'_> {
         for &peer in providers {
             match self.mesh.content(peer, ContentRequest::Manifest(id)).await? {
                 Ok(ContentResponse::Found(bytes)) => {
+                    let bytes = bytes.into_vec();
                     let checked = content::verify_manifest(&id, &bytes)
                         .map_err(|e| e.to_string())
                         .and_then(|()| Manifest::decode(&bytes).map_err(|e| e.to_string()));
@@ -364,7 +365,7 @@ impl Fetch<'_> {
                         Ok(Err(e)) => Got::Failed(e),
                         Ok(Ok(ContentResponse::NotFound)) => Got::NotFound,
                         Ok(Ok(ContentResponse::Busy)) => Got::Busy,
-                        Ok(Ok(ContentResponse::Found(data))) => {
+                        Ok(Ok(ContentResponse::Found(mut data))) => {
                             // Verified and written on the blocking pool, several at once.
                             let Ok(_worker) = workers.acquire_owned().await else {
                                 return (fi, bi, peer, Got::Failed("fetch ended".into()));
@@ -373,7 +374,7 @@ impl Fetch<'_> {
                                 if let Err(e) = content::verify_block(&block, &data) {
                                     return Got::Corrupt(e.to_string());
                                 }
-                                match writer.write(bi, &data) {
+                                match writer.write_payload(bi, &mut data) {
                                     Ok(()) => Got::Block(data.len() as u64),
                                     Err(e) => Got::WriteFailed(e),
                                 }

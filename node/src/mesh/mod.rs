@@ -829,7 +829,7 @@ impl Driver {
                 Some(r) => {
                     let mut b = r.offset.to_be_bytes().to_vec();
                     b.extend_from_slice(&r.data);
-                    ContentResponse::Found(b)
+                    ContentResponse::Found(b.into())
                 }
                 None => ContentResponse::NotFound,
             };
@@ -842,7 +842,9 @@ impl Driver {
         let fault = self.config.fault;
         tokio::task::spawn_blocking(move || {
             let found = match req {
-                ContentRequest::Manifest(id) => store.manifest_bytes(&id),
+                ContentRequest::Manifest(id) => {
+                    store.manifest_bytes(&id).map(|b| b.map(Into::into))
+                }
                 ContentRequest::Block(id) => store.read_block(&id),
                 ContentRequest::LiveLog { .. } => Ok(None),
             };
