@@ -54,6 +54,16 @@ impl Payload {
         Some(&self.raw[self.start..end])
     }
 
+    /// The aligned room for the bytes and their padding up to the direct-IO alignment, to read
+    /// into (a pooled payload); else `None`.
+    pub fn padded_mut(&mut self) -> Option<&mut [u8]> {
+        let end = self.start + self.len.next_multiple_of(DIRECT_ALIGN);
+        if !self.pooled || end > self.raw.len() {
+            return None;
+        }
+        Some(&mut self.raw[self.start..end])
+    }
+
     /// The bytes as a vector of their own.
     pub fn into_vec(mut self) -> Vec<u8> {
         if self.pooled {

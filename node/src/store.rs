@@ -1129,14 +1129,29 @@ impl Store {
             detail: format!("location record of {} bytes", b.len()),
         })?;
         let path = self.object_path(&loc.object);
+        // A reused buffer: a fresh megabyte per block costs its allocation and zeroing again.
+        let mut buf = Payload::for_reading(loc.len as usize);
+        // Large objects were written past the page cache; they are read the same way, straight
+        // into the aligned buffer, where the file system allows.
+        if buf.padded_mut().is_some() {
+            use std::os::unix::fs::OpenOptionsExt;
+            match fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path) {
+                Ok(f) => match read_direct_at(&f, &mut buf, loc.offset) {
+                    Ok(true) => return Ok(Some(buf)),
+                    Ok(false) => {}
+                    Err(e) => return Err(io_err("read", &path)(e)),
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(io_err("open", &path)(e)),
+            }
+        }
         let f = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err("open", &path)(e)),
         };
-        // A reused buffer: a fresh megabyte per block costs its allocation and zeroing again.
         use std::os::unix::fs::FileExt;
-        let mut buf = Payload::for_reading(loc.len as usize);
         f.read_exact_at(&mut buf, loc.offset).map_err(io_err("read", &path))?;
         Ok(Some(buf))
     }
@@ -1856,6 +1871,27 @@ fn write_direct_at(file: &File, buf: &mut [u8], n: usize, offset: u64) -> io::Re
         }
         Err(e) => Err(e),
     }
+}
+
+/// Reads `buf.len()` bytes at `offset` of `file`, opened for direct IO, into the aligned
+/// `buf`. `Ok(false)` when the device refuses the alignment (read it through the page cache).
+fn read_direct_at(file: &File, buf: &mut Payload, offset: u64) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let len = buf.len();
+    let Some(padded) = buf.padded_mut() else { return Ok(false) };
+    let mut done = 0;
+    while done < len {
+        // Whole aligned units at aligned offsets; the file's end cuts the last one short.
+        match file.read_at(&mut padded[done..], offset + done as u64) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) if n % DIRECT_ALIGN != 0 && done + n < len => return Ok(false),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
