@@ -4,13 +4,15 @@
 //! - `index/`: RocksDB. Column families: `objects` (object key -> [`ObjectMeta`]), `blocks`
 //!   (block id -> where its bytes live), `lru` (last use, kind, key -> nothing: eviction order),
 //!   `manifests` (manifest id -> canonical bytes), `pins` (pin name -> manifest ids), `stat`
-//!   (absolute path -> what it hashed to last time), `totals` (sizes and counts).
+//!   (absolute path -> what it hashed to last time; and the state each pack of some inputs left),
+//!   `totals` (sizes and counts, and how many objects were ever dropped).
 //! - `objects/ab/abcdef...`: one file per distinct (content, executable bit), mode 0444 or 0555,
 //!   so it can be hardlinked read-only into a run directory, as Swarming's bots do. A file of
 //!   several blocks is one object; its blocks are served from offsets within it.
-//! - `tmp/`: objects being written. Emptied at open.
+//! - `tmp/`: objects being written, where the file system has no unnamed files. Emptied at open.
 //!
-//! Crash safety: an object is written to `tmp/`, renamed into `objects/`, and only then indexed,
+//! Crash safety: an object is written as an unnamed file (`O_TMPFILE`, else a file in `tmp/`),
+//! given its name in `objects/`, and only then indexed,
 //! in one RocksDB write batch together with its block locations and the new totals. A crash
 //! (kill -9) at any point leaves either no index entry (the orphan file is removed by
 //! [`Store::verify`]) or a complete one. A manifest is indexed only after every object it names.
@@ -765,7 +767,7 @@ impl Store {
         })
     }
 
-    /// Moves a complete temporary file into `objects/` and indexes it, unless an identical
+    /// Names a complete staged file in `objects/` and indexes it, unless an identical
     /// object is already there.
     fn commit_object(
         &self,
