@@ -26,6 +26,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -459,7 +460,7 @@ pub struct Store {
     /// How many objects have ever been dropped from this store (persisted under
     /// [`DROPS_KEY`]); changed only under the `totals` lock. While it stands still, every object
     /// indexed before is still here, which lets a re-isolate skip checking them one by one.
-    drops: std::sync::atomic::AtomicU64,
+    drops: AtomicU64,
     sessions: Arc<Mutex<SessionPins>>,
 }
 
@@ -567,7 +568,7 @@ impl Store {
             limits,
             clock,
             totals: Mutex::new(totals),
-            drops: std::sync::atomic::AtomicU64::new(drops),
+            drops: AtomicU64::new(drops),
             sessions: Arc::new(Mutex::new(SessionPins::default())),
         })
     }
@@ -734,7 +735,6 @@ impl Store {
     }
 
     fn tmp_path(&self) -> PathBuf {
-        use std::sync::atomic::{AtomicU64, Ordering};
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         self.root.join("tmp").join(format!("{}-{n}", std::process::id()))
@@ -812,7 +812,7 @@ impl Store {
 
     /// How many objects have ever been dropped from this store.
     pub(crate) fn drops(&self) -> u64 {
-        self.drops.load(std::sync::atomic::Ordering::SeqCst)
+        self.drops.load(Ordering::SeqCst)
     }
 
     fn tree_state_key(inputs: &[u8; 20]) -> Vec<u8> {
@@ -892,18 +892,8 @@ impl Store {
         }
         self.reserve(size)?;
         let objects = self.root.join("objects");
-        let (staged, direct) = if size >= DIRECT_WRITE_MIN {
-            match Staged::create(self, libc::O_DIRECT) {
-                Ok(s) => (s, true),
-                // A file system without direct IO.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    (Staged::create(self, 0).map_err(io_err("create in", &objects))?, false)
-                }
-                Err(e) => return Err(io_err("create in", &objects)(e)),
-            }
-        } else {
-            (Staged::create(self, 0).map_err(io_err("create in", &objects))?, false)
-        };
+        let (staged, direct) =
+            Staged::create_for(self, size).map_err(io_err("create in", &objects))?;
         staged.file.set_len(size).map_err(io_err("size", &staged.shown))?;
         let received = vec![false; blocks.len()];
         let missing_count = blocks.len();
@@ -1540,7 +1530,7 @@ impl Store {
         let drops = self.count_drop(&mut batch);
         self.db.write(batch)?;
         *totals = new;
-        self.drops.store(drops, std::sync::atomic::Ordering::SeqCst);
+        self.drops.store(drops, Ordering::SeqCst);
         drop(totals);
         let path = self.object_path(key);
         match fs::remove_file(&path) {
@@ -1666,7 +1656,7 @@ impl Store {
             batch.delete_cf(cf(&self.db, CF_OBJECTS), key);
             let drops = self.count_drop(&mut batch);
             self.db.write(batch)?;
-            self.drops.store(drops, std::sync::atomic::Ordering::SeqCst);
+            self.drops.store(drops, Ordering::SeqCst);
             let _ = fs::remove_file(self.object_path(key));
         }
         Ok(())
@@ -1675,7 +1665,7 @@ impl Store {
     /// Adds one more dropped object to `batch`; returns the new count, to publish once the
     /// batch is written. The caller holds the `totals` lock.
     fn count_drop(&self, batch: &mut WriteBatch) -> u64 {
-        let n = self.drops.load(std::sync::atomic::Ordering::SeqCst) + 1;
+        let n = self.drops.load(Ordering::SeqCst) + 1;
         batch.put_cf(cf(&self.db, CF_TOTALS), DROPS_KEY, n.to_be_bytes());
         n
     }
@@ -1747,6 +1737,20 @@ impl Staged {
         Ok(Staged { file: Arc::new(file), name: Some(path.clone()), shown: path })
     }
 
+    /// A new file for about `size` bytes: written with direct IO from [`DIRECT_WRITE_MIN`] up
+    /// where the file system allows (the second value says whether).
+    fn create_for(store: &Store, size: u64) -> io::Result<(Staged, bool)> {
+        if size >= DIRECT_WRITE_MIN {
+            match Staged::create(store, libc::O_DIRECT) {
+                Ok(staged) => return Ok((staged, true)),
+                // A file system without direct IO (tmpfs on older kernels).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((Staged::create(store, 0)?, false))
+    }
+
     /// Gives the file its final name `dst`, read-only with `mode`. Another file already there
     /// under that name has the same content (names are content ids), and is kept.
     fn persist(mut self, dst: &Path, mode: u32) -> Result<(), StoreError> {
@@ -1807,15 +1811,8 @@ struct TmpWriter {
 
 impl TmpWriter {
     fn create(store: &Store, size_hint: u64) -> io::Result<TmpWriter> {
-        if size_hint >= DIRECT_WRITE_MIN {
-            match Staged::create(store, libc::O_DIRECT) {
-                Ok(staged) => return Ok(TmpWriter { staged, direct: true, written: 0 }),
-                // A file system without direct IO (tmpfs on older kernels).
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(TmpWriter { staged: Staged::create(store, 0)?, direct: false, written: 0 })
+        let (staged, direct) = Staged::create_for(store, size_hint)?;
+        Ok(TmpWriter { staged, direct, written: 0 })
     }
 
     /// Appends `buf[..n]`. `buf` is aligned to [`DIRECT_ALIGN`], as long as a block, and only
