@@ -169,3 +169,58 @@ fn a_second_node_on_the_same_data_directory_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already running"), "{err}");
 }
+
+/// A peer whose only security protocol is noise (as nodes had before TLS), or libp2p's own TLS
+/// with its own cipher order, connects to a node and is answered.
+#[test]
+fn peers_speaking_only_noise_or_only_stock_tls_still_connect() {
+    use libp2p::{Multiaddr, SwarmBuilder, identify, noise, tcp, tls, yamux};
+
+    let s = Scratch::new();
+    let node = NodeProc::start(&s.path("a"), &[]);
+    let addr: Multiaddr = node.addrs[0].parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let behaviour = |key: &libp2p::identity::Keypair| {
+        identify::Behaviour::new(identify::Config::new("/grid/1.0.0".into(), key.public()))
+    };
+    let noise_only = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+        .unwrap()
+        .with_behaviour(behaviour)
+        .unwrap()
+        .build();
+    let tls_only = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(tcp::Config::default(), tls::Config::new, yamux::Config::default)
+        .unwrap()
+        .with_behaviour(behaviour)
+        .unwrap()
+        .build();
+    for (name, mut swarm) in [("noise", noise_only), ("stock TLS", tls_only)] {
+        let (peer, agent) = rt.block_on(async {
+            use futures::StreamExt;
+            swarm.dial(addr.clone()).unwrap();
+            let identified = async {
+                loop {
+                    match swarm.select_next_some().await {
+                        libp2p::swarm::SwarmEvent::Behaviour(identify::Event::Received {
+                            peer_id,
+                            info,
+                            ..
+                        }) => return (peer_id, info.agent_version),
+                        libp2p::swarm::SwarmEvent::OutgoingConnectionError { error, .. } => {
+                            panic!("{name}: cannot connect: {error}")
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            tokio::time::timeout(std::time::Duration::from_secs(20), identified)
+                .await
+                .unwrap_or_else(|_| panic!("{name}: the node never answered"))
+        });
+        assert_eq!(peer.to_string(), node.peer_id, "{name}");
+        assert!(agent.starts_with("grid-node/"), "{name}: {agent}");
+    }
+}
