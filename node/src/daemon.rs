@@ -247,9 +247,11 @@ pub async fn run(
         Arc::new(move || health.may_claim()),
     )?;
     let mut listening = Vec::new();
+    // Every listener's first address, or 2 s.
     for _ in 0..200 {
-        listening = mesh.status().await?.listening;
-        if !listening.is_empty() {
+        let status = mesh.status().await?;
+        listening = status.listening;
+        if !listening.is_empty() && status.listeners_starting == 0 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -2,7 +2,7 @@
 
 use std::fs;
 
-use grid_tests::{NodeProc, Scratch, snapshot};
+use grid_tests::{NodeProc, Scratch, snapshot, wait_for};
 
 /// A tree of several multi-block files and small ones, so blocks can come from many peers.
 fn multi_block_tree(s: &Scratch) -> std::path::PathBuf {
@@ -223,4 +223,56 @@ fn peers_speaking_only_noise_or_only_stock_tls_still_connect() {
         assert_eq!(peer.to_string(), node.peer_id, "{name}");
         assert!(agent.starts_with("grid-node/"), "{name}: {agent}");
     }
+}
+
+/// The transports of `node`'s connections to `peer`, as `grid peers` lists them.
+fn transports_to(node: &NodeProc, peer: &NodeProc) -> Vec<&'static str> {
+    let peers = node.json(["peers", "--json"]);
+    let entry = peers.as_array().unwrap().iter().find(|p| p["peer"] == peer.peer_id.as_str());
+    let Some(entry) = entry else { return Vec::new() };
+    let mut kinds: Vec<_> = entry["addresses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| if a.as_str().unwrap().contains("/quic") { "quic" } else { "tcp" })
+        .collect();
+    kinds.dedup();
+    kinds
+}
+
+#[test]
+fn nodes_that_find_each_other_prefer_tcp_and_reach_quic_only_nodes_too() {
+    let s = Scratch::new();
+    let both = ["--listen", "/ip4/127.0.0.1/udp/0/quic-v1"];
+    let a = NodeProc::start(&s.path("a"), &both);
+    // Every listen address is printed at start, not only the first to come up.
+    assert_eq!(a.addrs.len(), 2, "{:?}", a.addrs);
+    let tcp_of = |n: &NodeProc| n.addrs.iter().find(|a| a.contains("/tcp/")).unwrap().clone();
+    let quic_of = |n: &NodeProc| n.addrs.iter().find(|a| a.contains("/quic")).unwrap().clone();
+    let boot = tcp_of(&a);
+    let with_boot = [both[0], both[1], "--bootstrap", boot.as_str()];
+    let others: Vec<NodeProc> =
+        (0..4).map(|i| NodeProc::start(&s.path(&format!("n{i}")), &with_boot)).collect();
+    // They know each other only through the DHT, which gives them both addresses.
+    for n in &others {
+        n.wait_connected(4);
+    }
+    for n in &others {
+        for m in others.iter().filter(|m| m.peer_id != n.peer_id) {
+            let seen = wait_for(30, "connected", || {
+                let t = transports_to(n, m);
+                (!t.is_empty()).then_some(t)
+            });
+            assert_eq!(seen, ["tcp"], "{} to {}", n.peer_id, m.peer_id);
+        }
+    }
+    // A node that listens on QUIC alone is dialed over QUIC.
+    let quic_boot = quic_of(&a);
+    let d = NodeProc::start_listening(
+        &s.path("d"),
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        &["--bootstrap", quic_boot.as_str()],
+    );
+    d.wait_connected(1);
+    assert_eq!(transports_to(&d, &a), ["quic"]);
 }

@@ -13,7 +13,8 @@
 //!
 //! TCP connections are secured with TLS 1.3 ([`tls`]: AES-GCM where the CPU has AES
 //! instructions, which costs a fraction of ChaCha20 on bulk content), or noise with peers that
-//! offer only noise; QUIC brings its own TLS.
+//! offer only noise; QUIC brings its own TLS. Where a peer has both, TCP is preferred
+//! ([`transport`]).
 //!
 //! Serving content reads the store on the blocking pool, at most
 //! [`MeshConfig::serve_concurrency`] requests at once; beyond that a peer is told `Busy`.
@@ -21,6 +22,7 @@
 pub mod codec;
 pub mod fetch;
 pub mod tls;
+pub mod transport;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -199,6 +201,8 @@ pub struct MeshStatus {
     pub peer: String,
     /// Addresses it listens on.
     pub listening: Vec<String>,
+    /// Listeners still starting (with no address yet).
+    pub listeners_starting: usize,
     /// Connected peers.
     pub connected: usize,
     /// Peers in the Kademlia routing table.
@@ -368,10 +372,12 @@ pub fn start(
 ) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>, tokio::task::JoinHandle<()>), StartError> {
     let local = keypair.public().to_peer_id();
     let mut swarm = build_swarm(keypair, &config)?;
+    let mut starting = HashSet::new();
     for addr in &config.listen {
-        swarm
+        let id = swarm
             .listen_on(addr.clone())
             .map_err(|e| StartError::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        starting.insert(id);
     }
     for addr in &config.bootstrap {
         if let Err(e) = swarm.dial(addr.clone()) {
@@ -403,6 +409,7 @@ pub fn start(
         served_bytes: 0,
         served_busy: 0,
         listening: Vec::new(),
+        starting,
         bootstrapped: false,
     };
     let task = tokio::spawn(driver.run());
@@ -453,7 +460,11 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
             yamux::Config::default,
         )
         .map_err(|e| setup(&e))?
-        .with_quic()
+        .with_other_transport(|key| {
+            let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
+            transport::DialLater::new(quic, transport::QUIC_DIAL_DELAY)
+        })
+        .map_err(|e| setup(&e))?
         .with_behaviour(|key| {
             let mut kad = kad::Behaviour::with_config(local, MemoryStore::new(local), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
@@ -513,6 +524,8 @@ struct Driver {
     served_bytes: u64,
     served_busy: u64,
     listening: Vec<Multiaddr>,
+    /// Listeners that have not yet reported an address (nor closed).
+    starting: HashSet<libp2p::core::transport::ListenerId>,
     bootstrapped: bool,
 }
 
@@ -658,6 +671,7 @@ impl Driver {
         MeshStatus {
             peer: self.swarm.local_peer_id().to_string(),
             listening: self.listening.iter().map(|a| a.to_string()).collect(),
+            listeners_starting: self.starting.len(),
             connected: self.swarm.connected_peers().count(),
             routing_table,
             served_blocks: self.served_blocks,
@@ -669,7 +683,8 @@ impl Driver {
 
     fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr { listener_id, address } => {
+                self.starting.remove(&listener_id);
                 let full = address.clone().with_p2p(*self.swarm.local_peer_id()).unwrap_or(address);
                 info!(address = %full, "listening");
                 self.listening.push(full);
@@ -705,6 +720,21 @@ impl Driver {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(peer = ?peer_id, error = %error, "dial failed");
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                let full = address.with_p2p(*self.swarm.local_peer_id());
+                self.listening.retain(|a| Ok(a) != full.as_ref());
+            }
+            SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
+                self.starting.remove(&listener_id);
+                let local = *self.swarm.local_peer_id();
+                let gone: Vec<_> =
+                    addresses.iter().filter_map(|a| a.clone().with_p2p(local).ok()).collect();
+                self.listening.retain(|a| !gone.contains(a));
+                match reason {
+                    Ok(()) => info!(?addresses, "listener closed"),
+                    Err(e) => warn!(?addresses, error = %e, "listener failed"),
+                }
             }
             SwarmEvent::Behaviour(b) => self.on_behaviour(b),
             _ => {}
