@@ -681,11 +681,16 @@ impl Driver {
         }
     }
 
+    /// A listen address as peers dial it: with `/p2p/<this node>`.
+    fn with_own_id(&self, address: Multiaddr) -> Multiaddr {
+        address.clone().with_p2p(*self.swarm.local_peer_id()).unwrap_or(address)
+    }
+
     fn on_swarm(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { listener_id, address } => {
                 self.starting.remove(&listener_id);
-                let full = address.clone().with_p2p(*self.swarm.local_peer_id()).unwrap_or(address);
+                let full = self.with_own_id(address);
                 info!(address = %full, "listening");
                 self.listening.push(full);
             }
@@ -722,14 +727,12 @@ impl Driver {
                 debug!(peer = ?peer_id, error = %error, "dial failed");
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
-                let full = address.with_p2p(*self.swarm.local_peer_id());
-                self.listening.retain(|a| Ok(a) != full.as_ref());
+                let full = self.with_own_id(address);
+                self.listening.retain(|a| *a != full);
             }
             SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
                 self.starting.remove(&listener_id);
-                let local = *self.swarm.local_peer_id();
-                let gone: Vec<_> =
-                    addresses.iter().filter_map(|a| a.clone().with_p2p(local).ok()).collect();
+                let gone: Vec<_> = addresses.iter().map(|a| self.with_own_id(a.clone())).collect();
                 self.listening.retain(|a| !gone.contains(a));
                 match reason {
                     Ok(()) => info!(?addresses, "listener closed"),
