@@ -6,7 +6,9 @@
 //! much CPU as decrypting it; a small pool of aligned buffers costs none of that.
 
 use std::ops::{Deref, DerefMut};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use grid_protocol::content::BLOCK_SIZE;
 
@@ -16,8 +18,76 @@ pub const DIRECT_ALIGN: usize = 4096;
 const POOLED_MIN: usize = 64 << 10;
 /// Buffers the pool keeps (each a block and a page): enough for a fetch's request window.
 const POOL_MAX: usize = 64;
+/// How long the pool keeps its buffers after the last was taken: a node between transfers
+/// gives the memory back.
+pub const POOL_IDLE: Duration = Duration::from_secs(30);
 
-static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+static POOL: Pool = Pool::new();
+
+/// Block buffers kept for reuse.
+struct Pool {
+    buffers: Mutex<Vec<Vec<u8>>>,
+    /// When a buffer was last taken, in milliseconds since the first use of [`clock_ms`].
+    last_taken: AtomicU64,
+}
+
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+impl Pool {
+    const fn new() -> Pool {
+        Pool { buffers: Mutex::new(Vec::new()), last_taken: AtomicU64::new(0) }
+    }
+
+    fn take(&self) -> Vec<u8> {
+        self.last_taken.store(clock_ms(), Ordering::Relaxed);
+        let pooled = self.buffers.lock().ok().and_then(|mut p| p.pop());
+        pooled.unwrap_or_else(|| vec![0; BLOCK_SIZE + DIRECT_ALIGN])
+    }
+
+    fn give(&self, buffer: Vec<u8>) {
+        if let Ok(mut pool) = self.buffers.lock()
+            && pool.len() < POOL_MAX
+        {
+            pool.push(buffer);
+        }
+    }
+
+    /// Frees every kept buffer when none was taken in the last `idle`; returns how many.
+    fn release_if_idle(&self, idle: Duration) -> usize {
+        let since = clock_ms().saturating_sub(self.last_taken.load(Ordering::Relaxed));
+        if u128::from(since) < idle.as_millis() {
+            return 0;
+        }
+        self.buffers.lock().map(|mut p| std::mem::take(&mut *p).len()).unwrap_or(0)
+    }
+}
+
+/// Frees the kept block buffers when none was taken for [`POOL_IDLE`], and hands the freed
+/// memory back to the system. Returns how many buffers were freed.
+pub fn release_idle_buffers() -> usize {
+    let freed = POOL.release_if_idle(POOL_IDLE);
+    if freed > 0 {
+        return_free_memory();
+    }
+    freed
+}
+
+/// Asks the allocator to return free memory to the system: glibc keeps freed megabyte buffers
+/// in its arenas otherwise.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn return_free_memory() {
+    // SAFETY: malloc_trim takes no pointers; it only releases the allocator's free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn return_free_memory() {}
 
 /// Bytes received from a peer (or about to be sent to one).
 pub struct Payload {
@@ -34,8 +104,7 @@ impl Payload {
         if !(POOLED_MIN..=BLOCK_SIZE).contains(&len) {
             return Payload { raw: vec![0; len], start: 0, len, pooled: false };
         }
-        let pooled = POOL.lock().ok().and_then(|mut p| p.pop());
-        let raw = pooled.unwrap_or_else(|| vec![0; BLOCK_SIZE + DIRECT_ALIGN]);
+        let raw = POOL.take();
         let start = raw.as_ptr().align_offset(DIRECT_ALIGN);
         Payload { raw, start, len, pooled: true }
     }
@@ -95,11 +164,8 @@ impl DerefMut for Payload {
 
 impl Drop for Payload {
     fn drop(&mut self) {
-        if self.pooled
-            && let Ok(mut pool) = POOL.lock()
-            && pool.len() < POOL_MAX
-        {
-            pool.push(std::mem::take(&mut self.raw));
+        if self.pooled {
+            POOL.give(std::mem::take(&mut self.raw));
         }
     }
 }
@@ -147,5 +213,21 @@ mod tests {
         let mut small = Payload::for_reading(10);
         assert!(small.padded().is_none());
         assert_eq!(Payload::from(b"abc".to_vec()).into_vec(), b"abc");
+    }
+
+    #[test]
+    fn the_pool_lets_its_buffers_go_only_after_an_idle_spell() {
+        let pool = Pool::new();
+        let (a, b) = (pool.take(), pool.take());
+        pool.give(a);
+        pool.give(b);
+        assert_eq!(pool.release_if_idle(Duration::from_secs(3600)), 0, "just used");
+        assert_eq!(pool.buffers.lock().unwrap().len(), 2);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(pool.release_if_idle(Duration::from_millis(10)), 2);
+        assert!(pool.buffers.lock().unwrap().is_empty());
+        // Taken again, it starts over.
+        assert_eq!(pool.take().len(), BLOCK_SIZE + DIRECT_ALIGN);
+        assert_eq!(pool.release_if_idle(Duration::from_secs(3600)), 0);
     }
 }

@@ -554,6 +554,10 @@ impl Driver {
                     }
                 }
                 _ = redial.tick() => {
+                    let freed = crate::payload::release_idle_buffers();
+                    if freed > 0 {
+                        debug!(freed, "block buffers released after an idle spell");
+                    }
                     // Alone (every peer restarted or the network came back): dial the
                     // bootstrap peers again rather than wait for a DHT refresh.
                     if self.swarm.connected_peers().next().is_none() {
