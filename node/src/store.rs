@@ -111,6 +111,22 @@ pub enum StoreError {
     IncludeDepth(ContentId),
 }
 
+/// Removes what a failed materialization wrote: `out` itself when it did not exist before,
+/// else everything in it (it was empty). Best effort: the error being reported matters more.
+fn remove_partial_output(out: &Path, existed: bool) {
+    if !existed {
+        let _ = fs::remove_dir_all(out);
+        return;
+    }
+    for entry in fs::read_dir(out).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let _ = match entry.file_type() {
+            Ok(t) if t.is_dir() => fs::remove_dir_all(&path),
+            _ => fs::remove_file(&path),
+        };
+    }
+}
+
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
     move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
@@ -1155,13 +1171,33 @@ impl Store {
         let session = self.session();
         session.add_manifest(*id);
         let tree = self.tree(id)?;
-        if out.exists() {
+        let existed = out.exists();
+        if existed {
             let mut rd = fs::read_dir(out).map_err(io_err("list", out))?;
             if rd.next().is_some() {
                 return Err(StoreError::OutputNotEmpty(out.to_path_buf()));
             }
         }
         fs::create_dir_all(out).map_err(io_err("create", out))?;
+        let stats = match self.write_tree(&tree, out) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // Leave the directory as it was (empty, or absent), so the same command can
+                // simply be run again once the cause is fixed.
+                remove_partial_output(out, existed);
+                return Err(e);
+            }
+        };
+        self.touch_tree(id, Some(&tree))?;
+        Ok(stats)
+    }
+
+    /// Writes `tree` into the empty directory `out`.
+    fn write_tree(
+        &self,
+        tree: &BTreeMap<String, Entry>,
+        out: &Path,
+    ) -> Result<MaterializeStats, StoreError> {
         // Every directory, parents before children: one level at a time, each in parallel.
         let mut by_depth: Vec<BTreeSet<&str>> = Vec::new();
         for path in tree.keys() {
@@ -1185,7 +1221,7 @@ impl Store {
             })?;
         }
         let entries: Vec<(&String, &Entry)> = tree.iter().collect();
-        let stats = entries
+        entries
             .par_chunks(256)
             .map(|chunk| {
                 let mut s = MaterializeStats::default();
@@ -1202,9 +1238,7 @@ impl Store {
                     symlinks: a.symlinks + b.symlinks,
                     bytes: a.bytes + b.bytes,
                 })
-            })?;
-        self.touch_tree(id, Some(&tree))?;
-        Ok(stats)
+            })
     }
 
     /// Records a use of a tree. The manifest moves to the young end of the LRU order; so does

@@ -369,3 +369,40 @@ fn files_received_block_by_block_from_several_threads_are_stored_whole() {
     assert!(report.objects_dropped.is_empty() && report.orphans_removed == 0, "{report:?}");
     assert!(fs::read_dir(fx.store_dir.join("tmp")).unwrap().next().is_none(), "nothing left");
 }
+
+#[test]
+fn a_materialization_that_fails_leaves_the_output_as_it_was() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    let session = store.session();
+    let mut files = Vec::new();
+    for i in 0..300 {
+        let rel = format!("d{}/f{i:03}", i % 7);
+        files.push((rel.clone(), fx.write(&rel, format!("file {i}").as_bytes(), 0o644)));
+    }
+    let named: Vec<(&str, &Path)> = files.iter().map(|(r, p)| (r.as_str(), p.as_path())).collect();
+    let id = tree_of(&store, &named, &session);
+    // One object disappears behind the store's back.
+    let victim = walkdir::WalkDir::new(fx.store_dir.join("objects"))
+        .into_iter()
+        .map(|e| e.unwrap().into_path())
+        .find(|p| p.is_file() && fs::read(p).unwrap() == b"file 150")
+        .expect("the object of file 150");
+    fs::remove_file(&victim).unwrap();
+
+    let fresh = fx.src.parent().unwrap().join("out");
+    let err = store.materialize(&id, &fresh).unwrap_err();
+    assert!(matches!(err, StoreError::Missing(_)), "{err}");
+    assert!(!fresh.exists(), "a directory the failed run created is removed");
+    let empty = fx.src.parent().unwrap().join("empty");
+    fs::create_dir(&empty).unwrap();
+    store.materialize(&id, &empty).unwrap_err();
+    assert_eq!(fs::read_dir(&empty).unwrap().count(), 0, "an empty directory is left empty");
+
+    // Once the store is repaired, the same command works.
+    let report = store.verify().unwrap();
+    assert_eq!(report.objects_dropped.len(), 1, "{report:?}");
+    store.put_file(&files[150].1, &session).unwrap();
+    store.materialize(&id, &fresh).unwrap();
+    assert_eq!(fs::read(fresh.join("d3/f150")).unwrap(), b"file 150");
+}
