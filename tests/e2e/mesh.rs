@@ -180,23 +180,23 @@ fn peers_speaking_only_noise_or_only_stock_tls_still_connect() {
     let node = NodeProc::start(&s.path("a"), &[]);
     let addr: Multiaddr = node.addrs[0].parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let behaviour = |key: &libp2p::identity::Keypair| {
-        identify::Behaviour::new(identify::Config::new("/grid/1.0.0".into(), key.public()))
-    };
-    let noise_only = SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
-        .unwrap()
-        .with_behaviour(behaviour)
-        .unwrap()
-        .build();
-    let tls_only = SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(tcp::Config::default(), tls::Config::new, yamux::Config::default)
-        .unwrap()
-        .with_behaviour(behaviour)
-        .unwrap()
-        .build();
+    // A swarm that only identifies peers, over TCP with the given security upgrade.
+    macro_rules! swarm_with {
+        ($security:expr) => {
+            SwarmBuilder::with_new_identity()
+                .with_tokio()
+                .with_tcp(tcp::Config::default(), $security, yamux::Config::default)
+                .unwrap()
+                .with_behaviour(|key| {
+                    let config = identify::Config::new("/grid/1.0.0".into(), key.public());
+                    identify::Behaviour::new(config)
+                })
+                .unwrap()
+                .build()
+        };
+    }
+    let noise_only = swarm_with!(noise::Config::new);
+    let tls_only = swarm_with!(tls::Config::new);
     for (name, mut swarm) in [("noise", noise_only), ("stock TLS", tls_only)] {
         let (peer, agent) = rt.block_on(async {
             use futures::StreamExt;
