@@ -41,3 +41,10 @@ grid_target_dir() {
     fi
   fi
 }
+
+# grid_need_free_mib DIR MIB: exits with an error unless DIR's file system has MIB MiB free.
+grid_need_free_mib() {
+  local avail
+  avail=$(df -Pm "$1" | awk 'NR == 2 {print $4}')
+  [ "$avail" -ge "$2" ] || { echo "error: this needs about $2 MiB free in $1; $avail MiB are" >&2; exit 1; }
+}
