@@ -125,6 +125,7 @@ impl Runner for ShardRunner {
         &self,
         exec: Execution,
         cancel: tokio::sync::watch::Receiver<bool>,
+        started: tokio::sync::oneshot::Sender<()>,
     ) -> BoxFuture<'static, ExecOutcome> {
         let fetcher = self.fetcher.clone();
         let executor = self.executor.clone();
@@ -133,14 +134,12 @@ impl Runner for ShardRunner {
         async move {
             let t = std::time::Instant::now();
             if let Err(e) = fetcher.fetch(exec.spec.manifest).await {
-                let mut o = ExecOutcome::ended(
-                    RunState::Error,
-                    &format!("cannot fetch the inputs {}: {e}", exec.spec.manifest),
-                );
+                let mut o = fetch_failed(&fetcher.mesh, &exec, &e).await;
                 o.overhead = t.elapsed();
                 return o;
             }
             let fetched = t.elapsed();
+            let _ = started.send(());
             // Keep the live output for the submitter to follow while the shard runs.
             let lease = exec.lease;
             live.open(lease);
@@ -166,6 +165,25 @@ impl Runner for ShardRunner {
         }
         .boxed()
     }
+}
+
+/// The outcome of an attempt whose inputs could not be fetched. When the submitter itself, the
+/// one peer that must hold the tree, says it has no such tree, the job cannot run anywhere
+/// ([`RunState::Unrunnable`]); otherwise the mesh failed this node and the shard is offered
+/// again ([`RunState::Error`]).
+async fn fetch_failed(mesh: &MeshHandle, exec: &Execution, e: &str) -> ExecOutcome {
+    let id = exec.spec.manifest;
+    let owner = exec.lease.submitter;
+    let unknown = owner != mesh.local_peer_id()
+        && matches!(
+            mesh.content(owner, ContentRequest::Manifest(id)).await,
+            Ok(Ok(ContentResponse::NotFound))
+        );
+    if unknown {
+        let why = format!("its input tree {id} does not exist: the submitter does not have it");
+        return ExecOutcome::ended(RunState::Unrunnable, &why);
+    }
+    ExecOutcome::ended(RunState::Error, &format!("cannot fetch the inputs {id}: {e}"))
 }
 
 /// What the control handlers share.
@@ -211,9 +229,10 @@ pub async fn run(
     let executor = Arc::new(Executor::new(store.clone(), opts.exec.clone()));
     let mut engine_config = opts.engine.clone();
     if let SandboxStatus::Unavailable { reason } = executor.sandbox() {
+        // Open-pool jobs are then declined (their submitters are told why), not claimed.
+        engine_config.worker.sandbox = false;
         if !engine_config.trust.open_pools.is_empty() {
-            warn!(%reason, "no sandbox, so --open is ignored: only trusted submitters' jobs run here");
-            engine_config.trust.open_pools.clear();
+            warn!(%reason, "no sandbox: jobs of the --open pools are declined; only trusted submitters' jobs run here");
         } else {
             info!(%reason, "no sandbox: jobs of submitters this node does not trust are refused");
         }

@@ -40,11 +40,13 @@ pub const MAX_SUBMITTED_JOBS: usize = 256;
 /// Runs one execution: fetch its inputs, run it, store its outputs. Implemented by the daemon
 /// on top of the mesh and the executor.
 pub trait Runner: Send + Sync + 'static {
-    /// Runs `exec` until it ends or `cancel` turns true.
+    /// Runs `exec` until it ends or `cancel` turns true. Sends on `started` once the inputs
+    /// are in place and the process starts (never, if it does not get that far).
     fn run(
         &self,
         exec: Execution,
         cancel: watch::Receiver<bool>,
+        started: oneshot::Sender<()>,
     ) -> BoxFuture<'static, ExecOutcome>;
 }
 
@@ -77,6 +79,17 @@ pub struct ShardView {
     pub error: Option<String>,
     /// Whether the shard passed: completed with exit code 0.
     pub passed: bool,
+    /// Attempts granted so far.
+    pub attempts: u32,
+    /// The node holding the live attempt (RUNNING shards).
+    pub running_on: Option<String>,
+    /// What the live attempt does: `fetching` (its node fetches and sets up the inputs) or
+    /// `running` (the process runs).
+    pub phase: Option<&'static str>,
+    /// When the live attempt was granted, in Unix milliseconds.
+    pub granted_at_ms: Option<u64>,
+    /// When its process started, in Unix milliseconds.
+    pub started_at_ms: Option<u64>,
 }
 
 /// A job's state.
@@ -88,6 +101,8 @@ pub struct JobView {
     pub submission: u64,
     /// Display name.
     pub name: String,
+    /// When it was submitted, in Unix milliseconds.
+    pub created_at_ms: u64,
     /// Whether every shard is final.
     pub finished: bool,
     /// Why pending shards wait (or ended as NO_RESOURCE), when any do.
@@ -174,11 +189,13 @@ impl std::fmt::Debug for EngineCommand {
     }
 }
 
-/// A finished execution.
+/// News of an execution, from its task to the engine.
 #[derive(Debug)]
-pub struct Finished {
-    lease: LeaseId,
-    outcome: ExecOutcome,
+pub enum Finished {
+    /// Its inputs are in place and its process starts.
+    Started(LeaseId),
+    /// It ended.
+    Ended(LeaseId, ExecOutcome),
 }
 
 /// How the engine is set up.
@@ -195,6 +212,9 @@ pub struct EngineConfig {
     /// Submitter timing.
     pub submitter: SubmitterConfig,
 }
+
+/// Whether the node can take work now: `Ok`, or why not (a quarantine).
+pub type Health = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 struct Submitted {
     machine: Submitter,
@@ -215,7 +235,7 @@ pub struct Engine {
     finished_tx: mpsc::Sender<Finished>,
     submitter_config: SubmitterConfig,
     seed: u64,
-    may_claim: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    may_claim: Health,
     heard: std::collections::VecDeque<ContentId>,
     republish: Vec<(Time, String, Vec<u8>, u32)>,
     peer_dims: BTreeMap<PeerId, Dimensions>,
@@ -249,7 +269,7 @@ impl Engine {
         mesh: MeshHandle,
         db: Arc<JobDb>,
         runner: Arc<dyn Runner>,
-        may_claim: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+        may_claim: Health,
     ) -> anyhow::Result<(Engine, mpsc::Receiver<Finished>)> {
         let seed = rand_seed();
         let worker_config = WorkerConfig { slots: config.slots, ..config.worker };
@@ -261,7 +281,8 @@ impl Engine {
             seed,
         )
         .map_err(|e| anyhow::anyhow!("invalid node dimensions: {e}"))?;
-        let (finished_tx, finished_rx) = mpsc::channel(config.slots.max(1) as usize * 2 + 16);
+        // Two messages per execution at most (started, ended).
+        let (finished_tx, finished_rx) = mpsc::channel(config.slots.max(1) as usize * 4 + 16);
         let mut engine = Engine {
             keypair,
             worker,
@@ -382,6 +403,7 @@ impl Engine {
                 self.republish.push((t + REPUBLISH_AFTER, topic, frame, tries + 1));
             }
         }
+        self.worker.set_quarantine(t, (self.may_claim)().err());
         if self.worker.poll_timeout().is_some_and(|d| d <= t) {
             self.worker.handle_timeout(t);
         }
@@ -416,6 +438,7 @@ impl Engine {
     /// A peer's last connection closed: its leases are lost now, not at their deadlines.
     pub async fn on_peer_gone(&mut self, peer: PeerId) {
         let t = now();
+        self.peer_dims.remove(&peer);
         for s in self.submitters.values_mut() {
             s.machine.peer_gone(t, peer);
         }
@@ -438,10 +461,9 @@ impl Engine {
                     return;
                 }
                 self.hear(a.body.job);
-                if let Err(e) = (self.may_claim)() {
-                    debug!(reason = %e, "not claiming: quarantined");
-                    return;
-                }
+                // A quarantined worker still hears jobs: it tells their submitters why it
+                // does not claim, and claims them as soon as it is well again.
+                self.worker.set_quarantine(t, (self.may_claim)().err());
                 if let Err(e) = self.worker.handle_announcement(t, a) {
                     debug!(from = %m.from, error = %e, "announcement not taken");
                 }
@@ -464,6 +486,11 @@ impl Engine {
                     s.machine.handle_result(t, m.from, r);
                 }
             }
+            Message::Decline(d) => {
+                if let Some(s) = self.submitters.get_mut(&(d.job, d.submission)) {
+                    s.machine.handle_decline(t, m.from, d);
+                }
+            }
             other @ (Message::Grant(_)
             | Message::Refuse(_)
             | Message::HeartbeatReply(_)
@@ -483,11 +510,17 @@ impl Engine {
         let _ = self.mesh.send(to, Message::Refuse(refusal).encode()).await;
     }
 
-    /// An execution ended.
+    /// News of an execution: it started, or it ended.
     pub async fn on_finished(&mut self, f: Finished) {
-        self.running.remove(&f.lease);
         let t = now();
-        self.worker.execution_finished(t, f.lease, f.outcome);
+        match f {
+            Finished::Started(lease) => self.worker.execution_started(t, lease),
+            Finished::Ended(lease, outcome) => {
+                self.running.remove(&lease);
+                self.worker.set_quarantine(t, (self.may_claim)().err());
+                self.worker.execution_finished(t, lease, outcome);
+            }
+        }
         self.drain().await;
     }
 
@@ -531,17 +564,10 @@ impl Engine {
                 let me = self.mesh.local_peer_id();
                 let found = self.submitters.iter().rev().find(|((j, _), _)| *j == job).and_then(
                     |((j, u), s)| {
-                        let st = s.machine.shard(shard)?;
-                        st.attempts
-                            .iter()
-                            .rev()
-                            .find(|(_, _, a)| *a == grid_protocol::output::AttemptState::Running)
-                            .map(|(l, node, _)| {
-                                (
-                                    LeaseId { submitter: me, job: *j, submission: *u, lease: *l },
-                                    *node,
-                                )
-                            })
+                        let live = s.machine.live_attempt(shard)?;
+                        let lease =
+                            LeaseId { submitter: me, job: *j, submission: *u, lease: live.lease };
+                        Some((lease, live.node))
                     },
                 );
                 let _ = reply.send(found);
@@ -558,7 +584,10 @@ impl Engine {
                     slots: self.slots,
                     free_slots: self.worker.free_slots(),
                     running: self.worker.running().map(|l| l.to_string()).collect(),
-                    quarantined: (self.may_claim)().err(),
+                    quarantined: {
+                        self.worker.set_quarantine(now(), (self.may_claim)().err());
+                        self.worker.quarantine().map(str::to_string)
+                    },
                     heard: self.heard.iter().map(|j| j.to_string()).collect(),
                     started: self.worker.stats().started,
                     results: self.worker.stats().results,
@@ -688,11 +717,14 @@ impl Engine {
                 }
             }
             Output::Publish { topic, msg } => {
-                if let Message::Announce(a) = &msg {
-                    // This node hears its own announcements too.
-                    if (self.may_claim)().is_ok() {
-                        let _ = self.worker.handle_announcement(now(), a.clone());
-                    }
+                if let Message::Announce(a) = &msg
+                    && self.slots > 0
+                {
+                    // This node hears its own announcements too (when it runs shards at all:
+                    // a node without slots need not tell itself so).
+                    let t = now();
+                    self.worker.set_quarantine(t, (self.may_claim)().err());
+                    let _ = self.worker.handle_announcement(t, a.clone());
                 }
                 let frame = msg.encode();
                 if let Ok(false) = self.mesh.publish(topic.clone(), frame.clone()).await {
@@ -754,6 +786,11 @@ impl Engine {
                     s.machine.handle_result(t, me, r);
                 }
             }
+            (Message::Decline(d), None) => {
+                if let Some(s) = self.submitters.get_mut(&(d.job, d.submission)) {
+                    s.machine.handle_decline(t, me, d);
+                }
+            }
             (m, _) => debug!(kind = ?m.kind(), "local message with no recipient"),
         }
     }
@@ -762,11 +799,19 @@ impl Engine {
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let lease = exec.lease;
         self.running.insert(lease, cancel_tx);
-        let fut = self.runner.run(exec, cancel_rx);
+        let (started_tx, started_rx) = oneshot::channel();
+        let fut = self.runner.run(exec, cancel_rx, started_tx);
         let done = self.finished_tx.clone();
         tokio::spawn(async move {
-            let outcome = fut.await;
-            let _ = done.send(Finished { lease, outcome }).await;
+            let mut fut = std::pin::pin!(fut);
+            let outcome = tokio::select! {
+                outcome = &mut fut => outcome,
+                Ok(()) = started_rx => {
+                    let _ = done.send(Finished::Started(lease)).await;
+                    fut.await
+                }
+            };
+            let _ = done.send(Finished::Ended(lease, outcome)).await;
         });
     }
 
@@ -783,10 +828,11 @@ impl Engine {
         let deadline = tokio::time::Instant::now() + grace;
         while !self.running.is_empty() {
             match tokio::time::timeout_at(deadline, finished.recv()).await {
-                Ok(Some(f)) => {
-                    self.running.remove(&f.lease);
+                Ok(Some(Finished::Started(_))) => {}
+                Ok(Some(Finished::Ended(lease, _))) => {
+                    self.running.remove(&lease);
                     let outcome = ExecOutcome::ended(RunState::Error, "the node shut down");
-                    self.worker.execution_finished(now(), f.lease, outcome);
+                    self.worker.execution_finished(now(), lease, outcome);
                 }
                 _ => break,
             }
@@ -831,7 +877,13 @@ pub fn view(s: &Submitter) -> JobView {
                     .find(|(l, _, _)| l.shard == b.shard && l.attempt == b.attempt)
                     .map(|(_, n, _)| n.to_string())
             });
+            let live = (state == ShardState::Running).then(|| s.live_attempt(i)).flatten();
             ShardView {
+                attempts: st.as_ref().map_or(0, |x| x.attempts.len() as u32),
+                running_on: live.map(|l| l.node.to_string()),
+                phase: live.map(|l| if l.started.is_some() { "running" } else { "fetching" }),
+                granted_at_ms: live.map(|l| l.granted.0),
+                started_at_ms: live.and_then(|l| l.started).map(|t| t.0),
                 shard: i,
                 state: state.name().to_string(),
                 exit_code: body.and_then(|b| b.exit_code),
@@ -855,6 +907,7 @@ pub fn view(s: &Submitter) -> JobView {
         job: s.job().to_string(),
         submission: s.submission(),
         name: s.request().name.clone(),
+        created_at_ms: s.created().0,
         finished,
         pending_reason: waiting.then(|| reason.to_string()).filter(|r| !r.is_empty()),
         dissents: s.stats().dissents,

@@ -18,8 +18,9 @@ use crate::dims::{Dimensions, Mismatch};
 use crate::job::{JobSpec, MAX_SHARDS};
 use crate::record::{SignedAnnouncement, SignedBody, SignedResult};
 
-/// Version byte of every frame this code writes and reads.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// Version byte of every frame this code writes and reads. Version 2 added the Decline
+/// message, the `running` leases of a heartbeat and the `"un"` (unrunnable) result state.
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame of any kind, checked first.
 pub const MAX_MESSAGE_BYTES: usize = 1 << 20;
 /// Largest announcement (it travels by gossip, whose default limit is 64 KiB).
@@ -38,6 +39,10 @@ pub const MAX_RESULT_BYTES: usize = 64 << 10;
 pub const MAX_ACK_BYTES: usize = 1 << 10;
 /// Largest cancel.
 pub const MAX_CANCEL_BYTES: usize = 64 << 10;
+/// Largest decline.
+pub const MAX_DECLINE_BYTES: usize = 2 << 10;
+/// Longest reason text in a decline ([`DeclineReason::Quarantined`]).
+pub const MAX_DECLINE_TEXT: usize = 512;
 /// Most leases in one grant (and most slots one claim asks for).
 pub const MAX_LEASES_PER_GRANT: u32 = 64;
 /// Most lease references in one heartbeat, heartbeat reply or cancel.
@@ -153,6 +158,11 @@ pub struct Heartbeat {
     /// The leases it runs.
     #[serde(rename = "l")]
     pub leases: Vec<LeaseRef>,
+    /// Of those, the leases whose process has started (their inputs are fetched); the others
+    /// are still fetching and setting up. Sent at once when a process starts, not only with
+    /// the periodic heartbeat, so the submitter can tell fetching from running.
+    #[serde(rename = "r", default, skip_serializing_if = "Vec::is_empty")]
+    pub running: Vec<LeaseRef>,
 }
 
 /// The submitter renews what it still honours and revokes the rest.
@@ -243,6 +253,57 @@ pub struct Cancel {
     pub leases: Vec<LeaseRef>,
 }
 
+/// Why a node that fits a job will not claim it now.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DeclineReason {
+    /// Every slot is taken by other work; it claims when one frees.
+    #[serde(rename = "busy")]
+    Busy,
+    /// The node took itself out of service (low disk, a broken sandbox or store), for this
+    /// reason (at most [`MAX_DECLINE_TEXT`] bytes).
+    #[serde(rename = "quarantined")]
+    Quarantined(String),
+    /// The node does not run jobs of this submitter in this pool.
+    #[serde(rename = "untrusted")]
+    Untrusted,
+    /// The job would run sandboxed (an open pool) and this node has no sandbox.
+    #[serde(rename = "nosandbox")]
+    NoSandbox,
+    /// The node runs no shards at all (zero slots: a bootstrap or submit-only node).
+    #[serde(rename = "noslots")]
+    NoSlots,
+}
+
+impl std::fmt::Display for DeclineReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeclineReason::Busy => f.write_str("busy with other work"),
+            DeclineReason::Quarantined(why) => write!(f, "quarantined ({why})"),
+            DeclineReason::Untrusted => f.write_str("does not trust this submitter"),
+            DeclineReason::NoSandbox => f.write_str("has no sandbox for open-pool jobs"),
+            DeclineReason::NoSlots => f.write_str("runs no shards (0 slots)"),
+        }
+    }
+}
+
+/// A node that fits a job says it will not claim it now, and why; so the submitter can tell
+/// its user why shards wait. Sent when the node hears the job's announcement, again when the
+/// reason changes, and at most once per [`crate::worker::DECLINE_REFRESH`] otherwise; a claim
+/// from the node supersedes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Decline {
+    /// The job.
+    #[serde(rename = "j")]
+    pub job: ContentId,
+    /// The submission.
+    #[serde(rename = "u")]
+    pub submission: u64,
+    /// Why.
+    #[serde(rename = "r")]
+    pub reason: DeclineReason,
+}
+
 /// Every message of the protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -264,6 +325,8 @@ pub enum Message {
     Ack(Ack),
     /// Submitter -> worker: stop these leases.
     Cancel(Cancel),
+    /// Worker -> submitter: this node fits the job but will not claim it now.
+    Decline(Decline),
 }
 
 /// The kind byte of a frame.
@@ -288,11 +351,13 @@ pub enum MessageKind {
     Ack = 8,
     /// [`Message::Cancel`].
     Cancel = 9,
+    /// [`Message::Decline`].
+    Decline = 10,
 }
 
 impl MessageKind {
     /// Every kind, in byte order.
-    pub const ALL: [MessageKind; 9] = [
+    pub const ALL: [MessageKind; 10] = [
         MessageKind::Announce,
         MessageKind::Claim,
         MessageKind::Grant,
@@ -302,6 +367,7 @@ impl MessageKind {
         MessageKind::Result,
         MessageKind::Ack,
         MessageKind::Cancel,
+        MessageKind::Decline,
     ];
 
     /// The kind a byte names.
@@ -320,6 +386,7 @@ impl MessageKind {
             MessageKind::Result => MAX_RESULT_BYTES,
             MessageKind::Ack => MAX_ACK_BYTES,
             MessageKind::Cancel => MAX_CANCEL_BYTES,
+            MessageKind::Decline => MAX_DECLINE_BYTES,
         }
     }
 }
@@ -369,6 +436,7 @@ impl Message {
             Message::Result(_) => MessageKind::Result,
             Message::Ack(_) => MessageKind::Ack,
             Message::Cancel(_) => MessageKind::Cancel,
+            Message::Decline(_) => MessageKind::Decline,
         }
     }
 
@@ -385,6 +453,7 @@ impl Message {
             Message::Result(m) => serde_cbor::to_writer(&mut out, m),
             Message::Ack(m) => serde_cbor::to_writer(&mut out, m),
             Message::Cancel(m) => serde_cbor::to_writer(&mut out, m),
+            Message::Decline(m) => serde_cbor::to_writer(&mut out, m),
         };
         r.expect("messages always encode");
         out
@@ -413,7 +482,13 @@ impl Message {
                 Ok(())
             }
             Message::Refuse(_) | Message::Ack(_) => Ok(()),
-            Message::Heartbeat(h) => refs(h.leases.len()),
+            Message::Heartbeat(h) => {
+                refs(h.leases.len())?;
+                if h.running.iter().any(|l| !h.leases.contains(l)) {
+                    return Err("a running lease the heartbeat does not hold".into());
+                }
+                Ok(())
+            }
             Message::HeartbeatReply(h) => refs(h.renewed.len().saturating_add(h.revoked.len())),
             Message::Result(r) => {
                 if r.body.shard >= MAX_SHARDS {
@@ -422,6 +497,12 @@ impl Message {
                 Ok(())
             }
             Message::Cancel(c) => refs(c.leases.len()),
+            Message::Decline(d) => match &d.reason {
+                DeclineReason::Quarantined(t) if t.len() > MAX_DECLINE_TEXT => {
+                    Err(format!("decline reason of {} bytes", t.len()))
+                }
+                _ => Ok(()),
+            },
         }
     }
 }
@@ -456,6 +537,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         MessageKind::Result => Message::Result(body(rest)?),
         MessageKind::Ack => Message::Ack(body(rest)?),
         MessageKind::Cancel => Message::Cancel(body(rest)?),
+        MessageKind::Decline => Message::Decline(body(rest)?),
     };
     msg.validate().map_err(DecodeError::Invalid)?;
     if msg.encode() != bytes {
@@ -520,7 +602,12 @@ pub(crate) mod tests {
                     Requirements::in_pool("ci").check(&Dimensions::new()).unwrap_err(),
                 ),
             }),
-            Message::Heartbeat(Heartbeat { job: job(), submission: 9, leases: vec![lease] }),
+            Message::Heartbeat(Heartbeat {
+                job: job(),
+                submission: 9,
+                leases: vec![lease],
+                running: vec![lease],
+            }),
             Message::HeartbeatReply(HeartbeatReply {
                 job: job(),
                 submission: 9,
@@ -536,6 +623,11 @@ pub(crate) mod tests {
                 verdict: Verdict::Rejected(Rejection::NoLease),
             }),
             Message::Cancel(Cancel { job: job(), submission: 9, leases: vec![] }),
+            Message::Decline(Decline {
+                job: job(),
+                submission: 9,
+                reason: DeclineReason::Quarantined("low disk".into()),
+            }),
         ]
     }
 
@@ -599,9 +691,10 @@ pub(crate) mod tests {
     fn header_checks_come_first() {
         assert_eq!(decode(&[]).unwrap_err(), DecodeError::Truncated(0));
         assert_eq!(decode(&[1]).unwrap_err(), DecodeError::Truncated(1));
-        assert_eq!(decode(&[2, 1, 0]).unwrap_err(), DecodeError::Version(2));
-        assert_eq!(decode(&[1, 0]).unwrap_err(), DecodeError::Kind(0));
-        assert_eq!(decode(&[1, 10]).unwrap_err(), DecodeError::Kind(10));
+        assert_eq!(decode(&[1, 1, 0]).unwrap_err(), DecodeError::Version(1));
+        assert_eq!(decode(&[3, 1, 0]).unwrap_err(), DecodeError::Version(3));
+        assert_eq!(decode(&[2, 0]).unwrap_err(), DecodeError::Kind(0));
+        assert_eq!(decode(&[2, 11]).unwrap_err(), DecodeError::Kind(11));
         let big = vec![0u8; MAX_MESSAGE_BYTES + 1];
         assert!(matches!(decode(&big).unwrap_err(), DecodeError::TooLarge { .. }));
         // An ack-sized limit is enforced before its body is looked at.
@@ -657,7 +750,7 @@ pub(crate) mod tests {
 
         #[test]
         fn random_bodies_behind_a_valid_header_never_panic(
-            kind in 1u8..=9,
+            kind in 1u8..=10,
             body in proptest::collection::vec(any::<u8>(), 0..600),
         ) {
             let mut bytes = vec![PROTOCOL_VERSION, kind];
@@ -666,7 +759,7 @@ pub(crate) mod tests {
         }
 
         #[test]
-        fn truncated_and_flipped_messages_never_panic(which in 0usize..9, cut in 0usize..2000, flip in any::<(usize, u8)>()) {
+        fn truncated_and_flipped_messages_never_panic(which in 0usize..10, cut in 0usize..2000, flip in any::<(usize, u8)>()) {
             let bytes = samples()[which].encode();
             let cut = cut.min(bytes.len());
             let r = decode(&bytes[..cut]);

@@ -206,8 +206,9 @@ pub enum ShardState {
     Running,
     /// Accepted: the process exited (any exit code; see the outcome).
     Completed,
-    /// Ended without an accepted outcome: the attempt cap was reached and a node reported it
-    /// could not run the shard.
+    /// Ended without an exit: the job cannot run as given (its command is not in its tree, its
+    /// tree does not exist), or the attempt cap was reached and a node reported it could not
+    /// run the shard.
     Failed,
     /// Accepted: the hard or I/O timeout killed it.
     TimedOut,
@@ -266,6 +267,8 @@ pub enum AttemptState {
     WorkerDied,
     /// The node reported it could not run the shard.
     Error,
+    /// The node reported that the job cannot run anywhere ([`RunState::Unrunnable`]).
+    Unrunnable,
     /// Canceled by the submitter (job canceled, or the shard was decided without it).
     Canceled,
 }

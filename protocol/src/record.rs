@@ -205,6 +205,20 @@ pub enum RunState {
     /// outcome of the test; the shard is offered again.
     #[serde(rename = "er")]
     Error,
+    /// The job cannot run as given, on any node: its command is not in its input tree, its
+    /// input tree does not exist, or its spec is not valid (`error` says which). The job's
+    /// fault, not the node's: counted as an outcome like an exit, so the shard (and with it the
+    /// job) fails at once instead of being offered to node after node.
+    #[serde(rename = "un")]
+    Unrunnable,
+}
+
+impl RunState {
+    /// Whether this is an outcome replicas vote on (the process ran to an end, or the job
+    /// cannot run anywhere), rather than an attempt that ended without one.
+    pub fn is_outcome(self) -> bool {
+        matches!(self, RunState::Completed | RunState::TimedOut | RunState::Unrunnable)
+    }
 }
 
 /// A result: what one node says happened to one attempt of one shard.
@@ -250,7 +264,7 @@ pub struct ShardResult {
     /// The node's dimensions when it ran.
     #[serde(rename = "d")]
     pub dimensions: Dimensions,
-    /// Why the node could not run it ([`RunState::Error`] only).
+    /// Why the node could not run it ([`RunState::Error`] and [`RunState::Unrunnable`] only).
     #[serde(rename = "er", default, skip_serializing_if = "String::is_empty")]
     pub error: String,
 }

@@ -32,8 +32,8 @@ use crate::content::ContentId;
 use crate::dims::{self, Dimensions, Explanation};
 use crate::job::{JobError, JobRequest};
 use crate::message::{
-    Ack, Cancel, Claim, Grant, Heartbeat, HeartbeatReply, LeaseRef, MAX_LEASES_PER_GRANT, Message,
-    Refusal, RefuseReason, Rejection, Verdict, announce_topic,
+    Ack, Cancel, Claim, Decline, DeclineReason, Grant, Heartbeat, HeartbeatReply, LeaseRef,
+    MAX_LEASES_PER_GRANT, Message, Refusal, RefuseReason, Rejection, Verdict, announce_topic,
 };
 use crate::output::{AttemptState, Event, LeaseId, Output, Record, ShardState};
 use crate::quorum::{self, Decision};
@@ -161,8 +161,76 @@ struct Attempt {
     class: String,
     state: AttemptState,
     granted: Time,
+    /// When its node said the process started (inputs fetched); `None` while it sets up.
+    started: Option<Time>,
     deadline: Time,
     reported: bool,
+}
+
+/// A node the submitter has heard of: its dimensions (when known) and, if it said it will not
+/// claim, why.
+#[derive(Debug, Clone)]
+struct KnownNode {
+    /// From identify or its claims; `None` for a node known only by its decline (which it
+    /// sends only for jobs it fits).
+    dimensions: Option<Dimensions>,
+    declined: Option<DeclineReason>,
+}
+
+/// Why a job's pending shards wait, from the nodes a submitter knows (see
+/// [`Submitter::pending_reason`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Waiting {
+    /// No known node fits the job's dimensions (or none is known): why.
+    NoFit(Explanation),
+    /// Nodes fit the job: `claiming` of them would claim (none said otherwise), and the others
+    /// said why they will not, with how many said each.
+    Fit {
+        /// Fitting nodes that have not declined.
+        claiming: usize,
+        /// Declines, by reason.
+        declined: BTreeMap<DeclineReason, usize>,
+    },
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Waiting::NoFit(e) => write!(f, "{e}"),
+            Waiting::Fit { claiming, declined } => {
+                let nodes =
+                    |n: usize| if n == 1 { "1 node".to_string() } else { format!("{n} nodes") };
+                let why =
+                    declined.iter().map(|(r, n)| format!("{n} {r}")).collect::<Vec<_>>().join(", ");
+                let others: usize = declined.values().sum();
+                match (claiming, others) {
+                    (1, 0) => write!(f, "1 node matches"),
+                    (c, 0) => write!(f, "{c} nodes match"),
+                    (0, n) => write!(
+                        f,
+                        "{} match{} but none will claim: {why}",
+                        nodes(n),
+                        if n == 1 { "es" } else { "" }
+                    ),
+                    (1, _) => write!(f, "1 node matches and would claim; {why}"),
+                    (c, _) => write!(f, "{c} nodes match and would claim; {why}"),
+                }
+            }
+        }
+    }
+}
+
+/// The live attempt of a shard, for status output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveAttempt {
+    /// The lease.
+    pub lease: LeaseRef,
+    /// The node holding it.
+    pub node: PeerId,
+    /// When it was granted.
+    pub granted: Time,
+    /// When the node said its process started; `None` while it fetches the inputs.
+    pub started: Option<Time>,
 }
 
 #[derive(Debug, Clone)]
@@ -245,7 +313,7 @@ pub struct Submitter {
     ended: bool,
     expired: bool,
     matching_claim_seen: bool,
-    known_nodes: BTreeMap<PeerId, Dimensions>,
+    known_nodes: BTreeMap<PeerId, KnownNode>,
     stats: SubmitterStats,
 }
 
@@ -385,6 +453,7 @@ impl Submitter {
                     class: class.to_string(),
                     state: AttemptState::Running,
                     granted,
+                    started: None,
                     deadline,
                     reported: false,
                 },
@@ -439,6 +508,11 @@ impl Submitter {
         self.job
     }
 
+    /// When the job was submitted.
+    pub fn created(&self) -> Time {
+        self.created
+    }
+
     /// The submission nonce.
     pub fn submission(&self) -> u64 {
         self.submission
@@ -491,18 +565,69 @@ impl Submitter {
         self.shards.get(shard as usize).into_iter().flat_map(|s| s.votes.iter().map(|v| &v.1))
     }
 
-    /// Why pending shards wait, judged from the nodes seen so far (claims and
-    /// [`Submitter::observe_node`]).
-    pub fn pending_reason(&self) -> Explanation {
-        dims::explain(&self.request.spec.dimensions, self.known_nodes.values())
+    /// Why pending shards wait, judged from the live nodes seen so far: their dimensions
+    /// (claims and [`Submitter::observe_node`]) and what they said when they declined
+    /// ([`Message::Decline`]). A node the transport gave up on ([`Submitter::peer_gone`]) no
+    /// longer counts.
+    pub fn pending_reason(&self) -> Waiting {
+        let req = &self.request.spec.dimensions;
+        let mut claiming = 0;
+        let mut declined: BTreeMap<DeclineReason, usize> = BTreeMap::new();
+        for n in self.known_nodes.values() {
+            if n.dimensions.as_ref().is_some_and(|d| !req.matches(d)) {
+                continue;
+            }
+            match &n.declined {
+                Some(r) => *declined.entry(r.clone()).or_default() += 1,
+                None => claiming += 1,
+            }
+        }
+        if claiming == 0 && declined.is_empty() {
+            let known = self.known_nodes.values().filter_map(|n| n.dimensions.as_ref());
+            return Waiting::NoFit(dims::explain(req, known));
+        }
+        Waiting::Fit { claiming, declined }
     }
 
-    /// Tells the submitter about a node's dimensions seen elsewhere (e.g. a node-info topic), so
+    /// The live attempt of a shard (the newest, when replicas run), if any.
+    pub fn live_attempt(&self, shard: u32) -> Option<LiveAttempt> {
+        self.attempts
+            .range(LeaseRef { shard, attempt: 0 }..=LeaseRef { shard, attempt: u32::MAX })
+            .rev()
+            .find(|(_, a)| a.state == AttemptState::Running)
+            .map(|(l, a)| LiveAttempt {
+                lease: *l,
+                node: a.node,
+                granted: a.granted,
+                started: a.started,
+            })
+    }
+
+    /// Tells the submitter about a node's dimensions seen elsewhere (identify), so
     /// [`Submitter::pending_reason`] can explain a pending job. Bounded by [`MAX_KNOWN_NODES`].
     pub fn observe_node(&mut self, peer: PeerId, dimensions: Dimensions) {
-        if self.known_nodes.len() < MAX_KNOWN_NODES || self.known_nodes.contains_key(&peer) {
-            self.known_nodes.insert(peer, dimensions);
+        if let Some(n) = self.known_nodes.get_mut(&peer) {
+            n.dimensions = Some(dimensions);
+        } else if self.known_nodes.len() < MAX_KNOWN_NODES {
+            self.known_nodes
+                .insert(peer, KnownNode { dimensions: Some(dimensions), declined: None });
         }
+    }
+
+    /// A node that fits the job says it will not claim it now, and why. Remembered (bounded
+    /// by [`MAX_KNOWN_NODES`]) until the node claims or goes away; it only explains, it never
+    /// changes what is granted.
+    pub fn handle_decline(&mut self, now: Time, from: PeerId, decline: Decline) {
+        self.catch_up(now);
+        if decline.job == self.job && decline.submission == self.submission {
+            if let Some(n) = self.known_nodes.get_mut(&from) {
+                n.declined = Some(decline.reason);
+            } else if self.known_nodes.len() < MAX_KNOWN_NODES {
+                self.known_nodes
+                    .insert(from, KnownNode { dimensions: None, declined: Some(decline.reason) });
+            }
+        }
+        self.flush(now);
     }
 
     /// The next output to carry out. Call until `None` after every other call.
@@ -544,6 +669,7 @@ impl Submitter {
             Message::Claim(c) => self.handle_claim(now, from, c),
             Message::Heartbeat(h) => self.handle_heartbeat(now, from, h),
             Message::Result(r) => self.handle_result(now, from, r),
+            Message::Decline(d) => self.handle_decline(now, from, d),
             _ => {}
         }
     }
@@ -569,6 +695,9 @@ impl Submitter {
             return self.flush(now);
         }
         self.observe_node(from, claim.dimensions.clone());
+        if let Some(n) = self.known_nodes.get_mut(&from) {
+            n.declined = None;
+        }
         if self.ended || now >= self.expires {
             refuse(self, RefuseReason::Ended);
             return self.flush(now);
@@ -601,6 +730,7 @@ impl Submitter {
                     class: class.clone(),
                     state: AttemptState::Running,
                     granted: now,
+                    started: None,
                     deadline,
                     reported: false,
                 },
@@ -637,6 +767,17 @@ impl Submitter {
         let mut renewed = Vec::new();
         let mut revoked = Vec::new();
         let ours = hb.job == self.job && hb.submission == self.submission;
+        if ours {
+            for l in &hb.running {
+                if let Some(a) = self.attempts.get_mut(l)
+                    && a.node == from
+                    && a.state == AttemptState::Running
+                    && a.started.is_none()
+                {
+                    a.started = Some(now);
+                }
+            }
+        }
         let ttl = self.config.lease_ttl;
         let life = self.lease_life();
         for l in hb.leases {
@@ -741,9 +882,10 @@ impl Submitter {
             RunState::TimedOut => AttemptState::TimedOut,
             RunState::Error => AttemptState::Error,
             RunState::Canceled => AttemptState::Canceled,
+            RunState::Unrunnable => AttemptState::Unrunnable,
         };
         let late_counted = self.config.planted_bug == Some(PlantedBug::CountLateResults)
-            && matches!(body.state, RunState::Completed | RunState::TimedOut);
+            && body.state.is_outcome();
         if self.shards[idx].state.is_final() && !late_counted {
             // Decided without it: a replica canceled after the quorum, or a lease that lapsed.
             self.stats.late += 1;
@@ -751,7 +893,7 @@ impl Submitter {
                 self.attempts.get_mut(&lease).expect("present").state = state;
             }
             if let Some(acc) = self.shards[idx].accepted
-                && matches!(body.state, RunState::Completed | RunState::TimedOut)
+                && body.state.is_outcome()
                 && body.outcome() != acc
             {
                 self.stats.dissents += 1;
@@ -775,7 +917,7 @@ impl Submitter {
                 }
                 ack(self, Verdict::Accepted);
             }
-            RunState::Completed | RunState::TimedOut => {
+            RunState::Completed | RunState::TimedOut | RunState::Unrunnable => {
                 // A result from a lease that already lapsed still counts if the shard is open:
                 // the work is done and signed (BOINC accepts late results the same way).
                 self.attempts.get_mut(&lease).expect("present").state = state;
@@ -798,6 +940,7 @@ impl Submitter {
     /// deadline.
     pub fn peer_gone(&mut self, now: Time, peer: PeerId) {
         self.catch_up(now);
+        self.known_nodes.remove(&peer);
         let held: Vec<LeaseRef> = self
             .attempts
             .iter()
@@ -1060,9 +1203,13 @@ impl Submitter {
                 self.cancel_live(idx);
                 let state = match outcome.state {
                     RunState::TimedOut => ShardState::TimedOut,
+                    RunState::Unrunnable => ShardState::Failed,
                     _ => ShardState::Completed,
                 };
                 self.set_state(idx, state);
+                if outcome.state == RunState::Unrunnable {
+                    self.unrunnable(idx);
+                }
             }
             Decision::Waiting(_) => {
                 if self.live_replicas(idx) == 0 {
@@ -1092,6 +1239,26 @@ impl Submitter {
                     self.cancel_live(idx);
                     self.set_state(idx, ShardState::Disputed);
                 }
+            }
+        }
+    }
+
+    /// Shard `idx` was decided unrunnable: the job cannot run as given (every shard runs the
+    /// same command on the same tree), so every other shard still open fails with it now,
+    /// rather than being offered to node after node.
+    fn unrunnable(&mut self, idx: usize) {
+        let why = self.shards[idx]
+            .votes
+            .iter()
+            .find(|(_, r)| r.body.state == RunState::Unrunnable)
+            .map(|(_, r)| r.body.error.clone())
+            .unwrap_or_default();
+        self.shards[idx].last_error = why.clone();
+        for other in 0..self.shards.len() {
+            if other != idx && !self.shards[other].state.is_final() {
+                self.shards[other].last_error = format!("not run: shard {idx} found {why}");
+                self.cancel_live(other);
+                self.set_state(other, ShardState::Failed);
             }
         }
     }
@@ -1368,7 +1535,12 @@ mod tests {
         let out = drain(&mut r);
         assert!(out.contains(&Output::Provide(s.request().spec.manifest)));
         // c's heartbeat renews its lease and its result is counted: nothing runs twice.
-        let hb = Heartbeat { job: r.job(), submission: r.submission(), leases: vec![lc] };
+        let hb = Heartbeat {
+            job: r.job(),
+            submission: r.submission(),
+            leases: vec![lc],
+            running: vec![],
+        };
         r.handle_heartbeat(Time(now + 1), c.id, hb);
         let renewed = drain(&mut r).into_iter().any(|o| {
             matches!(o, Output::Send { msg: Message::HeartbeatReply(h), .. } if h.renewed == vec![lc])
@@ -1475,7 +1647,7 @@ mod tests {
         let (a, b) = (node(1), node(2));
         claim(&mut s, 0, &a, 1);
         let (job, submission) = (s.job(), s.submission());
-        let hb = |leases| Heartbeat { job, submission, leases };
+        let hb = |leases| Heartbeat { job, submission, leases, running: vec![] };
         let msg = hb(vec![l(0, 1), l(1, 1)]);
         s.handle_heartbeat(Time(50_000), a.id, msg);
         let out = drain(&mut s);
@@ -1505,7 +1677,12 @@ mod tests {
         let mut t = 0;
         while t < 1_300_000 {
             t += 20_000;
-            let hb = Heartbeat { job: s.job(), submission: s.submission(), leases: vec![l(0, 1)] };
+            let hb = Heartbeat {
+                job: s.job(),
+                submission: s.submission(),
+                leases: vec![l(0, 1)],
+                running: vec![],
+            };
             s.handle_heartbeat(Time(t), a.id, hb);
             drain(&mut s);
         }
@@ -1767,7 +1944,12 @@ mod tests {
         let a = node(1);
         claim(&mut s, 0, &a, 1);
         for t in (20_000..=100_000).step_by(20_000) {
-            let hb = Heartbeat { job: s.job(), submission: s.submission(), leases: vec![l(0, 1)] };
+            let hb = Heartbeat {
+                job: s.job(),
+                submission: s.submission(),
+                leases: vec![l(0, 1)],
+                running: vec![],
+            };
             s.handle_heartbeat(Time(t), a.id, hb);
         }
         assert_eq!(s.shard_states(), vec![ShardState::Running, ShardState::Expired]);
@@ -1798,6 +1980,119 @@ mod tests {
         s.handle_timeout(Time(60_000));
         assert_eq!(s.shard_states(), vec![ShardState::NoResource; 2]);
         assert!(s.is_finished());
+    }
+
+    #[test]
+    fn an_unrunnable_job_fails_at_once_with_the_reason_and_never_loops() {
+        let mut s = submitter(request(4, 1));
+        let (a, b) = (node(1), node(2));
+        let la = claim(&mut s, 1, &a, 1);
+        let lb = claim(&mut s, 1, &b, 2);
+        assert_eq!((la.len(), lb.len()), (1, 2));
+        let mut r = result(&s, &a, la[0], 0);
+        r.body.state = RunState::Unrunnable;
+        r.body.exit_code = None;
+        r.body.error = "command \"./okk.sh\" is not in the input tree".into();
+        let r = Signed::sign(&a.key, r.body);
+        let (v, out) = report(&mut s, 2, &a, r);
+        assert_eq!(v, Verdict::Accepted);
+        // The whole job ends in that one step: the shard that found it, the running ones
+        // (their leases canceled) and the one still pending.
+        assert!(s.is_finished());
+        assert_eq!(s.shard_states(), vec![ShardState::Failed; 4]);
+        assert_eq!(cancels(&out), vec![(b.id, vec![lb[0]]), (b.id, vec![lb[1]])]);
+        let why = s.shard(la[0].shard).unwrap().last_error.unwrap();
+        assert!(why.contains("./okk.sh"), "{why}");
+        for other in [lb[0].shard, lb[1].shard, 3] {
+            let e = s.shard(other).unwrap().last_error.unwrap();
+            assert!(e.starts_with("not run: ") && e.contains("./okk.sh"), "{e}");
+        }
+        assert_eq!(s.stats().lost, 0, "an unrunnable job is not a lost attempt");
+    }
+
+    #[test]
+    fn an_unrunnable_claim_needs_a_majority_when_replicated() {
+        let mut s = submitter(request(1, 3));
+        let nodes = [node(1), node(2), node(3)];
+        let leases: Vec<LeaseRef> = nodes.iter().map(|n| claim(&mut s, 1, n, 1)[0]).collect();
+        // One liar says the job cannot run; two honest nodes ran it.
+        let mut r = result(&s, &nodes[0], leases[0], 0).body;
+        r.state = RunState::Unrunnable;
+        r.exit_code = None;
+        report(&mut s, 2, &nodes[0], Signed::sign(&nodes[0].key, r));
+        assert!(!s.is_finished());
+        run(&mut s, 3, &nodes[1], leases[1], 0);
+        run(&mut s, 4, &nodes[2], leases[2], 0);
+        assert_eq!(s.shard_states(), vec![ShardState::Completed]);
+        assert_eq!(s.stats().dissents, 1);
+    }
+
+    #[test]
+    fn the_pending_reason_counts_live_nodes_that_would_claim_and_says_why_others_will_not() {
+        let mut s = submitter(request(2, 1));
+        assert_eq!(s.pending_reason().to_string(), "no node is known");
+        let (a, b, c) = (node(1), node(2), node(3));
+        for n in [&a, &b, &c] {
+            s.observe_node(n.id, n.dims.clone());
+        }
+        assert_eq!(s.pending_reason().to_string(), "3 nodes match");
+        let decline =
+            |s: &Submitter, reason| Decline { job: s.job(), submission: s.submission(), reason };
+        s.handle_decline(Time(1), a.id, decline(&s, DeclineReason::Quarantined("low disk".into())));
+        s.handle_decline(Time(1), b.id, decline(&s, DeclineReason::Busy));
+        assert_eq!(
+            s.pending_reason().to_string(),
+            "1 node matches and would claim; 1 busy with other work, 1 quarantined (low disk)"
+        );
+        // A node the transport lost no longer counts.
+        s.peer_gone(Time(2), c.id);
+        assert_eq!(
+            s.pending_reason().to_string(),
+            "2 nodes match but none will claim: 1 busy with other work, 1 quarantined (low disk)"
+        );
+        // A decline for another job changes nothing; a claim supersedes a decline.
+        let mut other = decline(&s, DeclineReason::Untrusted);
+        other.submission ^= 1;
+        s.handle_decline(Time(3), a.id, other);
+        claim(&mut s, 4, &b, 1);
+        assert_eq!(
+            s.pending_reason().to_string(),
+            "1 node matches and would claim; 1 quarantined (low disk)"
+        );
+        // A node known only by its decline (no identify yet) counts as fitting: it only
+        // declines jobs it fits.
+        let d = node(4);
+        s.handle_decline(Time(5), d.id, decline(&s, DeclineReason::NoSandbox));
+        assert!(
+            s.pending_reason().to_string().contains("1 has no sandbox"),
+            "{}",
+            s.pending_reason()
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_naming_a_started_process_moves_the_attempt_from_fetching_to_running() {
+        let mut s = submitter(request(1, 1));
+        let a = node(1);
+        let lease = claim(&mut s, 1_000, &a, 1)[0];
+        let live = s.live_attempt(0).unwrap();
+        assert_eq!(
+            (live.lease, live.node, live.granted, live.started),
+            (lease, a.id, Time(1_000), None)
+        );
+        let (job, submission) = (s.job(), s.submission());
+        let hb = |running| Heartbeat { job, submission, leases: vec![lease], running };
+        s.handle_heartbeat(Time(1_500), a.id, hb(vec![]));
+        assert_eq!(s.live_attempt(0).unwrap().started, None);
+        let hb2 = hb(vec![lease]);
+        // Another node cannot say it for this lease.
+        s.handle_heartbeat(Time(1_800), node(2).id, hb2.clone());
+        assert_eq!(s.live_attempt(0).unwrap().started, None);
+        s.handle_heartbeat(Time(2_000), a.id, hb2.clone());
+        s.handle_heartbeat(Time(9_000), a.id, hb2);
+        assert_eq!(s.live_attempt(0).unwrap().started, Some(Time(2_000)), "the first one counts");
+        run(&mut s, 10_000, &a, lease, 0);
+        assert_eq!(s.live_attempt(0), None);
     }
 
     #[test]
@@ -1916,7 +2211,7 @@ mod tests {
                     Op::Heartbeat { node } => {
                         let n = &nodes[node as usize];
                         let leases = s.attempts.iter().filter(|(_, a)| a.node == n.id).map(|(l, _)| *l).collect();
-                        s.handle_heartbeat(Time(now), n.id, Heartbeat { job: s.job(), submission: s.submission(), leases });
+                        s.handle_heartbeat(Time(now), n.id, Heartbeat { job: s.job(), submission: s.submission(), leases, running: vec![] });
                     }
                     Op::Result { node, exit } => {
                         let n = &nodes[node as usize];

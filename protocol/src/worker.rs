@@ -23,8 +23,8 @@ use libp2p_identity::{Keypair, PeerId};
 use crate::content::ContentId;
 use crate::dims::{DimensionError, Dimensions, Mismatch, Requirements};
 use crate::message::{
-    Ack, Cancel, Claim, Grant, Heartbeat, HeartbeatReply, LeaseRef, MAX_LEASE_REFS,
-    MAX_LEASES_PER_GRANT, Message, Refusal, RefuseReason,
+    Ack, Cancel, Claim, Decline, DeclineReason, Grant, Heartbeat, HeartbeatReply, LeaseRef,
+    MAX_DECLINE_TEXT, MAX_LEASE_REFS, MAX_LEASES_PER_GRANT, Message, Refusal, RefuseReason,
 };
 use crate::output::{Event, ExecOutcome, Execution, LeaseId, Output, Record};
 use crate::record::{
@@ -73,6 +73,11 @@ impl TrustPolicy {
     }
 }
 
+/// A node that keeps declining a job says so again at most this often (and at once when its
+/// reason changes), so its submitter's explanation stays current without a message per
+/// announcement.
+pub const DECLINE_REFRESH: Duration = Duration::from_secs(60);
+
 /// Tuning of a worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerConfig {
@@ -96,6 +101,9 @@ pub struct WorkerConfig {
     pub max_jobs: usize,
     /// Most unacknowledged results kept; beyond it the oldest is dropped.
     pub max_outbox: usize,
+    /// Whether this node can run sandboxed shards (open-pool jobs). Without a sandbox, such
+    /// jobs are declined ([`DeclineReason::NoSandbox`]) instead of claimed.
+    pub sandbox: bool,
 }
 
 impl Default for WorkerConfig {
@@ -110,6 +118,7 @@ impl Default for WorkerConfig {
             announcement_ttl: Duration::from_secs(120),
             max_jobs: 1024,
             max_outbox: 4096,
+            sandbox: true,
         }
     }
 }
@@ -203,6 +212,8 @@ struct JobView {
 #[derive(Debug, Clone)]
 struct Running {
     killing: bool,
+    /// The driver said its process started ([`Worker::execution_started`]).
+    started: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -229,6 +240,10 @@ pub struct Worker {
     next_heartbeat: Time,
     claim_seq: u64,
     stats: WorkerStats,
+    /// Why this node takes no new work, if it does not ([`Worker::set_quarantine`]).
+    quarantine: Option<String>,
+    /// Jobs this node fits but declined lately: the reason said and when.
+    declined: BTreeMap<JobKey, (DeclineReason, Time)>,
     /// The latest `now` seen, so [`Worker::poll_timeout`] never returns a past deadline that
     /// [`Worker::handle_timeout`] would not clear.
     now: Time,
@@ -261,6 +276,8 @@ impl Worker {
             next_heartbeat: Time::NEVER,
             claim_seq: 0,
             stats: WorkerStats::default(),
+            quarantine: None,
+            declined: BTreeMap::new(),
             now: Time::ZERO,
         })
     }
@@ -290,6 +307,43 @@ impl Worker {
         let reserved: u32 =
             self.jobs.values().filter_map(|j| j.claim.as_ref()).map(|c| c.slots).sum();
         self.config.slots.saturating_sub(self.running.len() as u32).saturating_sub(reserved)
+    }
+
+    /// Why this node claims nothing now, if it does not ([`Worker::set_quarantine`]).
+    pub fn quarantine(&self) -> Option<&str> {
+        self.quarantine.as_deref()
+    }
+
+    /// Takes the node out of service (`Some(why)`: low disk, a broken sandbox or store) or puts
+    /// it back (`None`). While out, it claims nothing (running shards go on) and tells the
+    /// submitters of jobs it fits why ([`DeclineReason::Quarantined`]); back in, it claims the
+    /// jobs it remembers at once. The driver calls it whenever the node's health may have
+    /// changed (before handing it announcements is enough); repeating the same value is free.
+    pub fn set_quarantine(&mut self, now: Time, why: Option<String>) {
+        self.now = self.now.max(now);
+        let why = why.map(|w| truncate(w, MAX_DECLINE_TEXT));
+        if self.quarantine == why {
+            return;
+        }
+        self.quarantine = why;
+        if self.quarantine.is_none() {
+            self.schedule(now);
+        }
+    }
+
+    /// The process of a running lease started: its inputs are fetched and set up. Tells the
+    /// submitter at once (a heartbeat naming it as running), so the user sees fetching and
+    /// running apart. Call at most once per lease, after [`Output::StartExecution`]; a lease
+    /// this worker does not run is ignored.
+    pub fn execution_started(&mut self, now: Time, lease: LeaseId) {
+        self.now = self.now.max(now);
+        let Some(r) = self.running.get_mut(&lease) else { return };
+        if r.started || r.killing {
+            return;
+        }
+        r.started = true;
+        let key = key_of(&lease);
+        self.send_heartbeat(&key);
     }
 
     /// The next output to carry out. Call until `None` after every other call.
@@ -358,6 +412,7 @@ impl Worker {
         let ttl = self.config.announcement_ttl;
         let busy: BTreeSet<JobKey> = self.running.keys().map(key_of).collect();
         self.jobs.retain(|k, j| now < j.last_seen + ttl || busy.contains(k) || j.claim.is_some());
+        self.declined.retain(|_, (_, at)| now < *at + DECLINE_REFRESH + ttl);
         self.schedule(now);
     }
 
@@ -443,6 +498,11 @@ impl Worker {
                 Some(trust) => trust,
                 None => {
                     self.stats.untrusted += 1;
+                    // A node of the job's pool that fits says why it will not run it; one
+                    // that does not fit stays silent (the job is not for it anyway).
+                    if !ann.ended && ann.open > 0 && ann.dimensions.matches(&self.dimensions) {
+                        self.decline(now, key, DeclineReason::Untrusted);
+                    }
                     return Err(AnnouncementError::Untrusted(submitter));
                 }
             },
@@ -452,6 +512,7 @@ impl Worker {
         }
         if ann.ended {
             self.kill_job(&key, None);
+            self.declined.remove(&key);
         }
         if !same_dimensions && let Err(m) = ann.dimensions.check(&self.dimensions) {
             self.jobs.remove(&key);
@@ -506,6 +567,9 @@ impl Worker {
             }
         }
         self.schedule(now);
+        if let Some(why) = self.why_not(&key) {
+            self.decline(now, key, why);
+        }
         Ok(())
     }
 
@@ -571,7 +635,7 @@ impl Worker {
                 continue;
             }
             free -= 1;
-            self.running.insert(id, Running { killing: false });
+            self.running.insert(id, Running { killing: false, started: false });
             self.stats.started += 1;
             self.outputs.push_back(Output::StartExecution(Execution {
                 lease: id,
@@ -683,6 +747,56 @@ impl Worker {
 
     // ---- internals ----
 
+    /// Why this node, which fits the job `key`, will not claim it now; `None` when it claims
+    /// (or already did, or runs some of it, or the job wants nobody).
+    fn why_not(&self, key: &JobKey) -> Option<DeclineReason> {
+        let j = self.jobs.get(key)?;
+        if j.ann.ended || j.ann.open == 0 || j.incompatible || j.claim.is_some() {
+            return None;
+        }
+        if j.trust == Trust::Sandboxed && !self.config.sandbox {
+            return Some(DeclineReason::NoSandbox);
+        }
+        if self.config.slots == 0 {
+            return Some(DeclineReason::NoSlots);
+        }
+        if let Some(q) = &self.quarantine {
+            return Some(DeclineReason::Quarantined(q.clone()));
+        }
+        // Busy only when every slot runs a shard: slots merely reserved by a claim in flight
+        // may come back at once (a refusal), and then this job is claimed instead.
+        let runs_some = self.running.keys().any(|l| key_of(l) == *key);
+        let all_running = self.running.len() as u32 >= self.config.slots;
+        (!runs_some && all_running).then_some(DeclineReason::Busy)
+    }
+
+    /// Sends a [`Message::Decline`] for `key`, unless the same reason went out less than
+    /// [`DECLINE_REFRESH`] ago. Remembers at most `max_jobs` declines (the oldest go first).
+    fn decline(&mut self, now: Time, key: JobKey, why: DeclineReason) {
+        if let Some((said, at)) = self.declined.get(&key)
+            && *said == why
+            && now < *at + DECLINE_REFRESH
+        {
+            return;
+        }
+        if !self.declined.contains_key(&key) && self.declined.len() >= self.config.max_jobs.max(1) {
+            let oldest =
+                self.declined.iter().min_by_key(|(k, (_, at))| (*at, **k)).map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                self.declined.remove(&k);
+            }
+        }
+        self.declined.insert(key, (why.clone(), now));
+        self.outputs.push_back(Output::Send {
+            to: key.submitter,
+            msg: Message::Decline(Decline {
+                job: key.job,
+                submission: key.submission,
+                reason: why,
+            }),
+        });
+    }
+
     fn queue_result(&mut self, now: Time, lease: LeaseId, result: SignedResult) {
         self.make_room(now);
         self.outputs.push_back(Output::Persist(Record::Outbox { lease, result: result.clone() }));
@@ -719,29 +833,39 @@ impl Worker {
     }
 
     fn send_heartbeats(&mut self) {
-        let mut per_job: BTreeMap<JobKey, Vec<LeaseRef>> = BTreeMap::new();
-        for (id, r) in &self.running {
-            if !r.killing {
-                per_job.entry(key_of(id)).or_default().push(id.lease);
-            }
+        let jobs: BTreeSet<JobKey> =
+            self.running.iter().filter(|(_, r)| !r.killing).map(|(id, _)| key_of(id)).collect();
+        for key in jobs {
+            self.send_heartbeat(&key);
         }
-        for (key, leases) in per_job {
-            for chunk in leases.chunks(MAX_LEASE_REFS) {
-                self.outputs.push_back(Output::Send {
-                    to: key.submitter,
-                    msg: Message::Heartbeat(Heartbeat {
-                        job: key.job,
-                        submission: key.submission,
-                        leases: chunk.to_vec(),
-                    }),
-                });
-            }
+    }
+
+    /// One heartbeat (more past [`MAX_LEASE_REFS`]) for the live leases of one job, naming
+    /// those whose process started.
+    fn send_heartbeat(&mut self, key: &JobKey) {
+        let leases: Vec<(LeaseRef, bool)> = self
+            .running
+            .iter()
+            .filter(|(id, r)| key_of(id) == *key && !r.killing)
+            .map(|(id, r)| (id.lease, r.started))
+            .collect();
+        for chunk in leases.chunks(MAX_LEASE_REFS) {
+            self.outputs.push_back(Output::Send {
+                to: key.submitter,
+                msg: Message::Heartbeat(Heartbeat {
+                    job: key.job,
+                    submission: key.submission,
+                    leases: chunk.iter().map(|(l, _)| *l).collect(),
+                    running: chunk.iter().filter(|(_, s)| *s).map(|(l, _)| *l).collect(),
+                }),
+            });
         }
     }
 
     fn claimable(&self, j: &JobView, now: Time) -> bool {
         !j.ann.ended
             && !j.incompatible
+            && (j.trust == Trust::Trusted || self.config.sandbox)
             && j.ann.open > 0
             && j.claim.is_none()
             && now >= j.backoff_until
@@ -751,7 +875,7 @@ impl Worker {
     /// Claims with the free slots: most urgent priority first, then the oldest job.
     fn schedule(&mut self, now: Time) {
         let mut free = self.free_slots();
-        if free == 0 {
+        if free == 0 || self.quarantine.is_some() {
             return;
         }
         let mut candidates: Vec<(u8, Time, JobKey)> = self
@@ -772,6 +896,7 @@ impl Worker {
             j.claim = Some(PendingClaim { id, slots, deadline: now + self.config.claim_timeout });
             j.refused_at_seq = None;
             free -= slots;
+            self.declined.remove(&key);
             self.stats.claims += 1;
             self.outputs.push_back(Output::Send {
                 to: key.submitter,
@@ -906,12 +1031,26 @@ mod tests {
         let stranger = key(51);
         let r = w.handle_announcement(Time(0), Signed::sign(&stranger, ann(&s, 1, 100, 0)));
         assert_eq!(r, Err(AnnouncementError::Untrusted(stranger.public().to_peer_id())));
+        // A stranger in a pool this node serves is told why nothing will be claimed, once.
+        let out = drain(&mut w);
+        let declined = Message::Decline(Decline {
+            job: s.id(),
+            submission: 5,
+            reason: DeclineReason::Untrusted,
+        });
+        assert!(
+            matches!(&out[..], [Output::Send { to, msg }] if *to == stranger.public().to_peer_id() && *msg == declined),
+            "{out:?}"
+        );
+        let again = Signed::sign(&stranger, ann(&s, 2, 100, 0));
+        assert!(w.handle_announcement(Time(1_000), again).is_err());
+        assert!(drain(&mut w).is_empty(), "not again within DECLINE_REFRESH");
         let mut mac = s.clone();
         mac.dimensions = mac.dimensions.clone().with("os", &["Mac"]);
         let r = w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&mac, 1, 100, 0)));
         assert!(matches!(r, Err(AnnouncementError::Mismatch(_))));
-        assert!(drain(&mut w).is_empty());
-        assert_eq!((w.stats().forged_announcements, w.stats().untrusted), (1, 1));
+        assert!(drain(&mut w).is_empty(), "a node that does not fit says nothing");
+        assert_eq!((w.stats().forged_announcements, w.stats().untrusted), (1, 2));
     }
 
     #[test]
@@ -1152,6 +1291,97 @@ mod tests {
         assert_eq!(w.unacknowledged().count(), 2);
         assert_eq!(w.stats().dropped, 1);
         assert!(drain(&mut w).contains(&Output::Event(Event::ResultDropped { lease: ids[0] })));
+    }
+
+    fn declines(out: &[Output]) -> Vec<DeclineReason> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { msg: Message::Decline(d), .. } => Some(d.reason.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_quarantined_node_declines_with_its_reason_and_claims_at_once_when_well() {
+        let mut w = worker(2);
+        w.set_quarantine(Time(0), Some("low disk".into()));
+        let s = spec("./t", 2);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let out = drain(&mut w);
+        assert!(claims(&out).is_empty());
+        assert_eq!(declines(&out), vec![DeclineReason::Quarantined("low disk".into())]);
+        // Re-announcements within DECLINE_REFRESH say nothing more; after it, again.
+        w.handle_announcement(Time(30_000), Signed::sign(&submitter(), ann(&s, 2, 100, 0)))
+            .unwrap();
+        assert!(drain(&mut w).is_empty());
+        w.handle_announcement(Time(61_000), Signed::sign(&submitter(), ann(&s, 3, 100, 0)))
+            .unwrap();
+        assert_eq!(declines(&drain(&mut w)).len(), 1);
+        // Well again: the remembered job is claimed without waiting for an announcement.
+        w.set_quarantine(Time(62_000), None);
+        assert_eq!(claims(&drain(&mut w)).len(), 1);
+        assert_eq!(w.quarantine(), None);
+    }
+
+    #[test]
+    fn a_full_node_a_node_without_slots_and_one_without_sandbox_say_why() {
+        // Full: both slots run shards of another job.
+        let mut w = worker(2);
+        let busy = spec("./busy", 2);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&busy, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        w.handle_grant(Time(0), sub_id(), grant(&busy, c, &[0, 1])).unwrap();
+        drain(&mut w);
+        let other = spec("./other", 1);
+        w.handle_announcement(Time(1), Signed::sign(&submitter(), ann(&other, 1, 100, 0))).unwrap();
+        assert_eq!(declines(&drain(&mut w)), vec![DeclineReason::Busy]);
+        // Zero slots.
+        let mut w0 = worker(0);
+        w0.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&other, 1, 100, 0)))
+            .unwrap();
+        assert_eq!(declines(&drain(&mut w0)), vec![DeclineReason::NoSlots]);
+        // An open pool and no sandbox: declined, never claimed.
+        let trust = TrustPolicy { open_pools: ["ci".to_string()].into(), ..TrustPolicy::default() };
+        let config = WorkerConfig { sandbox: false, ..WorkerConfig::default() };
+        let mut ws = Worker::new(key(1), dims(), trust, config, 9).unwrap();
+        let stranger = key(51);
+        ws.handle_announcement(Time(0), Signed::sign(&stranger, ann(&other, 1, 100, 0))).unwrap();
+        let out = drain(&mut ws);
+        assert!(claims(&out).is_empty());
+        assert_eq!(declines(&out), vec![DeclineReason::NoSandbox]);
+        ws.handle_timeout(Time(100_000));
+        assert!(claims(&drain(&mut ws)).is_empty());
+    }
+
+    #[test]
+    fn a_started_process_is_reported_at_once_and_in_every_heartbeat() {
+        let mut w = worker(2);
+        let s = spec("./t", 2);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        w.handle_grant(Time(0), sub_id(), grant(&s, c, &[0, 1])).unwrap();
+        drain(&mut w);
+        let first = *w.running().next().unwrap();
+        w.execution_started(Time(5), first);
+        let hb: Vec<Heartbeat> = drain(&mut w)
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::Send { msg: Message::Heartbeat(h), .. } => Some(h),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(hb.len(), 1);
+        assert_eq!(hb[0].leases.len(), 2);
+        assert_eq!(hb[0].running, vec![first.lease]);
+        // Only once per lease.
+        w.execution_started(Time(6), first);
+        assert!(drain(&mut w).is_empty());
+        w.handle_timeout(Time(20_000));
+        let periodic = drain(&mut w);
+        assert!(periodic.iter().any(
+            |o| matches!(o, Output::Send { msg: Message::Heartbeat(h), .. } if h.running == vec![first.lease])
+        ));
     }
 
     #[test]

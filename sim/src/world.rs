@@ -268,6 +268,7 @@ fn kind_name(k: MessageKind) -> &'static str {
         MessageKind::Result => "result",
         MessageKind::Ack => "ack",
         MessageKind::Cancel => "cancel",
+        MessageKind::Decline => "decline",
     }
 }
 
@@ -879,6 +880,7 @@ impl World {
                 Message::Claim(c) => c.job,
                 Message::Heartbeat(h) => h.job,
                 Message::Result(r) => r.body.job,
+                Message::Decline(d) => d.job,
                 _ => return,
             };
             let Some(&j) = self.job_ids.get(&job) else { return };
@@ -1119,7 +1121,13 @@ impl World {
 
     fn run_exec(&mut self, id: u64) {
         let Some(x) = self.live_exec(id) else { return };
-        let (i, j, truth) = (x.node, x.job, x.truth);
+        let (i, j, truth, lease) = (x.node, x.job, x.truth, x.lease);
+        // The inputs are in place: the process starts, and the worker says so.
+        let t = self.local(i);
+        if let Some(w) = self.nodes[i as usize].worker.as_mut() {
+            w.execution_started(t, lease);
+            self.drain_worker(i);
+        }
         let manifest = self.jobs[j as usize].manifest;
         let cache = &mut self.nodes[i as usize].cache;
         if !cache.contains(&manifest) {

@@ -1,5 +1,6 @@
 //! End-to-end tests: grid's real binaries on real files and sockets.
 
+mod blame;
 mod content;
 mod jobs;
 mod mesh;

@@ -211,13 +211,24 @@ pub struct RunReport {
     pub live_dropped_chunks: u64,
 }
 
-/// Why an attempt could not start.
+/// Why an attempt could not start, and whose fault that is: only [`StartError::Failed`], a
+/// fault of this machine, counts towards its quarantine.
 #[derive(Debug, thiserror::Error)]
 enum StartError {
     /// The shard needs the sandbox and there is none (a refusal, not a node fault).
     #[error("sandbox required but unavailable: {0}")]
     NoSandbox(String),
-    /// Anything else.
+    /// The job cannot run as given on any node (its command is not in its tree, is not
+    /// executable, its spec is invalid): reported as [`RunState::Unrunnable`], so the job
+    /// fails at once with this reason.
+    #[error("{0}")]
+    Job(String),
+    /// This node lacks something the job asks of the host (a command on `PATH`, a host file
+    /// visible in the sandbox); another node may have it, so the shard is offered again.
+    #[error("{0}")]
+    NotHere(String),
+    /// This machine failed (disk, store, run directory, process start): after
+    /// [`ExecConfig::max_start_failures`] in a row it quarantines itself.
     #[error("{0}")]
     Failed(String),
 }
@@ -412,8 +423,9 @@ impl Executor {
         let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
         match result {
             Ok(()) => *h = HealthState::default(),
-            // Refusing a sandboxed shard says nothing about the node's health.
-            Err(StartError::NoSandbox(_)) => {}
+            // Refusing a sandboxed shard, or a job that cannot run (here or anywhere), says
+            // nothing about the node's health.
+            Err(StartError::NoSandbox(_) | StartError::Job(_) | StartError::NotHere(_)) => {}
             Err(e @ StartError::Failed(_)) => {
                 h.start_failures = h.start_failures.saturating_add(1);
                 h.last_failure = e.to_string();
@@ -459,8 +471,17 @@ impl Executor {
             Ok(s) => s,
             Err(e) => {
                 self.record_start(Err(&e));
-                tracing::warn!(lease = %exec.lease, "shard could not start: {e}");
-                let mut outcome = ExecOutcome::ended(RunState::Error, &e.to_string());
+                let state = match &e {
+                    StartError::Job(_) => {
+                        tracing::info!(lease = %exec.lease, "the job cannot run: {e}");
+                        RunState::Unrunnable
+                    }
+                    _ => {
+                        tracing::warn!(lease = %exec.lease, "shard could not start: {e}");
+                        RunState::Error
+                    }
+                };
+                let mut outcome = ExecOutcome::ended(state, &e.to_string());
                 outcome.error = truncate(outcome.error, MAX_ERROR_BYTES);
                 outcome.overhead = setup.elapsed();
                 return RunReport {
@@ -492,7 +513,7 @@ impl Executor {
     async fn start(&self, exec: &Execution) -> Result<Started, StartError> {
         let failed = StartError::Failed;
         let spec = &exec.spec;
-        spec.validate().map_err(|e| failed(format!("invalid job spec: {e}")))?;
+        spec.validate().map_err(|e| StartError::Job(format!("invalid job spec: {e}")))?;
         let bwrap = match (&self.sandbox, exec.sandbox) {
             (_, false) => None,
             (SandboxStatus::Available { bwrap }, true) => Some(bwrap.clone()),
@@ -532,17 +553,46 @@ impl Executor {
             tokio::task::spawn_blocking(move || make_writable(&work, &w2))
                 .await
                 .map_err(|e| failed(format!("preparing writable inputs panicked: {e}")))?
-                .map_err(|e| failed(format!("cannot make {w} writable: {e}")))?;
+                .map_err(|e| match e {
+                    Writable::Symlink(at) => StartError::Job(format!(
+                        "writable input {w}: {at} in the input tree is a symlink"
+                    )),
+                    Writable::Io(e) => failed(format!("cannot make {w} writable: {e}")),
+                })?;
         }
         let cwd = if spec.cwd.is_empty() { work.clone() } else { work.join(&spec.cwd) };
         fs::create_dir_all(&cwd).map_err(|e| {
-            failed(format!("cannot create the working directory {}: {e}", spec.cwd))
+            let msg = format!("cannot create the working directory {}: {e}", spec.cwd);
+            // A file of the tree where the directory should be is the job's doing.
+            match e.kind() {
+                io::ErrorKind::NotADirectory | io::ErrorKind::AlreadyExists => StartError::Job(msg),
+                _ => failed(msg),
+            }
         })?;
         let launch = self.launch(exec, &run_dir, bwrap.as_deref(), &cwd)?;
         let program = launch.program.clone();
-        let (tree, pipes) = process::spawn(launch)
-            .await
-            .map_err(|e| failed(format!("cannot start {}: {e}", program.display())))?;
+        let shown =
+            if launch.sandboxed { spec.command.clone() } else { program.display().to_string() };
+        let (tree, pipes) = process::spawn(launch).await.map_err(|e| {
+            // The file is there (it was resolved): the kernel refusing to run it is about the
+            // file itself, the same on every node.
+            match e.raw_os_error() {
+                Some(libc::EACCES) => StartError::Job(format!(
+                    "command {:?} is not executable (its mode lacks the x bit)",
+                    spec.command
+                )),
+                Some(libc::ENOEXEC) => StartError::Job(format!(
+                    "command {:?} is not a program this system can run (no #! line, or another \
+                     machine's binary)",
+                    spec.command
+                )),
+                Some(libc::ENOENT) => StartError::Job(format!(
+                    "command {:?} names an interpreter that does not exist (check its #! line)",
+                    spec.command
+                )),
+                _ => failed(format!("cannot start {shown}: {e}")),
+            }
+        })?;
         tracing::debug!(lease = %exec.lease, pid = tree.command_pid(), "shard started");
         Ok(Started { run_dir, tree, pipes, start: Instant::now() })
     }
@@ -619,23 +669,17 @@ impl Executor {
         env.insert("GRID_OUTPUT_DIR".into(), out_dir.into());
         env.insert("TMPDIR".into(), tmp_dir.into());
         let path_var = env.get(&OsString::from("PATH")).cloned().unwrap_or_default();
-        let program = match resolve_command(&spec.command, &run.work(), &path_var) {
-            Some(Resolved::InTree(rel)) => run_root.join(rel),
-            Some(Resolved::Host(p)) => {
+        let program = match resolve_command(&spec.command, &run.work(), &path_var)? {
+            Resolved::InTree(rel) => run_root.join(rel),
+            Resolved::Host(p) => {
                 if sandboxed && !sandbox::visible(&p) {
-                    return Err(StartError::Failed(format!(
+                    return Err(StartError::NotHere(format!(
                         "command {:?} was found at {}, which is not visible inside the sandbox",
                         spec.command,
                         p.display()
                     )));
                 }
                 p
-            }
-            None => {
-                return Err(StartError::Failed(format!(
-                    "command {:?} not found in the input tree or in PATH",
-                    spec.command
-                )));
             }
         };
         let args: Vec<OsString> = spec.args.iter().map(OsString::from).collect();
@@ -845,23 +889,37 @@ fn store_log(store: &Store, session: &Session, tail: log::Tail, run: &RunDir) ->
     }
 }
 
+/// Why an input could not be made writable.
+enum Writable {
+    /// A symlink of the tree on the way (the job's doing): its path in the tree.
+    Symlink(String),
+    /// This machine failed.
+    Io(String),
+}
+
 /// Turns the input `rel` of the tree in `work` into a writable copy: a file is copied (so the
 /// cache's read-only object is never written through), a directory has every file in it copied
 /// and is left writable, and a path the tree does not have becomes an empty directory. A
 /// symlink on the way is refused: the copy must stay inside the run directory.
-fn make_writable(work: &Path, rel: &str) -> Result<(), String> {
+fn make_writable(work: &Path, rel: &str) -> Result<(), Writable> {
     let mut at = work.to_path_buf();
+    let mut inside = PathBuf::new();
     for c in Path::new(rel).components() {
         at.push(c);
+        inside.push(c);
         match fs::symlink_metadata(&at) {
             Ok(md) if md.file_type().is_symlink() => {
-                return Err(format!("{} is a symlink", at.display()));
+                return Err(Writable::Symlink(inside.display().to_string()));
             }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-            Err(e) => return Err(format!("{}: {e}", at.display())),
+            Err(e) => return Err(Writable::Io(format!("{}: {e}", at.display()))),
         }
     }
+    make_writable_copy(work, rel).map_err(Writable::Io)
+}
+
+fn make_writable_copy(work: &Path, rel: &str) -> Result<(), String> {
     let path = work.join(rel);
     let md = match fs::symlink_metadata(&path) {
         Ok(md) => md,
@@ -1026,11 +1084,20 @@ enum Resolved {
 }
 
 /// Finds the command: a path relative to the input tree (when it names a file there), an
-/// absolute path, or a bare name looked up in `PATH`.
-fn resolve_command(command: &str, work: &Path, path_var: &std::ffi::OsStr) -> Option<Resolved> {
+/// absolute path, or a bare name looked up in `PATH`. A relative path the tree lacks is the
+/// job's fault; a host command this node lacks is this node's shortfall, not the job's.
+fn resolve_command(
+    command: &str,
+    work: &Path,
+    path_var: &std::ffi::OsStr,
+) -> Result<Resolved, StartError> {
     let p = Path::new(command);
     if p.is_absolute() {
-        return p.is_file().then(|| Resolved::Host(p.to_path_buf()));
+        return if p.is_file() {
+            Ok(Resolved::Host(p.to_path_buf()))
+        } else {
+            Err(StartError::NotHere(format!("command {command:?} is not on this node")))
+        };
     }
     // Lexically inside the tree only.
     let mut rel = PathBuf::new();
@@ -1038,23 +1105,33 @@ fn resolve_command(command: &str, work: &Path, path_var: &std::ffi::OsStr) -> Op
         match c {
             std::path::Component::Normal(n) => rel.push(n),
             std::path::Component::CurDir => {}
-            _ => return None,
+            _ => {
+                return Err(StartError::Job(format!(
+                    "command {command:?} leads outside the input tree"
+                )));
+            }
         }
     }
     if rel.as_os_str().is_empty() {
-        return None;
+        return Err(StartError::Job(format!("command {command:?} names no file")));
     }
     if work.join(&rel).is_file() {
-        return Some(Resolved::InTree(rel));
+        return Ok(Resolved::InTree(rel));
     }
     if command.contains('/') {
-        return None;
+        let what = if work.join(&rel).exists() { "a directory in" } else { "not in" };
+        return Err(StartError::Job(format!("command {command:?} is {what} the input tree")));
     }
     std::env::split_paths(path_var)
         .filter(|d| d.is_absolute())
         .map(|d| d.join(command))
         .find(|c| fs::metadata(c).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
         .map(Resolved::Host)
+        .ok_or_else(|| {
+            StartError::NotHere(format!(
+                "command {command:?} is not in the input tree or in this node's PATH"
+            ))
+        })
 }
 
 /// Makes a tree fit to be stored after an untrusted run: removes symlinks that lead outside

@@ -521,30 +521,46 @@ async fn file_size_limit_applies() {
 }
 
 #[tokio::test]
-async fn start_failures_and_low_disk_quarantine_the_node() {
+async fn machine_faults_quarantine_the_node_and_a_job_s_own_faults_never_do() {
     let fx = Fx::new();
     let e = fx.executor();
-    let tree = fx.tree(&[("x", b"x", 0o644)]);
+    let tree = fx.tree(&[
+        ("x", b"x", 0o644),
+        ("plain.sh", b"#!/bin/sh\ntrue\n", 0o644),
+        ("bad.sh", b"#!/no/such/interpreter\n", 0o755),
+        ("dir/f", b"f", 0o644),
+    ]);
     assert_eq!(e.health(), Health::Healthy);
+    // Faults of the job: the same on every node, so the job's (unrunnable), many times over
+    // the streak that quarantines, and never counted.
+    for (cmd, why) in [
+        ("./okk.sh", "command \"./okk.sh\" is not in the input tree"),
+        ("./dir", "command \"./dir\" is a directory in the input tree"),
+        ("../up.sh", "command \"../up.sh\" leads outside the input tree"),
+        ("./plain.sh", "command \"./plain.sh\" is not executable (its mode lacks the x bit)"),
+        ("./bad.sh", "command \"./bad.sh\" names an interpreter that does not exist"),
+    ] {
+        for _ in 0..DEFAULT_MAX_START_FAILURES {
+            let o = run(&e, &execution(tree, cmd, &[], false)).await.outcome;
+            assert_eq!(o.state, RunState::Unrunnable, "{cmd}: {o:?}");
+            assert!(o.error.starts_with(why), "{cmd}: {}", o.error);
+        }
+    }
+    // A host command this node lacks: another node may have it, so the shard goes elsewhere
+    // (an error, not unrunnable), and it says nothing about this machine either.
     let missing = execution(tree, "no-such-command-anywhere", &[], false);
-    for i in 0..DEFAULT_MAX_START_FAILURES {
-        assert!(e.may_claim().is_ok(), "healthy after {i} failures");
-        let report = run(&e, &missing).await;
-        let o = &report.outcome;
+    for _ in 0..DEFAULT_MAX_START_FAILURES {
+        let o = run(&e, &missing).await.outcome;
         assert_eq!(o.state, RunState::Error);
         assert_eq!(
             o.error,
-            "command \"no-such-command-anywhere\" not found in the input tree or in PATH"
+            "command \"no-such-command-anywhere\" is not in the input tree or in this node's PATH"
         );
         assert_eq!(o.log, None);
     }
-    let why = e.may_claim().unwrap_err();
-    assert!(why.contains("the last 3 attempts failed before their command started"), "{why}");
-    assert!(why.contains("no-such-command-anywhere"), "{why}");
-    // A run that starts clears the streak.
-    assert_eq!(run(&e, &sh(tree, "true", false)).await.outcome.exit_code, Some(0));
     assert_eq!(e.may_claim(), Ok(()));
-    // Inputs missing from the store: an error naming them.
+    // Faults of the machine: inputs its store should hold are missing; its runs directory is
+    // not a directory. Three in a row quarantine it.
     let absent = grid_protocol::content::manifest_id(b"not stored");
     let report = run(&e, &sh(absent, "true", false)).await;
     assert_eq!(report.outcome.state, RunState::Error);
@@ -554,18 +570,35 @@ async fn start_failures_and_low_disk_quarantine_the_node() {
         report.outcome.error
     );
     assert_eq!(fs::read_dir(fx.path("runs")).unwrap().count(), 0);
+    fs::remove_dir(fx.path("runs")).unwrap();
+    fs::write(fx.path("runs"), b"not a directory").unwrap();
+    for _ in 1..DEFAULT_MAX_START_FAILURES {
+        assert!(e.may_claim().is_ok());
+        let o = run(&e, &sh(tree, "true", false)).await.outcome;
+        assert_eq!(o.state, RunState::Error);
+        assert!(o.error.starts_with("cannot create run directory"), "{}", o.error);
+    }
+    let why = e.may_claim().unwrap_err();
+    assert!(why.contains("the last 3 attempts failed before their command started"), "{why}");
+    assert!(why.contains("cannot create run directory"), "{why}");
+    // Repaired: a run that starts clears the streak.
+    fs::remove_file(fx.path("runs")).unwrap();
+    fs::create_dir(fx.path("runs")).unwrap();
+    assert_eq!(run(&e, &sh(tree, "true", false)).await.outcome.exit_code, Some(0));
+    assert_eq!(e.may_claim(), Ok(()));
 
     // The quarantine for failed starts lasts its cool-down, then the node tries again.
     let mut config = fx.config();
     config.quarantine_cooldown = Duration::from_millis(300);
     let brief = Executor::new(fx.store.clone(), config);
+    let damaged = sh(absent, "true", false);
     for _ in 0..DEFAULT_MAX_START_FAILURES {
-        run(&brief, &missing).await;
+        run(&brief, &damaged).await;
     }
     assert!(brief.may_claim().is_err());
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(brief.may_claim(), Ok(()), "the cool-down has passed");
-    run(&brief, &missing).await;
+    run(&brief, &damaged).await;
     assert!(brief.may_claim().is_err(), "one more failure quarantines it again");
 
     let mut config = fx.config();
