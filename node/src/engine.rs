@@ -195,7 +195,7 @@ pub enum Finished {
     /// Its inputs are in place and its process starts.
     Started(LeaseId),
     /// It ended.
-    Ended(LeaseId, ExecOutcome),
+    Ended(LeaseId, Box<ExecOutcome>),
 }
 
 /// How the engine is set up.
@@ -460,6 +460,7 @@ impl Engine {
                 if !m.gossip {
                     return;
                 }
+                debug!(job = %a.body.job, seq = a.body.seq, open = a.body.open, "announcement heard");
                 self.hear(a.body.job);
                 // A quarantined worker still hears jobs: it tells their submitters why it
                 // does not claim, and claims them as soon as it is well again.
@@ -518,7 +519,7 @@ impl Engine {
             Finished::Ended(lease, outcome) => {
                 self.running.remove(&lease);
                 self.worker.set_quarantine(t, (self.may_claim)().err());
-                self.worker.execution_finished(t, lease, outcome);
+                self.worker.execution_finished(t, lease, *outcome);
             }
         }
         self.drain().await;
@@ -709,6 +710,7 @@ impl Engine {
     async fn apply(&mut self, o: Output, from: Option<SubKey>) {
         match o {
             Output::Send { to, msg } => {
+                tracing::trace!(%to, kind = ?msg.kind(), "send");
                 if to == self.mesh.local_peer_id() {
                     // A node may run its own jobs: deliver locally.
                     self.local(msg, from);
@@ -811,7 +813,7 @@ impl Engine {
                     fut.await
                 }
             };
-            let _ = done.send(Finished::Ended(lease, outcome)).await;
+            let _ = done.send(Finished::Ended(lease, Box::new(outcome))).await;
         });
     }
 

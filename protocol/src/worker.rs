@@ -192,6 +192,9 @@ struct PendingClaim {
     id: u64,
     slots: u32,
     deadline: Time,
+    /// The announcement the claim answered: a "no shards" refusal holds only until a newer one
+    /// (one may arrive while the claim is out, e.g. when a shard is offered again at once).
+    seq: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -320,15 +323,15 @@ impl Worker {
     /// jobs it remembers at once. The driver calls it whenever the node's health may have
     /// changed (before handing it announcements is enough); repeating the same value is free.
     pub fn set_quarantine(&mut self, now: Time, why: Option<String>) {
-        self.now = self.now.max(now);
         let why = why.map(|w| truncate(w, MAX_DECLINE_TEXT));
         if self.quarantine == why {
+            // Not even `now` is taken: a deadline it passed would be hidden from
+            // `poll_timeout` without being handled.
             return;
         }
+        self.now = self.now.max(now);
         self.quarantine = why;
-        if self.quarantine.is_none() {
-            self.schedule(now);
-        }
+        self.schedule(now);
     }
 
     /// The process of a running lease started: its inputs are fetched and set up. Tells the
@@ -336,14 +339,16 @@ impl Worker {
     /// running apart. Call at most once per lease, after [`Output::StartExecution`]; a lease
     /// this worker does not run is ignored.
     pub fn execution_started(&mut self, now: Time, lease: LeaseId) {
-        self.now = self.now.max(now);
         let Some(r) = self.running.get_mut(&lease) else { return };
         if r.started || r.killing {
             return;
         }
         r.started = true;
+        self.now = self.now.max(now);
         let key = key_of(&lease);
         self.send_heartbeat(&key);
+        // `now` moved: what became due is done now, as `poll_timeout` expects.
+        self.schedule(now);
     }
 
     /// The next output to carry out. Call until `None` after every other call.
@@ -658,15 +663,14 @@ impl Worker {
         let key = JobKey { submitter: from, job: refusal.job, submission: refusal.submission };
         let backoff = self.rng.jitter(self.config.claim_backoff, 50);
         if let Some(view) = self.jobs.get_mut(&key)
-            && view.claim.as_ref().is_some_and(|c| c.id == refusal.claim_id)
+            && let Some(claim) = view.claim.take_if(|c| c.id == refusal.claim_id)
         {
-            view.claim = None;
             view.backoff_until = now + backoff;
             match refusal.reason {
                 RefuseReason::UnknownJob | RefuseReason::Ended => {
                     self.jobs.remove(&key);
                 }
-                RefuseReason::NoShards => view.refused_at_seq = Some(view.ann.seq),
+                RefuseReason::NoShards => view.refused_at_seq = Some(claim.seq),
                 RefuseReason::Mismatch(_) => view.incompatible = true,
             }
         }
@@ -893,7 +897,12 @@ impl Worker {
             let slots = free.min(j.ann.open).min(MAX_LEASES_PER_GRANT);
             self.claim_seq += 1;
             let id = self.claim_seq;
-            j.claim = Some(PendingClaim { id, slots, deadline: now + self.config.claim_timeout });
+            j.claim = Some(PendingClaim {
+                id,
+                slots,
+                deadline: now + self.config.claim_timeout,
+                seq: j.ann.seq,
+            });
             j.refused_at_seq = None;
             free -= slots;
             self.declined.remove(&key);
@@ -1409,6 +1418,57 @@ mod tests {
         let id = *w.running().next().unwrap();
         w.execution_finished(Time(3), id, ExecOutcome::ended(RunState::Canceled, "killed"));
         assert!(claims(&drain(&mut w)).is_empty(), "an ended job is not claimed");
+    }
+
+    #[test]
+    fn a_full_refusal_overtaken_by_a_newer_announcement_does_not_wait_for_the_next_one() {
+        // The shard is offered again (a new announcement) while this node's claim, which the
+        // submitter will refuse as full, is still out: the node claims once its backoff ends,
+        // not 30 s later at the next periodic announcement.
+        let mut w = worker(1);
+        let s = spec("./t", 1);
+        w.handle_announcement(Time(0), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        w.handle_announcement(Time(10), Signed::sign(&submitter(), ann(&s, 2, 100, 0))).unwrap();
+        assert!(claims(&drain(&mut w)).is_empty(), "one claim at a time");
+        let refusal =
+            Refusal { job: s.id(), submission: 5, claim_id: c, reason: RefuseReason::NoShards };
+        w.handle_refusal(Time(20), sub_id(), refusal);
+        assert!(claims(&drain(&mut w)).is_empty(), "backing off");
+        let t = w.poll_timeout().unwrap();
+        assert!(t <= Time(20 + 7_500), "{t:?}");
+        w.handle_timeout(t);
+        assert_eq!(claims(&drain(&mut w)).len(), 1);
+    }
+
+    #[test]
+    fn a_health_check_between_deadlines_hides_none_of_them() {
+        // The driver reports the node's health before each timeout; that must not swallow the
+        // end of a claim backoff (it once did: the job then waited for the next announcement).
+        let mut w = worker(1);
+        let s = spec("./t", 1);
+        w.handle_announcement(Time(1000), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        let refusal =
+            Refusal { job: s.id(), submission: 5, claim_id: c, reason: RefuseReason::NoShards };
+        w.handle_refusal(Time(1050), sub_id(), refusal);
+        drain(&mut w);
+        w.handle_announcement(Time(1120), Signed::sign(&submitter(), ann(&s, 2, 100, 0))).unwrap();
+        assert!(claims(&drain(&mut w)).is_empty());
+        let t = w.poll_timeout().unwrap();
+        w.set_quarantine(t, None);
+        w.execution_started(
+            t,
+            LeaseId {
+                submitter: sub_id(),
+                job: s.id(),
+                submission: 5,
+                lease: LeaseRef { shard: 0, attempt: 9 },
+            },
+        );
+        assert_eq!(w.poll_timeout(), Some(t));
+        w.handle_timeout(t);
+        assert_eq!(claims(&drain(&mut w)).len(), 1);
     }
 
     #[test]

@@ -30,8 +30,7 @@ fn mesh(s: &Scratch, workers: usize, worker_args: &[&str]) -> (NodeProc, Vec<Nod
         .map(|i| {
             let mut args = vec!["--bootstrap", &boot, "--trust", &submitter.peer_id];
             args.extend_from_slice(worker_args);
-            let args: Vec<String> =
-                args.iter().map(|a| a.replace("{i}", &i.to_string())).collect();
+            let args: Vec<String> = args.iter().map(|a| a.replace("{i}", &i.to_string())).collect();
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             NodeProc::start(&s.path(&format!("worker{i}")), &args)
         })

@@ -420,19 +420,27 @@ fn a_canceled_job_stays_canceled_across_a_restart() {
 }
 
 #[test]
-fn a_shard_no_node_can_start_ends_failed_with_the_reason() {
+fn a_host_command_no_node_has_is_tried_on_other_nodes_then_fails_with_the_reason() {
     let s = Scratch::new();
     let m = mesh(&s, 3, &["--slots", "0"], &[]);
     let dir = script(&s, "job", "exit 0");
-    // The command is in no input tree and no PATH: every attempt fails to start.
-    let out = submit(&m.submitter, &dir, &["--input", ".", "--", "./not-there.sh"]);
+    // A bare command is looked up on each worker's PATH: a node without it hands the shard on
+    // (another may have it) and holds nothing against itself; after 3 nodes, it fails.
+    let out = submit(&m.submitter, &dir, &["--input", ".", "--", "no-such-command-anywhere"]);
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     let text = stdout(&out);
     assert!(text.contains("FAILED"), "{text}");
     assert!(
-        text.contains("error: command \"./not-there.sh\" not found"),
+        text.contains(
+            "error: command \"no-such-command-anywhere\" is not in the input tree or in this \
+             node's PATH"
+        ),
         "the reason is shown: {text}"
     );
+    for w in &m.workers {
+        let st = w.json(["status", "--json"]);
+        assert_eq!(st["worker"]["quarantined"], Value::Null, "{st}");
+    }
 }
 
 #[test]
