@@ -1,13 +1,17 @@
 //! The `grid` command line: one function per subcommand.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, Parser, Subcommand};
-use grid_protocol::content::ContentId;
+use grid_protocol::content::{ContentId, Kind};
+use serde_json::Value;
 
 use crate::store::{Limits, Store};
 use crate::{control, pack};
@@ -34,14 +38,18 @@ pub struct Cli {
     command: Command,
 }
 
-/// Options every subcommand shares.
+/// Options every subcommand shares, shown after each subcommand's own.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
     /// Data directory (content store, keys, jobs). Default: $XDG_DATA_HOME/grid or
     /// ~/.local/share/grid.
-    #[arg(long, global = true, env = "GRID_DATA_DIR")]
+    #[arg(long, global = true, env = "GRID_DATA_DIR", help_heading = "Global options")]
     data_dir: Option<PathBuf>,
-    #[command(flatten)]
+    // While a node runs it owns the store, with its own limits: these apply only without one.
+    #[command(
+        flatten,
+        next_help_heading = "Cache limits (when no grid-node runs on the data directory)"
+    )]
     cache: CacheArgs,
 }
 
@@ -82,9 +90,10 @@ enum Command {
     /// both. A path ending in `/` (or naming a directory) means the whole directory. Unchanged
     /// files are not hashed again (a stat cache remembers them).
     Isolate(IsolateArgs),
-    /// Print a stored manifest as JSON.
+    /// Print a stored tree's manifest as JSON.
     Show {
-        /// The manifest id.
+        /// The tree's id, as `grid isolate` prints it (or a shard's log or outputs id).
+        #[arg(value_parser = parse_tree_id)]
         id: ContentId,
     },
     /// Write a tree into a directory (hardlinks from the cache, modes and links restored).
@@ -92,7 +101,8 @@ enum Command {
     /// With a grid-node running on this data directory, content the cache lacks is fetched
     /// from the mesh first.
     Fetch {
-        /// The manifest id.
+        /// The tree's id, as `grid isolate` prints it (or a shard's log or outputs id).
+        #[arg(value_parser = parse_tree_id)]
         id: ContentId,
         /// The directory to create (it must not exist or be empty).
         #[arg(long)]
@@ -109,34 +119,44 @@ enum Command {
     /// run (no matching node, workers died, expired, disputed, canceled) or grid failed; 4 a
     /// shard timed out.
     Submit(Box<crate::submit::SubmitArgs>),
-    /// Re-attach to a job this node submitted and gather its results (after a closed terminal,
-    /// a laptop sleep, or a restart of the node).
+    /// Re-attach to a job this node submitted and gather its results.
+    ///
+    /// After a closed terminal, a laptop sleep, or a restart of the node: shows progress until
+    /// the job ends, then the results and the exit code, as `grid submit` would.
     Collect {
         /// The job id.
-        job: String,
+        #[arg(value_parser = parse_job_id)]
+        job: ContentId,
         #[command(flatten)]
         results: crate::submit::ResultArgs,
     },
     /// Cancel a job this node submitted.
     Cancel {
         /// The job id.
-        job: String,
+        #[arg(value_parser = parse_job_id)]
+        job: ContentId,
     },
-    /// Print the log of one shard of a job.
+    /// Print the log of one shard of a job; of a running shard, its output so far.
     Logs {
         /// The job id.
-        job: String,
+        #[arg(value_parser = parse_job_id)]
+        job: ContentId,
         /// The shard.
         shard: u32,
         /// Follow the output while the shard runs, until it ends.
         #[arg(long, short = 'f')]
         follow: bool,
     },
-    /// Show the running grid-node's state (peer id, addresses, peers, cache, jobs), or one
-    /// job's.
+    /// Show the running grid-node's state and the jobs submitted through it, or one job's shards.
+    ///
+    /// Without JOB: the node's peer id, addresses, peers and cache, its worker slots and
+    /// quarantine, and one line per job submitted through it. With JOB: one line per shard with
+    /// its state, exit code, the node that runs or ran it, the attempt, and how long it has run
+    /// or ran.
     Status {
         /// A job id: show that job.
-        job: Option<String>,
+        #[arg(value_parser = parse_job_id)]
+        job: Option<ContentId>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -169,6 +189,32 @@ struct IsolateArgs {
     /// Print a JSON summary instead of the bare id.
     #[arg(long)]
     json: bool,
+}
+
+/// Parses a job id, saying what one looks like when `s` is not one.
+///
+/// Job ids and tree ids are both CIDs of CBOR documents (see
+/// [`grid_protocol::content::job_id`]): a tree id is refused only by the node, which knows no
+/// such job.
+pub fn parse_job_id(s: &str) -> Result<ContentId, String> {
+    const LOOKS: &str =
+        "job ids are 40 characters starting with bafyrcf, as `grid submit` prints them";
+    match s.parse::<ContentId>() {
+        Ok(id) if id.kind() == Kind::Manifest => Ok(id),
+        Ok(_) => Err(format!("this is the id of a block of file content, not of a job ({LOOKS})")),
+        Err(_) => Err(format!("not a job id ({LOOKS})")),
+    }
+}
+
+/// Parses the id of a tree (a manifest), saying what one looks like when `s` is not one.
+pub fn parse_tree_id(s: &str) -> Result<ContentId, String> {
+    const LOOKS: &str = "tree ids are 40 characters starting with bafyrcf, as `grid isolate` \
+                         prints them";
+    match s.parse::<ContentId>() {
+        Ok(id) if id.kind() == Kind::Manifest => Ok(id),
+        Ok(_) => Err(format!("this is the id of a block of file content, not of a tree ({LOOKS})")),
+        Err(_) => Err(format!("not a tree id ({LOOKS})")),
+    }
 }
 
 /// Parses NAME=VALUE.
@@ -252,12 +298,26 @@ fn require_node(g: &GlobalArgs) -> anyhow::Result<PathBuf> {
 
 /// Runs the CLI and returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(mut e) => {
+            if let Some(hint) = missing_dashdash_hint(&e, &args) {
+                e.insert(ContextKind::Suggested, ContextValue::StyledStrs(vec![hint.into()]));
+            }
+            // Help and version to stdout with exit 0; errors to stderr with exit 2 (EXIT_USAGE).
+            e.exit()
+        }
+    };
+    let node_inside = matches!(&cli.command, Command::Submit(a) if !a.bootstrap.is_empty());
+    if !node_inside {
+        restore_default_sigpipe();
+    }
     let dir = || data_dir(cli.global.data_dir.as_deref());
     let jobs = match cli.command {
         Command::Submit(args) => dir().and_then(|d| crate::submit::submit(&d, *args)),
         Command::Collect { job, results } => {
-            dir().and_then(|d| crate::submit::collect(&d, &job, &results))
+            dir().and_then(|d| crate::submit::collect(&d, &job.to_string(), &results))
         }
         command => {
             return match run(&cli.global, command) {
@@ -282,6 +342,58 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Lets a closed stdout end `grid` as it ends every Unix tool: quietly, by SIGPIPE
+/// (`grid show ID | head`).
+///
+/// The Rust runtime ignores SIGPIPE, so a write to a closed pipe fails with EPIPE instead, and
+/// `println!` panics on it. Not done when the command runs a node inside itself
+/// (`grid submit --bootstrap`): that node's network writes must fail with EPIPE on a peer that
+/// went away, not kill the process.
+#[expect(unsafe_code, reason = "restoring a signal's default disposition needs signal(2)")]
+fn restore_default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_DFL installs no handler, so no async-signal-safety rule applies; no other
+    // thread exists yet to race on the disposition.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
+/// The tip for a command given without `--` before it (`grid submit --input x ./run.sh`):
+/// the same command line with `--` in place, when that one parses.
+fn missing_dashdash_hint(err: &clap::Error, args: &[OsString]) -> Option<String> {
+    if err.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(bad)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    if bad.starts_with('-') {
+        return None;
+    }
+    let submit = args.iter().position(|a| a == "submit")?;
+    // The first place where `--` makes the line a valid `grid submit`.
+    let fixed =
+        (submit + 1..args.len()).filter(|&i| args[i].to_str() == Some(bad)).find_map(|i| {
+            let mut fixed = args.to_vec();
+            fixed.insert(i, "--".into());
+            matches!(Cli::try_parse_from(&fixed), Ok(Cli { command: Command::Submit(_), .. }))
+                .then_some(fixed)
+        })?;
+    let shown: Vec<String> = std::iter::once("grid".to_string())
+        .chain(fixed[1..].iter().map(|a| shell_quote(&a.to_string_lossy())))
+        .collect();
+    Some(format!("put the command after `--`: {}", shown.join(" ")))
+}
+
+/// `s` as a shell word: as it is when that is safe, else in single quotes.
+fn shell_quote(s: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c);
+    if !s.is_empty() && s.chars().all(plain) {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
 fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
     match command {
         Command::Submit(_) | Command::Collect { .. } => {
@@ -289,64 +401,29 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Cancel { job } => {
             let dir = require_node(global)?;
-            control::call(&dir, &control::Request::Cancel { job: job.clone() })?;
+            control::call(&dir, &control::Request::Cancel { job: job.to_string() })?;
             eprintln!("canceled {job}");
             Ok(())
         }
         Command::Logs { job, shard, follow: true } => {
             let dir = require_node(global)?;
             let stop = std::sync::atomic::AtomicBool::new(false);
-            crate::submit::follow_output(&dir, &job, shard, &stop, |t| {
-                use std::io::Write as _;
+            crate::submit::follow_output(&dir, &job.to_string(), shard, &stop, |t| {
                 print!("{t}");
                 let _ = std::io::stdout().flush();
             })
         }
-        Command::Logs { job, shard, follow: false } => {
-            let dir = require_node(global)?;
-            let v = control::call(
-                &dir,
-                &control::Request::Job { job, submission: None, watch: false },
-            )?;
-            let s = v["shards"]
-                .as_array()
-                .and_then(|a| a.get(shard as usize))
-                .with_context(|| format!("the job has no shard {shard}"))?;
-            let log = s["log"].as_str().with_context(|| {
-                format!(
-                    "shard {shard} has no log yet (state {})",
-                    s["state"].as_str().unwrap_or("?")
-                )
-            })?;
-            let t = control::call(&dir, &control::Request::Cat { id: log.to_string() })?;
-            print!("{}", t["text"].as_str().unwrap_or_default());
-            Ok(())
-        }
+        Command::Logs { job, shard, follow: false } => logs(&require_node(global)?, &job, shard),
         Command::Status { job: Some(job), json } => {
             let dir = require_node(global)?;
             let v = control::call(
                 &dir,
-                &control::Request::Job { job, submission: None, watch: false },
+                &control::Request::Job { job: job.to_string(), submission: None, watch: false },
             )?;
             if json {
                 println!("{v}");
             } else {
-                println!(
-                    "job {} ({})",
-                    v["job"].as_str().unwrap_or("?"),
-                    v["name"].as_str().unwrap_or("")
-                );
-                for s in v["shards"].as_array().into_iter().flatten() {
-                    println!(
-                        "  shard {:>4}  {:<12} exit {}",
-                        s["shard"],
-                        s["state"].as_str().unwrap_or("?"),
-                        s["exit_code"].as_i64().map_or("-".into(), |c| c.to_string())
-                    );
-                }
-                if let Some(r) = v["pending_reason"].as_str() {
-                    println!("pending: {r}");
-                }
+                print!("{}", render_job(&v, now_ms()));
             }
             Ok(())
         }
@@ -405,25 +482,13 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Status { job: None, json } => {
             let dir = require_node(global)?;
-            let v = control::call(&dir, &control::Request::Status)?;
+            let mut v = control::call(&dir, &control::Request::Status)?;
+            let jobs = control::call(&dir, &control::Request::Jobs)?;
+            v["jobs"] = jobs["jobs"].clone();
             if json {
                 println!("{v}");
             } else {
-                let m = &v["mesh"];
-                println!("peer id: {}", m["peer"].as_str().unwrap_or("?"));
-                for a in m["listening"].as_array().into_iter().flatten() {
-                    println!("listening on {}", a.as_str().unwrap_or("?"));
-                }
-                println!("connected peers: {}", m["connected"]);
-                println!("routing table: {} peers", m["routing_table"]);
-                println!(
-                    "served: {} blocks ({} bytes), {} busy refusals",
-                    m["served_blocks"], m["served_bytes"], m["served_busy"]
-                );
-                for b in m["bad_peers"].as_array().into_iter().flatten() {
-                    println!("bad peer: {}", b.as_str().unwrap_or("?"));
-                }
-                println!("cache: {} items, {} bytes", v["store"]["items"], v["store"]["bytes"]);
+                print!("{}", render_status(&v, now_ms()));
             }
             Ok(())
         }
@@ -572,6 +637,288 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `grid logs JOB SHARD`: the stored log of a final shard, the output so far of a running one.
+fn logs(dir: &Path, job: &ContentId, shard: u32) -> anyhow::Result<()> {
+    let view = || -> anyhow::Result<(Value, Value)> {
+        let req = control::Request::Job { job: job.to_string(), submission: None, watch: false };
+        let v = control::call(dir, &req)?;
+        let s = v["shards"].get(shard as usize).cloned();
+        Ok((v, s.with_context(|| format!("the job has no shard {shard}"))?))
+    };
+    let (mut v, mut s) = view()?;
+    if s["state"] == "RUNNING" {
+        if print_live_output(dir, job, shard)? {
+            return Ok(());
+        }
+        // It ended between the two questions: its stored log is there now.
+        (v, s) = view()?;
+    }
+    let state = s["state"].as_str().unwrap_or("?");
+    let Some(log) = s["log"].as_str() else {
+        let error = s["error"].as_str().map(|e| format!(" (error: {e})"));
+        let pending = v["pending_reason"].as_str().map(|r| format!(" (pending: {r})"));
+        match state {
+            "PENDING" if s["attempts"].as_u64() > Some(0) || error.is_some() => bail!(
+                "shard {shard} waits for a node again after {}, so it has no log{}",
+                match s["attempts"].as_u64() {
+                    Some(1) | None => "an attempt that did not finish".to_string(),
+                    Some(n) => format!("{n} attempts that did not finish"),
+                },
+                error.or(pending).unwrap_or_default()
+            ),
+            "PENDING" => {
+                bail!(
+                    "shard {shard} has not started yet, so it has no log{}",
+                    pending.unwrap_or_default()
+                )
+            }
+            "RUNNING" => bail!("shard {shard} is running, but its output cannot be read now"),
+            _ => bail!("shard {shard} ended {state} and left no log{}", error.unwrap_or_default()),
+        }
+    };
+    let t = control::call(dir, &control::Request::Cat { id: log.to_string() })?;
+    print!("{}", t["text"].as_str().unwrap_or_default());
+    Ok(())
+}
+
+/// Prints what a running shard has printed so far, from the node running it; false when it
+/// no longer runs.
+fn print_live_output(dir: &Path, job: &ContentId, shard: u32) -> anyhow::Result<bool> {
+    let t = control::call(dir, &control::Request::Tail { job: job.to_string(), shard, offset: 0 })?;
+    if t["running"] != true {
+        return Ok(false);
+    }
+    let mut out = std::io::stdout().lock();
+    // The live buffer keeps the tail of a long output only.
+    let at = t["offset"].as_u64().unwrap_or(0);
+    if at > 0 {
+        writeln!(out, "[grid: {at} bytes of earlier output not kept]")?;
+    }
+    let text = t["text"].as_str().unwrap_or_default();
+    write!(out, "{text}")?;
+    if !text.is_empty() && !text.ends_with('\n') && std::io::IsTerminal::is_terminal(&out) {
+        writeln!(out)?;
+    }
+    out.flush()?;
+    eprintln!(
+        "grid: shard {shard} is still running{}; `grid logs {job} {shard} --follow` shows the \
+         rest as it comes",
+        if text.is_empty() && at == 0 { " and has printed nothing yet" } else { "" }
+    );
+    Ok(true)
+}
+
+/// The wall clock in Unix milliseconds, as job views carry times.
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Most jobs `grid status` lists (`--json` has them all).
+pub const STATUS_MAX_JOBS: usize = 20;
+
+/// A peer id as the tables show it: its last 12 characters.
+fn short_node(peer: &str) -> String {
+    format!("…{}", peer.get(peer.len().saturating_sub(12)..).unwrap_or(peer))
+}
+
+/// A length of time as a table shows it: `0.03s`, `12.5s`, `4m05s`, `2h10m`.
+fn fmt_duration(ms: u64) -> String {
+    let s = ms / 1000;
+    match ms {
+        0..10_000 => format!("{:.2}s", ms as f64 / 1000.0),
+        10_000..60_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        60_000..3_600_000 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
+/// How long ago `then_ms` was: `12s ago`, `5m ago`, `3h ago`, `2d ago`.
+fn fmt_age(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
+}
+
+/// `s` cut to `max` characters, with `…` when cut.
+fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+    out.push('…');
+    out
+}
+
+/// A job's state in a word, from its shards: running, waiting (nothing runs, some are
+/// pending), canceled, or finished.
+fn job_state(v: &Value) -> &'static str {
+    let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let any = |st: &str| shards.iter().any(|s| s["state"] == st);
+    if v["finished"] == true
+        || !shards.iter().any(|s| s["state"] == "PENDING" || s["state"] == "RUNNING")
+    {
+        if any("CANCELED") { "canceled" } else { "finished" }
+    } else if any("RUNNING") {
+        "running"
+    } else {
+        "waiting"
+    }
+}
+
+/// A job's shard counts: `12/48 done, 3 failed`.
+fn job_counts(v: &Value) -> String {
+    let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let fin = |s: &&Value| s["state"] != "PENDING" && s["state"] != "RUNNING";
+    let done = shards.iter().filter(fin).count();
+    let canceled = shards.iter().filter(|s| s["state"] == "CANCELED").count();
+    let failed = shards
+        .iter()
+        .filter(fin)
+        .filter(|s| s["passed"] != true && s["state"] != "CANCELED")
+        .count();
+    let mut out = format!("{done}/{} done", shards.len());
+    if failed > 0 {
+        out.push_str(&format!(", {failed} failed"));
+    }
+    if canceled > 0 {
+        out.push_str(&format!(", {canceled} canceled"));
+    }
+    out
+}
+
+/// The text of `grid status`: the node, its worker side, and the jobs submitted through it
+/// (`v` is the node's status answer with the jobs under `jobs`).
+pub fn render_status(v: &Value, now_ms: u64) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let m = &v["mesh"];
+    let _ = writeln!(o, "peer id: {}", m["peer"].as_str().unwrap_or("?"));
+    for a in m["listening"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "listening on {}", a.as_str().unwrap_or("?"));
+    }
+    let _ = writeln!(o, "connected peers: {}", m["connected"]);
+    let _ = writeln!(o, "routing table: {} peers", m["routing_table"]);
+    let _ = writeln!(
+        o,
+        "served: {} blocks ({} bytes), {} busy refusals",
+        m["served_blocks"], m["served_bytes"], m["served_busy"]
+    );
+    for b in m["bad_peers"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "bad peer: {}", b.as_str().unwrap_or("?"));
+    }
+    let _ = writeln!(o, "cache: {} items, {} bytes", v["store"]["items"], v["store"]["bytes"]);
+    let w = &v["worker"];
+    if let (Some(slots), Some(free)) = (w["slots"].as_u64(), w["free_slots"].as_u64()) {
+        if slots == 0 {
+            let _ = writeln!(o, "worker: no slots (this node runs no shards)");
+        } else {
+            let _ = writeln!(
+                o,
+                "worker: {} of {slots} slots in use; {} shards started, {} results sent",
+                slots.saturating_sub(free),
+                w["started"],
+                w["results"]
+            );
+        }
+    }
+    if let Some(q) = w["quarantined"].as_str() {
+        let _ = writeln!(o, "quarantined: {q} (this node takes no new shards)");
+    }
+    let mut jobs: Vec<&Value> = v["jobs"].as_array().into_iter().flatten().collect();
+    if jobs.is_empty() {
+        let _ = writeln!(o, "no jobs submitted from this node");
+        return o;
+    }
+    // Newest first.
+    jobs.sort_by_key(|j| std::cmp::Reverse(j["created_at_ms"].as_u64().unwrap_or(0)));
+    let _ = writeln!(o, "jobs submitted from this node, newest first:");
+    for j in jobs.iter().take(STATUS_MAX_JOBS) {
+        let age = j["created_at_ms"].as_u64().map_or("-".to_string(), |t| fmt_age(now_ms, t));
+        let _ = writeln!(
+            o,
+            "  {}  {:<8}  {:<20} {:>7}  {}",
+            j["job"].as_str().unwrap_or("?"),
+            job_state(j),
+            job_counts(j),
+            age,
+            clip(j["name"].as_str().unwrap_or(""), 32)
+        );
+    }
+    if jobs.len() > STATUS_MAX_JOBS {
+        let _ = writeln!(
+            o,
+            "  ... and {} older (`grid status --json` lists them all)",
+            jobs.len() - STATUS_MAX_JOBS
+        );
+    }
+    o
+}
+
+/// The text of `grid status JOB`: one line per shard with its state, the node that runs it or
+/// ran it, the attempt, and how long it has run or ran (`v` is the node's job view; fields a
+/// node does not send show as `-`).
+pub fn render_job(v: &Value, now_ms: u64) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "job {}  ({})",
+        v["job"].as_str().unwrap_or("?"),
+        v["name"].as_str().unwrap_or("")
+    );
+    if let Some(t) = v["created_at_ms"].as_u64() {
+        let _ = write!(o, "  submitted {}", fmt_age(now_ms, t));
+    }
+    let _ = writeln!(o, "\n{}, {}", job_state(v), job_counts(v));
+    let _ = writeln!(
+        o,
+        "{:>5}  {:<12} {:>4}  {:<14} {:>7}  {:>9}",
+        "shard", "state", "exit", "node", "attempt", "time"
+    );
+    for s in v["shards"].as_array().into_iter().flatten() {
+        let state = s["state"].as_str().unwrap_or("?");
+        let running = state == "RUNNING";
+        let node = if running { s["running_on"].as_str() } else { s["node"].as_str() };
+        let fetching = running && s["phase"] == "fetching";
+        let time = if running {
+            let since = if fetching { &s["granted_at_ms"] } else { &s["started_at_ms"] };
+            since
+                .as_u64()
+                .or(s["granted_at_ms"].as_u64())
+                .map(|t| fmt_duration(now_ms.saturating_sub(t)))
+        } else {
+            s["duration_ms"].as_u64().map(fmt_duration)
+        };
+        let mut line = format!(
+            "{:>5}  {:<12} {:>4}  {:<14} {:>7}  {:>9}",
+            s["shard"].as_u64().unwrap_or(0),
+            state,
+            s["exit_code"].as_i64().map_or("-".to_string(), |c| c.to_string()),
+            node.map_or("-".to_string(), short_node),
+            s["attempts"].as_u64().map_or("-".to_string(), |a| a.to_string()),
+            time.unwrap_or_else(|| "-".to_string()),
+        );
+        if fetching {
+            line.push_str("  fetching inputs");
+        }
+        if let Some(e) = s["error"].as_str().filter(|e| !e.is_empty()) {
+            line.push_str(&format!("  error: {e}"));
+        }
+        let _ = writeln!(o, "{}", line.trim_end());
+    }
+    if let Some(r) = v["pending_reason"].as_str() {
+        let _ = writeln!(o, "pending: {r}");
+    }
+    if let Some(d) = v["dissents"].as_u64().filter(|&d| d > 0) {
+        let _ = writeln!(o, "dissents: {d} results disagreed with an accepted outcome");
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,5 +939,167 @@ mod tests {
     fn help_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// What `grid ARGS --help` prints, 100 columns wide.
+    fn help(args: &[&str]) -> String {
+        use clap::CommandFactory;
+        let argv = std::iter::once("grid").chain(args.iter().copied()).chain(["--help"]);
+        let e = Cli::command().term_width(100).try_get_matches_from(argv).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DisplayHelp, "{e}");
+        e.render().to_string()
+    }
+
+    #[test]
+    fn help_keeps_each_subcommand_s_own_options_together() {
+        use clap::CommandFactory;
+        insta::assert_snapshot!("help", help(&[]));
+        for sub in Cli::command().get_subcommands() {
+            let name = sub.get_name();
+            let text = help(&[name]);
+            // The subcommand's own options first; the shared ones after, under their headings.
+            let (own, shared) = text.split_once("\nGlobal options:\n").expect(&text);
+            assert!(!own.contains("--data-dir") && !own.contains("--cache-"), "{text}");
+            let (data_dir, cache) =
+                shared.split_once("\nCache limits (when no grid-node runs").expect(&text);
+            assert!(data_dir.contains("--data-dir") && !data_dir.contains("--cache-"), "{text}");
+            assert_eq!(cache.matches("\n      --cache-").count(), 4, "{text}");
+            insta::assert_snapshot!(format!("help_{name}"), text);
+        }
+    }
+
+    #[test]
+    fn a_mistyped_id_says_what_an_id_looks_like() {
+        use grid_protocol::content::{block_id, manifest_id};
+        let job = manifest_id(b"a spec").to_string();
+        assert!(job.starts_with("bafyrcf") && job.len() == 40, "the messages say so: {job}");
+        assert_eq!(parse_job_id(&job).unwrap().to_string(), job);
+        let e = parse_job_id("bafy-typo").unwrap_err();
+        assert!(
+            e.starts_with("not a job id (job ids are 40 characters starting with bafyrcf"),
+            "{e}"
+        );
+        assert!(!e.contains("multihash"), "{e}");
+        let e = parse_job_id(&job[..30]).unwrap_err();
+        assert!(e.starts_with("not a job id"), "{e}");
+        let e = parse_job_id(&block_id(b"data").to_string()).unwrap_err();
+        assert!(e.contains("block of file content, not of a job"), "{e}");
+        assert!(parse_tree_id("xyz").unwrap_err().starts_with("not a tree id"));
+        // clap reports it as a usage error (exit 2) naming the argument.
+        let e = Cli::try_parse_from(["grid", "status", "bafy-typo"]).unwrap_err();
+        assert_eq!(e.exit_code(), i32::from(EXIT_USAGE));
+        let text = e.render().to_string();
+        assert!(
+            text.starts_with("error: invalid value 'bafy-typo' for '[JOB]': not a job id ("),
+            "{text}"
+        );
+    }
+
+    fn hint(args: &[&str]) -> Option<String> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        let e = Cli::try_parse_from(&args).unwrap_err();
+        missing_dashdash_hint(&e, &args)
+    }
+
+    #[test]
+    fn a_command_without_dashdash_gets_a_hint() {
+        assert_eq!(
+            hint(&["grid", "submit", "--input", "ok.sh", "--shards", "2", "./ok.sh", "-v"])
+                .unwrap(),
+            "put the command after `--`: grid submit --input ok.sh --shards 2 -- ./ok.sh -v"
+        );
+        // The same word as an option's value earlier on is left alone, and odd words quoted.
+        assert_eq!(
+            hint(&["/bin/grid", "submit", "--name", "t", "--input", ".", "t", "a b"]).unwrap(),
+            "put the command after `--`: grid submit --name t --input . -- t 'a b'"
+        );
+        assert_eq!(hint(&["grid", "submit", "--no-such-option"]), None);
+        assert_eq!(hint(&["grid", "peers", "extra"]), None);
+    }
+
+    /// A job view with every kind of shard, as a node that sends every field answers it.
+    fn sample_job(now: u64) -> Value {
+        let peer = |c: char| format!("12D3KooW{}", c.to_string().repeat(44));
+        serde_json::json!({
+            "job": "bafyrcfgen6rdka7hfxvo5y5fhkunlopctcbwdsq",
+            "submission": 7,
+            "name": "./run_tests.sh --verbose",
+            "finished": false,
+            "created_at_ms": now - 5 * 60_000,
+            "pending_reason": "no node has os=Plan9",
+            "dissents": 0,
+            "shards": [
+                { "shard": 0, "state": "COMPLETED", "exit_code": 0, "node": peer('A'),
+                  "duration_ms": 31, "log": "bafyrcflog", "passed": true, "attempts": 1 },
+                { "shard": 1, "state": "COMPLETED", "exit_code": 1, "node": peer('B'),
+                  "duration_ms": 72_500, "log": "bafyrcflog", "passed": false, "attempts": 1 },
+                { "shard": 2, "state": "RUNNING", "running_on": peer('C'), "phase": "running",
+                  "granted_at_ms": now - 13_000, "started_at_ms": now - 12_400, "attempts": 2,
+                  "passed": false },
+                { "shard": 3, "state": "RUNNING", "running_on": peer('D'), "phase": "fetching",
+                  "granted_at_ms": now - 2_000, "attempts": 1, "passed": false },
+                { "shard": 4, "state": "FAILED", "attempts": 3, "passed": false,
+                  "error": "command \"./run_tests.sh\" not found in the input tree or in PATH" },
+                { "shard": 5, "state": "TIMED_OUT", "node": peer('A'), "duration_ms": 3_600_000,
+                  "error": "hard timeout after 3600s", "attempts": 1, "passed": false },
+                { "shard": 6, "state": "PENDING", "attempts": 0, "passed": false },
+            ],
+        })
+    }
+
+    #[test]
+    fn status_of_a_job_shows_node_attempt_and_time_per_shard() {
+        let now = 1_750_000_000_000;
+        insta::assert_snapshot!(render_job(&sample_job(now), now));
+        // A node that sends none of the newer fields still gets a table.
+        let old = serde_json::json!({
+            "job": "bafyrcfgen6rdka7hfxvo5y5fhkunlopctcbwdsq", "name": "old", "finished": false,
+            "shards": [{ "shard": 0, "state": "RUNNING" }, { "shard": 1, "state": "COMPLETED",
+                         "exit_code": 0, "passed": true }],
+        });
+        insta::assert_snapshot!("render_job_old_node", render_job(&old, now));
+    }
+
+    #[test]
+    fn status_lists_the_jobs_and_the_quarantine() {
+        let now = 1_750_000_000_000;
+        let mut done = sample_job(now);
+        done["job"] = "bafyrcfefkm2rdkhakr3d7n2ss7led4ooamh3jjq".into();
+        done["name"] = "a job with a very long name that does not fit in its column".into();
+        done["created_at_ms"] = (now - 3 * 86_400_000).into();
+        done["finished"] = true.into();
+        done["shards"] = serde_json::json!([
+            { "shard": 0, "state": "COMPLETED", "exit_code": 0, "passed": true },
+            { "shard": 1, "state": "COMPLETED", "exit_code": 1, "passed": false },
+        ]);
+        let mut canceled = done.clone();
+        canceled["job"] = "bafyrcfdio6vyvop7m2db5h5wotszhdzfquyvfdi".into();
+        canceled["name"] = "nowait".into();
+        canceled["created_at_ms"] = (now - 2 * 3_600_000).into();
+        canceled["shards"] = serde_json::json!([{ "shard": 0, "state": "CANCELED" }]);
+        let peer = "12D3KooWCcuBQMXmSkVrqwer3iixffNps4pgXjny8AJciGcBnvah";
+        let status = |jobs: Vec<Value>, worker: Value| {
+            serde_json::json!({
+                "mesh": { "peer": peer,
+                          "listening": [format!("/ip4/127.0.0.1/tcp/4701/p2p/{peer}")],
+                          "connected": 3, "routing_table": 3, "served_blocks": 10,
+                          "served_bytes": 2222, "served_busy": 0, "bad_peers": [] },
+                "store": { "items": 16, "bytes": 2222 },
+                "worker": worker,
+                "jobs": jobs,
+            })
+        };
+        let busy = serde_json::json!({ "slots": 2, "free_slots": 1, "started": 5, "results": 4,
+                                       "quarantined": null });
+        insta::assert_snapshot!(render_status(
+            &status(vec![done, sample_job(now), canceled], busy),
+            now
+        ));
+        let quarantined = serde_json::json!({
+            "slots": 1, "free_slots": 1, "started": 4, "results": 0,
+            "quarantined": "the last 4 attempts failed before their command started" });
+        let text = render_status(&status(vec![], quarantined), now);
+        insta::assert_snapshot!("render_status_quarantined", text);
+        assert!(!text.contains("job "), "no job line: {text}");
     }
 }

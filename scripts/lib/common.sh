@@ -17,11 +17,13 @@ grid_ensure_packages() {
   command -v bc >/dev/null 2>&1 || missing+=(bc)
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
   if [ ${#missing[@]} -gt 0 ]; then
-    echo "installing system packages: ${missing[*]}" >&2
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "== installing the system packages grid's build and tests need: ${missing[*]}" >&2
+    echo "   (${sudo:+sudo }apt-get update, then apt-get install; usually a minute or two)" >&2
     $sudo apt-get update -qq >&2
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >&2
+    echo "   installed ${missing[*]}" >&2
   fi
   if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo is not installed; install a Rust toolchain (https://rustup.rs) first" >&2
@@ -39,6 +41,40 @@ grid_target_dir() {
     else
       export CARGO_TARGET_DIR=$GRID_REPO/target
     fi
+  fi
+}
+
+# grid_build [CARGO BUILD ARGS...]: builds grid's binaries (cargo build --workspace --bins
+# --locked ARGS) into $CARGO_TARGET_DIR, saying first what it builds and how long that takes.
+# With a warm cache it prints one line and builds quietly; otherwise it shows cargo's progress
+# (a bar on a terminal, its "Compiling ..." lines in a log).
+grid_build() {
+  grid_build_notice "grid's binaries (grid, grid-node)"
+  if [ "$GRID_BUILD_WARM" = 1 ]; then
+    cargo build --workspace --bins --locked -q "$@"
+  else
+    cargo build --workspace --bins --locked "$@"
+  fi
+}
+
+# grid_build_notice WHAT: says on stderr what is about to be built into $CARGO_TARGET_DIR and
+# roughly how long it takes; sets GRID_BUILD_WARM=1 when grid's binaries are already built
+# there (a build then takes seconds).
+grid_build_notice() {
+  local what=$1 cores
+  cores=$(nproc 2>/dev/null || echo "?")
+  GRID_BUILD_WARM=0
+  if [ -x "$CARGO_TARGET_DIR/debug/grid" ] && [ -x "$CARGO_TARGET_DIR/debug/grid-node" ]; then
+    GRID_BUILD_WARM=1
+    echo "== building $what with the warm build cache in $CARGO_TARGET_DIR (seconds)" >&2
+  elif compgen -G "$CARGO_TARGET_DIR/debug/build/librocksdb-sys-*/out/librocksdb.a" >/dev/null; then
+    echo "== building $what into $CARGO_TARGET_DIR" >&2
+    echo "   RocksDB is already built in this cache, so this takes a few minutes." >&2
+  else
+    echo "== building $what into $CARGO_TARGET_DIR" >&2
+    echo "   This cache is empty, so every dependency is compiled first: about 25 minutes on" >&2
+    echo "   2 cores (this machine has $cores), most of it RocksDB's C++ (librocksdb-sys)." >&2
+    echo "   Later builds reuse the cache and take seconds." >&2
   fi
 }
 

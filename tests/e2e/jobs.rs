@@ -582,3 +582,242 @@ fn an_idempotent_job_reuses_what_an_earlier_run_passed_unless_forced() {
     assert_eq!(third.status.code(), Some(0), "{}", describe(&third));
     assert_eq!(started(&m), 7);
 }
+
+#[test]
+fn a_closed_stdout_ends_grid_quietly_as_sigpipe_ends_any_unix_tool() {
+    use std::io::Read;
+    use std::os::unix::process::ExitStatusExt;
+    let s = Scratch::new();
+    // A tree whose JSON is far larger than a pipe's buffer.
+    for i in 0..2000 {
+        s.write(&format!("tree/dir{}/file-{i}.txt", i % 10), format!("{i}\n").as_bytes(), 0o644);
+    }
+    let id = s.ok(["isolate", "--input", "tree"]).trim().to_string();
+    // `grid show ID | head -c 100`.
+    let mut child = s
+        .grid(["show", &id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut head = [0u8; 100];
+    child.stdout.as_mut().unwrap().read_exact(&mut head).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    let sigpipe = nix::sys::signal::Signal::SIGPIPE as i32;
+    assert_eq!(out.status.signal(), Some(sigpipe), "ended by SIGPIPE: {}", out.status);
+    assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
+}
+
+#[test]
+fn a_node_whose_stdout_is_closed_keeps_serving() {
+    use std::io::Read;
+    let s = Scratch::new();
+    let data = s.path("node");
+    // `grid-node | head -1`: the reader is gone before the node prints that it is ready.
+    let mut child = std::process::Command::new(grid_tests::bin("grid-node"))
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+        .env_remove("GRID_DATA_DIR")
+        .env_remove("GRID_BOOTSTRAP")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = || {
+        std::process::Command::new(grid_tests::bin("grid"))
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["status", "--json"])
+            .env_remove("GRID_DATA_DIR")
+            .output()
+            .unwrap()
+    };
+    wait_for(30, "the node to answer", || status().status.success().then_some(()));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "the node still runs");
+    assert!(status().status.success());
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let code = child.wait().unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(code.success(), "{code}: {stderr}");
+}
+
+#[test]
+fn a_mistyped_id_is_a_usage_error_that_says_what_an_id_looks_like() {
+    let s = Scratch::new();
+    let out_dir = s.path("out");
+    let out_dir = out_dir.to_str().unwrap();
+    for (args, says) in [
+        (
+            vec!["status", "bafy-typo"],
+            "not a job id (job ids are 40 characters starting with bafyrcf",
+        ),
+        (vec!["logs", "X", "0"], "not a job id"),
+        (vec!["logs", "X", "0", "--follow"], "not a job id"),
+        (vec!["cancel", "X"], "not a job id"),
+        (vec!["collect", "X"], "not a job id"),
+        (vec!["show", "X"], "not a tree id (tree ids are 40 characters starting with bafyrcf"),
+        (vec!["fetch", "X", "--out", out_dir], "not a tree id"),
+    ] {
+        // No node runs: the id is refused before grid looks for one.
+        let out = s.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+        let starts = format!("error: invalid value '{}' for ", args[1]);
+        assert!(stderr.starts_with(&starts), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(!stderr.to_lowercase().contains("multihash"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_command_given_without_dashdash_gets_a_hint() {
+    let s = Scratch::new();
+    s.write("ok.sh", b"#!/bin/sh\nexit 0\n", 0o755);
+    let out = s.run(["submit", "--input", "ok.sh", "--shards", "2", "./ok.sh"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unexpected argument './ok.sh' found"), "{stderr}");
+    // The same command line, `--data-dir` and all, with `--` in place.
+    let tip =
+        stderr.lines().find_map(|l| l.trim().strip_prefix("tip: put the command after `--`: "));
+    let tip = tip.unwrap_or_else(|| panic!("a tip: {stderr}"));
+    assert!(tip.starts_with("grid --data-dir "), "{stderr}");
+    assert!(tip.ends_with(" submit --input ok.sh --shards 2 -- ./ok.sh"), "{stderr}");
+}
+
+#[test]
+fn grid_status_lists_the_jobs_submitted_and_a_quarantine() {
+    let s = Scratch::new();
+    // The node runs its own jobs (one slot).
+    let node = NodeProc::start(&s.path("n"), &[]);
+    let dir = script(&s, "job", "exit 0");
+    let out = submit(&node, &dir, &["--input", ".", "--shards", "2", "--json", "--", "./run.sh"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let done = json_of(&out)["job"].as_str().unwrap().to_string();
+    let out = submit(
+        &node,
+        &dir,
+        &["--input", ".", "--dimension", "os=Plan9", "--detach", "--json", "--", "./run.sh"],
+    );
+    let waiting = json_of(&out)["job"].as_str().unwrap().to_string();
+    let text = node.ok(["status"]);
+    let line = |job: &str| {
+        text.lines()
+            .find(|l| l.contains(job))
+            .unwrap_or_else(|| panic!("{job}: {text}"))
+            .to_string()
+    };
+    assert!(text.contains("jobs submitted from this node"), "{text}");
+    let l = line(&done);
+    assert!(l.contains("finished") && l.contains("2/2 done") && l.contains("./run.sh"), "{l}");
+    let l = line(&waiting);
+    assert!(l.contains("waiting") && l.contains("0/1 done"), "{l}");
+    assert!(text.contains("worker: 0 of 1 slots in use"), "{text}");
+    assert!(!text.contains("quarantined"), "{text}");
+    // --json keeps its shape and adds the jobs.
+    let v = node.json(["status", "--json"]);
+    assert!(v["mesh"]["peer"].is_string() && v["worker"]["slots"] == 1, "{v}");
+    assert_eq!(v["jobs"].as_array().unwrap().len(), 2, "{v}");
+    // A quarantined node says so, and why.
+    let sick = NodeProc::start(&s.path("sick"), &["--min-free-disk", "1000T"]);
+    let text = sick.ok(["status"]);
+    let q =
+        text.lines().find(|l| l.starts_with("quarantined: ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(q.contains("disk"), "{text}");
+    assert!(text.contains("no jobs submitted from this node"), "{text}");
+    node.ok(["cancel", &waiting]);
+}
+
+#[test]
+fn grid_status_job_shows_the_node_and_time_of_each_shard() {
+    let s = Scratch::new();
+    let m = mesh(&s, 1, &["--slots", "0"], &[]);
+    let flag = s.path("go-on");
+    let dir = script(
+        &s,
+        "job",
+        &format!("echo 'first line'\nwhile [ ! -e {} ]; do sleep 0.1; done", flag.display()),
+    );
+    let out = submit(&m.submitter, &dir, &["--input", ".", "--detach", "--json", "--", "./run.sh"]);
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    let worker = &m.workers[0].peer_id;
+    let short = format!("…{}", &worker[worker.len() - 12..]);
+    let v = wait_for(30, "the shard to run", || {
+        let v = m.submitter.json(["status", &job, "--json"]);
+        (v["shards"][0]["state"] == "RUNNING").then_some(v)
+    });
+    let text = m.submitter.ok(["status", &job]);
+    let row =
+        text.lines().find(|l| l.trim_start().starts_with("0 ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains("RUNNING"), "{text}");
+    if v["shards"][0]["running_on"].is_string() {
+        // A node that says who runs the shard: the table shows it.
+        assert!(row.contains(&short), "{text}");
+    }
+    std::fs::write(&flag, b"").unwrap();
+    wait_for(30, "the job to finish", || {
+        (m.submitter.json(["status", &job, "--json"])["finished"] == true).then_some(())
+    });
+    let text = m.submitter.ok(["status", &job]);
+    let row =
+        text.lines().find(|l| l.trim_start().starts_with("0 ")).unwrap_or_else(|| panic!("{text}"));
+    assert!(row.contains("COMPLETED") && row.contains(&short), "{text}");
+    assert!(
+        row.split_whitespace().any(|w| w.ends_with('s') && w[..w.len() - 1].parse::<f64>().is_ok()),
+        "a duration: {text}"
+    );
+    assert!(text.contains("finished, 1/1 done"), "{text}");
+}
+
+#[test]
+fn grid_logs_of_a_running_shard_prints_its_output_so_far() {
+    let s = Scratch::new();
+    let node = NodeProc::start(&s.path("n"), &[]);
+    let flag = s.path("go-on");
+    let dir = script(
+        &s,
+        "job",
+        &format!(
+            "echo 'first line'\nwhile [ ! -e {} ]; do sleep 0.1; done\necho 'last line'",
+            flag.display()
+        ),
+    );
+    let out = submit(&node, &dir, &["--input", ".", "--detach", "--json", "--", "./run.sh"]);
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    let out = wait_for(30, "the shard's first line", || {
+        let out = node.grid(["logs", &job, "0"]).output().unwrap();
+        (out.status.success() && stdout(&out) == "first line\n").then_some(out)
+    });
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("still running") && stderr.contains("--follow"), "{stderr}");
+    assert_eq!(node.json(["status", &job, "--json"])["shards"][0]["state"], "RUNNING");
+    std::fs::write(&flag, b"").unwrap();
+    wait_for(30, "the job to finish", || {
+        (node.json(["status", &job, "--json"])["finished"] == true).then_some(())
+    });
+    let log = node.ok(["logs", &job, "0"]);
+    assert!(log.contains("first line\n") && log.contains("last line\n"), "{log}");
+    // A shard that has not started says so, and why.
+    let out = submit(
+        &node,
+        &dir,
+        &["--input", ".", "--dimension", "os=Plan9", "--detach", "--json", "--", "./run.sh"],
+    );
+    let pending = json_of(&out)["job"].as_str().unwrap().to_string();
+    let out = node.grid(["logs", &pending, "0"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("has not started yet") && stderr.contains("os=Plan9"), "{stderr}");
+    node.ok(["cancel", &pending]);
+}

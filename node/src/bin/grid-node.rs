@@ -1,5 +1,6 @@
 //! `grid-node`: the contributor's daemon.
 
+use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -76,7 +77,7 @@ struct Args {
     /// Run no job in the sandbox: jobs of submitters this node does not trust are refused.
     #[arg(long)]
     no_sandbox: bool,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Cache limits")]
     cache: CacheArgs,
     /// Test only: misbehave, to exercise the mesh's defences.
     #[arg(long, hide = true, value_parser = parse_fault)]
@@ -159,12 +160,15 @@ fn main() -> ExitCode {
             NodeOptions { data_dir: dir.clone(), mesh, limits: args.cache.limits(), engine, exec };
         let rt = tokio::runtime::Runtime::new()?;
         rt.block_on(daemon::run(opts, key, shutdown_signal(), |s| {
-            println!("peer id: {}", s.peer_id);
-            println!("data directory: {}", dir.display());
+            let mut text = format!("peer id: {}\ndata directory: {}\n", s.peer_id, dir.display());
             for a in &s.listening {
-                println!("listening on {a}");
+                text.push_str(&format!("listening on {a}\n"));
             }
-            println!("ready");
+            text.push_str("ready\n");
+            // Only for whoever started the node; a reader that went away (`grid-node | head -1`)
+            // must not stop it, so a closed stdout is no error (logs go to stderr).
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
         }))?;
         rt.shutdown_timeout(Duration::from_secs(5));
         Ok(())
