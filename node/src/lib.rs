@@ -15,6 +15,7 @@ pub mod exec;
 pub mod identity;
 pub mod isolate_file;
 pub mod jobdb;
+pub mod junit;
 pub mod live;
 pub mod mesh;
 pub mod pack;

@@ -4,10 +4,15 @@
 //! one runs, or (with `--bootstrap`) a node started inside this process for as long as the
 //! command runs.
 
+mod lines;
+mod progress;
+
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use clap::Args;
@@ -146,6 +151,8 @@ pub struct ResultArgs {
 /// Builds the job request `args` describe, packing the inputs through the node.
 fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     let mut isolate_command: Option<(Vec<String>, String)> = None;
+    // The directory grid packed the tree from, when it packed it.
+    let mut packed_from: Option<PathBuf> = None;
     let manifest = match (&args.tree, &args.isolate, args.inputs.is_empty()) {
         (Some(t), _, _) => *t,
         (None, None, true) => {
@@ -163,8 +170,10 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
             let abs = |p: &Path| {
                 std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
             };
+            let root = abs(&root)?;
+            packed_from = Some(root.clone());
             let req = Request::Isolate {
-                root: abs(&root)?,
+                root,
                 inputs: inputs.iter().map(|p| abs(p)).collect::<anyhow::Result<_>>()?,
             };
             let v = control::call(dir, &req).context("failed to pack the inputs")?;
@@ -181,6 +190,9 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
         }
     };
     let (command, rest) = argv.split_first().expect("not empty");
+    if let Some(root) = &packed_from {
+        check_command(dir, &manifest, command, root)?;
+    }
     let mut spec = JobSpec::new(command, manifest, &args.pool);
     spec.args = rest.to_vec();
     spec.cwd = cwd;
@@ -213,6 +225,162 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     req.name = args.name.clone().unwrap_or_else(|| argv.join(" "));
     req.validate().map_err(|e| usage(format!("invalid job: {e}")))?;
     Ok(req)
+}
+
+/// Most manifests read when listing a packed tree with its includes.
+const MAX_MANIFESTS_LISTED: usize = 256;
+/// Most symlinks followed when resolving the command in the tree.
+const MAX_LINK_HOPS: usize = 40;
+/// Most "did you mean" suggestions.
+const MAX_SUGGESTIONS: usize = 3;
+
+/// Refuses a command named by a path (`./run.sh`, `bin/test`) that is not an executable file
+/// of the tree grid just packed from `root`: every worker would fail to start it. The command
+/// is looked up as the executor does, relative to the tree's root (a job spec's command is;
+/// `.isolate` commands are rewritten so), following the tree's symlinks. Bare names (`python3`)
+/// are looked up in PATH on the worker, and absolute paths are the worker's: neither is checked.
+fn check_command(
+    dir: &Path,
+    manifest: &ContentId,
+    command: &str,
+    root: &Path,
+) -> anyhow::Result<()> {
+    if !command.contains('/') || command.starts_with('/') {
+        return Ok(());
+    }
+    let entries = tree_listing(dir, manifest)?;
+    let not_there = |what: &str| {
+        let mut msg = format!("{command} {what} (packed from {})", root.display());
+        let hints = suggestions(&entries, command);
+        match hints.as_slice() {
+            [] => msg.push_str(&format!(
+                "; the command must be a file of the tree, named relative to its root \
+                 (`grid show {manifest}` lists the tree)"
+            )),
+            [one] => msg.push_str(&format!("; did you mean ./{one}?")),
+            many => {
+                let many: Vec<String> = many.iter().map(|p| format!("./{p}")).collect();
+                msg.push_str(&format!("; did you mean one of {}?", many.join(", ")));
+            }
+        }
+        usage(msg)
+    };
+    match lookup(&entries, command) {
+        Found::File { executable: true } => Ok(()),
+        Found::File { executable: false } => Err(usage(format!(
+            "{command} is in the input tree (packed from {}) but not executable: make it \
+             executable (chmod +x), or run it through its interpreter (-- sh {command})",
+            root.display()
+        ))),
+        Found::Dir => Err(not_there("is a directory of the input tree, not a file")),
+        Found::Missing => Err(not_there("is not in the input tree")),
+        Found::Outside => Err(usage(format!(
+            "{command} leads out of the input tree (packed from {}); name the command \
+             relative to the tree's root, or pack a wider tree with --root",
+            root.display()
+        ))),
+    }
+}
+
+/// Every entry of a stored tree, includes merged in (the tree's own entries win, then earlier
+/// includes), as `grid show` renders each manifest.
+fn tree_listing(dir: &Path, id: &ContentId) -> anyhow::Result<BTreeMap<String, Value>> {
+    let mut entries = BTreeMap::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut stack = vec![id.to_string()];
+    while let Some(m) = stack.pop() {
+        if !seen.insert(m.clone()) {
+            continue;
+        }
+        if seen.len() > MAX_MANIFESTS_LISTED {
+            bail!("the input tree {id} includes more than {MAX_MANIFESTS_LISTED} manifests");
+        }
+        let v = control::call(dir, &Request::Show { id: m.clone() })
+            .with_context(|| format!("cannot list the input tree {m}"))?;
+        for (path, e) in v["files"].as_object().into_iter().flatten() {
+            entries.entry(path.clone()).or_insert_with(|| e.clone());
+        }
+        let includes = v["includes"].as_array().map(Vec::as_slice).unwrap_or_default();
+        stack.extend(includes.iter().rev().filter_map(|i| i.as_str()).map(str::to_string));
+    }
+    Ok(entries)
+}
+
+/// What a relative path names in a tree.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    File {
+        executable: bool,
+    },
+    Dir,
+    Missing,
+    /// The path, or a symlink on the way, leads out of the tree (or uses `..`, which the
+    /// executor refuses).
+    Outside,
+}
+
+/// Resolves `path` (relative, `/`-separated) in a tree listing, following its symlinks.
+fn lookup(entries: &BTreeMap<String, Value>, path: &str) -> Found {
+    let mut parts: Vec<String> = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Found::Outside,
+            c => parts.push(c.to_string()),
+        }
+    }
+    if parts.is_empty() {
+        return Found::Dir;
+    }
+    let mut hops = 0;
+    'resolve: loop {
+        for k in 1..=parts.len() {
+            let prefix = parts[..k].join("/");
+            let Some(e) = entries.get(&prefix) else { continue };
+            if let Some(target) = e["symlink"].as_str() {
+                hops += 1;
+                let Some(mut resolved) = grid_protocol::manifest::resolve_link(&prefix, target)
+                else {
+                    return Found::Outside;
+                };
+                if hops > MAX_LINK_HOPS {
+                    return Found::Missing;
+                }
+                resolved.extend(parts.drain(k..));
+                parts = resolved;
+                continue 'resolve;
+            }
+            // A file: the path names it, or something beneath a file (which is nothing).
+            return if k == parts.len() {
+                Found::File { executable: e["executable"] == true }
+            } else {
+                Found::Missing
+            };
+        }
+        let full = parts.join("/") + "/";
+        return if parts.is_empty() || entries.keys().any(|p| p.starts_with(&full)) {
+            Found::Dir
+        } else {
+            Found::Missing
+        };
+    }
+}
+
+/// The files of the tree whose paths are closest to `command` (or that have its file name).
+fn suggestions(entries: &BTreeMap<String, Value>, command: &str) -> Vec<String> {
+    let want = command.trim_start_matches("./");
+    let name = want.rsplit('/').next().unwrap_or(want);
+    let limit = (want.chars().count() / 3).max(2);
+    let mut scored: Vec<(usize, &String)> = entries
+        .keys()
+        .filter_map(|p| {
+            let d = strsim::levenshtein(want, p);
+            let same_name = p.rsplit('/').next() == Some(name);
+            (d <= limit || same_name).then_some((d, p))
+        })
+        .collect();
+    scored.sort();
+    scored.into_iter().take(MAX_SUGGESTIONS).map(|(_, p)| p.clone()).collect()
 }
 
 /// Where the commands find a node: the data directory's, or one started in this process.
@@ -352,6 +520,21 @@ pub fn collect(data_dir: &Path, job: &str, args: &ResultArgs) -> anyhow::Result<
     finish(&node.dir, &v, args.json, args.junit.as_deref())
 }
 
+/// How often the bar's ETA is recomputed between the node's events.
+const BAR_REFRESH: Duration = Duration::from_secs(1);
+
+/// The time now, in unix milliseconds (the clock of the views' timestamps).
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The newest view of a job, and the most shards seen granted at once (for the ETA).
+#[derive(Debug, Default)]
+struct Seen {
+    view: Value,
+    peak: u64,
+}
+
 /// Streams a job's progress to the terminal (or plain lines in a pipe) until it ends.
 fn follow(
     dir: &Path,
@@ -373,8 +556,22 @@ fn follow(
         b.enable_steady_tick(Duration::from_millis(120));
         b
     });
-    let mut last_line = String::new();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    // The ETA counts down between events: redraw the bar's line every second.
+    let ticker = bar.clone().map(|b| {
+        let (seen, stop) = (seen.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::park_timeout(BAR_REFRESH);
+                let s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                if !s.view.is_null() && !stop.load(Ordering::Relaxed) {
+                    b.set_message(progress::line(&s.view, now_ms(), s.peak));
+                }
+            }
+        })
+    });
+    let mut last_counts = String::new();
     let mut follower: Option<std::thread::JoinHandle<()>> = None;
     let client = control::Client::connect(dir)?;
     let v = client.call(req, |ev| {
@@ -382,13 +579,13 @@ fn follow(
             let (dir, job, stop, bar) =
                 (dir.to_path_buf(), job.to_string(), stop.clone(), bar.clone());
             follower = Some(std::thread::spawn(move || {
+                // Each call is one whole line (or a piece of an overlong one).
                 let print = |text: &str| {
-                    for line in text.lines() {
-                        let line = format!("[shard {shard}] {line}");
-                        match &bar {
-                            Some(b) => b.println(line),
-                            None => eprintln!("{line}"),
-                        }
+                    let line =
+                        format!("[shard {shard}] {}", text.strip_suffix('\n').unwrap_or(text));
+                    match &bar {
+                        Some(b) => b.println(line),
+                        None => eprintln!("{line}"),
                     }
                 };
                 if let Err(e) = follow_output(&dir, &job, shard, &stop, print) {
@@ -396,35 +593,42 @@ fn follow(
                 }
             }));
         }
-        let counts = counts(&ev);
-        let mut line = format!(
-            "{} pending, {} running, {} passed, {} failed",
-            counts.pending, counts.running, counts.passed, counts.failed
-        );
-        if let Some(r) = ev["pending_reason"].as_str()
-            && counts.pending > 0
-            && counts.running == 0
-        {
-            line.push_str(&format!(" (pending: {r})"));
-        }
+        let counts = progress::Counts::of(&ev);
+        let peak = {
+            let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+            s.peak = s.peak.max(counts.in_progress());
+            if bar.is_some() {
+                s.view = ev.clone();
+            }
+            s.peak
+        };
+        let line = progress::line(&ev, now_ms(), peak);
         match &bar {
             Some(b) => {
                 b.set_length(counts.total);
-                b.set_position(counts.total - counts.pending - counts.running);
+                b.set_position(counts.finished());
                 b.set_message(line);
             }
-            None if !quiet && line != last_line => {
-                eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
-                last_line = line;
+            None if quiet => {}
+            None => {
+                // A new line when the counts change, not for every new estimate.
+                let key = progress::counts_text(&ev);
+                if key != last_counts {
+                    eprintln!("[{:>6.1}s] {line}", started.elapsed().as_secs_f64());
+                    last_counts = key;
+                }
             }
-            None => {}
         }
     })?;
     if let Some(f) = follower {
         // The shard is final now: let the follower print the rest of its stored log.
         let _ = f.join();
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    if let Some(t) = ticker {
+        t.thread().unpark();
+        let _ = t.join();
+    }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -433,26 +637,44 @@ fn follow(
 
 /// Prints a shard's output as it is produced, then the rest of its stored log once it ends.
 /// Returns when the shard is final, or when `stop` is set.
+///
+/// Each call of `out` is one whole line with its `\n` (a line cut between two reads is held
+/// until its end arrives), except a piece of a line longer than [`lines::MAX_LINE_BYTES`] and
+/// the last line of an output that does not end in a newline: concatenated, the calls are the
+/// output as it was written.
 pub fn follow_output(
     dir: &Path,
     job: &str,
     shard: u32,
-    stop: &std::sync::atomic::AtomicBool,
+    stop: &AtomicBool,
     mut out: impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let mut lines = lines::Lines::new();
+    let r = stream_output(dir, job, shard, stop, &mut lines, &mut out);
+    lines.flush(&mut out);
+    r
+}
+
+fn stream_output(
+    dir: &Path,
+    job: &str,
+    shard: u32,
+    stop: &AtomicBool,
+    lines: &mut lines::Lines,
+    out: &mut impl FnMut(&str),
 ) -> anyhow::Result<()> {
     let mut offset = 0u64;
     let deadline_idle = Duration::from_millis(300);
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) {
         let t = control::call(dir, &Request::Tail { job: job.to_string(), shard, offset })?;
         if t["running"] == true {
             let at = t["offset"].as_u64().unwrap_or(offset);
             if at > offset {
+                lines.flush(&mut *out);
                 out(&format!("[grid: {} bytes of output skipped]\n", at - offset));
             }
             let text = t["text"].as_str().unwrap_or_default();
-            if !text.is_empty() {
-                out(text);
-            }
+            lines.push(text, &mut *out);
             offset = at + t["bytes"].as_u64().unwrap_or(0);
             if t["bytes"].as_u64().unwrap_or(0) == 0 {
                 std::thread::sleep(deadline_idle);
@@ -477,36 +699,13 @@ pub fn follow_output(
             let t = control::call(dir, &Request::Cat { id: log.to_string() })?;
             let text = t["text"].as_str().unwrap_or_default();
             if !text.starts_with("[grid:") && (offset as usize) < text.len() {
-                out(&String::from_utf8_lossy(&text.as_bytes()[offset as usize..]));
+                lines
+                    .push(&String::from_utf8_lossy(&text.as_bytes()[offset as usize..]), &mut *out);
             }
         }
         return Ok(());
     }
     Ok(())
-}
-
-struct Counts {
-    total: u64,
-    pending: u64,
-    running: u64,
-    passed: u64,
-    failed: u64,
-}
-
-fn counts(v: &Value) -> Counts {
-    let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
-    let state = |s: &Value| s["state"].as_str().unwrap_or("").to_string();
-    let n = |f: &dyn Fn(&Value) -> bool| shards.iter().filter(|s| f(s)).count() as u64;
-    Counts {
-        total: shards.len() as u64,
-        pending: n(&|s| state(s) == "PENDING"),
-        running: n(&|s| state(s) == "RUNNING"),
-        passed: n(&|s| s["passed"] == true),
-        failed: n(&|s| {
-            let st = state(s);
-            st != "PENDING" && st != "RUNNING" && s["passed"] != true
-        }),
-    }
 }
 
 /// The exit code a finished job earns.
@@ -525,6 +724,18 @@ pub fn exit_code(v: &Value) -> u8 {
         EXIT_TIMED_OUT
     }
 }
+
+/// Failed test cases listed in the summary; the rest are counted ("and N more").
+pub const MAX_LISTED_TESTS: usize = 50;
+/// Failed test cases put in `--json` output; the rest are counted in `failed_tests_omitted`.
+pub const MAX_JSON_TESTS: usize = 1000;
+/// Failed shards whose outputs are fetched to name their failing tests when no `--junit` asks
+/// for all of them.
+pub const MAX_SUMMARY_SHARDS: usize = 16;
+/// How long fetching one failed shard's outputs for the summary may take.
+pub const SUMMARY_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest JUnit file read, in bytes.
+pub const MAX_JUNIT_FILE_BYTES: u64 = 64 << 20;
 
 /// Prints the results of a finished job, writes the merged JUnit file, returns the exit code.
 fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Result<u8> {
@@ -545,29 +756,103 @@ fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Re
             tails.insert(s["shard"].as_u64().unwrap_or(0), text);
         }
     }
+    let tmp = tempfile::tempdir()?;
+    let files = read_junit(dir, &shards, junit.is_some(), tmp.path())?;
+    for note in &files.notes {
+        eprintln!("note: {note}");
+    }
     let merged = match junit {
-        Some(path) => Some(merge_junit(dir, &shards, path)?),
+        Some(path) => Some(write_merged_junit(&files, path)?),
         None => None,
     };
+    let failed = FailedTests::of(&shards, &files);
     if json {
         let mut out = v.clone();
         out["exit_code"] = json!(code);
         out["log_tails"] = json!(tails);
+        out["failed_tests"] = Value::Array(
+            failed
+                .cases
+                .iter()
+                .take(MAX_JSON_TESTS)
+                .map(|(shard, c)| {
+                    json!({
+                        "shard": shard,
+                        "test": c.display_name(),
+                        "classname": c.classname,
+                        "name": c.name,
+                        "kind": c.kind,
+                        "message": c.message,
+                    })
+                })
+                .collect(),
+        );
+        if failed.cases.len() > MAX_JSON_TESTS {
+            out["failed_tests_omitted"] = json!(failed.cases.len() - MAX_JSON_TESTS);
+        }
         if let Some(n) = merged {
             out["junit_files_merged"] = json!(n);
         }
         println!("{out}");
         return Ok(code);
     }
-    println!("job {}  ({})", v["job"].as_str().unwrap_or("?"), v["name"].as_str().unwrap_or(""));
-    println!(
+    print!("{}", summary(v, &tails, &failed, merged.zip(junit)));
+    Ok(code)
+}
+
+/// The failing test cases of the shards that did not pass, from their JUnit files.
+#[derive(Debug, Default)]
+struct FailedTests {
+    /// Shard and case, by shard.
+    cases: Vec<(u64, crate::junit::FailedCase)>,
+    /// Failed shards whose outputs were not read (over [`MAX_SUMMARY_SHARDS`]).
+    unread_shards: usize,
+}
+
+impl FailedTests {
+    fn of(shards: &[Value], files: &JunitFiles) -> FailedTests {
+        let mut cases = Vec::new();
+        for (shard, reports) in &files.by_shard {
+            let passed = shards.iter().any(|s| s["shard"] == *shard && s["passed"] == true);
+            if passed {
+                continue;
+            }
+            for r in reports {
+                cases.extend(r.failures.iter().map(|c| (*shard, c.clone())));
+            }
+        }
+        FailedTests { cases, unread_shards: files.unread_shards }
+    }
+}
+
+/// The human summary of a finished job: the table, the failing tests, the log tail of each
+/// shard that did not pass, and the verdict.
+fn summary(
+    v: &Value,
+    tails: &BTreeMap<u64, String>,
+    failed: &FailedTests,
+    merged: Option<(usize, &Path)>,
+) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let code = exit_code(v);
+    let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "job {}  ({})",
+        v["job"].as_str().unwrap_or("?"),
+        v["name"].as_str().unwrap_or("")
+    );
+    let _ = writeln!(
+        o,
         "{:>5}  {:<12} {:>4}  {:<14} {:>9}  log",
         "shard", "state", "exit", "node", "duration"
     );
-    for s in &shards {
+    for s in shards {
         let node = s["node"].as_str().unwrap_or("-");
         let short = node.get(node.len().saturating_sub(12)..).unwrap_or(node);
-        println!(
+        let _ = writeln!(
+            o,
             "{:>5}  {:<12} {:>4}  {:<14} {:>9}  {}",
             s["shard"].as_u64().unwrap_or(0),
             s["state"].as_str().unwrap_or("?"),
@@ -579,22 +864,47 @@ fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Re
             s["log"].as_str().unwrap_or("-"),
         );
     }
-    for (shard, text) in &tails {
-        let s = &shards[*shard as usize];
-        println!("\n--- shard {shard} ({}) ---", s["state"].as_str().unwrap_or("?"));
-        if let Some(e) = s["error"].as_str() {
-            println!("error: {e}");
+    if !failed.cases.is_empty() || failed.unread_shards > 0 {
+        let _ = writeln!(o, "\nfailed tests:");
+        for (shard, c) in failed.cases.iter().take(MAX_LISTED_TESTS) {
+            let kind = match c.kind {
+                crate::junit::FailureKind::Failure => "",
+                crate::junit::FailureKind::Error => " (error)",
+            };
+            let _ = write!(o, "  shard {shard}: {}{kind}", c.display_name());
+            if !c.message.is_empty() {
+                let _ = write!(o, " — {}", c.message);
+            }
+            o.push('\n');
         }
-        print!("{text}");
+        if failed.cases.len() > MAX_LISTED_TESTS {
+            let _ = writeln!(o, "  and {} more", failed.cases.len() - MAX_LISTED_TESTS);
+        }
+        if failed.unread_shards > 0 {
+            let _ = writeln!(
+                o,
+                "  (the outputs of {} more failed shards were not read; --junit FILE reads all)",
+                failed.unread_shards
+            );
+        }
+    }
+    for (shard, text) in tails {
+        let Some(s) = shards.get(*shard as usize) else { continue };
+        let _ = writeln!(o, "\n--- shard {shard} ({}) ---", s["state"].as_str().unwrap_or("?"));
+        if let Some(e) = s["error"].as_str() {
+            let _ = writeln!(o, "error: {e}");
+        }
+        o.push_str(text);
         if !text.is_empty() && !text.ends_with('\n') {
-            println!();
+            o.push('\n');
         }
     }
     if let Some(r) = v["pending_reason"].as_str() {
-        println!("\npending shards: {r}");
+        let _ = writeln!(o, "\npending shards: {r}");
     }
-    let c = counts(v);
-    println!(
+    let c = progress::Counts::of(v);
+    let _ = writeln!(
+        o,
         "\n{} of {} shards passed{}",
         c.passed,
         c.total,
@@ -605,10 +915,10 @@ fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Re
             _ => "; some could not be run".into(),
         }
     );
-    if let (Some(n), Some(p)) = (merged, junit) {
-        println!("merged {n} JUnit files into {}", p.display());
+    if let Some((n, p)) = merged {
+        let _ = writeln!(o, "merged {n} JUnit files into {}", p.display());
     }
-    Ok(code)
+    o
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -617,54 +927,107 @@ fn tail(text: &str, lines: usize) -> String {
     all[start..].join("\n") + "\n"
 }
 
-/// Fetches every shard's outputs, finds the JUnit XML files in them, and writes one
-/// `<testsuites>` document with all their suites. Returns how many files were merged.
-fn merge_junit(dir: &Path, shards: &[Value], path: &Path) -> anyhow::Result<usize> {
-    let tmp = tempfile::tempdir()?;
-    let mut suites = String::new();
-    let mut merged = 0;
+/// The JUnit files found in the shards' outputs.
+#[derive(Debug, Default)]
+struct JunitFiles {
+    /// Each shard's readable JUnit files, in path order.
+    by_shard: BTreeMap<u64, Vec<crate::junit::Report>>,
+    /// Failed shards whose outputs were not fetched, over [`MAX_SUMMARY_SHARDS`].
+    unread_shards: usize,
+    /// What was skipped, and why.
+    notes: Vec<String>,
+}
+
+/// Fetches shards' outputs into `tmp` and reads the JUnit XML files (`*.xml`) in them: of every
+/// shard when `all` (for `--junit`; a shard whose outputs cannot be fetched is then an error),
+/// else of the first [`MAX_SUMMARY_SHARDS`] shards that did not pass, each within
+/// [`SUMMARY_FETCH_TIMEOUT`], for naming their failing tests.
+fn read_junit(dir: &Path, shards: &[Value], all: bool, tmp: &Path) -> anyhow::Result<JunitFiles> {
+    let mut files = JunitFiles::default();
+    let mut fetched = 0;
     for s in shards {
         let Some(out) = s["outputs"].as_str() else { continue };
-        let into = tmp.path().join(format!("shard-{}", s["shard"]));
-        control::call(dir, &Request::Fetch { id: out.to_string(), out: Some(into.clone()) })
-            .with_context(|| format!("cannot fetch the outputs of shard {}", s["shard"]))?;
+        let shard = s["shard"].as_u64().unwrap_or(0);
+        if !all {
+            if s["passed"] == true || s["state"] == "CANCELED" {
+                continue;
+            }
+            if fetched == MAX_SUMMARY_SHARDS {
+                files.unread_shards += 1;
+                continue;
+            }
+        }
+        fetched += 1;
+        let into = tmp.join(format!("shard-{shard}"));
+        let timeout = (!all).then_some(SUMMARY_FETCH_TIMEOUT);
+        if let Err(e) = fetch_into(dir, out, &into, timeout) {
+            if all {
+                return Err(e.context(format!("cannot fetch the outputs of shard {shard}")));
+            }
+            files.notes.push(format!("the outputs of shard {shard} could not be fetched: {e:#}"));
+            continue;
+        }
+        let reports = files.by_shard.entry(shard).or_default();
         for e in walkdir::WalkDir::new(&into).sort_by_file_name() {
             let e = e?;
             if !e.file_type().is_file() || e.path().extension().is_none_or(|x| x != "xml") {
                 continue;
             }
-            let text = std::fs::read_to_string(e.path())
+            let rel = e.path().strip_prefix(&into).unwrap_or(e.path()).display().to_string();
+            let size = e.metadata().map_or(0, |m| m.len());
+            if size > MAX_JUNIT_FILE_BYTES {
+                files.notes.push(format!(
+                    "shard {shard}: {rel} not read: {size} bytes, over {MAX_JUNIT_FILE_BYTES}"
+                ));
+                continue;
+            }
+            let text = std::fs::read(e.path())
                 .with_context(|| format!("cannot read {}", e.path().display()))?;
-            let body = strip_xml_declaration(&text);
-            let body = match body.trim_start().strip_prefix("<testsuites") {
-                Some(rest) => {
-                    // Keep the inner suites of a <testsuites> document.
-                    let inner_start = rest.find('>').map_or(0, |i| i + 1);
-                    let inner = &rest[inner_start..];
-                    inner.rsplit_once("</testsuites>").map_or(inner, |(a, _)| a).to_string()
-                }
-                None => body.to_string(),
-            };
-            suites.push_str(body.trim());
-            suites.push('\n');
-            merged += 1;
+            match crate::junit::parse(&String::from_utf8_lossy(&text)) {
+                Ok(r) => reports.push(r),
+                Err(err) => files.notes.push(format!("shard {shard}: {rel} skipped: {err}")),
+            }
         }
     }
-    let doc = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n{suites}</testsuites>\n"
-    );
-    std::fs::write(path, doc).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(merged)
+    Ok(files)
 }
 
-fn strip_xml_declaration(text: &str) -> &str {
-    let t = text.trim_start();
-    if t.starts_with("<?xml")
-        && let Some(end) = t.find("?>")
-    {
-        return &t[end + 2..];
+/// Makes a tree local and writes it into `into`, giving up after `timeout` if one is given.
+fn fetch_into(dir: &Path, id: &str, into: &Path, timeout: Option<Duration>) -> anyhow::Result<()> {
+    let client = control::Client::connect(dir)?;
+    client.set_timeout(timeout)?;
+    let req = Request::Fetch { id: id.to_string(), out: Some(into.to_path_buf()) };
+    match client.call(&req, |_| {}) {
+        Ok(_) => Ok(()),
+        Err(control::ControlError::Io { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            bail!("not fetched within {} s", timeout.unwrap_or_default().as_secs())
+        }
+        Err(e) => Err(e.into()),
     }
-    t
+}
+
+/// Writes one `<testsuites>` document with every suite of `files`, as the files wrote them.
+/// Returns how many files were merged.
+fn write_merged_junit(files: &JunitFiles, path: &Path) -> anyhow::Result<usize> {
+    let reports: Vec<&crate::junit::Report> = files.by_shard.values().flatten().collect();
+    let doc = merged_junit(&reports);
+    std::fs::write(path, doc).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(reports.len())
+}
+
+/// The merged document: the XML declaration, then `<testsuites>` around every suite.
+fn merged_junit(reports: &[&crate::junit::Report]) -> String {
+    let mut suites = String::new();
+    for s in reports.iter().flat_map(|r| &r.suites) {
+        suites.push_str(s.trim());
+        suites.push('\n');
+    }
+    format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n{suites}</testsuites>\n")
 }
 
 #[cfg(test)]
@@ -696,11 +1059,142 @@ mod tests {
     }
 
     #[test]
-    fn junit_declarations_are_stripped() {
-        assert_eq!(
-            strip_xml_declaration("<?xml version=\"1.0\"?>\n<testsuite/>").trim(),
-            "<testsuite/>"
-        );
-        assert_eq!(strip_xml_declaration("<testsuite/>"), "<testsuite/>");
+    fn merged_junit_keeps_each_suite_once_under_one_declaration() {
+        let a = crate::junit::parse(
+            "<?xml version=\"1.0\"?>\n<testsuites name=\"x > y\"><testsuite name=\"a\"/>\n\
+             <testsuite name=\"b\"><testcase name=\"t\"/></testsuite></testsuites>",
+        )
+        .unwrap();
+        let b = crate::junit::parse("<testsuite name=\"c\"></testsuite>").unwrap();
+        insta::assert_snapshot!(merged_junit(&[&a, &b]));
+        let again = crate::junit::parse(&merged_junit(&[&a, &b])).unwrap();
+        assert_eq!(again.suites.len(), 3);
+    }
+
+    fn case(classname: &str, name: &str, message: &str) -> crate::junit::FailedCase {
+        crate::junit::FailedCase {
+            classname: classname.into(),
+            name: name.into(),
+            file: None,
+            kind: crate::junit::FailureKind::Failure,
+            message: message.into(),
+        }
+    }
+
+    fn finished_job() -> Value {
+        json!({
+            "job": "bafyrcfjob", "name": "./run_tests.sh", "finished": true,
+            "shards": [
+                { "shard": 0, "state": "COMPLETED", "exit_code": 0, "passed": true,
+                  "node": "12D3KooWAAAAAAAAAAAAnodeA", "duration_ms": 1520, "log": "bafylog0" },
+                { "shard": 1, "state": "COMPLETED", "exit_code": 1, "passed": false,
+                  "node": "12D3KooWBBBBBBBBBBBBnodeB", "duration_ms": 2040, "log": "bafylog1" },
+                { "shard": 2, "state": "TIMED_OUT", "passed": false,
+                  "node": "12D3KooWAAAAAAAAAAAAnodeA", "duration_ms": 60000, "log": "bafylog2",
+                  "error": "hard timeout after 60s" },
+            ]
+        })
+    }
+
+    #[test]
+    fn the_summary_names_failing_tests_before_the_log_tails() {
+        let mut err = case("tests.test_x", "test_d", "fixture 'db' not found");
+        err.kind = crate::junit::FailureKind::Error;
+        let failed = FailedTests {
+            cases: vec![
+                (1, case("Suite", "Fails", "suite_test.cc:10")),
+                (1, case("tests.test_x.TestA", "test_b", "assert 1 == 2")),
+                (1, err),
+                (2, case("Slow", "Hangs", "")),
+            ],
+            unread_shards: 0,
+        };
+        let tails = BTreeMap::from([
+            (1, "DeprecationWarning: x is deprecated\n1 failed, 3 passed\n".to_string()),
+            (2, "[grid: hard timeout after 60s; process tree killed]\n".to_string()),
+        ]);
+        insta::assert_snapshot!(summary(
+            &finished_job(),
+            &tails,
+            &failed,
+            Some((3, Path::new("/tmp/junit.xml")))
+        ));
+    }
+
+    #[test]
+    fn the_failing_test_list_is_capped() {
+        let cases: Vec<_> = (0..MAX_LISTED_TESTS as u64 + 7)
+            .map(|i| (1 + i % 2, case("Suite", &format!("Case{i}"), "boom")))
+            .collect();
+        let failed = FailedTests { cases, unread_shards: 4 };
+        let text = summary(&finished_job(), &BTreeMap::new(), &failed, None);
+        let listed = text.lines().filter(|l| l.starts_with("  shard ")).count();
+        assert_eq!(listed, MAX_LISTED_TESTS, "{text}");
+        assert!(text.contains("\n  and 7 more\n"), "{text}");
+        assert!(text.contains("the outputs of 4 more failed shards were not read"), "{text}");
+    }
+
+    #[test]
+    fn failing_tests_of_passed_shards_are_not_listed() {
+        let shards = finished_job()["shards"].as_array().unwrap().clone();
+        let report = |name: &str| crate::junit::Report {
+            suites: Vec::new(),
+            failures: vec![case("S", name, "m")],
+        };
+        let files = JunitFiles {
+            by_shard: BTreeMap::from([(0, vec![report("flaky")]), (1, vec![report("real")])]),
+            ..Default::default()
+        };
+        let f = FailedTests::of(&shards, &files);
+        let names: Vec<String> = f.cases.iter().map(|(_, c)| c.display_name()).collect();
+        assert_eq!(names, ["S.real"]);
+    }
+
+    fn listing(paths: &[(&str, Value)]) -> BTreeMap<String, Value> {
+        paths.iter().map(|(p, v)| (p.to_string(), v.clone())).collect()
+    }
+
+    fn file(executable: bool) -> Value {
+        json!({ "size": 1, "executable": executable, "blocks": [] })
+    }
+
+    #[test]
+    fn commands_are_looked_up_in_the_tree_as_the_executor_does() {
+        let tree = listing(&[
+            ("run.sh", file(true)),
+            ("data.txt", file(false)),
+            ("bin/tool", file(true)),
+            ("bin/link", json!({ "symlink": "tool" })),
+            ("current", json!({ "symlink": "bin" })),
+            ("loop", json!({ "symlink": "loop" })),
+        ]);
+        let found = |p: &str| lookup(&tree, p);
+        assert_eq!(found("./run.sh"), Found::File { executable: true });
+        assert_eq!(found("run.sh/"), Found::File { executable: true });
+        assert_eq!(found("./data.txt"), Found::File { executable: false });
+        assert_eq!(found("bin/tool"), Found::File { executable: true });
+        assert_eq!(found("./bin/link"), Found::File { executable: true });
+        assert_eq!(found("./current/tool"), Found::File { executable: true });
+        assert_eq!(found("./current/link"), Found::File { executable: true });
+        assert_eq!(found("./bin"), Found::Dir);
+        assert_eq!(found("./current"), Found::Dir);
+        assert_eq!(found("./okk.sh"), Found::Missing);
+        assert_eq!(found("./run.sh/x"), Found::Missing);
+        assert_eq!(found("./loop/x"), Found::Missing);
+        assert_eq!(found("../run.sh"), Found::Outside);
+        assert_eq!(found("bin/../run.sh"), Found::Outside);
+    }
+
+    #[test]
+    fn a_typo_suggests_the_closest_files() {
+        let tree = listing(&[
+            ("ok.sh", file(true)),
+            ("other.sh", file(true)),
+            ("tools/run_tests.sh", file(true)),
+            ("README", file(false)),
+        ]);
+        assert_eq!(suggestions(&tree, "./okk.sh"), ["ok.sh"]);
+        assert_eq!(suggestions(&tree, "./run_tests.sh"), ["tools/run_tests.sh"]);
+        assert!(suggestions(&tree, "./something/else").is_empty());
     }
 }

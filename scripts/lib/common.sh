@@ -57,11 +57,12 @@ grid_build() {
   fi
 }
 
-# grid_build_notice WHAT: says on stderr what is about to be built into $CARGO_TARGET_DIR and
-# roughly how long it takes; sets GRID_BUILD_WARM=1 when grid's binaries are already built
-# there (a build then takes seconds).
+# grid_build_notice WHAT [COLD]: says on stderr what is about to be built into
+# $CARGO_TARGET_DIR and roughly how long it takes (COLD: what an empty cache costs, as words;
+# measured on 2 cores); sets GRID_BUILD_WARM=1 when grid's binaries are already built there (a
+# build then takes seconds).
 grid_build_notice() {
-  local what=$1 cores
+  local what=$1 cold=${2:-"about 15 minutes on 2 cores, most of it RocksDB's C++ (librocksdb-sys)"} cores
   cores=$(nproc 2>/dev/null || echo "?")
   GRID_BUILD_WARM=0
   if [ -x "$CARGO_TARGET_DIR/debug/grid" ] && [ -x "$CARGO_TARGET_DIR/debug/grid-node" ]; then
@@ -72,8 +73,8 @@ grid_build_notice() {
     echo "   RocksDB is already built in this cache, so this takes a few minutes." >&2
   else
     echo "== building $what into $CARGO_TARGET_DIR" >&2
-    echo "   This cache is empty, so every dependency is compiled first: about 25 minutes on" >&2
-    echo "   2 cores (this machine has $cores), most of it RocksDB's C++ (librocksdb-sys)." >&2
+    echo "   This cache is empty, so every dependency is compiled first: $cold." >&2
+    echo "   (This machine has $cores cores.)" >&2
     echo "   Later builds reuse the cache and take seconds." >&2
   fi
 }

@@ -821,3 +821,112 @@ fn grid_logs_of_a_running_shard_prints_its_output_so_far() {
     assert!(stderr.contains("has not started yet") && stderr.contains("os=Plan9"), "{stderr}");
     node.ok(["cancel", &pending]);
 }
+
+#[test]
+fn the_summary_names_the_failing_tests_of_a_shard_s_junit_file() {
+    let s = Scratch::new();
+    let m = mesh(&s, 1, &["--slots", "0"], &[&["--slots", "2"]]);
+    // Shard 1 writes a JUnit file as pytest does, with one failing case among passing ones,
+    // and ends with a warnings summary that would push everything else out of a log tail.
+    let dir = script(
+        &s,
+        "job",
+        "if [ \"$GRID_SHARD_INDEX\" = 1 ]; then\n\
+           cat > \"$GRID_OUTPUT_DIR/junit.xml\" <<'XML'\n\
+<?xml version=\"1.0\" encoding=\"utf-8\"?><testsuites name=\"pytest tests\"><testsuite name=\"pytest\" errors=\"0\" failures=\"1\" skipped=\"0\" tests=\"2\" time=\"0.05\"><testcase classname=\"tests.test_x\" name=\"test_a\" time=\"0.001\" /><testcase classname=\"tests.test_x\" name=\"test_b\" time=\"0.002\"><failure message=\"assert 1 == 2\">def test_b():\n&gt;       assert 1 == 2\nE       assert 1 == 2</failure></testcase></testsuite></testsuites>\n\
+XML\n\
+           for i in $(seq 1 30); do echo \"DeprecationWarning: warning $i\"; done\n\
+           exit 1\n\
+         fi",
+    );
+    let out = submit(&m.submitter, &dir, &["--input", ".", "--shards", "2", "--", "./run.sh"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    let named = text
+        .find("shard 1: tests.test_x.test_b — assert 1 == 2")
+        .unwrap_or_else(|| panic!("the failing test is named: {}", describe(&out)));
+    let tail = text.find("--- shard 1 (COMPLETED) ---").expect("the log tail is shown");
+    assert!(named < tail, "the names come before the log tails: {text}");
+    assert!(!text.contains("test_a"), "only failing tests are listed: {text}");
+    // The same in --json.
+    let out =
+        submit(&m.submitter, &dir, &["--input", ".", "--shards", "2", "--json", "--", "./run.sh"]);
+    let v = json_of(&out);
+    let failed = v["failed_tests"].as_array().unwrap_or_else(|| panic!("failed_tests: {v}"));
+    assert_eq!(failed.len(), 1, "{v}");
+    assert_eq!(failed[0]["shard"], 1, "{v}");
+    assert_eq!(failed[0]["test"], "tests.test_x.test_b", "{v}");
+    assert_eq!(failed[0]["message"], "assert 1 == 2", "{v}");
+}
+
+#[test]
+fn a_command_missing_from_the_tree_grid_packed_is_refused_before_any_job_is_announced() {
+    use std::io::{BufRead as _, Write as _};
+    let s = Scratch::new();
+    let m = mesh(&s, 1, &["--slots", "0"], &[]);
+    let dir = script(&s, "suite", "exit 0");
+    s.write("suite/ok.sh", b"#!/bin/sh\nexit 0\n", 0o755);
+    s.write("suite/bin/tool", b"#!/bin/sh\nexit 0\n", 0o755);
+    s.write("suite/notes.txt", b"not a program\n", 0o644);
+    let root = std::fs::canonicalize(&dir).unwrap();
+    for (args, says) in [
+        (
+            vec!["--input", "ok.sh", "--shards", "2", "--", "./okk.sh"],
+            vec!["./okk.sh is not in the input tree", "did you mean ./ok.sh?"],
+        ),
+        (
+            vec!["--input", ".", "--", "bin/tol"],
+            vec!["bin/tol is not in the input tree", "./bin/tool"],
+        ),
+        (vec!["--input", ".", "--", "./bin"], vec!["./bin is a directory of the input tree"]),
+        (
+            vec!["--input", ".", "--", "./notes.txt"],
+            vec!["./notes.txt is in the input tree (packed from", "but not executable"],
+        ),
+        (vec!["--input", ".", "--", "../suite/ok.sh"], vec!["leads out of the input tree"]),
+    ] {
+        let started = std::time::Instant::now();
+        let out = submit(&m.submitter, &dir, &args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        for s in says {
+            assert!(err.contains(s), "{args:?}: expected {s:?} in {}", describe(&out));
+        }
+        assert!(err.contains(&root.display().to_string()), "it names the tree's root: {err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "at once");
+    }
+    // No job exists on the submitting node, and none reached the worker.
+    let sock = m.submitter.data_dir.join("node.sock");
+    let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    conn.write_all(b"{\"op\":\"jobs\"}\n").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(conn).read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["ok"]["jobs"].as_array().map(Vec::len), Some(0), "no job: {v}");
+    let st = m.submitter.json(["status", "--json"]);
+    assert!(st["jobs"].as_array().is_none_or(Vec::is_empty), "no job listed: {st}");
+    let heard = m.workers[0].json(["status", "--json"]);
+    assert_eq!(heard["worker"]["heard"].as_array().map(Vec::len), Some(0), "{heard}");
+}
+
+#[test]
+fn followed_output_prints_whole_lines_when_a_line_arrives_in_pieces() {
+    let s = Scratch::new();
+    let m = mesh(&s, 1, &["--slots", "0"], &[]);
+    // The first line is written in two pieces a while apart, so the follower reads it cut.
+    let dir = script(
+        &s,
+        "job",
+        "printf 'first half'; sleep 1.5; echo ' and second half'; sleep 0.5; printf 'no newline'",
+    );
+    let out = submit(&m.submitter, &dir, &["--input", ".", "--follow", "0", "--", "./run.sh"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let shown: Vec<&str> = err.lines().filter(|l| l.starts_with("[shard 0]")).collect();
+    assert_eq!(
+        shown,
+        ["[shard 0] first half and second half", "[shard 0] no newline"],
+        "{}",
+        describe(&out)
+    );
+}
