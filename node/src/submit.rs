@@ -639,7 +639,7 @@ fn follow(
 /// Returns when the shard is final, or when `stop` is set.
 ///
 /// Each call of `out` is one whole line with its `\n` (a line cut between two reads is held
-/// until its end arrives), except a piece of a line longer than [`lines::MAX_LINE_BYTES`] and
+/// until its end arrives), except a piece of a line longer than 64 KiB and
 /// the last line of an output that does not end in a newline: concatenated, the calls are the
 /// output as it was written.
 pub fn follow_output(

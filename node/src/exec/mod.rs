@@ -315,7 +315,12 @@ fn free_disk(path: &Path) -> io::Result<u64> {
 impl Executor {
     /// An executor running shards from `store`. Creates `config.runs_dir`, removes run
     /// directories (and their pins) left by an earlier process, and probes the sandbox.
-    pub fn new(store: Arc<Store>, config: ExecConfig) -> Self {
+    pub fn new(store: Arc<Store>, mut config: ExecConfig) -> Self {
+        // Shards run with their run directory as working directory: every path the executor
+        // hands them (the command's, the output directory's) must not depend on its own.
+        if let Ok(abs) = std::path::absolute(&config.runs_dir) {
+            config.runs_dir = abs;
+        }
         if let Err(e) = fs::create_dir_all(&config.runs_dir) {
             tracing::warn!(dir = %config.runs_dir.display(), "cannot create runs directory: {e}");
         }
@@ -571,22 +576,24 @@ impl Executor {
         })?;
         let launch = self.launch(exec, &run_dir, bwrap.as_deref(), &cwd)?;
         let program = launch.program.clone();
-        let shown =
-            if launch.sandboxed { spec.command.clone() } else { program.display().to_string() };
+        let sandboxed = launch.sandboxed;
+        let shown = if sandboxed { spec.command.clone() } else { program.display().to_string() };
         let (tree, pipes) = process::spawn(launch).await.map_err(|e| {
-            // The file is there (it was resolved): the kernel refusing to run it is about the
-            // file itself, the same on every node.
+            // The command's own file is there (it was resolved just now): the kernel refusing
+            // to run it is about that file, the same on every node. In the sandbox the program
+            // started is bubblewrap, whose failure is this machine's.
+            let in_tree = !sandboxed && program.starts_with(&work) && program.is_file();
             match e.raw_os_error() {
-                Some(libc::EACCES) => StartError::Job(format!(
+                Some(libc::EACCES) if in_tree => StartError::Job(format!(
                     "command {:?} is not executable (its mode lacks the x bit)",
                     spec.command
                 )),
-                Some(libc::ENOEXEC) => StartError::Job(format!(
+                Some(libc::ENOEXEC) if in_tree => StartError::Job(format!(
                     "command {:?} is not a program this system can run (no #! line, or another \
                      machine's binary)",
                     spec.command
                 )),
-                Some(libc::ENOENT) => StartError::Job(format!(
+                Some(libc::ENOENT) if in_tree => StartError::Job(format!(
                     "command {:?} names an interpreter that does not exist (check its #! line)",
                     spec.command
                 )),

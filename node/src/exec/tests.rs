@@ -693,3 +693,24 @@ async fn a_dropped_run_leaves_no_process_behind() {
     assert_eq!(left, Vec::<i32>::new());
     assert_eq!(fs::read_dir(fx.path("runs")).unwrap().count(), 0);
 }
+
+#[tokio::test]
+async fn a_relative_runs_directory_still_runs_commands_from_the_tree() {
+    let fx = Fx::new();
+    // The same place, named relative to the working directory (a node started with
+    // `--data-dir nd`): shards change directory, so the executor must not hand them this path.
+    let cwd = std::env::current_dir().unwrap();
+    let mut rel = PathBuf::new();
+    for _ in cwd.components().skip(1) {
+        rel.push("..");
+    }
+    rel.push(fx.path("relative-runs").strip_prefix("/").unwrap());
+    let mut config = fx.config();
+    config.runs_dir = rel;
+    let e = Executor::new(fx.store.clone(), config);
+    assert!(e.config().runs_dir.is_absolute());
+    let tree = fx.tree(&[("run.sh", b"#!/bin/sh\necho from the tree\n", 0o755)]);
+    let report = run(&e, &execution(tree, "./run.sh", &[], false)).await;
+    assert_eq!((report.outcome.state, report.outcome.exit_code), (RunState::Completed, Some(0)));
+    assert_eq!(fx.log(&report), "from the tree\n");
+}
