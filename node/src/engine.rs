@@ -533,13 +533,11 @@ impl Engine {
                 let _ = reply.send(r);
             }
             EngineCommand::Job { job, submission, reply } => {
-                let found = self
-                    .submitters
-                    .iter()
-                    .rev()
-                    .find(|((j, s), _)| *j == job && submission.is_none_or(|x| x == *s))
-                    .map(|(_, s)| view(&s.machine));
-                let _ = reply.send(found);
+                let found = match submission {
+                    Some(u) => self.submitters.get(&(job, u)),
+                    None => self.newest(&job).map(|(_, s)| s),
+                };
+                let _ = reply.send(found.map(|s| view(&s.machine)));
             }
             EngineCommand::Jobs(reply) => {
                 let _ = reply.send(self.submitters.values().map(|s| view(&s.machine)).collect());
@@ -563,14 +561,12 @@ impl Engine {
             }
             EngineCommand::Holder { job, shard, reply } => {
                 let me = self.mesh.local_peer_id();
-                let found = self.submitters.iter().rev().find(|((j, _), _)| *j == job).and_then(
-                    |((j, u), s)| {
-                        let live = s.machine.live_attempt(shard)?;
-                        let lease =
-                            LeaseId { submitter: me, job: *j, submission: *u, lease: live.lease };
-                        Some((lease, live.node))
-                    },
-                );
+                let found = self.newest(&job).and_then(|((j, u), s)| {
+                    let live = s.machine.live_attempt(shard)?;
+                    let lease =
+                        LeaseId { submitter: me, job: *j, submission: *u, lease: live.lease };
+                    Some((lease, live.node))
+                });
                 let _ = reply.send(found);
             }
             EngineCommand::Worker(reply) => {
@@ -598,6 +594,11 @@ impl Engine {
         self.drain().await;
     }
 
+    /// The newest submission of `job` (by submission time: nonces are random).
+    fn newest(&self, job: &ContentId) -> Option<(&SubKey, &Submitted)> {
+        self.submitters.range((*job, 0)..=(*job, u64::MAX)).max_by_key(|(_, s)| s.machine.created())
+    }
+
     fn hear(&mut self, job: ContentId) {
         if !self.heard.contains(&job) {
             if self.heard.len() >= MAX_HEARD {
@@ -610,8 +611,12 @@ impl Engine {
     fn submit(&mut self, request: JobRequest, force: bool) -> Result<SubKey, String> {
         if self.submitters.len() >= MAX_SUBMITTED_JOBS {
             // Forget the oldest finished job to make room.
-            let done =
-                self.submitters.iter().find(|(_, s)| s.machine.is_finished()).map(|(k, _)| *k);
+            let done = self
+                .submitters
+                .iter()
+                .filter(|(_, s)| s.machine.is_finished())
+                .min_by_key(|(_, s)| s.machine.created())
+                .map(|(k, _)| *k);
             match done {
                 Some(k) => {
                     self.submitters.remove(&k);

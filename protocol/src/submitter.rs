@@ -1256,7 +1256,8 @@ impl Submitter {
         self.shards[idx].last_error = why.clone();
         for other in 0..self.shards.len() {
             if other != idx && !self.shards[other].state.is_final() {
-                self.shards[other].last_error = format!("not run: shard {idx} found {why}");
+                self.shards[other].last_error =
+                    format!("not run: the job cannot run (shard {idx}: {why})");
                 self.cancel_live(other);
                 self.set_state(other, ShardState::Failed);
             }

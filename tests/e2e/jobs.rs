@@ -930,3 +930,25 @@ fn followed_output_prints_whole_lines_when_a_line_arrives_in_pieces() {
         describe(&out)
     );
 }
+
+#[test]
+fn status_and_logs_of_a_job_id_mean_its_newest_submission() {
+    let s = Scratch::new();
+    let m = mesh(&s, 1, &["--slots", "0"], &[]);
+    let dir = script(&s, "job", "echo run");
+    // The same job twice: the second submission is the one `grid status JOB` shows, whatever
+    // its random submission nonce.
+    let mut nonces = Vec::new();
+    for _ in 0..4 {
+        let out =
+            submit(&m.submitter, &dir, &["--input", ".", "--detach", "--json", "--", "./run.sh"]);
+        let v = json_of(&out);
+        nonces.push(v["submission"].as_u64().expect("a submission nonce"));
+        let job = v["job"].as_str().unwrap().to_string();
+        let shown = m.submitter.json(["status", &job, "--json"]);
+        assert_eq!(shown["submission"], *nonces.last().unwrap(), "{shown}");
+        wait_for(30, "the submission to finish", || {
+            (m.submitter.json(["status", &job, "--json"])["finished"] == true).then_some(())
+        });
+    }
+}
