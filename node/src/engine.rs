@@ -417,8 +417,12 @@ impl Engine {
 
     /// A peer told its dimensions: every job can now say whether it would fit.
     pub fn on_peer_dimensions(&mut self, peer: PeerId, dims: Dimensions) {
-        for s in self.submitters.values_mut() {
+        for (key, s) in self.submitters.iter_mut() {
             s.machine.observe_node(peer, dims.clone());
+            // Why shards wait may have changed: watchers get a fresh view.
+            if !s.machine.is_finished() && s.watch.receiver_count() > 0 {
+                self.dirty.insert(*key);
+            }
         }
         if !self.peer_dims.contains_key(&peer)
             && self.peer_dims.len() >= grid_protocol::submitter::MAX_KNOWN_NODES
@@ -439,8 +443,11 @@ impl Engine {
     pub async fn on_peer_gone(&mut self, peer: PeerId) {
         let t = now();
         self.peer_dims.remove(&peer);
-        for s in self.submitters.values_mut() {
+        for (key, s) in self.submitters.iter_mut() {
             s.machine.peer_gone(t, peer);
+            if !s.machine.is_finished() && s.watch.receiver_count() > 0 {
+                self.dirty.insert(*key);
+            }
         }
         self.drain().await;
     }
@@ -487,11 +494,7 @@ impl Engine {
                     s.machine.handle_result(t, m.from, r);
                 }
             }
-            Message::Decline(d) => {
-                if let Some(s) = self.submitters.get_mut(&(d.job, d.submission)) {
-                    s.machine.handle_decline(t, m.from, d);
-                }
-            }
+            Message::Decline(d) => self.decline(t, m.from, d),
             other @ (Message::Grant(_)
             | Message::Refuse(_)
             | Message::HeartbeatReply(_)
@@ -592,6 +595,18 @@ impl Engine {
             }
         }
         self.drain().await;
+    }
+
+    /// A node says why it will not claim a job: the job's watchers get the new reason (it
+    /// changes no shard, so nothing else would send them a view).
+    fn decline(&mut self, t: Time, from: PeerId, d: message::Decline) {
+        let key = (d.job, d.submission);
+        if let Some(s) = self.submitters.get_mut(&key) {
+            s.machine.handle_decline(t, from, d);
+            if s.watch.receiver_count() > 0 {
+                self.dirty.insert(key);
+            }
+        }
     }
 
     /// The newest submission of `job` (by submission time: nonces are random).
@@ -793,11 +808,7 @@ impl Engine {
                     s.machine.handle_result(t, me, r);
                 }
             }
-            (Message::Decline(d), None) => {
-                if let Some(s) = self.submitters.get_mut(&(d.job, d.submission)) {
-                    s.machine.handle_decline(t, me, d);
-                }
-            }
+            (Message::Decline(d), None) => self.decline(t, me, d),
             (m, _) => debug!(kind = ?m.kind(), "local message with no recipient"),
         }
     }
