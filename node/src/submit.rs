@@ -61,7 +61,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     pub root: Option<PathBuf>,
     /// An input tree already stored (a manifest id from `grid isolate`).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::parse_tree_id)]
     pub tree: Option<ContentId>,
     /// Number of shards; each runs the command with its index in GRID_SHARD_INDEX and
     /// GTEST_SHARD_INDEX.

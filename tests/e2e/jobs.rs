@@ -678,6 +678,13 @@ fn a_mistyped_id_is_a_usage_error_that_says_what_an_id_looks_like() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
         assert!(!stderr.to_lowercase().contains("multihash"), "{args:?}: {stderr}");
     }
+    let out = s.run(["submit", "--tree", "X", "--", "./run.sh"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr.starts_with("error: invalid value 'X' for '--tree <TREE>': not a tree id"),
+        "{stderr}"
+    );
 }
 
 #[test]
