@@ -53,6 +53,37 @@ pub fn announce_topic(pool: &str) -> String {
     format!("grid/jobs/v1/{pool}")
 }
 
+/// What a node does with a gossip message before relaying it (gossipsub message validation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GossipVerdict {
+    /// A well-formed announcement, signed by the peer that published it: hand it on.
+    Accept(Box<crate::record::SignedAnnouncement>),
+    /// Not something any honest node publishes: drop it, never relay it, and hold it against
+    /// the peer it came from.
+    Reject(String),
+}
+
+/// Judges a frame received by gossip from its publisher `source`: it must decode, be an
+/// announcement (nothing else travels by gossip), carry a signature that verifies, and be signed
+/// by `source` itself (a submitter publishes its own announcements; a copy published by anyone
+/// else is a replay). Pure, and never panics, whatever the bytes.
+pub fn gossip_verdict(frame: &[u8], source: Option<&libp2p_identity::PeerId>) -> GossipVerdict {
+    let signed = match decode(frame) {
+        Ok(Message::Announce(a)) => a,
+        Ok(other) => return GossipVerdict::Reject(format!("{:?} sent by gossip", other.kind())),
+        Err(e) => return GossipVerdict::Reject(e.to_string()),
+    };
+    match signed.verify() {
+        Ok(signer) if source.is_none_or(|s| *s == signer) => {
+            GossipVerdict::Accept(Box::new(signed))
+        }
+        Ok(signer) => {
+            GossipVerdict::Reject(format!("announcement of {signer} published by another peer"))
+        }
+        Err(e) => GossipVerdict::Reject(format!("announcement: {e}")),
+    }
+}
+
 /// One lease, named within its job: shard and attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -742,10 +773,31 @@ pub(crate) mod tests {
         assert_eq!(decode(&bytes).unwrap_err(), DecodeError::NotCanonical);
     }
 
+    #[test]
+    fn gossip_takes_only_announcements_signed_by_their_publisher() {
+        let all = samples();
+        let Message::Announce(a) = &all[0] else { unreachable!() };
+        let signer = key(1).public().to_peer_id();
+        let frame = all[0].encode();
+        assert!(matches!(gossip_verdict(&frame, Some(&signer)), GossipVerdict::Accept(_)));
+        let other = key(2).public().to_peer_id();
+        assert!(matches!(gossip_verdict(&frame, Some(&other)), GossipVerdict::Reject(_)));
+        let mut forged = a.clone();
+        forged.body.priority = 1;
+        let bad = Message::Announce(forged).encode();
+        let GossipVerdict::Reject(why) = gossip_verdict(&bad, Some(&signer)) else { panic!() };
+        assert_eq!(why, "announcement: signature does not verify");
+        for m in &all[1..] {
+            assert!(matches!(gossip_verdict(&m.encode(), Some(&signer)), GossipVerdict::Reject(_)));
+        }
+        assert!(matches!(gossip_verdict(&[1, 2, 3], None), GossipVerdict::Reject(_)));
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
             let _ = decode(&bytes);
+            let _ = gossip_verdict(&bytes, None);
         }
 
         #[test]

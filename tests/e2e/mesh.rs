@@ -276,3 +276,108 @@ fn nodes_that_find_each_other_prefer_tcp_and_reach_quic_only_nodes_too() {
     d.wait_connected(1);
     assert_eq!(transports_to(&d, &a), ["quic"]);
 }
+
+#[test]
+fn a_forged_announcement_is_never_relayed_and_a_valid_one_is() {
+    use futures::StreamExt;
+    use grid_protocol::content;
+    use grid_protocol::dims::Requirements;
+    use grid_protocol::message::{Message, announce_topic};
+    use grid_protocol::record::{ANNOUNCEMENT_VERSION, Announcement, Signed};
+    use grid_protocol::time::Time;
+    use libp2p::{Multiaddr, SwarmBuilder, gossipsub, identity, noise, tcp, yamux};
+
+    // Three nodes in a line: a test node (it listens nowhere, so only its first hop can reach
+    // it) -> b -> c.
+    let s = Scratch::new();
+    let b = NodeProc::start(&s.path("b"), &["--slots", "0"]);
+    let c = NodeProc::start(&s.path("c"), &["--bootstrap", &b.addrs[0], "--slots", "0"]);
+    b.wait_connected(1);
+    let key = identity::Keypair::generate_ed25519();
+    let me = key.public().to_peer_id();
+    let announcement = |job: &[u8]| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        Announcement {
+            version: ANNOUNCEMENT_VERSION,
+            job: content::job_id(job),
+            submission: 1,
+            seq: 1,
+            manifest: content::manifest_id(job),
+            dimensions: Requirements::in_pool("default"),
+            shards: 1,
+            open: 1,
+            priority: 100,
+            created: Time(now.as_millis() as u64),
+            expires: Time(now.as_millis() as u64 + 3_600_000),
+            ended: false,
+        }
+    };
+    let valid = Signed::sign(&key, announcement(b"valid"));
+    let mut forged = Signed::sign(&key, announcement(b"forged"));
+    forged.body.priority = 1; // after signing: the signature no longer verifies
+    let (valid_job, forged_job) = (valid.body.job.to_string(), forged.body.job.to_string());
+    let frames = [Message::Announce(forged).encode(), Message::Announce(valid).encode()];
+    let addr: Multiaddr = b.addrs[0].parse().unwrap();
+    let b_peer: libp2p::PeerId = b.peer_id.parse().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let injector = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let mut swarm = SwarmBuilder::with_existing_identity(key)
+                .with_tokio()
+                .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+                .unwrap()
+                .with_behaviour(|key| {
+                    let config = gossipsub::ConfigBuilder::default().build().unwrap();
+                    gossipsub::Behaviour::<gossipsub::IdentityTransform>::new(
+                        gossipsub::MessageAuthenticity::Signed(key.clone()),
+                        config,
+                    )
+                    .unwrap()
+                })
+                .unwrap()
+                .build();
+            let topic = gossipsub::IdentTopic::new(announce_topic("default"));
+            swarm.behaviour_mut().subscribe(&topic).unwrap();
+            swarm.dial(addr).unwrap();
+            let mut sent = false;
+            while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                let ev = tokio::time::timeout(std::time::Duration::from_millis(200), swarm.next());
+                if let Ok(Some(libp2p::swarm::SwarmEvent::Behaviour(
+                    gossipsub::Event::Subscribed { peer_id, .. },
+                ))) = ev.await
+                    && peer_id == b_peer
+                    && !sent
+                {
+                    for f in &frames {
+                        swarm.behaviour_mut().publish(topic.clone(), f.clone()).unwrap();
+                    }
+                    sent = true;
+                }
+            }
+        });
+    });
+    let heard = |n: &NodeProc| -> Vec<String> {
+        let st = n.json(["status", "--json"]);
+        st["worker"]["heard"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j.as_str().unwrap().into())
+            .collect()
+    };
+    // The valid announcement crosses b and reaches c.
+    wait_for(30, "the valid announcement to reach the third node", || {
+        heard(&c).contains(&valid_job).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    injector.join().unwrap();
+    // The line held: c never spoke to the test node itself.
+    let c_peers = c.json(["peers", "--json"]);
+    assert!(!c_peers.to_string().contains(&me.to_string()), "{c_peers}");
+    // The forged one, published first on the same path, stopped at b: neither node took it.
+    assert!(!heard(&b).contains(&forged_job), "b took the forged announcement");
+    assert!(!heard(&c).contains(&forged_job), "the forged announcement was relayed to c");
+    assert!(heard(&b).contains(&valid_job));
+}

@@ -435,6 +435,8 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
         .with_max_pending_outgoing(Some(64));
     let gossip_config = gossipsub::ConfigBuilder::default()
         .validation_mode(ValidationMode::Strict)
+        // Nothing is relayed before this node has judged it (`gossip_verdict`).
+        .validate_messages()
         .max_transmit_size(grid_protocol::message::MAX_ANNOUNCEMENT_BYTES + 4096)
         .heartbeat_interval(Duration::from_secs(1))
         .message_id_fn(|m: &gossipsub::Message| {
@@ -775,8 +777,32 @@ impl Driver {
                     }
                 }
             }
-            BehaviourEvent::Gossip(gossipsub::Event::Message { message, .. }) => {
-                if let Some(from) = message.source {
+            BehaviourEvent::Gossip(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                // Judged before it goes any further: a forged or undecodable frame is dropped
+                // here, never relayed, and held against the peer that passed it on.
+                let verdict =
+                    grid_protocol::message::gossip_verdict(&message.data, message.source.as_ref());
+                let acceptance = match &verdict {
+                    grid_protocol::message::GossipVerdict::Accept(_) => {
+                        gossipsub::MessageAcceptance::Accept
+                    }
+                    grid_protocol::message::GossipVerdict::Reject(why) => {
+                        debug!(from = %propagation_source, source = ?message.source, %why, "gossip message rejected");
+                        gossipsub::MessageAcceptance::Reject
+                    }
+                };
+                let _ = self.swarm.behaviour_mut().gossip.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+                if let (grid_protocol::message::GossipVerdict::Accept(_), Some(from)) =
+                    (verdict, message.source)
+                {
                     self.deliver(Inbound { from, frame: message.data, gossip: true });
                 }
             }
