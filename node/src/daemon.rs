@@ -285,8 +285,22 @@ pub async fn run(
             .next_timeout()
             .map(|t| t.0.saturating_sub(crate::engine::now().0))
             .map_or(std::time::Duration::from_secs(3600), std::time::Duration::from_millis);
+        // Local work first (finished runs, the CLI's commands and connections, due timers),
+        // then new remote traffic: a busy mesh never starves the node's own user, its results
+        // or its heartbeats.
         tokio::select! {
+            biased;
             _ = &mut shutdown => break,
+            done = finished.recv() => {
+                if let Some(f) = done {
+                    engine.on_finished(f).await;
+                }
+            }
+            cmd = engine_rx.recv() => {
+                if let Some(cmd) = cmd {
+                    engine.on_command(cmd).await;
+                }
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let Ok(permit) = clients.clone().try_acquire_owned() else {
@@ -303,6 +317,7 @@ pub async fn run(
                 }
                 Err(e) => warn!(error = %e, "control socket accept"),
             },
+            _ = tokio::time::sleep(wake) => engine.on_timeout().await,
             event = inbound.recv() => match event {
                 Some(mesh::MeshEvent::Message(m)) => engine.on_inbound(m).await,
                 Some(mesh::MeshEvent::PeerGone(p)) => engine.on_peer_gone(p).await,
@@ -310,17 +325,6 @@ pub async fn run(
                 Some(mesh::MeshEvent::PeerDimensions(p, d)) => engine.on_peer_dimensions(p, d),
                 None => break,
             },
-            cmd = engine_rx.recv() => {
-                if let Some(cmd) = cmd {
-                    engine.on_command(cmd).await;
-                }
-            }
-            done = finished.recv() => {
-                if let Some(f) = done {
-                    engine.on_finished(f).await;
-                }
-            }
-            _ = tokio::time::sleep(wake) => engine.on_timeout().await,
         }
     }
     info!("shutting down");

@@ -544,8 +544,10 @@ impl Driver {
         let mut bootstrap = tokio::time::interval(Duration::from_secs(300));
         let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         loop {
+            // The node's own commands and due timers before new remote traffic (rust-libp2p's
+            // guideline: local work first); the swarm is polled whenever neither waits.
             tokio::select! {
-                event = self.swarm.select_next_some() => self.on_swarm(event),
+                biased;
                 cmd = self.commands.recv() => match cmd {
                     Some(cmd) => self.on_command(cmd),
                     None => break,
@@ -568,6 +570,7 @@ impl Driver {
                         }
                     }
                 }
+                event = self.swarm.select_next_some() => self.on_swarm(event),
             }
         }
         debug!("mesh task ends");
