@@ -545,13 +545,16 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
                 }
             };
             Ok(match read {
-                Some((at, data)) => json!({
-                    "running": true,
-                    "node": peer.to_string(),
-                    "offset": at,
-                    "text": String::from_utf8_lossy(&data),
-                    "bytes": data.len(),
-                }),
+                Some((at, data)) => {
+                    let whole = whole_chars(&data);
+                    json!({
+                        "running": true,
+                        "node": peer.to_string(),
+                        "offset": at,
+                        "text": String::from_utf8_lossy(&data[..whole]),
+                        "bytes": whole,
+                    })
+                }
                 None => {
                     json!({ "running": true, "node": peer.to_string(), "offset": offset, "text": "", "bytes": 0 })
                 }
@@ -591,6 +594,16 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
     }
 }
 
+/// How much of `data` to show now: all of it, except a character cut at the end of the chunk
+/// (UTF-8 that is merely incomplete), which waits for the next read so it is not shown as
+/// garbage. Invalid bytes elsewhere are shown (replaced) as they are.
+fn whole_chars(data: &[u8]) -> usize {
+    match std::str::from_utf8(data) {
+        Err(e) if e.error_len().is_none() => e.valid_up_to(),
+        _ => data.len(),
+    }
+}
+
 /// The bytes of the one file a tree holds (a log is stored as a one-file tree).
 fn read_single_file(store: &Store, id: &ContentId) -> anyhow::Result<Vec<u8>> {
     let tree = store.tree(id)?;
@@ -610,4 +623,26 @@ fn read_single_file(store: &Store, id: &ContentId) -> anyhow::Result<Vec<u8>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_chars;
+
+    #[test]
+    fn a_character_cut_between_two_reads_is_shown_whole_by_the_second() {
+        let text = "ok é ✓\n".as_bytes();
+        for cut in 0..=text.len() {
+            let (a, b) = text.split_at(cut);
+            let first = whole_chars(a);
+            let mut rest = a[first..].to_vec();
+            rest.extend_from_slice(b);
+            let shown = String::from_utf8_lossy(&a[..first]).into_owned()
+                + &String::from_utf8_lossy(&rest[..whole_chars(&rest)]);
+            assert_eq!(shown, "ok é ✓\n", "cut at {cut}");
+        }
+        // Bytes that are not UTF-8 at all are passed on, not held forever.
+        assert_eq!(whole_chars(&[0xff, b'a']), 2);
+        assert_eq!(whole_chars(&[0xe2, 0x9c]), 0, "a lone cut character waits too");
+    }
 }
