@@ -8,7 +8,8 @@ use std::process::{Command, Output};
 
 /// The path of one of grid's binaries, built beside this test binary.
 ///
-/// `scripts/test` builds them before running the tests (`cargo build --workspace --bins`).
+/// The end-to-end tests are grid-node's `e2e` test target, so `cargo test` builds grid-node's
+/// binaries before it runs them.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     // target/<profile>/deps/e2e-<hash> -> target/<profile>/<name>
@@ -16,7 +17,8 @@ pub fn bin(name: &str) -> PathBuf {
     let p = dir.join(name);
     assert!(
         p.exists(),
-        "{} is not built; run `cargo build --workspace --bins` first (scripts/test does)",
+        "{} is not built; run the tests with `cargo test -p grid-node --test e2e` (or \
+         `cargo test --workspace`), which builds it",
         p.display()
     );
     p
@@ -300,9 +302,11 @@ pub fn free_port() -> u16 {
 pub fn suite_dir() -> PathBuf {
     // Cargo names the package directory at run time too; the build-time one may be another
     // checkout's that shared the build cache.
+    // The tests run as grid-node's (node/): the fixtures are beside this file, in tests/.
     let dir = std::env::var_os("CARGO_MANIFEST_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
-    dir.join("fixtures/suite")
+    let beside = dir.join("../tests/fixtures/suite");
+    if beside.is_dir() { beside } else { dir.join("fixtures/suite") }
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, for at most `secs` seconds.
