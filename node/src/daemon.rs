@@ -254,7 +254,10 @@ pub async fn run(
         fetcher: fetcher.clone(),
         executor: executor.clone(),
         live: live.clone(),
+        #[cfg(feature = "test-hooks")]
         lie: opts.mesh.fault == Some(mesh::Fault::Lie),
+        #[cfg(not(feature = "test-hooks"))]
+        lie: false,
     });
     let health = executor.clone();
     let (mut engine, mut finished) = Engine::new(

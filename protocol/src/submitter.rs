@@ -64,7 +64,9 @@ pub struct SubmitterConfig {
     /// Oldest result [`Submitter::reuse`] accepts (default 7 days, as Swarming).
     pub reuse_max_age: Duration,
     /// Test only: a deliberate bug, so the simulator's invariant checkers can be shown to catch
-    /// it. Always `None` outside those tests.
+    /// it. Exists only with the `test-hooks` feature, which the simulator enables and a node's
+    /// build never does.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub planted_bug: Option<PlantedBug>,
 }
@@ -94,6 +96,7 @@ impl Default for SubmitterConfig {
             setup_allowance: Duration::from_secs(600),
             force: false,
             reuse_max_age: Duration::from_secs(7 * 24 * 3600),
+            #[cfg(feature = "test-hooks")]
             planted_bug: None,
         }
     }
@@ -831,7 +834,7 @@ impl Submitter {
             s.outputs.push_back(Output::Event(Event::ResultRejected { job, from, rejection }));
             ack(s, Verdict::Rejected(rejection));
         };
-        let verified = if self.config.planted_bug == Some(PlantedBug::SkipSignatureCheck) {
+        let verified = if self.planted(PlantedBug::SkipSignatureCheck) {
             signed.claimed_signer().ok_or(())
         } else {
             signed.verify().map_err(|_| ())
@@ -884,8 +887,7 @@ impl Submitter {
             RunState::Canceled => AttemptState::Canceled,
             RunState::Unrunnable => AttemptState::Unrunnable,
         };
-        let late_counted = self.config.planted_bug == Some(PlantedBug::CountLateResults)
-            && body.state.is_outcome();
+        let late_counted = self.planted(PlantedBug::CountLateResults) && body.state.is_outcome();
         if self.shards[idx].state.is_final() && !late_counted {
             // Decided without it: a replica canceled after the quorum, or a lease that lapsed.
             self.stats.late += 1;
@@ -1028,6 +1030,17 @@ impl Submitter {
 
     // ---- internals ----
 
+    /// Whether the test-only planted bug `b` is on (never, without the `test-hooks` feature).
+    #[cfg(feature = "test-hooks")]
+    fn planted(&self, b: PlantedBug) -> bool {
+        self.config.planted_bug == Some(b)
+    }
+
+    #[cfg(not(feature = "test-hooks"))]
+    fn planted(&self, _: PlantedBug) -> bool {
+        false
+    }
+
     fn lease_id(&self, lease: LeaseRef) -> LeaseId {
         LeaseId { submitter: self.me, job: self.job, submission: self.submission, lease }
     }
@@ -1057,7 +1070,7 @@ impl Submitter {
         if s.state.is_final() {
             return 0;
         }
-        if self.config.planted_bug == Some(PlantedBug::IgnoreLiveReplicas) {
+        if self.planted(PlantedBug::IgnoreLiveReplicas) {
             return usize::from(s.target).saturating_sub(s.votes.len());
         }
         usize::from(s.target).saturating_sub(s.votes.len() + self.live_replicas(idx))
@@ -1178,7 +1191,7 @@ impl Submitter {
         let k = self.request.scheduling.redundancy;
         let s = &self.shards[idx];
         let votes: Vec<Outcome> = s.votes.iter().map(|(_, r)| r.body.outcome()).collect();
-        let decision = if self.config.planted_bug == Some(PlantedBug::FirstVoteWins) {
+        let decision = if self.planted(PlantedBug::FirstVoteWins) {
             quorum::decide(1, 1, &votes[..1])
         } else {
             quorum::decide(k, s.target, &votes)

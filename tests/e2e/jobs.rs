@@ -252,6 +252,10 @@ fn the_submitting_node_restarts_and_collect_finishes_without_rerunning() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "needs grid-node's test-hooks feature (`grid-node --fault`); scripts/test enables it"
+)]
 fn redundancy_3_with_a_lying_node_accepts_the_honest_outcome() {
     let s = Scratch::new();
     let m = mesh(&s, 4, &["--slots", "0"], &[&[], &[], &[], &["--fault", "lie"]]);

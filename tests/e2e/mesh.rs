@@ -71,6 +71,10 @@ fn a_tree_is_fetched_from_several_providers_and_then_provided() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "needs grid-node's test-hooks feature (`grid-node --fault`); scripts/test enables it"
+)]
 fn a_provider_serving_corrupt_blocks_is_reported_and_the_fetch_completes() {
     let s = Scratch::new();
     let tree = multi_block_tree(&s);

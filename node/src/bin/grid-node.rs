@@ -9,7 +9,9 @@ use grid_node::cli::CacheArgs;
 use grid_node::daemon::{self, NodeOptions};
 use grid_node::engine::EngineConfig;
 use grid_node::exec::{ExecConfig, SandboxPolicy};
-use grid_node::mesh::{Fault, MeshConfig};
+#[cfg(feature = "test-hooks")]
+use grid_node::mesh::Fault;
+use grid_node::mesh::MeshConfig;
 use grid_protocol::dims::POOL;
 use grid_protocol::submitter::SubmitterConfig;
 use grid_protocol::worker::TrustPolicy;
@@ -79,11 +81,14 @@ struct Args {
     no_sandbox: bool,
     #[command(flatten, next_help_heading = "Cache limits")]
     cache: CacheArgs,
-    /// Test only: misbehave, to exercise the mesh's defences.
+    /// Test only: misbehave, to exercise the mesh's defences (only in builds with the
+    /// `test-hooks` feature, never in a release).
+    #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true, value_parser = parse_fault)]
     fault: Option<Fault>,
 }
 
+#[cfg(feature = "test-hooks")]
 fn parse_fault(s: &str) -> Result<Fault, String> {
     match s {
         "corrupt-blocks" => Ok(Fault::CorruptBlocks),
@@ -109,6 +114,7 @@ fn main() -> ExitCode {
             bootstrap: args.bootstrap.clone(),
             mdns: !args.no_mdns,
             max_connections: args.max_connections,
+            #[cfg(feature = "test-hooks")]
             fault: args.fault,
             ..MeshConfig::default()
         };

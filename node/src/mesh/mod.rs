@@ -60,7 +60,10 @@ pub const REDIAL_INTERVAL: Duration = Duration::from_secs(10);
 /// Most manifests announced in the DHT at start (the most recently used ones).
 pub const MAX_PROVIDED_AT_START: usize = 1000;
 
-/// Test-only faults a node can be started with, to show the mesh copes with bad peers.
+/// Test-only faults a node can be started with, to show the mesh copes with bad peers. Only
+/// with the `test-hooks` feature, which the end-to-end tests enable and a release build never
+/// does.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -95,6 +98,7 @@ pub struct MeshConfig {
     /// why no node matches a job.
     pub dimensions: Option<grid_protocol::dims::Dimensions>,
     /// Test only.
+    #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
     pub fault: Option<Fault>,
 }
@@ -115,6 +119,7 @@ impl Default for MeshConfig {
             fetch_window: 64,
             fetch_window_per_peer: 32,
             dimensions: None,
+            #[cfg(feature = "test-hooks")]
             fault: None,
         }
     }
@@ -914,7 +919,10 @@ impl Driver {
         }
         let store = self.store.clone();
         let back = self.self_tx.clone();
-        let fault = self.config.fault;
+        #[cfg(feature = "test-hooks")]
+        let corrupt = self.config.fault == Some(Fault::CorruptBlocks);
+        #[cfg(not(feature = "test-hooks"))]
+        let corrupt = false;
         tokio::task::spawn_blocking(move || {
             let found = match req {
                 ContentRequest::Manifest(id) => {
@@ -925,7 +933,7 @@ impl Driver {
             };
             let response = match found {
                 Ok(Some(mut b)) => {
-                    if fault == Some(Fault::CorruptBlocks)
+                    if corrupt
                         && matches!(req, ContentRequest::Block(_))
                         && let Some(x) = b.first_mut()
                     {
