@@ -375,6 +375,15 @@ fn a_forged_announcement_is_never_relayed_and_a_valid_one_is() {
     wait_for(30, "the valid announcement to reach the third node", || {
         heard(&c).contains(&valid_job).then_some(())
     });
+    // b holds the forgery against the peer that sent it.
+    let b_peers = b.json(["peers", "--json"]);
+    let score = b_peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer"] == me.to_string().as_str())
+        .and_then(|p| p["gossip_score"].as_f64());
+    assert!(score.is_some_and(|s| s < 0.0), "the injector's score at b: {b_peers}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     injector.join().unwrap();
     // The line held: c never spoke to the test node itself.

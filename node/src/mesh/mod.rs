@@ -197,6 +197,49 @@ pub struct PeerInfo {
     pub agent: Option<String>,
     /// Whether it served bad data.
     pub bad: bool,
+    /// Its gossip score here: below 0 once it sent messages this node rejected (see
+    /// [`gossip_topic_params`]).
+    pub gossip_score: Option<f64>,
+}
+
+/// Gossip peer scoring counts one thing only: messages this node rejected (a forged or
+/// malformed announcement; honest peers never relay one, since every node judges what it relays).
+/// Everything else that scores peers (time in the mesh, delivery rates, shared IP addresses)
+/// is off: announcements are rare, and labs, LANs and NATs put many honest nodes on one address.
+pub fn gossip_score_params() -> gossipsub::PeerScoreParams {
+    gossipsub::PeerScoreParams {
+        ip_colocation_factor_weight: 0.0,
+        behaviour_penalty_weight: 0.0,
+        ..Default::default()
+    }
+}
+
+/// Each announcement topic's scoring: rejected messages cost `-10 x n²` for the n a peer sent
+/// lately (n decays by a tenth a second): one costs -10, below the gossip threshold for a
+/// moment; three within a few seconds cost -90 and put the peer on the graylist (everything it
+/// sends is ignored) until the count decays.
+pub fn gossip_topic_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 0.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..Default::default()
+    }
+}
+
+/// The score thresholds: gossipsub's defaults, but that the gossip threshold is just above one
+/// rejected message's cost.
+pub fn gossip_score_thresholds() -> gossipsub::PeerScoreThresholds {
+    gossipsub::PeerScoreThresholds {
+        gossip_threshold: -9.0,
+        publish_threshold: -50.0,
+        graylist_threshold: -80.0,
+        ..Default::default()
+    }
 }
 
 /// The state of the mesh, for `grid status`.
@@ -480,12 +523,12 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
             } else {
                 None
             };
+            let mut gossip =
+                gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gossip_config)?;
+            gossip.with_peer_score(gossip_score_params(), gossip_score_thresholds())?;
             Ok(Behaviour {
                 limits: connection_limits::Behaviour::new(limits),
-                gossip: gossipsub::Behaviour::new(
-                    MessageAuthenticity::Signed(key.clone()),
-                    gossip_config,
-                )?,
+                gossip,
                 kad,
                 identify: identify::Behaviour::new(
                     identify::Config::new("/grid/1.0.0".into(), key.public())
@@ -619,9 +662,12 @@ impl Driver {
                 let _ = reply.send(sent);
             }
             Command::Subscribe(topic) => {
-                if let Err(e) =
-                    self.swarm.behaviour_mut().gossip.subscribe(&IdentTopic::new(&topic))
-                {
+                let t = IdentTopic::new(&topic);
+                let gossip = &mut self.swarm.behaviour_mut().gossip;
+                if let Err(e) = gossip.set_topic_params(t.clone(), gossip_topic_params()) {
+                    warn!(%topic, error = %e, "cannot score the topic");
+                }
+                if let Err(e) = gossip.subscribe(&t) {
                     warn!(%topic, error = %e, "cannot subscribe");
                 }
             }
@@ -675,6 +721,7 @@ impl Driver {
                     .unwrap_or_default(),
                 agent: self.agents.get(p).cloned(),
                 bad: self.bad.contains_key(p),
+                gossip_score: self.swarm.behaviour().gossip.peer_score(p),
             })
             .collect()
     }
