@@ -16,12 +16,7 @@ use serde_json::Value;
 use crate::store::{Limits, Store};
 use crate::{control, pack};
 
-/// Exit code: success.
-pub const EXIT_OK: u8 = 0;
-/// Exit code: the operation failed (bad input, missing content, store error).
-pub const EXIT_FAILURE: u8 = 1;
-/// Exit code: the command line was not understood.
-pub const EXIT_USAGE: u8 = 2;
+use crate::exit;
 
 /// grid: run a test suite across a mesh of machines.
 #[derive(Debug, Parser)]
@@ -29,6 +24,7 @@ pub const EXIT_USAGE: u8 = 2;
     name = "grid",
     version,
     about = "grid: run a test suite across a mesh of machines",
+    after_help = crate::exit::HELP,
     max_term_width = 100
 )]
 pub struct Cli {
@@ -305,7 +301,7 @@ pub fn main() -> ExitCode {
             if let Some(hint) = missing_dashdash_hint(&e, &args) {
                 e.insert(ContextKind::Suggested, ContextValue::StyledStrs(vec![hint.into()]));
             }
-            // Help and version to stdout with exit 0; errors to stderr with exit 2 (EXIT_USAGE).
+            // Help and version to stdout with exit 0; errors to stderr with exit 2 (exit::USAGE).
             e.exit()
         }
     };
@@ -319,24 +315,16 @@ pub fn main() -> ExitCode {
         Command::Collect { job, results } => {
             dir().and_then(|d| crate::submit::collect(&d, &job.to_string(), &results))
         }
-        command => {
-            return match run(&cli.global, command) {
-                Ok(()) => ExitCode::from(EXIT_OK),
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            };
-        }
+        command => run(&cli.global, command).map(|()| exit::OK),
     };
     match jobs {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<crate::submit::UsageError>().is_some() {
-                ExitCode::from(crate::submit::EXIT_USAGE)
+                ExitCode::from(exit::USAGE)
             } else {
-                ExitCode::from(crate::submit::EXIT_INFRA)
+                ExitCode::from(exit::FAILED)
             }
         }
     }
@@ -571,7 +559,10 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
 
 fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
     if args.isolate.is_none() && args.inputs.is_empty() {
-        bail!("nothing to isolate: give --isolate FILE and/or --input PATH");
+        return Err(crate::submit::UsageError(
+            "nothing to isolate: give --isolate FILE and/or --input PATH".into(),
+        )
+        .into());
     }
     let t = Instant::now();
     let (root, inputs) = crate::isolate_file::resolve_inputs(
@@ -987,7 +978,7 @@ mod tests {
         assert!(parse_tree_id("xyz").unwrap_err().starts_with("not a tree id"));
         // clap reports it as a usage error (exit 2) naming the argument.
         let e = Cli::try_parse_from(["grid", "status", "bafy-typo"]).unwrap_err();
-        assert_eq!(e.exit_code(), i32::from(EXIT_USAGE));
+        assert_eq!(e.exit_code(), i32::from(exit::USAGE));
         let text = e.render().to_string();
         assert!(
             text.starts_with("error: invalid value 'bafy-typo' for '[JOB]': not a job id ("),

@@ -12,6 +12,7 @@ pub mod control;
 pub mod daemon;
 pub mod engine;
 pub mod exec;
+pub mod exit;
 pub mod identity;
 pub mod isolate_file;
 pub mod jobdb;

@@ -23,20 +23,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 use crate::control::{self, Request};
+use crate::exit;
 
-/// Exit code: every shard passed.
-pub const EXIT_PASSED: u8 = 0;
-/// Exit code: at least one shard ran and failed (non-zero exit).
-pub const EXIT_TEST_FAILED: u8 = 1;
-/// Exit code: the command line was not understood.
-pub const EXIT_USAGE: u8 = 2;
-/// Exit code: a shard could not be run to an outcome (no node matched, workers died, the job
-/// expired, replicas disputed, or the job was canceled), or grid itself failed.
-pub const EXIT_INFRA: u8 = 3;
-/// Exit code: a shard hit its hard or I/O timeout (and none failed outright).
-pub const EXIT_TIMED_OUT: u8 = 4;
-
-/// A command line that cannot work, found by grid itself (exit code [`EXIT_USAGE`]).
+/// A command line that cannot work, found by grid itself (exit code [`exit::USAGE`]).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
@@ -506,7 +495,7 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
                 v["job"].as_str().unwrap_or("?")
             );
         }
-        return Ok(EXIT_PASSED);
+        return Ok(exit::OK);
     }
     let final_view = follow(&node.dir, &submit, shards, args.json, args.follow)?;
     finish(&node.dir, &final_view, args.json, args.junit.as_deref())
@@ -713,15 +702,15 @@ pub fn exit_code(v: &Value) -> u8 {
     let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
     let states: Vec<&str> = shards.iter().map(|s| s["state"].as_str().unwrap_or("")).collect();
     if shards.is_empty() {
-        EXIT_INFRA
+        exit::FAILED
     } else if shards.iter().all(|s| s["passed"] == true) {
-        EXIT_PASSED
+        exit::OK
     } else if states.iter().any(|s| !matches!(*s, "COMPLETED" | "TIMED_OUT")) {
-        EXIT_INFRA
+        exit::FAILED
     } else if shards.iter().any(|s| s["state"] == "COMPLETED" && s["passed"] != true) {
-        EXIT_TEST_FAILED
+        exit::TESTS_FAILED
     } else {
-        EXIT_TIMED_OUT
+        exit::TIMED_OUT
     }
 }
 
@@ -909,9 +898,9 @@ fn summary(
         c.passed,
         c.total,
         match code {
-            EXIT_PASSED => String::new(),
-            EXIT_TEST_FAILED => format!("; {} failed", c.failed),
-            EXIT_TIMED_OUT => "; some timed out".into(),
+            exit::OK => String::new(),
+            exit::TESTS_FAILED => format!("; {} failed", c.failed),
+            exit::TIMED_OUT => "; some timed out".into(),
             _ => "; some could not be run".into(),
         }
     );
@@ -1048,14 +1037,17 @@ mod tests {
 
     #[test]
     fn exit_codes_say_what_went_wrong() {
-        assert_eq!(exit_code(&job(&[("COMPLETED", Some(0)), ("COMPLETED", Some(0))])), EXIT_PASSED);
+        assert_eq!(exit_code(&job(&[("COMPLETED", Some(0)), ("COMPLETED", Some(0))])), exit::OK);
         assert_eq!(
             exit_code(&job(&[("COMPLETED", Some(0)), ("COMPLETED", Some(1))])),
-            EXIT_TEST_FAILED
+            exit::TESTS_FAILED
         );
-        assert_eq!(exit_code(&job(&[("COMPLETED", Some(0)), ("TIMED_OUT", None)])), EXIT_TIMED_OUT);
-        assert_eq!(exit_code(&job(&[("COMPLETED", Some(1)), ("NO_RESOURCE", None)])), EXIT_INFRA);
-        assert_eq!(exit_code(&job(&[])), EXIT_INFRA);
+        assert_eq!(
+            exit_code(&job(&[("COMPLETED", Some(0)), ("TIMED_OUT", None)])),
+            exit::TIMED_OUT
+        );
+        assert_eq!(exit_code(&job(&[("COMPLETED", Some(1)), ("NO_RESOURCE", None)])), exit::FAILED);
+        assert_eq!(exit_code(&job(&[])), exit::FAILED);
     }
 
     #[test]

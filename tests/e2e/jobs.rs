@@ -827,7 +827,7 @@ fn grid_logs_of_a_running_shard_prints_its_output_so_far() {
     );
     let pending = json_of(&out)["job"].as_str().unwrap().to_string();
     let out = node.grid(["logs", &pending, "0"]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("has not started yet") && stderr.contains("os=Plan9"), "{stderr}");
     node.ok(["cancel", &pending]);
@@ -962,4 +962,23 @@ fn status_and_logs_of_a_job_id_mean_its_newest_submission() {
             (m.submitter.json(["status", &job, "--json"])["finished"] == true).then_some(())
         });
     }
+}
+
+#[test]
+fn every_command_exits_by_the_one_table_grid_help_shows() {
+    let s = Scratch::new();
+    let help = s.ok(["--help"]);
+    assert!(help.contains("Exit codes (every command):\n  0  done"), "{help}");
+    // grid could not do it (no node runs here): 3, as for a job that could not run.
+    for args in
+        [vec!["status"], vec!["peers"], vec!["cancel", "bafyrcfgen6rdka7hfxvo5y5fhkunlopctcbwdsq"]]
+    {
+        let out = s.run(&args);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {}", describe(&out));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("no grid-node is running"));
+    }
+    // The command line cannot work: 2.
+    let out = s.run(["isolate"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to isolate"));
 }
