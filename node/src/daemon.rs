@@ -195,6 +195,12 @@ struct Node {
     live: Arc<LiveLogs>,
 }
 
+/// The node stopped because a job record could not be persisted (a full or failing disk):
+/// carrying on would tell peers things it would forget. `grid-node` exits with status 3.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; stopped so that no peer is told something this node would forget")]
+pub struct RecordsLost(pub String);
+
 /// A running node, for tests and the binary.
 #[derive(Debug)]
 pub struct Started {
@@ -291,6 +297,9 @@ pub async fn run(
         // Local work first (finished runs, the CLI's commands and connections, due timers),
         // then new remote traffic: a busy mesh never starves the node's own user, its results
         // or its heartbeats.
+        if let Some(why) = engine.fatal() {
+            return Err(RecordsLost(why.to_string()).into());
+        }
         tokio::select! {
             biased;
             _ = &mut shutdown => break,

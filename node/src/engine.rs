@@ -241,6 +241,9 @@ pub struct Engine {
     peer_dims: BTreeMap<PeerId, Dimensions>,
     dirty: std::collections::BTreeSet<SubKey>,
     views_sent: Time,
+    /// Set when a record could not be persisted: from then on nothing more is carried out,
+    /// and the daemon stops (see [`Engine::fatal`]).
+    fatal: Option<String>,
 }
 
 /// Shortest time between two progress views of one job sent to its watchers.
@@ -302,6 +305,7 @@ impl Engine {
             peer_dims: BTreeMap::new(),
             dirty: std::collections::BTreeSet::new(),
             views_sent: Time::ZERO,
+            fatal: None,
         };
         // Results not yet acknowledged before a restart are delivered again.
         let t = now();
@@ -727,7 +731,18 @@ impl Engine {
         }
     }
 
+    /// Why the engine stopped carrying anything out, if it did: a record could not be
+    /// persisted, and carrying on would break the persist-before-send rule. The driver must
+    /// stop the node.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
+
     async fn apply(&mut self, o: Output, from: Option<SubKey>) {
+        if self.fatal.is_some() {
+            // Nothing after a record that was not kept may reach a peer.
+            return;
+        }
         match o {
             Output::Send { to, msg } => {
                 tracing::trace!(%to, kind = ?msg.kind(), "send");
@@ -758,8 +773,8 @@ impl Engine {
             }
             Output::Persist(r) => {
                 if let Err(e) = self.db.put(&r) {
-                    // Carrying on would break the persist-before-send rule.
-                    stop_when_records_cannot_be_kept(&e);
+                    tracing::error!(error = %e, "cannot persist a job record; stopping so no peer is told something this node would forget");
+                    self.fatal = Some(format!("cannot persist a job record: {e}"));
                 }
             }
             Output::Forget(lease) => {
@@ -857,11 +872,6 @@ impl Engine {
         }
         self.drain().await;
     }
-}
-
-fn stop_when_records_cannot_be_kept(e: &crate::jobdb::JobDbError) -> ! {
-    tracing::error!(error = %e, "cannot persist a job record; stopping so no peer is told something this node would forget");
-    std::process::exit(3)
 }
 
 fn log_event(e: &Event) {

@@ -183,7 +183,11 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<daemon::RecordsLost>().is_some() {
+                ExitCode::from(grid_node::exit::FAILED)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
