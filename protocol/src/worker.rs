@@ -1420,6 +1420,13 @@ mod tests {
         assert!(claims(&drain(&mut w)).is_empty(), "an ended job is not claimed");
     }
 
+    /// The submitter answers claim `claim_id` for `s`: no shards left.
+    fn refuse_full(w: &mut Worker, s: &JobSpec, claim_id: u64, now: u64) {
+        let reason = RefuseReason::NoShards;
+        let refusal = Refusal { job: s.id(), submission: 5, claim_id, reason };
+        w.handle_refusal(Time(now), sub_id(), refusal);
+    }
+
     #[test]
     fn a_full_refusal_overtaken_by_a_newer_announcement_does_not_wait_for_the_next_one() {
         // The shard is offered again (a new announcement) while this node's claim, which the
@@ -1431,9 +1438,7 @@ mod tests {
         let c = claims(&drain(&mut w))[0].claim_id;
         w.handle_announcement(Time(10), Signed::sign(&submitter(), ann(&s, 2, 100, 0))).unwrap();
         assert!(claims(&drain(&mut w)).is_empty(), "one claim at a time");
-        let refusal =
-            Refusal { job: s.id(), submission: 5, claim_id: c, reason: RefuseReason::NoShards };
-        w.handle_refusal(Time(20), sub_id(), refusal);
+        refuse_full(&mut w, &s, c, 20);
         assert!(claims(&drain(&mut w)).is_empty(), "backing off");
         let t = w.poll_timeout().unwrap();
         assert!(t <= Time(20 + 7_500), "{t:?}");
@@ -1449,9 +1454,7 @@ mod tests {
         let s = spec("./t", 1);
         w.handle_announcement(Time(1000), Signed::sign(&submitter(), ann(&s, 1, 100, 0))).unwrap();
         let c = claims(&drain(&mut w))[0].claim_id;
-        let refusal =
-            Refusal { job: s.id(), submission: 5, claim_id: c, reason: RefuseReason::NoShards };
-        w.handle_refusal(Time(1050), sub_id(), refusal);
+        refuse_full(&mut w, &s, c, 1050);
         drain(&mut w);
         w.handle_announcement(Time(1120), Signed::sign(&submitter(), ann(&s, 2, 100, 0))).unwrap();
         assert!(claims(&drain(&mut w)).is_empty());
