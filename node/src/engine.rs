@@ -916,7 +916,10 @@ pub fn view(s: &Submitter) -> JobView {
                 state: state.name().to_string(),
                 exit_code: body.and_then(|b| b.exit_code),
                 node,
-                duration_ms: body.map(|b| b.duration.as_millis() as u64),
+                // A job that could not run has no run time to show.
+                duration_ms: body
+                    .filter(|b| b.state != RunState::Unrunnable)
+                    .map(|b| b.duration.as_millis() as u64),
                 log: body.and_then(|b| b.log).map(|c| c.to_string()),
                 outputs: body.and_then(|b| b.outputs).map(|c| c.to_string()),
                 error: body
