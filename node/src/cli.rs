@@ -319,6 +319,12 @@ pub fn main() -> ExitCode {
     };
     match jobs {
         Ok(code) => ExitCode::from(code),
+        Err(e) if e.downcast_ref::<crate::submit::StdoutClosed>().is_some() => {
+            // The reader went away: end as every Unix tool does on a closed pipe.
+            restore_default_sigpipe();
+            let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGPIPE);
+            ExitCode::from(exit::FAILED)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<crate::submit::UsageError>().is_some() {

@@ -487,9 +487,9 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
     if args.detach {
         let v = control::call(&node.dir, &submit)?;
         if args.json {
-            println!("{v}");
+            stdout(&format!("{v}\n"))?;
         } else {
-            println!("{}", v["job"].as_str().unwrap_or("?"));
+            stdout(&format!("{}\n", v["job"].as_str().unwrap_or("?")))?;
             eprintln!(
                 "submitted; follow it with `grid collect {}`",
                 v["job"].as_str().unwrap_or("?")
@@ -782,11 +782,28 @@ fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Re
         if let Some(n) = merged {
             out["junit_files_merged"] = json!(n);
         }
-        println!("{out}");
+        stdout(&format!("{out}\n"))?;
         return Ok(code);
     }
-    print!("{}", summary(v, &tails, &failed, merged.zip(junit)));
+    stdout(&summary(v, &tails, &failed, merged.zip(junit)))?;
     Ok(code)
+}
+
+/// Whoever read grid's standard output went away (`grid submit ... | head`).
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+pub struct StdoutClosed;
+
+/// Writes the results to standard output. A closed pipe is [`StdoutClosed`], not a panic: with
+/// a node inside the command SIGPIPE is ignored (the node's sockets must not kill it), so the
+/// caller ends the process as SIGPIPE would.
+fn stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        r => r.context("cannot write to standard output"),
+    }
 }
 
 /// The failing test cases of the shards that did not pass, from their JUnit files.

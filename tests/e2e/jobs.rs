@@ -982,3 +982,28 @@ fn every_command_exits_by_the_one_table_grid_help_shows() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to isolate"));
 }
+
+#[test]
+fn a_closed_stdout_ends_submit_with_a_node_inside_as_sigpipe_would() {
+    use std::os::unix::process::ExitStatusExt;
+    let s = Scratch::new();
+    let a = NodeProc::start(&s.path("a"), &["--open", "--slots", "1"]);
+    let dir = script(&s, "job", "exit 0");
+    // `grid submit --bootstrap ... | true`: the reader is gone before the results are written.
+    // The node inside the command ignores SIGPIPE for its sockets; the results must not panic.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(grid_tests::bin("grid"))
+        .args(["--data-dir"])
+        .arg(s.path("nobody"))
+        .args(["submit", "--bootstrap", &a.addrs[0], "--input", ".", "--json", "--", "./run.sh"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+    let sigpipe = nix::sys::signal::Signal::SIGPIPE as i32;
+    assert_eq!(out.status.signal(), Some(sigpipe), "ended by SIGPIPE: {} {stderr}", out.status);
+}
