@@ -179,6 +179,17 @@ impl NodeProc {
 
     /// As [`NodeProc::start`], listening on `listen` (to restart a node on the same port).
     pub fn start_listening(data_dir: &Path, listen: &str, extra: &[&str]) -> NodeProc {
+        Self::start_with_env(data_dir, listen, extra, &[])
+    }
+
+    /// As [`NodeProc::start_listening`], with extra environment variables (a trusted shard
+    /// sees its node's environment).
+    pub fn start_with_env(
+        data_dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> NodeProc {
         use std::io::BufRead;
         let mut child = Command::new(bin("grid-node"))
             .arg("--data-dir")
@@ -188,6 +199,7 @@ impl NodeProc {
             .env_remove("GRID_DATA_DIR")
             .env_remove("GRID_BOOTSTRAP")
             .env("RUST_LOG", std::env::var("GRID_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("start grid-node");

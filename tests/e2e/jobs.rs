@@ -258,8 +258,24 @@ fn the_submitting_node_restarts_and_collect_finishes_without_rerunning() {
 )]
 fn redundancy_3_with_a_lying_node_accepts_the_honest_outcome() {
     let s = Scratch::new();
-    let m = mesh(&s, 4, &["--slots", "0"], &[&[], &[], &[], &["--fault", "lie"]]);
-    let dir = script(&s, "job", "echo honest; exit 0");
+    let submitter = NodeProc::start(&s.path("submitter"), &["--slots", "0"]);
+    let boot = submitter.addrs[0].clone();
+    let trust = ["--bootstrap", boot.as_str(), "--trust", submitter.peer_id.as_str()];
+    // The honest nodes take a second longer per shard (a trusted shard sees its node's
+    // environment), so the liar always reports before two honest results can agree: its vote
+    // is counted, and outvoted, rather than canceled once the shard is decided.
+    let mut workers: Vec<NodeProc> = (0..3)
+        .map(|i| {
+            let dir = s.path(&format!("worker{i}"));
+            NodeProc::start_with_env(&dir, "/ip4/127.0.0.1/tcp/0", &trust, &[("HONEST_DELAY", "1")])
+        })
+        .collect();
+    let mut lying = trust.to_vec();
+    lying.extend(["--fault", "lie"]);
+    workers.push(NodeProc::start(&s.path("worker3"), &lying));
+    submitter.wait_connected(4);
+    let m = Mesh { submitter, workers };
+    let dir = script(&s, "job", "echo honest; sleep ${HONEST_DELAY:-0}; exit 0");
     let out = submit(
         &m.submitter,
         &dir,
