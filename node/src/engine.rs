@@ -407,7 +407,7 @@ impl Engine {
                 self.republish.push((t + REPUBLISH_AFTER, topic, frame, tries + 1));
             }
         }
-        self.worker.set_quarantine(t, (self.may_claim)().err());
+        self.refresh_health(t);
         if self.worker.poll_timeout().is_some_and(|d| d <= t) {
             self.worker.handle_timeout(t);
         }
@@ -421,13 +421,11 @@ impl Engine {
 
     /// A peer told its dimensions: every job can now say whether it would fit.
     pub fn on_peer_dimensions(&mut self, peer: PeerId, dims: Dimensions) {
-        for (key, s) in self.submitters.iter_mut() {
+        for s in self.submitters.values_mut() {
             s.machine.observe_node(peer, dims.clone());
-            // Why shards wait may have changed: watchers get a fresh view.
-            if !s.machine.is_finished() && s.watch.receiver_count() > 0 {
-                self.dirty.insert(*key);
-            }
         }
+        // Why shards wait may have changed.
+        self.refresh_watchers();
         if !self.peer_dims.contains_key(&peer)
             && self.peer_dims.len() >= grid_protocol::submitter::MAX_KNOWN_NODES
             && let Some(first) = self.peer_dims.keys().next().copied()
@@ -447,12 +445,10 @@ impl Engine {
     pub async fn on_peer_gone(&mut self, peer: PeerId) {
         let t = now();
         self.peer_dims.remove(&peer);
-        for (key, s) in self.submitters.iter_mut() {
+        for s in self.submitters.values_mut() {
             s.machine.peer_gone(t, peer);
-            if !s.machine.is_finished() && s.watch.receiver_count() > 0 {
-                self.dirty.insert(*key);
-            }
         }
+        self.refresh_watchers();
         self.drain().await;
     }
 
@@ -475,7 +471,7 @@ impl Engine {
                 self.hear(a.body.job);
                 // A quarantined worker still hears jobs: it tells their submitters why it
                 // does not claim, and claims them as soon as it is well again.
-                self.worker.set_quarantine(t, (self.may_claim)().err());
+                self.refresh_health(t);
                 if let Err(e) = self.worker.handle_announcement(t, a) {
                     debug!(from = %m.from, error = %e, "announcement not taken");
                 }
@@ -525,7 +521,7 @@ impl Engine {
             Finished::Started(lease) => self.worker.execution_started(t, lease),
             Finished::Ended(lease, outcome) => {
                 self.running.remove(&lease);
-                self.worker.set_quarantine(t, (self.may_claim)().err());
+                self.refresh_health(t);
                 self.worker.execution_finished(t, lease, *outcome);
             }
         }
@@ -589,7 +585,7 @@ impl Engine {
                     free_slots: self.worker.free_slots(),
                     running: self.worker.running().map(|l| l.to_string()).collect(),
                     quarantined: {
-                        self.worker.set_quarantine(now(), (self.may_claim)().err());
+                        self.refresh_health(now());
                         self.worker.quarantine().map(str::to_string)
                     },
                     heard: self.heard.iter().map(|j| j.to_string()).collect(),
@@ -599,6 +595,22 @@ impl Engine {
             }
         }
         self.drain().await;
+    }
+
+    /// Tells the worker whether the node is well ([`Worker::set_quarantine`]): before it hears
+    /// an announcement, handles a deadline, or gets a slot back.
+    fn refresh_health(&mut self, t: Time) {
+        self.worker.set_quarantine(t, (self.may_claim)().err());
+    }
+
+    /// Watchers of unfinished jobs get a fresh view at the next [`VIEW_INTERVAL`]: for changes
+    /// that alter no shard (a node declining, joining, leaving), which nothing else reports.
+    fn refresh_watchers(&mut self) {
+        for (key, s) in &self.submitters {
+            if !s.machine.is_finished() && s.watch.receiver_count() > 0 {
+                self.dirty.insert(*key);
+            }
+        }
     }
 
     /// A node says why it will not claim a job: the job's watchers get the new reason (it
@@ -760,7 +772,7 @@ impl Engine {
                     // This node hears its own announcements too (when it runs shards at all:
                     // a node without slots need not tell itself so).
                     let t = now();
-                    self.worker.set_quarantine(t, (self.may_claim)().err());
+                    self.refresh_health(t);
                     let _ = self.worker.handle_announcement(t, a.clone());
                 }
                 let frame = msg.encode();
