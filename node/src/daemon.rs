@@ -273,7 +273,8 @@ pub async fn run(
         db,
         runner,
         Arc::new(move || health.may_claim()),
-    )?;
+    )
+    .await?;
     let mut listening = Vec::new();
     // Every listener's first address, or 2 s.
     for _ in 0..200 {
@@ -334,7 +335,7 @@ pub async fn run(
                 Some(mesh::MeshEvent::Message(m)) => engine.on_inbound(m).await,
                 Some(mesh::MeshEvent::PeerGone(p)) => engine.on_peer_gone(p).await,
                 Some(mesh::MeshEvent::PeerConnected(p)) => engine.on_peer_connected(p).await,
-                Some(mesh::MeshEvent::PeerDimensions(p, d)) => engine.on_peer_dimensions(p, d),
+                Some(mesh::MeshEvent::PeerDimensions(p, d)) => engine.on_peer_dimensions(p, d).await,
                 None => break,
             },
         }

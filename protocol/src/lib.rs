@@ -10,6 +10,8 @@
 //! - [`message`]: the messages between submitters and workers and their wire codec;
 //! - [`quorum`]: the redundancy rule;
 //! - [`submitter`] and [`worker`]: the two state machines, in the manner of quinn-proto;
+//! - [`node`]: one node's worker and submitted jobs tied together, as grid-node, the simulator
+//!   and the tests drive them;
 //! - [`output`]: what the machines ask their driver to do; [`time`]: virtual time and the
 //!   seeded generator.
 //!
@@ -41,6 +43,7 @@ pub mod isolate;
 pub mod job;
 pub mod manifest;
 pub mod message;
+pub mod node;
 pub mod output;
 pub mod quorum;
 pub mod record;

@@ -24,6 +24,13 @@ pub enum Fault {
         /// Restart delay, ms.
         restart_after: Option<u64>,
     },
+    /// Crash `count` submitting nodes, restarting them after `restart_after` ms if given.
+    SubmitterCrash {
+        /// How many.
+        count: u32,
+        /// Restart delay, ms.
+        restart_after: Option<u64>,
+    },
     /// Cut `fraction` of the nodes off until the matching [`Fault::Heal`].
     Partition {
         /// Share of nodes on the small side.
@@ -55,6 +62,10 @@ pub fn plan(f: &Faults, workers: u32, joiners: &[u32], rng: &mut Rng) -> Vec<(u6
     for c in &f.crash {
         let restart_after = c.restart_after.map(ms);
         out.push((ms(c.at), Fault::Crash { count: c.count, running: c.running, restart_after }));
+    }
+    for c in &f.submitter_crash {
+        let restart_after = c.restart_after.map(ms);
+        out.push((ms(c.at), Fault::SubmitterCrash { count: c.count, restart_after }));
     }
     for p in &f.partition {
         out.push((ms(p.at), Fault::Partition { fraction: p.fraction, one_way: p.one_way }));

@@ -10,6 +10,9 @@
 //!   that were not lost, the accepted outcome is the honest one.
 //! - Executions per shard stay within the redundancy plus counted re-runs: started executions
 //!   of a shard never exceed `max_replicas` plus its attempts that ended without an outcome.
+//! - A submitter that restarts from its persisted records keeps every decision it made: each
+//!   shard final before the crash is final after the restore, in the same state and with the
+//!   same accepted outcome.
 //! - Liveness: after the fault phase, every job finishes within the bound.
 //!
 //! [`Record::Result`]: grid_protocol::output::Record::Result
@@ -38,6 +41,8 @@ impl fmt::Display for Violation {
 #[derive(Debug, Clone, Default)]
 struct JobCheck {
     decided: Vec<bool>,
+    /// Each decided shard's final state and accepted outcome.
+    finals: Vec<Option<(ShardState, Option<Outcome>)>>,
     starts: Vec<u16>,
 }
 
@@ -54,7 +59,11 @@ impl Checker {
     pub fn new(shards: impl IntoIterator<Item = u32>) -> Self {
         let jobs = shards
             .into_iter()
-            .map(|n| JobCheck { decided: vec![false; n as usize], starts: vec![0; n as usize] })
+            .map(|n| JobCheck {
+                decided: vec![false; n as usize],
+                finals: vec![None; n as usize],
+                starts: vec![0; n as usize],
+            })
             .collect();
         Checker { jobs, verified: 0 }
     }
@@ -107,6 +116,7 @@ impl Checker {
             return Ok(());
         }
         *d = true;
+        self.jobs[job as usize].finals[shard as usize] = Some((state, accepted));
         let Some(acc) = accepted else { return Ok(()) };
         let honest: Vec<&Outcome> = votes.iter().filter(|v| v.0).map(|v| &v.1).collect();
         if !honest.windows(2).all(|w| w[0] == w[1]) {
@@ -129,6 +139,38 @@ impl Checker {
                     acc.exit_code
                 ),
             );
+        }
+        Ok(())
+    }
+
+    /// The submitter of `job` was restored from its records after a crash; `shards` are its
+    /// shards' states and accepted outcomes now. Every shard decided before must be decided
+    /// alike; shards the restore decided count as decided from now on.
+    pub fn restored(
+        &mut self,
+        at: Time,
+        job: u32,
+        shards: &[(ShardState, Option<Outcome>)],
+    ) -> Result<(), Violation> {
+        let j = &mut self.jobs[job as usize];
+        for (shard, now) in shards.iter().enumerate() {
+            match j.finals.get(shard).copied().flatten() {
+                Some(before) if before != *now => {
+                    return Self::fail(
+                        at,
+                        format!(
+                            "job {job} shard {shard}: {} before its submitter restarted, {} after (accepted {:?}, then {:?})",
+                            before.0, now.0, before.1, now.1
+                        ),
+                    );
+                }
+                Some(_) => {}
+                None if now.0.is_final() => {
+                    j.decided[shard] = true;
+                    j.finals[shard] = Some(*now);
+                }
+                None => {}
+            }
         }
         Ok(())
     }

@@ -79,8 +79,11 @@ pub struct Class {
 pub struct Population {
     /// Worker nodes.
     pub nodes: u32,
-    /// Client nodes that submit jobs (they run no worker).
+    /// Client nodes that submit jobs (they run no shards: a node with 0 slots).
     pub clients: u32,
+    /// The first this many workers also submit jobs, as a team member's machine does: jobs go
+    /// round-robin over the clients, then these.
+    pub worker_submitters: u32,
     /// Slots per worker.
     pub slots: u32,
     /// Machine classes.
@@ -102,6 +105,7 @@ impl Default for Population {
         Population {
             nodes: 100,
             clients: 2,
+            worker_submitters: 0,
             slots: 1,
             classes: vec![Class { os: "Linux".into(), cpu: "x86-64".into(), weight: 1 }],
             slow_fraction: 0.0,
@@ -307,6 +311,20 @@ pub struct Crash {
     pub restart_after: Option<f64>,
 }
 
+/// Crash of some submitting nodes (clients or worker submitters) at one time: each restarts
+/// from its persisted records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitterCrash {
+    /// When, s.
+    pub at: f64,
+    /// How many submitting nodes (those with unfinished jobs first).
+    pub count: u32,
+    /// Restart after this long (never if absent: its jobs then never finish).
+    #[serde(default)]
+    pub restart_after: Option<f64>,
+}
+
 /// A partition: a fraction of the nodes cut from the rest for a while.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -326,8 +344,10 @@ pub struct Partition {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Faults {
-    /// Scheduled crashes.
+    /// Scheduled crashes of workers.
     pub crash: Vec<Crash>,
+    /// Scheduled crashes of submitting nodes.
+    pub submitter_crash: Vec<SubmitterCrash>,
     /// Scheduled partitions.
     pub partition: Vec<Partition>,
     /// Each worker leaves this many times per hour on average (0: no churn).
@@ -344,6 +364,7 @@ impl Default for Faults {
     fn default() -> Self {
         Faults {
             crash: Vec::new(),
+            submitter_crash: Vec::new(),
             partition: Vec::new(),
             churn_per_hour: 0.0,
             churn_down: Dist::Uniform { min: 30.0, max: 300.0 },
@@ -456,8 +477,14 @@ impl Scenario {
         if self.network.latency_ms.iter().any(|r| r.len() != n) {
             return bad("network.latency_ms must be square");
         }
-        if self.population.nodes == 0 || self.population.clients == 0 {
-            return bad("population needs at least one worker and one client");
+        let p = &self.population;
+        if p.nodes == 0 || p.clients + p.worker_submitters == 0 {
+            return bad(
+                "population needs at least one worker and one submitting node (clients or worker_submitters)",
+            );
+        }
+        if p.worker_submitters > p.nodes {
+            return bad("population.worker_submitters cannot exceed population.nodes");
         }
         if self.population.classes.is_empty()
             || self.population.classes.iter().all(|c| c.weight == 0)

@@ -2,15 +2,17 @@
 //! state machines' outputs out.
 //!
 //! One thread, one queue ordered by (virtual time in ms, sequence number); no async tasks and
-//! no wall clock. Workers are real [`Worker`]s and each job's submitter a real [`Submitter`],
-//! driven exactly as their module docs require: after every call the world drains
-//! `poll_output` and carries each output out in order, then re-arms the machine's timer at
-//! `poll_timeout`. Direct messages go through the wire codec; announcements are verified once
-//! per publication (as gossip validation does) and spread over the modelled mesh.
+//! no wall clock. Every node is a real [`grid_protocol::node::Node`], the type `grid-node`
+//! drives (its worker and the jobs it submitted), driven exactly as its docs require: after
+//! every call the world drains `poll_output` and carries each output out in order, then
+//! re-arms the node's timer at `poll_timeout`. What a node persists is kept on its simulated
+//! disk, and a node that crashes and restarts is rebuilt from it, as `grid-node` is. Direct
+//! messages go through the wire codec; announcements are verified once per publication (as
+//! gossip validation does) and spread over the modelled mesh.
 //!
-//! Nodes `0..workers` run a worker (the last `faults.join` of them start offline); nodes after
-//! them are clients that submit jobs and run no worker. Each node's clock is the world's plus
-//! its skew.
+//! Nodes `0..workers` have slots (the last `faults.join` of them start offline; the first
+//! `population.worker_submitters` also submit jobs); nodes after them are clients that submit
+//! jobs and run no shards. Each node's clock is the world's plus its skew.
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -20,13 +22,14 @@ use std::sync::Arc;
 
 use grid_protocol::content::ContentId;
 use grid_protocol::message::{self, MAX_LEASES_PER_GRANT, Message, MessageKind};
+use grid_protocol::node::{self as gnode, History, NodeConfig, NodeOutput, SubKey};
 use grid_protocol::output::{
     AttemptState, Event, ExecOutcome, Execution, LeaseId, Output, Record, ShardState,
 };
 use grid_protocol::record::{Announcement, Outcome, RunState, SignedResult};
 use grid_protocol::submitter::{Submitter, SubmitterConfig, SubmitterStats};
 use grid_protocol::time::{Rng, Time};
-use grid_protocol::worker::{TrustPolicy, Worker, WorkerConfig};
+use grid_protocol::worker::{TrustPolicy, WorkerConfig};
 use libp2p_identity::{Keypair, PeerId};
 
 use crate::byzantine::{self, Behavior};
@@ -64,13 +67,13 @@ enum Payload {
 enum Ev {
     Deliver { from: u32, to: u32, payload: Payload },
     Gossip { publication: u64, start: u32, end: u32 },
-    WorkerTimer { node: u32 },
-    JobTimer { job: u32 },
+    NodeTimer { node: u32 },
     Arrive { job: u32 },
     Fetch { exec: u64 },
     Run { exec: u64 },
     Done { exec: u64 },
-    PeerGone { job: u32, node: u32 },
+    PeerGone { node: u32, peer: u32 },
+    PeerConnected { node: u32, peer: u32 },
     Linger { job: u32 },
     Fault(Fault),
     Restart { node: u32, incarnation: u32 },
@@ -83,13 +86,13 @@ impl Ev {
         match self {
             Ev::Deliver { from, to, .. } => 1 | u64::from(*from) << 8 | u64::from(*to) << 36,
             Ev::Gossip { publication, start, .. } => 2 | publication << 8 | u64::from(*start) << 40,
-            Ev::WorkerTimer { node } => 3 | u64::from(*node) << 8,
-            Ev::JobTimer { job } => 4 | u64::from(*job) << 8,
+            Ev::NodeTimer { node } => 3 | u64::from(*node) << 8,
             Ev::Arrive { job } => 5 | u64::from(*job) << 8,
             Ev::Fetch { exec } => 6 | exec << 8,
             Ev::Run { exec } => 7 | exec << 8,
             Ev::Done { exec } => 8 | exec << 8,
-            Ev::PeerGone { job, node } => 9 | u64::from(*job) << 8 | u64::from(*node) << 36,
+            Ev::PeerGone { node, peer } => 9 | u64::from(*node) << 8 | u64::from(*peer) << 36,
+            Ev::PeerConnected { node, peer } => 4 | u64::from(*node) << 8 | u64::from(*peer) << 36,
             Ev::Linger { job } => 10 | u64::from(*job) << 8,
             Ev::Fault(_) => 11,
             Ev::Restart { node, .. } => 12 | u64::from(*node) << 8,
@@ -130,16 +133,38 @@ struct Node {
     behavior: Behavior,
     class: usize,
     incarnation: u32,
-    worker: Option<Box<Worker>>,
+    machine: Option<Box<gnode::Node>>,
     timer_at: u64,
     skew: u64,
     slow: bool,
-    /// The worker's durable outbox records (they survive a crash).
-    outbox: BTreeMap<LeaseId, SignedResult>,
+    /// What it persisted (it survives a crash).
+    disk: Disk,
     cache: VecDeque<ContentId>,
     running: BTreeMap<LeaseId, u64>,
-    /// Jobs whose submitter granted this node a lease since it last started.
+    /// Nodes that granted this node a lease since it last started.
     leased_from: BTreeSet<u32>,
+}
+
+/// A node's durable records, as `grid-node` keeps them in its job database.
+#[derive(Debug, Default)]
+struct Disk {
+    /// The worker's unacknowledged results.
+    outbox: BTreeMap<LeaseId, SignedResult>,
+    /// Each submission's records (its job, leases and counted results) and submission time.
+    jobs: BTreeMap<SubKey, (Time, Vec<Record>)>,
+    canceled: BTreeSet<SubKey>,
+}
+
+impl History for Disk {
+    fn results(&mut self, job: &ContentId) -> Vec<SignedResult> {
+        let subs = self.jobs.range((*job, 0)..=(*job, u64::MAX));
+        subs.flat_map(|(_, (_, rs))| rs.iter())
+            .filter_map(|r| match r {
+                Record::Result(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -158,12 +183,13 @@ struct Exec {
 struct JobRun {
     client: u32,
     arrival: u64,
-    submitter: Option<Box<Submitter>>,
-    timer_at: u64,
+    /// Its submission, once submitted.
+    key: Option<SubKey>,
     finished: Option<u64>,
     ideal: u64,
     manifest: ContentId,
     max_replicas: u8,
+    /// The last states and stats seen (for the report while its node is down).
     states: Vec<ShardState>,
     stats: SubmitterStats,
 }
@@ -209,6 +235,11 @@ pub struct World {
     nodes: Vec<Node>,
     up: Vec<bool>,
     workers: u32,
+    /// The nodes that submit jobs, and the trust policy naming them.
+    submitters: Vec<u32>,
+    trust: TrustPolicy,
+    /// The node being restored from its disk: its replayed outputs are no new decisions.
+    replaying: Option<u32>,
     peers: HashMap<PeerId, u32>,
     job_ids: HashMap<ContentId, u32>,
     jobs: Vec<JobRun>,
@@ -296,8 +327,12 @@ impl World {
             peers.insert(peer, i);
             regions.push(workload::pick_weighted(&region_weights, &mut rng) as u8);
             let is_worker = i < workers;
-            let behavior =
-                if is_worker { Behavior::draw(&sc.byzantine, &mut rng) } else { Behavior::Honest };
+            // A node that submits is its team's own machine: honest.
+            let behavior = if is_worker && i >= p.worker_submitters {
+                Behavior::draw(&sc.byzantine, &mut rng)
+            } else {
+                Behavior::Honest
+            };
             let slow = is_worker && unit(&mut rng) < p.slow_fraction;
             let mbps = if is_worker { p.bandwidth_mbps } else { p.client_bandwidth_mbps };
             let factor = if slow { p.slow_factor.max(1.0) } else { 1.0 };
@@ -309,11 +344,11 @@ impl World {
                 behavior,
                 class: workload::pick_weighted(&class_weights, &mut rng),
                 incarnation: 0,
-                worker: None,
+                machine: None,
                 timer_at: NEVER,
                 skew,
                 slow,
-                outbox: BTreeMap::new(),
+                disk: Disk::default(),
                 cache: VecDeque::new(),
                 running: BTreeMap::new(),
                 leased_from: BTreeSet::new(),
@@ -340,6 +375,9 @@ impl World {
             ..WorkerConfig::default()
         };
         let arrivals = workload::arrivals(&sc.workload, seed);
+        let submitters: Vec<u32> = (workers..total).chain(0..p.worker_submitters).collect();
+        let trust =
+            submitters.iter().fold(TrustPolicy::default(), |t, &i| t.trust(nodes[i as usize].peer));
         let mut w = World {
             sc: sc.clone(),
             seed,
@@ -349,6 +387,9 @@ impl World {
             nodes,
             up: vec![false; total as usize],
             workers,
+            submitters,
+            trust,
+            replaying: None,
             peers,
             job_ids: HashMap::new(),
             jobs: Vec::new(),
@@ -386,10 +427,9 @@ impl World {
                 .max()
                 .unwrap_or(0);
             w.jobs.push(JobRun {
-                client: workers + j % p.clients,
+                client: w.submitters[j as usize % w.submitters.len()],
                 arrival: at,
-                submitter: None,
-                timer_at: NEVER,
+                key: None,
                 finished: None,
                 ideal,
                 manifest: req.spec.manifest,
@@ -475,37 +515,35 @@ impl World {
         match ev {
             Ev::Deliver { from, to, payload } => self.deliver(from, to, payload),
             Ev::Gossip { publication, start, end } => self.gossip(publication, start, end),
-            Ev::WorkerTimer { node } => {
+            Ev::NodeTimer { node } => {
                 let n = &self.nodes[node as usize];
-                if self.up[node as usize] && n.timer_at == self.now && n.worker.is_some() {
+                if self.up[node as usize] && n.timer_at == self.now && n.machine.is_some() {
                     self.nodes[node as usize].timer_at = NEVER;
                     let t = self.local(node);
-                    if let Some(w) = self.nodes[node as usize].worker.as_mut() {
-                        w.handle_timeout(t);
+                    if let Some(m) = self.nodes[node as usize].machine.as_mut() {
+                        m.handle_timeout(t);
                     }
-                    self.drain_worker(node);
-                }
-            }
-            Ev::JobTimer { job } => {
-                if self.jobs[job as usize].timer_at == self.now {
-                    self.jobs[job as usize].timer_at = NEVER;
-                    let t = self.local(self.jobs[job as usize].client);
-                    if let Some(s) = self.jobs[job as usize].submitter.as_mut() {
-                        s.handle_timeout(t);
-                    }
-                    self.drain_job(job);
+                    self.drain_node(node);
                 }
             }
             Ev::Arrive { job } => self.arrive(job),
             Ev::Fetch { exec } => self.fetch(exec),
             Ev::Run { exec } => self.run_exec(exec),
             Ev::Done { exec } => self.done(exec),
-            Ev::PeerGone { job, node } => {
-                let peer = self.nodes[node as usize].peer;
-                let t = self.local(self.jobs[job as usize].client);
-                if let Some(s) = self.jobs[job as usize].submitter.as_mut() {
-                    s.peer_gone(t, peer);
-                    self.drain_job(job);
+            Ev::PeerGone { node, peer } => {
+                let peer = self.nodes[peer as usize].peer;
+                let t = self.local(node);
+                if let Some(m) = self.nodes[node as usize].machine.as_mut() {
+                    m.peer_gone(t, peer);
+                    self.drain_node(node);
+                }
+            }
+            Ev::PeerConnected { node, peer } => {
+                let peer = self.nodes[peer as usize].peer;
+                let t = self.local(node);
+                if let Some(m) = self.nodes[node as usize].machine.as_mut() {
+                    m.peer_connected(t, peer);
+                    self.drain_node(node);
                 }
             }
             Ev::Linger { job } => self.retire(job),
@@ -544,48 +582,90 @@ impl World {
         self.up[iu] = true;
         self.epoch += 1;
         self.nodes[iu].leased_from.clear();
-        if i >= self.workers {
-            return;
-        }
         let sc = &self.sc;
         let n = &self.nodes[iu];
         let class = &sc.population.classes[n.class];
-        let dims = workload::dimensions(class);
-        let mut trust = TrustPolicy::default();
-        for c in self.workers..self.nodes.len() as u32 {
-            trust = trust.trust(self.nodes[c as usize].peer);
-        }
-        let mut cfg = self.worker_cfg.clone();
-        if n.behavior == Behavior::Sybil {
-            cfg.slots = sc.byzantine.sybil_slots.clamp(1, MAX_LEASES_PER_GRANT);
+        let mut worker = self.worker_cfg.clone();
+        if i >= self.workers {
+            worker.slots = 0;
+        } else if n.behavior == Behavior::Sybil {
+            worker.slots = sc.byzantine.sybil_slots.clamp(1, MAX_LEASES_PER_GRANT);
         }
         let seed =
             stream(self.seed, Stream::Machines, u64::from(i) << 16 | u64::from(n.incarnation))
                 .next_u64();
-        let w = Worker::new(n.key.clone(), dims, trust, cfg, seed).expect("valid dimensions");
-        self.nodes[iu].worker = Some(Box::new(w));
+        let config = NodeConfig {
+            keypair: n.key.clone(),
+            dimensions: workload::dimensions(class),
+            trust: self.trust.clone(),
+            worker,
+            submitter: self.submitter_cfg.clone(),
+            seed,
+        };
+        let mut m = gnode::Node::new(config).expect("valid dimensions");
         let t = self.local(i);
-        let restored: Vec<(LeaseId, SignedResult)> =
-            self.nodes[iu].outbox.iter().map(|(l, r)| (*l, r.clone())).collect();
-        if let Some(w) = self.nodes[iu].worker.as_mut() {
-            for (l, r) in restored {
-                w.restore_result(t, l, r);
-            }
-            w.handle_timeout(t);
+        // What it persisted comes back, as in grid-node's start: unacknowledged results, then
+        // its submissions.
+        let mut disk = std::mem::take(&mut self.nodes[iu].disk);
+        for (l, r) in &disk.outbox {
+            m.restore_result(t, *l, r.clone());
         }
-        self.drain_worker(i);
+        let stored = disk.jobs.iter().map(|(k, (c, _))| (*c, *k)).collect();
+        let keys = m.restore_plan(t, stored);
+        for key in &keys {
+            let records = disk.jobs[key].1.clone();
+            let canceled = disk.canceled.contains(key);
+            m.restore_submission(t, &records, canceled, &mut disk).expect("its own records");
+        }
+        m.handle_timeout(t);
+        self.nodes[iu].disk = disk;
+        self.nodes[iu].machine = Some(Box::new(m));
+        self.replaying = Some(i);
+        self.drain_node(i);
+        self.replaying = None;
+        for key in &keys {
+            let Some(&j) = self.job_ids.get(&key.0) else { continue };
+            let shards = self.submitter_of(j).map(|s| {
+                (0..s.request().spec.shards)
+                    .map(|x| {
+                        s.shard(x).map_or((ShardState::Pending, None), |st| (st.state, st.accepted))
+                    })
+                    .collect::<Vec<_>>()
+            });
+            if let Some(shards) = shards {
+                let r = self.checker.restored(Time(self.now), j, &shards);
+                self.check(r);
+            }
+        }
+        if !keys.is_empty() {
+            // Nodes that held its leases connect again.
+            for w in 0..self.workers {
+                if self.up[w as usize] && self.nodes[w as usize].leased_from.contains(&i) {
+                    let at = self.now + self.net.rtt(w, i);
+                    self.push(at, Ev::PeerConnected { node: w, peer: i });
+                }
+            }
+        }
     }
 
     fn crash(&mut self, i: u32, restart_after: Option<u64>) {
         let iu = i as usize;
-        if !self.up[iu] || i >= self.workers {
+        if !self.up[iu] {
             return;
         }
         self.up[iu] = false;
         self.epoch += 1;
+        // Keep what the report needs of its jobs while it is down.
+        if let Some(m) = self.nodes[iu].machine.take() {
+            for (key, s) in m.submissions() {
+                if let Some(&j) = self.job_ids.get(&key.0) {
+                    self.jobs[j as usize].states = s.shard_states();
+                    self.jobs[j as usize].stats = s.stats().clone();
+                }
+            }
+        }
         let n = &mut self.nodes[iu];
         n.incarnation += 1;
-        n.worker = None;
         n.timer_at = NEVER;
         let running = std::mem::take(&mut n.running);
         let leased = std::mem::take(&mut n.leased_from);
@@ -597,8 +677,8 @@ impl World {
             }
         }
         let gone = self.now + ms(self.sc.run.peer_gone_after);
-        for job in leased {
-            self.push(gone, Ev::PeerGone { job, node: i });
+        for node in leased {
+            self.push(gone, Ev::PeerGone { node, peer: i });
         }
         if let Some(d) = restart_after {
             self.push(self.now + d, Ev::Restart { node: i, incarnation });
@@ -615,6 +695,27 @@ impl World {
                     .filter(|&i| self.up[i as usize])
                     .filter(|&i| !running || !self.nodes[i as usize].running.is_empty())
                     .collect();
+                for _ in 0..count {
+                    if pool.is_empty() {
+                        break;
+                    }
+                    let k = self.rng_faults.below(pool.len() as u64) as usize;
+                    let victim = pool.swap_remove(k);
+                    self.crash(victim, restart_after);
+                }
+            }
+            Fault::SubmitterCrash { count, restart_after } => {
+                // Those with unfinished jobs first.
+                let open = |w: &World, i: u32| {
+                    w.nodes[i as usize]
+                        .machine
+                        .as_ref()
+                        .is_some_and(|m| m.submissions().any(|(_, s)| !s.is_finished()))
+                };
+                let up: Vec<u32> =
+                    self.submitters.iter().copied().filter(|&i| self.up[i as usize]).collect();
+                let busy: Vec<u32> = up.iter().copied().filter(|&i| open(self, i)).collect();
+                let mut pool = if busy.is_empty() { up } else { busy };
                 for _ in 0..count {
                     if pool.is_empty() {
                         break;
@@ -659,46 +760,80 @@ impl World {
 
     // ---- machines ----
 
-    fn arm_worker(&mut self, i: u32) {
+    fn arm_node(&mut self, i: u32) {
         let n = &self.nodes[i as usize];
-        let Some(w) = n.worker.as_ref() else { return };
-        let at = match w.poll_timeout() {
+        let Some(m) = n.machine.as_ref() else { return };
+        let at = match m.poll_timeout() {
             Some(t) => t.0.saturating_sub(n.skew).max(self.now),
             None => NEVER,
         };
         if at != n.timer_at {
             self.nodes[i as usize].timer_at = at;
             if at != NEVER {
-                self.push(at, Ev::WorkerTimer { node: i });
+                self.push(at, Ev::NodeTimer { node: i });
             }
         }
     }
 
-    fn drain_worker(&mut self, i: u32) {
+    fn drain_node(&mut self, i: u32) {
         let mut out = Vec::new();
-        if let Some(w) = self.nodes[i as usize].worker.as_mut() {
-            while let Some(o) = w.poll_output() {
+        if let Some(m) = self.nodes[i as usize].machine.as_mut() {
+            while let Some(o) = m.poll_output() {
                 out.push(o);
             }
         }
         for o in out {
-            self.worker_output(i, o);
+            self.node_output(i, o);
         }
-        self.arm_worker(i);
+        self.arm_node(i);
     }
 
-    fn worker_output(&mut self, i: u32, o: Output) {
+    /// The submitter of job `j`, while its node is up.
+    fn submitter_of(&self, j: u32) -> Option<&Submitter> {
+        let job = &self.jobs[j as usize];
+        self.nodes[job.client as usize].machine.as_ref()?.submission(&job.key?)
+    }
+
+    fn node_output(&mut self, i: u32, o: NodeOutput) {
         let iu = i as usize;
+        let o = match o {
+            NodeOutput::Output(o) => o,
+            NodeOutput::Drop(key) => {
+                self.nodes[iu].disk.jobs.remove(&key);
+                self.nodes[iu].disk.canceled.remove(&key);
+                return;
+            }
+            NodeOutput::Canceled(key) => {
+                self.nodes[iu].disk.canceled.insert(key);
+                return;
+            }
+            NodeOutput::Changed { .. } => return,
+        };
         match o {
             Output::Send { to, mut msg } => {
                 self.nodes[iu].behavior.tamper(&mut msg);
                 self.send(i, to, msg);
             }
-            Output::Persist(Record::Outbox { lease, result }) => {
-                self.nodes[iu].outbox.insert(lease, result);
+            Output::Publish { msg: Message::Announce(signed), .. } => {
+                self.counters.signatures += 1;
+                self.counters.verifications += 1;
+                let size = Message::Announce(signed.clone()).encode().len();
+                match signed.verify() {
+                    Ok(p) => self.publish(i, p, signed.body, size),
+                    Err(_) => self.counters.count("announce_forged", 1),
+                }
             }
+            Output::Publish { .. } => {}
+            Output::Persist(Record::Outbox { lease, result }) => {
+                self.nodes[iu].disk.outbox.insert(lease, result);
+            }
+            Output::Persist(r) => self.persist(i, r),
             Output::Forget(lease) => {
-                self.nodes[iu].outbox.remove(&lease);
+                self.nodes[iu].disk.outbox.remove(&lease);
+            }
+            Output::Provide(id) => {
+                self.dht.provide(id, i);
+                self.counters.count("dht", self.dht.provide_messages());
             }
             Output::StartExecution(e) => self.start_exec(i, e),
             Output::KillExecution(lease) => {
@@ -711,73 +846,61 @@ impl World {
                     self.push(self.now + KILL_MS, Ev::Done { exec: id });
                 }
             }
-            Output::Publish { .. } | Output::Persist(_) | Output::Provide(_) | Output::Event(_) => {
-            }
+            Output::Event(e) => self.event(e),
         }
     }
 
-    fn arm_job(&mut self, j: u32) {
-        let job = &self.jobs[j as usize];
-        let Some(s) = job.submitter.as_ref() else { return };
-        let skew = self.nodes[job.client as usize].skew;
-        let at = match s.poll_timeout() {
-            Some(t) => t.0.saturating_sub(skew).max(self.now),
-            None => NEVER,
+    /// A submitter's record goes to its node's disk. A result it counts is checked when it is
+    /// first persisted (a restored submitter persists the results it counts again).
+    fn persist(&mut self, i: u32, r: Record) {
+        let key = match &r {
+            Record::Job { request, submission, .. } => (request.spec.id(), *submission),
+            Record::Lease { lease, .. } => (lease.job, lease.submission),
+            Record::Result(signed) => (signed.body.job, signed.body.submission),
+            Record::Outbox { .. } => return,
         };
-        if at != job.timer_at {
-            self.jobs[j as usize].timer_at = at;
-            if at != NEVER {
-                self.push(at, Ev::JobTimer { job: j });
+        let created = match &r {
+            Record::Job { created, .. } => *created,
+            _ => Time::ZERO,
+        };
+        let disk = &mut self.nodes[i as usize].disk;
+        let entry = disk.jobs.entry(key).or_insert((created, Vec::new()));
+        if let Record::Result(signed) = &r {
+            if entry.1.contains(&r) {
+                return;
             }
-        }
-    }
-
-    fn drain_job(&mut self, j: u32) {
-        let mut out = Vec::new();
-        if let Some(s) = self.jobs[j as usize].submitter.as_mut() {
-            while let Some(o) = s.poll_output() {
-                out.push(o);
-            }
-        }
-        for o in out {
-            self.job_output(j, o);
-        }
-        self.arm_job(j);
-    }
-
-    fn job_output(&mut self, j: u32, o: Output) {
-        let client = self.jobs[j as usize].client;
-        match o {
-            Output::Send { to, msg } => self.send(client, to, msg),
-            Output::Publish { msg: Message::Announce(signed), .. } => {
-                self.counters.signatures += 1;
-                self.counters.verifications += 1;
-                let size = Message::Announce(signed.clone()).encode().len();
-                match signed.verify() {
-                    Ok(p) => self.publish(client, p, signed.body, size),
-                    Err(_) => self.counters.count("announce_forged", 1),
-                }
-            }
-            Output::Persist(Record::Result(r)) => {
-                let c = self.checker.counted(Time(self.now), j, &r);
+            if let Some(&j) = self.job_ids.get(&signed.body.job) {
+                let c = self.checker.counted(Time(self.now), j, signed);
                 self.check(c);
             }
-            Output::Provide(id) => {
-                self.dht.provide(id, client);
-                self.counters.count("dht", self.dht.provide_messages());
+        }
+        let entry = self.nodes[i as usize].disk.jobs.entry(key).or_insert((created, Vec::new()));
+        entry.1.push(r);
+    }
+
+    fn event(&mut self, e: Event) {
+        let job_of = |w: &World, id: &ContentId| w.job_ids.get(id).copied();
+        match e {
+            Event::Shard { job, shard, state } => {
+                if let Some(j) = job_of(self, &job)
+                    && self.replaying.is_none()
+                {
+                    self.shard_state(j, shard, state);
+                }
             }
-            Output::Event(Event::Shard { shard, state, .. }) => self.shard_state(j, shard, state),
-            Output::Event(Event::JobFinished { .. })
-                if self.jobs[j as usize].finished.is_none() =>
-            {
-                self.jobs[j as usize].finished = Some(self.now);
-                self.finished_jobs += 1;
-                self.push(self.now + ms(self.sc.run.linger), Ev::Linger { job: j });
+            Event::JobFinished { job } => {
+                if let Some(j) = job_of(self, &job)
+                    && self.jobs[j as usize].finished.is_none()
+                {
+                    self.jobs[j as usize].finished = Some(self.now);
+                    self.finished_jobs += 1;
+                    self.push(self.now + ms(self.sc.run.linger), Ev::Linger { job: j });
+                }
             }
-            Output::Event(Event::ResultRejected { rejection, .. }) => {
+            Event::ResultRejected { rejection, .. } => {
                 *self.counters.rejected.entry(format!("{rejection:?}")).or_default() += 1;
             }
-            Output::Event(Event::Attempt { state, .. }) => {
+            Event::Attempt { state, .. } => {
                 if matches!(state, AttemptState::WorkerDied | AttemptState::Error) {
                     self.counters.lost += 1;
                 }
@@ -787,28 +910,32 @@ impl World {
     }
 
     fn shard_state(&mut self, j: u32, shard: u32, state: ShardState) {
-        let Some(s) = self.jobs[j as usize].submitter.as_ref() else { return };
         let honest = |p: &PeerId| {
             self.peers.get(p).is_some_and(|&n| self.nodes[n as usize].behavior.is_honest())
         };
         let mut votes = Vec::new();
         let mut replicas = Vec::new();
         let mut accepted = None;
-        if state.is_final() {
-            for r in s.results(shard) {
-                votes.push((r.claimed_signer().is_some_and(|p| honest(&p)), r.body.outcome()));
-            }
-            if let Some(st) = s.shard(shard) {
-                accepted = st.accepted;
-                for (_, node, a) in &st.attempts {
-                    if !matches!(a, AttemptState::WorkerDied | AttemptState::Error) {
-                        replicas.push(honest(node));
+        {
+            let Some(s) = self.submitter_of(j) else { return };
+            if state.is_final() {
+                for r in s.results(shard) {
+                    votes.push((r.claimed_signer().is_some_and(|p| honest(&p)), r.body.outcome()));
+                }
+                if let Some(st) = s.shard(shard) {
+                    accepted = st.accepted;
+                    for (_, node, a) in &st.attempts {
+                        if !matches!(a, AttemptState::WorkerDied | AttemptState::Error) {
+                            replicas.push(honest(node));
+                        }
                     }
                 }
             }
-            if let Some((t, _)) = self.crashed.remove(&(j, shard)) {
-                self.counters.recovered.push((self.now - t) as f64);
-            }
+        }
+        if state.is_final()
+            && let Some((t, _)) = self.crashed.remove(&(j, shard))
+        {
+            self.counters.recovered.push((self.now - t) as f64);
         }
         let t = workload::truth(&self.sc.workload, self.seed, j, shard);
         let truth = Outcome { state: RunState::Completed, exit_code: Some(t.exit), outputs: None };
@@ -818,30 +945,27 @@ impl World {
     }
 
     fn arrive(&mut self, j: u32) {
+        let client = self.jobs[j as usize].client;
+        if !self.up[client as usize] {
+            // Its node is down: the developer submits again once it is back.
+            self.push(self.now + 1_000, Ev::Arrive { job: j });
+            return;
+        }
         let sc = &self.sc;
         let req = workload::request(&sc.workload, &sc.population.classes, self.seed, j);
-        let client = self.jobs[j as usize].client;
-        let key = self.nodes[client as usize].key.clone();
-        let seed = stream(self.seed, Stream::Machines, 1 << 48 | u64::from(j)).next_u64();
+        self.job_ids.insert(req.spec.id(), j);
         let t = self.local(client);
-        let s = Submitter::new(req, key, t, self.submitter_cfg.clone(), seed).expect("valid job");
-        self.job_ids.insert(s.job(), j);
-        self.jobs[j as usize].submitter = Some(Box::new(s));
-        if let Some(s) = self.jobs[j as usize].submitter.as_mut() {
-            s.handle_timeout(t);
-        }
-        self.drain_job(j);
+        let n = &mut self.nodes[client as usize];
+        let Some(m) = n.machine.as_mut() else { return };
+        let key = m.submit(t, req, false, &mut n.disk).expect("valid job");
+        self.jobs[j as usize].key = Some(key);
+        self.drain_node(client);
     }
 
-    /// A finished job's client exits: keep what the report needs, drop the machine.
+    /// A finished job's submitter stops providing its inputs (its developer moved on).
     fn retire(&mut self, j: u32) {
-        let job = &mut self.jobs[j as usize];
-        if let Some(s) = job.submitter.take() {
-            job.states = s.shard_states();
-            job.stats = s.stats().clone();
-            self.dht.forget(&job.manifest);
-        }
-        job.timer_at = NEVER;
+        let manifest = self.jobs[j as usize].manifest;
+        self.dht.forget(&manifest);
     }
 
     // ---- network ----
@@ -875,37 +999,17 @@ impl World {
             },
         };
         let from_peer = self.nodes[from as usize].peer;
-        if to >= self.workers {
-            let job = match &msg {
-                Message::Claim(c) => c.job,
-                Message::Heartbeat(h) => h.job,
-                Message::Result(r) => r.body.job,
-                Message::Decline(d) => d.job,
-                _ => return,
-            };
-            let Some(&j) = self.job_ids.get(&job) else { return };
-            if self.jobs[j as usize].client != to {
-                return;
+        match &msg {
+            Message::Grant(_) => {
+                self.nodes[to as usize].leased_from.insert(from);
             }
-            if matches!(msg, Message::Result(_)) {
-                self.counters.verifications += 1;
-            }
-            let t = self.local(to);
-            if let Some(s) = self.jobs[j as usize].submitter.as_mut() {
-                s.handle_message(t, from_peer, msg);
-                self.drain_job(j);
-            }
-            return;
-        }
-        if let Message::Grant(g) = &msg
-            && let Some(&j) = self.job_ids.get(&g.job)
-        {
-            self.nodes[to as usize].leased_from.insert(j);
+            Message::Result(_) => self.counters.verifications += 1,
+            _ => {}
         }
         let t = self.local(to);
-        if let Some(w) = self.nodes[to as usize].worker.as_mut() {
-            w.handle_message(t, from_peer, msg);
-            self.drain_worker(to);
+        if let Some(m) = self.nodes[to as usize].machine.as_mut() {
+            let _ = m.handle_message(t, from_peer, msg);
+            self.drain_node(to);
         }
     }
 
@@ -974,6 +1078,8 @@ impl World {
         }
         for k in start..end {
             let node = spread.arrivals[k as usize].1;
+            // Clients run no shards: a 0-slot node only declines what it hears, which the
+            // model skips.
             if node >= self.workers || !self.up[node as usize] {
                 continue;
             }
@@ -989,14 +1095,14 @@ impl World {
                 continue;
             }
             let t = self.local(node);
-            let Some(w) = self.nodes[node as usize].worker.as_mut() else { continue };
-            let taken = w.handle_shared_announcement(t, submitter, &ann).is_ok();
+            let Some(m) = self.nodes[node as usize].machine.as_mut() else { continue };
+            let taken = m.handle_shared_announcement(t, submitter, &ann).is_ok();
             // A refused announcement (stale, untrusted, not this node's kind) that asked for
             // nothing can only have dropped a job view: the armed timer may now be early,
             // which the contract allows, never late. Skipping the re-arm saves a walk of the
             // worker's jobs on most deliveries of a large grid.
-            if taken || self.nodes[node as usize].worker.as_ref().is_some_and(|w| w.has_output()) {
-                self.drain_worker(node);
+            if taken || self.nodes[node as usize].machine.as_ref().is_some_and(|m| m.has_output()) {
+                self.drain_node(node);
             }
         }
     }
@@ -1013,8 +1119,8 @@ impl World {
     fn start_exec(&mut self, i: u32, e: Execution) {
         let Some(&j) = self.job_ids.get(&e.lease.job) else { return };
         let shard = e.lease.lease.shard;
-        let job = &self.jobs[j as usize];
-        let lost = job.submitter.as_ref().and_then(|s| s.shard(shard)).map_or(0, |st| {
+        let max_replicas = self.jobs[j as usize].max_replicas;
+        let lost = self.submitter_of(j).and_then(|s| s.shard(shard)).map_or(0, |st| {
             st.attempts
                 .iter()
                 .filter(|a| {
@@ -1025,7 +1131,7 @@ impl World {
                 })
                 .count()
         });
-        let bound = usize::from(job.max_replicas) + lost;
+        let bound = usize::from(max_replicas) + lost;
         let r = self.checker.started(Time(self.now), j, shard, bound);
         self.check(r);
         if let Some((t, rerun)) = self.crashed.get_mut(&(j, shard))
@@ -1124,9 +1230,9 @@ impl World {
         let (i, j, truth, lease) = (x.node, x.job, x.truth, x.lease);
         // The inputs are in place: the process starts, and the worker says so.
         let t = self.local(i);
-        if let Some(w) = self.nodes[i as usize].worker.as_mut() {
-            w.execution_started(t, lease);
-            self.drain_worker(i);
+        if let Some(m) = self.nodes[i as usize].machine.as_mut() {
+            m.execution_started(t, lease);
+            self.drain_node(i);
         }
         let manifest = self.jobs[j as usize].manifest;
         let cache = &mut self.nodes[i as usize].cache;
@@ -1171,11 +1277,11 @@ impl World {
         let i = x.node;
         self.nodes[i as usize].running.remove(&x.lease);
         let t = self.local(i);
-        if let Some(w) = self.nodes[i as usize].worker.as_mut() {
-            if w.execution_finished(t, x.lease, outcome) {
+        if let Some(m) = self.nodes[i as usize].machine.as_mut() {
+            if m.execution_finished(t, x.lease, outcome) {
                 self.counters.signatures += 1;
             }
-            self.drain_worker(i);
+            self.drain_node(i);
         }
     }
 
@@ -1190,8 +1296,8 @@ impl World {
         let mut overhead = Vec::new();
         let mut states: BTreeMap<String, u64> = BTreeMap::new();
         let mut dissents = 0;
-        for job in &self.jobs {
-            let (st, stats) = match &job.submitter {
+        for (j, job) in self.jobs.iter().enumerate() {
+            let (st, stats) = match self.submitter_of(j as u32) {
                 Some(s) => (s.shard_states(), s.stats().clone()),
                 None => (job.states.clone(), job.stats.clone()),
             };

@@ -1,0 +1,748 @@
+//! A node's coordination: its [`Worker`] and the jobs it submitted (one [`Submitter`] each),
+//! tied together as one machine.
+//!
+//! `grid-node`'s engine, the simulator and the whole-job test all drive this type, so what a
+//! node decides is the same everywhere by construction:
+//! - which machine a message is for (by its kind and its job), and the refusal of a claim for a
+//!   job this node does not know ([`RefuseReason::UnknownJob`]);
+//! - messages between this node's own submitters and its own worker, which never leave it: a
+//!   node may run its own jobs, and hears its own announcements when it has slots;
+//! - the job registry: at most [`MAX_SUBMITTED_JOBS`] submissions (the oldest finished one
+//!   makes room), records kept for [`JOB_RETENTION`], restore after a restart, cancel, and the
+//!   choice of earlier results an idempotent job reuses;
+//! - announcements no peer heard, published again after [`REPUBLISH_AFTER`] at most
+//!   [`MAX_REPUBLISH`] times;
+//! - the quarantine gate: the driver says whether the machine is well ([`Node::set_health`]),
+//!   the worker declines or claims accordingly.
+//!
+//! Like the machines it holds it does no IO. Every call queues [`NodeOutput`]s; the driver pulls
+//! them with [`Node::poll_output`] and carries them out **in order** (a persisted record before
+//! anything queued after it, as [`crate::output`] requires), and calls [`Node::handle_timeout`]
+//! at [`Node::poll_timeout`]. A [`Output::Send`] it yields is never addressed to this node.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use libp2p_identity::{Keypair, PeerId};
+
+use crate::content::ContentId;
+use crate::dims::{DimensionError, Dimensions};
+use crate::job::{JobError, JobRequest, MAX_REPLICAS};
+use crate::message::{self, DecodeError, Message, Refusal, RefuseReason};
+use crate::output::{ExecOutcome, LeaseId, Output, Record};
+use crate::record::{Announcement, SignedAnnouncement, SignedResult};
+use crate::submitter::{MAX_KNOWN_NODES, RestoreError, Submitter, SubmitterConfig};
+use crate::time::{Time, millis};
+use crate::worker::{AnnouncementError, TrustPolicy, Worker, WorkerConfig};
+
+/// A submission: the job and its nonce.
+pub type SubKey = (ContentId, u64);
+
+/// Most submissions a node keeps a submitter for at once.
+pub const MAX_SUBMITTED_JOBS: usize = 256;
+/// How long a submission's records are kept (results stay reusable for 7 days).
+pub const JOB_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Delay before publishing again an announcement no peer heard.
+pub const REPUBLISH_AFTER: Duration = Duration::from_millis(500);
+/// Most times one announcement is published again that way.
+pub const MAX_REPUBLISH: u32 = 40;
+/// Most job ids remembered as heard announced.
+pub const MAX_HEARD: usize = 64;
+
+/// How a node is set up.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Its identity: it signs announcements and results.
+    pub keypair: Keypair,
+    /// Its dimensions.
+    pub dimensions: Dimensions,
+    /// Whom it runs jobs for.
+    pub trust: TrustPolicy,
+    /// Its worker (with its slots; 0 slots runs no shards).
+    pub worker: WorkerConfig,
+    /// Its submitters.
+    pub submitter: SubmitterConfig,
+    /// Fixes every nonce and jitter of its machines.
+    pub seed: u64,
+}
+
+/// One thing the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "nearly every output is a machine's; boxing them would cost an allocation each"
+)]
+pub enum NodeOutput {
+    /// An output of the worker or of a submitter: carry it out as [`Output`] says.
+    Output(Output),
+    /// Delete every record of this submission: it is older than [`JOB_RETENTION`].
+    Drop(SubKey),
+    /// This submission was canceled: record that durably, so a restore cancels it again.
+    Canceled(SubKey),
+    /// What the submission's watchers see changed (a shard, or why shards wait). Once it is
+    /// `finished`, the view is final and should reach them at once.
+    Changed {
+        /// The submission.
+        key: SubKey,
+        /// Whether every shard is final.
+        finished: bool,
+    },
+}
+
+/// Where a node reads the results it persisted earlier, for an idempotent job to reuse.
+pub trait History {
+    /// Every result of `job` this node persisted, of any submission.
+    fn results(&mut self, job: &ContentId) -> Vec<SignedResult>;
+}
+
+/// No history (a node that never reuses results).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHistory;
+
+impl History for NoHistory {
+    fn results(&mut self, _: &ContentId) -> Vec<SignedResult> {
+        Vec::new()
+    }
+}
+
+/// Why a submission was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The node keeps [`MAX_SUBMITTED_JOBS`] unfinished submissions already.
+    #[error("this node already runs {MAX_SUBMITTED_JOBS} jobs")]
+    TooManyJobs,
+    /// The request is not valid.
+    #[error(transparent)]
+    Invalid(#[from] JobError),
+}
+
+/// Why an input changed nothing. The driver may log it; nothing else is to be done.
+#[derive(Debug)]
+pub enum Ignored {
+    /// The bytes are not a message.
+    Undecodable(DecodeError),
+    /// An announcement came as a direct message (announcements travel by gossip only).
+    DirectAnnouncement,
+    /// Something other than an announcement came by gossip.
+    NotAnnouncement(message::MessageKind),
+    /// The worker did not take the announcement.
+    Announcement(AnnouncementError),
+    /// A message for a job this node did not submit (claims are refused instead).
+    UnknownJob(ContentId),
+}
+
+impl fmt::Display for Ignored {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ignored::Undecodable(e) => write!(f, "undecodable message: {e}"),
+            Ignored::DirectAnnouncement => f.write_str("an announcement sent directly"),
+            Ignored::NotAnnouncement(k) => write!(f, "a {k:?} message by gossip"),
+            Ignored::Announcement(e) => write!(f, "announcement not taken: {e}"),
+            Ignored::UnknownJob(j) => write!(f, "a message for job {j}, not submitted here"),
+        }
+    }
+}
+
+impl std::error::Error for Ignored {}
+
+#[derive(Debug)]
+struct Republish {
+    due: Option<Time>,
+    msg: Message,
+    tries: u32,
+}
+
+/// A node: its worker and its submissions.
+#[derive(Debug)]
+pub struct Node {
+    me: PeerId,
+    keypair: Keypair,
+    dimensions: Dimensions,
+    slots: u32,
+    worker: Worker,
+    jobs: BTreeMap<SubKey, Submitter>,
+    submitter_config: SubmitterConfig,
+    seed: u64,
+    heard: VecDeque<ContentId>,
+    peer_dims: BTreeMap<PeerId, Dimensions>,
+    republish: BTreeMap<(String, SubKey), Republish>,
+    outputs: VecDeque<NodeOutput>,
+    /// Submissions with outputs to drain or a timer to re-arm.
+    touched: BTreeSet<SubKey>,
+    /// Submissions whose watchers should get a new view.
+    changed: BTreeSet<SubKey>,
+    /// Each submission's next deadline, and the same ordered by time.
+    timer_of: BTreeMap<SubKey, Time>,
+    timers: BTreeSet<(Time, SubKey)>,
+}
+
+impl Node {
+    /// A node with no submissions yet. The dimensions must be valid.
+    pub fn new(config: NodeConfig) -> Result<Self, DimensionError> {
+        let mut seed = config.seed;
+        let worker = Worker::new(
+            config.keypair.clone(),
+            config.dimensions.clone(),
+            config.trust,
+            config.worker.clone(),
+            next_seed(&mut seed),
+        )?;
+        Ok(Node {
+            me: config.keypair.public().to_peer_id(),
+            keypair: config.keypair,
+            dimensions: config.dimensions,
+            slots: config.worker.slots,
+            worker,
+            jobs: BTreeMap::new(),
+            submitter_config: config.submitter,
+            seed,
+            heard: VecDeque::new(),
+            peer_dims: BTreeMap::new(),
+            republish: BTreeMap::new(),
+            outputs: VecDeque::new(),
+            touched: BTreeSet::new(),
+            changed: BTreeSet::new(),
+            timer_of: BTreeMap::new(),
+            timers: BTreeSet::new(),
+        })
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.me
+    }
+
+    /// Its worker.
+    pub fn worker(&self) -> &Worker {
+        &self.worker
+    }
+
+    /// One submission's submitter.
+    pub fn submission(&self, key: &SubKey) -> Option<&Submitter> {
+        self.jobs.get(key)
+    }
+
+    /// Every submission, by key.
+    pub fn submissions(&self) -> impl Iterator<Item = (&SubKey, &Submitter)> {
+        self.jobs.iter()
+    }
+
+    /// The newest submission of `job` (by submission time: nonces are random).
+    pub fn newest(&self, job: &ContentId) -> Option<(SubKey, &Submitter)> {
+        self.jobs
+            .range((*job, 0)..=(*job, u64::MAX))
+            .max_by_key(|(_, s)| s.created())
+            .map(|(k, s)| (*k, s))
+    }
+
+    /// Who runs `shard` of the newest submission of `job` now: its lease and node.
+    pub fn holder(&self, job: &ContentId, shard: u32) -> Option<(LeaseId, PeerId)> {
+        let ((job, submission), s) = self.newest(job)?;
+        let live = s.live_attempt(shard)?;
+        Some((LeaseId { submitter: self.me, job, submission, lease: live.lease }, live.node))
+    }
+
+    /// Jobs heard announced lately, oldest first (at most [`MAX_HEARD`]).
+    pub fn heard(&self) -> impl Iterator<Item = &ContentId> {
+        self.heard.iter()
+    }
+
+    // ---- restore ----
+
+    /// A result the worker had not had acknowledged before the node stopped: it is delivered
+    /// again.
+    pub fn restore_result(&mut self, now: Time, lease: LeaseId, result: SignedResult) {
+        self.worker.restore_result(now, lease, result);
+        self.pump(now);
+    }
+
+    /// Which of the stored submissions (each with its submission time) to restore, oldest
+    /// first: the newest [`MAX_SUBMITTED_JOBS`] of those within [`JOB_RETENTION`]. Older ones
+    /// are dropped ([`NodeOutput::Drop`]), so the records stay bounded however long a node runs.
+    pub fn restore_plan(&mut self, now: Time, mut stored: Vec<(Time, SubKey)>) -> Vec<SubKey> {
+        stored.sort();
+        let cutoff = Time(now.0.saturating_sub(millis(JOB_RETENTION)));
+        let (old, kept): (Vec<_>, Vec<_>) = stored.into_iter().partition(|(c, _)| *c < cutoff);
+        for (_, key) in old {
+            self.outputs.push_back(NodeOutput::Drop(key));
+        }
+        let skip = kept.len().saturating_sub(MAX_SUBMITTED_JOBS);
+        kept.into_iter().skip(skip).map(|(_, k)| k).collect()
+    }
+
+    /// Rebuilds a submission from its records ([`Submitter::restore`]); a canceled one stays
+    /// canceled, an idempotent one takes earlier results again.
+    pub fn restore_submission(
+        &mut self,
+        now: Time,
+        records: &[Record],
+        canceled: bool,
+        history: &mut dyn History,
+    ) -> Result<SubKey, RestoreError> {
+        let seed = next_seed(&mut self.seed);
+        let mut machine = Submitter::restore(
+            records,
+            self.keypair.clone(),
+            now,
+            self.submitter_config.clone(),
+            seed,
+        )?;
+        if canceled {
+            machine.cancel(now);
+        } else {
+            reuse_earlier(now, &mut machine, history);
+        }
+        let key = (machine.job(), machine.submission());
+        self.insert(key, machine);
+        self.pump(now);
+        Ok(key)
+    }
+
+    // ---- the node's own user ----
+
+    /// Submits a job. With `force`, every shard runs, even those an earlier run of an
+    /// idempotent job passed.
+    pub fn submit(
+        &mut self,
+        now: Time,
+        request: JobRequest,
+        force: bool,
+        history: &mut dyn History,
+    ) -> Result<SubKey, SubmitError> {
+        if self.jobs.len() >= MAX_SUBMITTED_JOBS {
+            // The oldest finished submission makes room (its records stay).
+            let done = self
+                .jobs
+                .iter()
+                .filter(|(_, s)| s.is_finished())
+                .min_by_key(|(_, s)| s.created())
+                .map(|(k, _)| *k)
+                .ok_or(SubmitError::TooManyJobs)?;
+            self.remove(done);
+        }
+        let config = SubmitterConfig { force, ..self.submitter_config.clone() };
+        let seed = next_seed(&mut self.seed);
+        let mut machine = Submitter::new(request, self.keypair.clone(), now, config, seed)?;
+        if !force {
+            reuse_earlier(now, &mut machine, history);
+        }
+        if self.slots > 0 {
+            machine.observe_node(self.me, self.dimensions.clone());
+        }
+        for (p, d) in &self.peer_dims {
+            machine.observe_node(*p, d.clone());
+        }
+        let key = (machine.job(), machine.submission());
+        self.insert(key, machine);
+        self.pump(now);
+        Ok(key)
+    }
+
+    /// Cancels every submission of `job`; whether there was one.
+    pub fn cancel(&mut self, now: Time, job: &ContentId) -> bool {
+        let keys: Vec<SubKey> =
+            self.jobs.range((*job, 0)..=(*job, u64::MAX)).map(|(k, _)| *k).collect();
+        for key in &keys {
+            self.outputs.push_back(NodeOutput::Canceled(*key));
+            if let Some(s) = self.jobs.get_mut(key) {
+                s.cancel(now);
+            }
+            self.touched.insert(*key);
+        }
+        self.pump(now);
+        !keys.is_empty()
+    }
+
+    /// Whether the machine can take work (`None`) or why not: a quarantine the driver found
+    /// (the executor keeps failing). Call before every other input, so the worker decides with
+    /// the current state.
+    pub fn set_health(&mut self, now: Time, why: Option<String>) {
+        self.worker.set_quarantine(now, why);
+        self.pump(now);
+    }
+
+    // ---- the mesh ----
+
+    /// A frame from `from`, by gossip or as a direct message.
+    pub fn handle_frame(
+        &mut self,
+        now: Time,
+        from: PeerId,
+        gossip: bool,
+        frame: &[u8],
+    ) -> Result<(), Ignored> {
+        let msg = message::decode(frame).map_err(Ignored::Undecodable)?;
+        match (gossip, msg) {
+            (true, Message::Announce(a)) => self.handle_announcement(now, a),
+            (true, other) => Err(Ignored::NotAnnouncement(other.kind())),
+            (false, msg) => self.handle_message(now, from, msg),
+        }
+    }
+
+    /// An announcement heard by gossip.
+    pub fn handle_announcement(
+        &mut self,
+        now: Time,
+        signed: SignedAnnouncement,
+    ) -> Result<(), Ignored> {
+        self.hear(signed.body.job);
+        // A quarantined worker still hears jobs: it tells their submitters why it does not
+        // claim, and claims them as soon as it is well again.
+        let r = self.worker.handle_announcement(now, signed).map_err(Ignored::Announcement);
+        self.pump(now);
+        r
+    }
+
+    /// An announcement whose signature the driver verified as `submitter`'s, shared by many
+    /// nodes (the simulator verifies once per publication). As [`Node::handle_announcement`].
+    pub fn handle_shared_announcement(
+        &mut self,
+        now: Time,
+        submitter: PeerId,
+        ann: &Arc<Announcement>,
+    ) -> Result<(), AnnouncementError> {
+        self.hear(ann.job);
+        let r = self.worker.handle_shared_announcement(now, submitter, ann);
+        if self.worker.has_output() {
+            self.pump(now);
+        }
+        r
+    }
+
+    /// Whether anything is queued for [`Node::poll_output`] or inside a machine.
+    pub fn has_output(&self) -> bool {
+        !self.outputs.is_empty() || self.worker.has_output()
+    }
+
+    /// A direct message from `from`.
+    pub fn handle_message(&mut self, now: Time, from: PeerId, msg: Message) -> Result<(), Ignored> {
+        let r = self.route(now, from, msg);
+        self.pump(now);
+        r
+    }
+
+    fn route(&mut self, now: Time, from: PeerId, msg: Message) -> Result<(), Ignored> {
+        match msg {
+            Message::Announce(_) => Err(Ignored::DirectAnnouncement),
+            Message::Claim(c) => {
+                let key = (c.job, c.submission);
+                match self.jobs.get_mut(&key) {
+                    Some(s) => {
+                        s.handle_claim(now, from, c);
+                        self.touched.insert(key);
+                    }
+                    None => {
+                        // The node that claims learns at once that there is nothing to wait
+                        // for (a job canceled and forgotten, or never submitted here).
+                        let refusal = Refusal {
+                            job: c.job,
+                            submission: c.submission,
+                            claim_id: c.claim_id,
+                            reason: RefuseReason::UnknownJob,
+                        };
+                        self.send(now, from, Message::Refuse(refusal));
+                    }
+                }
+                Ok(())
+            }
+            Message::Heartbeat(h) => {
+                self.for_job((h.job, h.submission), |s| s.handle_heartbeat(now, from, h))
+            }
+            Message::Result(r) => {
+                let key = (r.body.job, r.body.submission);
+                self.for_job(key, |s| s.handle_result(now, from, r))
+            }
+            Message::Decline(d) => {
+                let key = (d.job, d.submission);
+                let r = self.for_job(key, |s| s.handle_decline(now, from, d));
+                // It changes no shard, only why shards wait.
+                if r.is_ok() {
+                    self.changed.insert(key);
+                }
+                r
+            }
+            m @ (Message::Grant(_)
+            | Message::Refuse(_)
+            | Message::HeartbeatReply(_)
+            | Message::Ack(_)
+            | Message::Cancel(_)) => {
+                self.worker.handle_message(now, from, m);
+                Ok(())
+            }
+        }
+    }
+
+    fn for_job(&mut self, key: SubKey, f: impl FnOnce(&mut Submitter)) -> Result<(), Ignored> {
+        let s = self.jobs.get_mut(&key).ok_or(Ignored::UnknownJob(key.0))?;
+        f(s);
+        self.touched.insert(key);
+        Ok(())
+    }
+
+    /// Sends `msg`, delivering it inside when it is for this node.
+    fn send(&mut self, now: Time, to: PeerId, msg: Message) {
+        if to == self.me {
+            let _ = self.route(now, to, msg);
+        } else {
+            self.outputs.push_back(NodeOutput::Output(Output::Send { to, msg }));
+        }
+    }
+
+    /// The driver published `msg` on `topic`; `heard` says whether any peer subscribed to it
+    /// was connected. An announcement nobody heard goes out again shortly rather than at the
+    /// next announcement period.
+    pub fn published(&mut self, now: Time, topic: &str, msg: &Message, heard: bool) {
+        let Message::Announce(a) = msg else { return };
+        let slot = (topic.to_string(), (a.body.job, a.body.submission));
+        if heard {
+            self.republish.remove(&slot);
+            return;
+        }
+        let r = self.republish.entry(slot.clone()).or_insert(Republish {
+            due: None,
+            msg: msg.clone(),
+            tries: 0,
+        });
+        if r.tries >= MAX_REPUBLISH {
+            self.republish.remove(&slot);
+            return;
+        }
+        r.tries += 1;
+        r.msg = msg.clone();
+        r.due = Some(now + REPUBLISH_AFTER);
+    }
+
+    /// A connection to `peer` opened: results waiting for it (a submitter that restarted) go
+    /// out now.
+    pub fn peer_connected(&mut self, now: Time, peer: PeerId) {
+        self.worker.peer_returned(now, peer);
+        self.pump(now);
+    }
+
+    /// The last connection to `peer` closed: its leases are lost now, not at their deadlines.
+    pub fn peer_gone(&mut self, now: Time, peer: PeerId) {
+        self.peer_dims.remove(&peer);
+        let keys: Vec<SubKey> = self.jobs.keys().copied().collect();
+        for key in keys {
+            if let Some(s) = self.jobs.get_mut(&key) {
+                s.peer_gone(now, peer);
+            }
+            self.touched.insert(key);
+        }
+        self.refresh_watchers();
+        self.pump(now);
+    }
+
+    /// A peer told its dimensions: every job can now say whether it would fit.
+    pub fn peer_dimensions(&mut self, peer: PeerId, dims: Dimensions) {
+        for s in self.jobs.values_mut() {
+            s.observe_node(peer, dims.clone());
+        }
+        self.refresh_watchers();
+        if !self.peer_dims.contains_key(&peer)
+            && self.peer_dims.len() >= MAX_KNOWN_NODES
+            && let Some(first) = self.peer_dims.keys().next().copied()
+        {
+            self.peer_dims.remove(&first);
+        }
+        self.peer_dims.insert(peer, dims);
+        self.flush_changed();
+    }
+
+    // ---- executions ----
+
+    /// The inputs of `lease` are in place and its process starts.
+    pub fn execution_started(&mut self, now: Time, lease: LeaseId) {
+        self.worker.execution_started(now, lease);
+        self.pump(now);
+    }
+
+    /// The execution of `lease` ended; whether a result was signed for it.
+    pub fn execution_finished(&mut self, now: Time, lease: LeaseId, outcome: ExecOutcome) -> bool {
+        let signed = self.worker.execution_finished(now, lease, outcome);
+        self.pump(now);
+        signed
+    }
+
+    // ---- time ----
+
+    /// When [`Node::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let mut t = self.worker.poll_timeout();
+        let mut earliest = |x: Time| t = Some(t.map_or(x, |t| t.min(x)));
+        if let Some((x, _)) = self.timers.first() {
+            earliest(*x);
+        }
+        for r in self.republish.values() {
+            if let Some(x) = r.due {
+                earliest(x);
+            }
+        }
+        t
+    }
+
+    /// Handles every deadline up to `now`.
+    pub fn handle_timeout(&mut self, now: Time) {
+        for ((topic, _), r) in self.republish.iter_mut() {
+            if r.due.is_some_and(|d| d <= now) {
+                r.due = None;
+                let publish = Output::Publish { topic: topic.clone(), msg: r.msg.clone() };
+                self.outputs.push_back(NodeOutput::Output(publish));
+            }
+        }
+        if self.worker.poll_timeout().is_some_and(|d| d <= now) {
+            self.worker.handle_timeout(now);
+        }
+        while let Some(&(t, key)) = self.timers.first()
+            && t <= now
+        {
+            self.timers.pop_first();
+            self.timer_of.remove(&key);
+            if let Some(s) = self.jobs.get_mut(&key) {
+                s.handle_timeout(now);
+            }
+            self.touched.insert(key);
+        }
+        self.pump(now);
+    }
+
+    /// The next thing to carry out. Call until `None` after every other call.
+    pub fn poll_output(&mut self) -> Option<NodeOutput> {
+        self.outputs.pop_front()
+    }
+
+    // ---- inside ----
+
+    fn hear(&mut self, job: ContentId) {
+        if !self.heard.contains(&job) {
+            if self.heard.len() >= MAX_HEARD {
+                self.heard.pop_front();
+            }
+            self.heard.push_back(job);
+        }
+    }
+
+    fn insert(&mut self, key: SubKey, machine: Submitter) {
+        self.remove(key);
+        self.jobs.insert(key, machine);
+        self.touched.insert(key);
+        self.changed.insert(key);
+    }
+
+    fn remove(&mut self, key: SubKey) {
+        self.jobs.remove(&key);
+        if let Some(t) = self.timer_of.remove(&key) {
+            self.timers.remove(&(t, key));
+        }
+        self.republish.retain(|(_, k), _| *k != key);
+        self.touched.remove(&key);
+        self.changed.remove(&key);
+    }
+
+    /// Watchers of unfinished jobs get a fresh view: for changes that alter no shard (a node
+    /// joining or leaving), which nothing else reports.
+    fn refresh_watchers(&mut self) {
+        for (key, s) in &self.jobs {
+            if !s.is_finished() {
+                self.changed.insert(*key);
+            }
+        }
+    }
+
+    /// Drains every machine with something to say, delivering inside what is for this node,
+    /// until none has; then re-arms the timers of the submissions it touched.
+    fn pump(&mut self, now: Time) {
+        loop {
+            let mut progressed = false;
+            while let Some(o) = self.worker.poll_output() {
+                progressed = true;
+                self.carry(now, None, o);
+            }
+            for key in std::mem::take(&mut self.touched) {
+                let mut changed = false;
+                while let Some(o) = self.jobs.get_mut(&key).and_then(Submitter::poll_output) {
+                    progressed = true;
+                    changed |= matches!(o, Output::Event(_) | Output::Persist(_));
+                    self.carry(now, Some(key), o);
+                }
+                if changed {
+                    self.changed.insert(key);
+                }
+                self.rearm(key);
+            }
+            if !progressed && self.touched.is_empty() {
+                break;
+            }
+        }
+        self.flush_changed();
+    }
+
+    fn flush_changed(&mut self) {
+        for key in std::mem::take(&mut self.changed) {
+            if let Some(s) = self.jobs.get(&key) {
+                let finished = s.is_finished();
+                self.outputs.push_back(NodeOutput::Changed { key, finished });
+            }
+        }
+    }
+
+    fn rearm(&mut self, key: SubKey) {
+        if let Some(t) = self.timer_of.remove(&key) {
+            self.timers.remove(&(t, key));
+        }
+        if let Some(t) = self.jobs.get(&key).and_then(Submitter::poll_timeout) {
+            self.timer_of.insert(key, t);
+            self.timers.insert((t, key));
+        }
+    }
+
+    /// One machine's output. `from` is the submission it came from (`None`: the worker).
+    fn carry(&mut self, now: Time, from: Option<SubKey>, o: Output) {
+        match o {
+            Output::Send { to, msg } => self.send(now, to, msg),
+            Output::Publish { topic, msg } => {
+                if let Some(key) = from {
+                    // A new announcement: whatever was due to go out again is superseded.
+                    self.republish.remove(&(topic.clone(), key));
+                }
+                if let Message::Announce(a) = &msg
+                    && self.slots > 0
+                {
+                    // This node hears its own announcements too (when it runs shards at all:
+                    // a node without slots need not tell itself so). Its own signature needs
+                    // no check.
+                    let _ = self.worker.handle_verified_announcement(now, self.me, &a.body);
+                }
+                self.outputs.push_back(NodeOutput::Output(Output::Publish { topic, msg }));
+            }
+            other => self.outputs.push_back(NodeOutput::Output(other)),
+        }
+    }
+}
+
+fn next_seed(seed: &mut u64) -> u64 {
+    *seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    crate::time::Rng::new(*seed).next_u64()
+}
+
+/// An idempotent job takes the shards an earlier run of the same job passed: per shard the
+/// newest successes of other submissions, at most [`MAX_REPLICAS`] (see [`Submitter::reuse`]
+/// for what counts).
+fn reuse_earlier(now: Time, machine: &mut Submitter, history: &mut dyn History) {
+    if !machine.request().spec.idempotent {
+        return;
+    }
+    let mut by_shard: BTreeMap<u32, Vec<SignedResult>> = BTreeMap::new();
+    for r in history.results(&machine.job()) {
+        if r.body.is_success() && r.body.submission != machine.submission() {
+            by_shard.entry(r.body.shard).or_default().push(r);
+        }
+    }
+    for (shard, mut rs) in by_shard {
+        rs.sort_by_key(|r| std::cmp::Reverse(r.body.finished));
+        rs.truncate(MAX_REPLICAS as usize);
+        let _ = machine.reuse(now, shard, &rs);
+    }
+}
