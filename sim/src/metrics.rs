@@ -109,6 +109,12 @@ pub struct Report {
     pub signatures: u64,
     /// Signature verifications (gossip validation, submitters, checkers).
     pub verifications: u64,
+    /// Submissions rebuilt from their node's records after it restarted.
+    #[serde(default)]
+    pub restored_submissions: u64,
+    /// Executions that ran on the node that submitted their job.
+    #[serde(default)]
+    pub own_executions: u64,
     /// The first broken invariant, if any.
     pub violation: Option<String>,
     /// Wall-clock seconds of the run (filled by the command line).
@@ -146,6 +152,10 @@ pub struct Counters {
     pub signatures: u64,
     /// Verifications.
     pub verifications: u64,
+    /// Submissions rebuilt from a restarted node's records.
+    pub restored: u64,
+    /// Executions on the node that submitted the job.
+    pub own_executions: u64,
 }
 
 /// One gossip delay in this many is kept for the percentiles.

@@ -623,6 +623,7 @@ impl World {
         self.replaying = Some(i);
         self.drain_node(i);
         self.replaying = None;
+        self.counters.restored += keys.len() as u64;
         for key in &keys {
             let Some(&j) = self.job_ids.get(&key.0) else { continue };
             let shards = self.submitter_of(j).map(|s| {
@@ -1141,6 +1142,9 @@ impl World {
             let t = *t;
             self.counters.rerun.push((self.now - t) as f64);
         }
+        if self.jobs[j as usize].client == i {
+            self.counters.own_executions += 1;
+        }
         let node = &self.nodes[i as usize];
         if !node.behavior.executes() {
             return;
@@ -1354,6 +1358,8 @@ impl World {
             corrupt_blocks: c.corrupt_blocks,
             signatures: c.signatures,
             verifications: c.verifications + self.checker.verified,
+            restored_submissions: c.restored,
+            own_executions: c.own_executions,
             violation: self.violation.as_ref().map(|v| v.to_string()),
             wall_s: None,
             speedup: None,
