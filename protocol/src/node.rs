@@ -746,3 +746,152 @@ fn reuse_earlier(now: Time, machine: &mut Submitter, history: &mut dyn History) 
         let _ = machine.reuse(now, shard, &rs);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobSpec, Scheduling};
+    use crate::output::ShardState;
+    use crate::record::tests::key;
+
+    fn request(shards: u32) -> JobRequest {
+        let mut spec = JobSpec::new("./t", crate::content::manifest_id(b"tree"), "ci");
+        spec.shards = shards;
+        spec.hard_timeout = Duration::from_secs(600);
+        JobRequest {
+            spec,
+            scheduling: Scheduling::with_redundancy(1),
+            name: "t".into(),
+            tags: vec![],
+        }
+    }
+
+    fn node(slots: u32) -> Node {
+        let me = key(7);
+        let dims = Dimensions::new().with("pool", "ci").with("os", "Linux").with("cpu", "x86-64");
+        Node::new(NodeConfig {
+            trust: TrustPolicy::default().trust(me.public().to_peer_id()),
+            keypair: me,
+            dimensions: dims,
+            worker: WorkerConfig { slots, ..WorkerConfig::default() },
+            submitter: SubmitterConfig::default(),
+            seed: 3,
+        })
+        .unwrap()
+    }
+
+    fn drain(n: &mut Node) -> Vec<NodeOutput> {
+        std::iter::from_fn(|| n.poll_output()).collect()
+    }
+
+    fn sends(out: &[NodeOutput]) -> usize {
+        out.iter().filter(|o| matches!(o, NodeOutput::Output(Output::Send { .. }))).count()
+    }
+
+    #[test]
+    fn a_node_runs_its_own_job_without_a_message_leaving_it() {
+        let mut n = node(2);
+        let t = Time(1_000);
+        let key = n.submit(t, request(2), false, &mut NoHistory).unwrap();
+        n.handle_timeout(t);
+        let out = drain(&mut n);
+        let starts: Vec<LeaseId> = out
+            .iter()
+            .filter_map(|o| match o {
+                NodeOutput::Output(Output::StartExecution(e)) => Some(e.lease),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts.len(), 2, "{out:?}");
+        assert_eq!(sends(&out), 0, "claims and grants stay inside: {out:?}");
+        for lease in starts {
+            n.execution_started(t, lease);
+            n.execution_finished(
+                Time(2_000),
+                lease,
+                ExecOutcome::exited(0, Duration::from_secs(1)),
+            );
+        }
+        let out = drain(&mut n);
+        assert_eq!(sends(&out), 0, "results and acks stay inside: {out:?}");
+        let s = n.submission(&key).unwrap();
+        assert_eq!(s.shard_states(), vec![ShardState::Completed; 2]);
+        assert!(out.contains(&NodeOutput::Changed { key, finished: true }));
+        assert_eq!(n.worker().unacknowledged().count(), 0);
+    }
+
+    #[test]
+    fn an_announcement_nobody_heard_goes_out_again_a_bounded_number_of_times() {
+        let mut n = node(0);
+        let mut t = Time(1_000);
+        n.submit(t, request(1), false, &mut NoHistory).unwrap();
+        n.handle_timeout(t);
+        let mut publishes = 0;
+        loop {
+            for o in drain(&mut n) {
+                if let NodeOutput::Output(Output::Publish { topic, msg }) = o {
+                    publishes += 1;
+                    n.published(t, &topic, &msg, false);
+                }
+            }
+            // Only the republish timer is due this soon (the next announcement period is not).
+            match n.poll_timeout() {
+                Some(d) if d <= t + REPUBLISH_AFTER => {
+                    t = d;
+                    n.handle_timeout(t);
+                }
+                _ => break,
+            }
+        }
+        assert_eq!(publishes, 1 + MAX_REPUBLISH as usize);
+        // Once a peer hears it, nothing more is due.
+        let mut n = node(0);
+        n.submit(t, request(1), false, &mut NoHistory).unwrap();
+        n.handle_timeout(t);
+        for o in drain(&mut n) {
+            if let NodeOutput::Output(Output::Publish { topic, msg }) = o {
+                n.published(t, &topic, &msg, false);
+                n.published(t, &topic, &msg, true);
+            }
+        }
+        assert!(n.poll_timeout().is_none_or(|d| d > t + REPUBLISH_AFTER));
+    }
+
+    #[test]
+    fn restore_drops_expired_submissions_and_keeps_the_newest() {
+        let mut n = node(0);
+        let now = Time(millis(JOB_RETENTION) + 10_000_000);
+        let job = crate::content::job_id(b"j");
+        let mut stored = vec![(Time(1), (job, 1))];
+        for i in 0..MAX_SUBMITTED_JOBS as u64 + 5 {
+            stored.push((Time(now.0 - 1_000_000 + i), (job, 100 + i)));
+        }
+        let kept = n.restore_plan(now, stored);
+        assert_eq!(kept.len(), MAX_SUBMITTED_JOBS);
+        assert_eq!(kept.first(), Some(&(job, 105)), "the oldest beyond the cap are left");
+        assert_eq!(drain(&mut n), vec![NodeOutput::Drop((job, 1))]);
+    }
+
+    #[test]
+    fn the_submission_limit_makes_room_only_by_forgetting_a_finished_job() {
+        let mut n = node(0);
+        for i in 0..MAX_SUBMITTED_JOBS {
+            let mut r = request(1);
+            r.name = format!("j{i}");
+            r.spec.env.insert("I".into(), i.to_string());
+            n.submit(Time(1), r, false, &mut NoHistory).unwrap();
+        }
+        let mut r = request(1);
+        r.spec.env.insert("I".into(), "last".into());
+        let e = n.submit(Time(2), r.clone(), false, &mut NoHistory).unwrap_err();
+        assert!(matches!(e, SubmitError::TooManyJobs), "{e}");
+        assert_eq!(e.to_string(), format!("this node already runs {MAX_SUBMITTED_JOBS} jobs"));
+        let first = n.submissions().min_by_key(|(_, s)| s.request().name.clone()).map(|(k, _)| *k);
+        let (job, _) = first.unwrap();
+        assert!(n.cancel(Time(3), &job));
+        assert!(drain(&mut n).contains(&NodeOutput::Canceled(first.unwrap())));
+        n.submit(Time(4), r, false, &mut NoHistory).unwrap();
+        assert_eq!(n.submissions().count(), MAX_SUBMITTED_JOBS);
+        assert!(n.submission(&first.unwrap()).is_none());
+    }
+}

@@ -9,26 +9,31 @@ use grid_protocol::content::manifest_id;
 use grid_protocol::dims::Dimensions;
 use grid_protocol::job::{JobRequest, JobSpec, Scheduling};
 use grid_protocol::message::{self, Message};
-use grid_protocol::output::{ExecOutcome, LeaseId, Output, ShardState};
+use grid_protocol::node::{History, NoHistory, Node, NodeConfig, NodeOutput, SubKey};
+use grid_protocol::output::{ExecOutcome, LeaseId, Output, Record, ShardState};
 use grid_protocol::record::RunState;
-use grid_protocol::submitter::{Submitter, SubmitterConfig};
+use grid_protocol::submitter::SubmitterConfig;
 use grid_protocol::time::{Rng, Time};
-use grid_protocol::worker::{TrustPolicy, Worker, WorkerConfig};
+use grid_protocol::worker::{TrustPolicy, WorkerConfig};
 use libp2p_identity::{Keypair, PeerId};
 use sha1::Digest as _;
 
 const SHARDS: u32 = 8;
+/// The submitting node's index; the workers are 1 to 3.
+const SUBMITTER: usize = 0;
 
 #[derive(Debug)]
 enum Ev {
     /// Bytes for a peer (direct message).
     Deliver { from: PeerId, to: PeerId, bytes: Vec<u8> },
-    /// An announcement for worker `to`.
+    /// An announcement for node `to`.
     Gossip { to: usize, bytes: Vec<u8> },
     /// An execution ends.
-    Done { worker: usize, lease: LeaseId, outcome: Box<ExecOutcome> },
-    /// A worker crashes: it stops, and its executions are lost.
-    Crash { worker: usize },
+    Done { node: usize, lease: LeaseId, outcome: Box<ExecOutcome> },
+    /// A node crashes: it stops, and its executions are lost.
+    Crash { node: usize },
+    /// A crashed node starts again from its records.
+    Restart { node: usize },
 }
 
 struct Scenario {
@@ -36,8 +41,8 @@ struct Scenario {
     k: u8,
     /// A worker that reports exit code 1 whatever happened.
     liar: Option<usize>,
-    /// A worker that crashes at this time.
-    crash: Option<(usize, Time)>,
+    /// A node that crashes at this time, and restarts after the given delay if any.
+    crash: Option<(usize, Time, Option<Duration>)>,
 }
 
 #[derive(Debug)]
@@ -50,13 +55,31 @@ struct Summary {
     unacked: usize,
 }
 
+/// What a node persisted: it survives a crash.
+#[derive(Default)]
+struct Disk {
+    records: Vec<Record>,
+}
+
+impl History for Disk {
+    fn results(
+        &mut self,
+        _: &grid_protocol::content::ContentId,
+    ) -> Vec<grid_protocol::record::SignedResult> {
+        Vec::new()
+    }
+}
+
 struct World {
     now: Time,
     rng: Rng,
     queue: BTreeMap<(Time, u64), Ev>,
     seq: u64,
-    submitter: Submitter,
-    workers: Vec<Worker>,
+    keys: Vec<Keypair>,
+    configs: Vec<NodeConfig>,
+    nodes: Vec<Node>,
+    disks: Vec<Disk>,
+    job: SubKey,
     dead: BTreeSet<usize>,
     running: BTreeSet<(usize, LeaseId)>,
     liar: Option<usize>,
@@ -71,50 +94,60 @@ fn keypair(seed: u8) -> Keypair {
 impl World {
     fn new(sc: &Scenario) -> Self {
         let mut rng = Rng::new(sc.seed);
-        let submitter_key = keypair(200);
-        let mut spec = JobSpec::new("./browser_tests", manifest_id(b"tree"), "ci");
-        spec.shards = SHARDS;
-        spec.hard_timeout = Duration::from_secs(600);
-        let mut request = JobRequest::new(spec);
-        request.scheduling = Scheduling::with_redundancy(sc.k);
-        request.name = "browser_tests".into();
-        let submitter = Submitter::new(
-            request,
-            submitter_key.clone(),
-            Time::ZERO,
-            SubmitterConfig::default(),
-            rng.next_u64(),
-        )
-        .unwrap();
-        let trust = TrustPolicy::default().trust(submitter_key.public().to_peer_id());
-        let workers = (0..3)
-            .map(|i| {
+        let keys: Vec<Keypair> = [200, 1, 2, 3].into_iter().map(keypair).collect();
+        let trust = TrustPolicy::default().trust(keys[SUBMITTER].public().to_peer_id());
+        let configs: Vec<NodeConfig> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
                 let dims = Dimensions::new()
                     .with("pool", "ci")
                     .with("os", "Linux")
                     .with("cpu", "x86-64")
                     .with("id", &format!("bot{i}"));
-                let config = WorkerConfig { slots: 2, ..WorkerConfig::default() };
-                Worker::new(keypair(i + 1), dims, trust.clone(), config, rng.next_u64()).unwrap()
+                // The submitting node runs no shards.
+                let slots = if i == SUBMITTER { 0 } else { 2 };
+                NodeConfig {
+                    keypair: key.clone(),
+                    dimensions: dims,
+                    trust: trust.clone(),
+                    worker: WorkerConfig { slots, ..WorkerConfig::default() },
+                    submitter: SubmitterConfig::default(),
+                    seed: rng.next_u64(),
+                }
             })
             .collect();
+        let nodes = configs.iter().map(|c| Node::new(c.clone()).unwrap()).collect();
         let mut w = World {
             now: Time::ZERO,
             rng,
             queue: BTreeMap::new(),
             seq: 0,
-            submitter,
-            workers,
+            keys,
+            configs,
+            nodes,
+            disks: (0..4).map(|_| Disk::default()).collect(),
+            job: (manifest_id(b"none"), 0),
             dead: BTreeSet::new(),
             running: BTreeSet::new(),
             liar: sc.liar,
             trace: sha1::Sha1::new(),
             lines: 0,
         };
-        if let Some((worker, at)) = sc.crash {
-            w.push(at, Ev::Crash { worker });
+        if let Some((node, at, restart)) = sc.crash {
+            w.push(at, Ev::Crash { node });
+            if let Some(after) = restart {
+                w.push(at + after, Ev::Restart { node });
+            }
         }
-        w.drain_submitter();
+        let mut spec = JobSpec::new("./browser_tests", manifest_id(b"tree"), "ci");
+        spec.shards = SHARDS;
+        spec.hard_timeout = Duration::from_secs(600);
+        let mut request = JobRequest::new(spec);
+        request.scheduling = Scheduling::with_redundancy(sc.k);
+        request.name = "browser_tests".into();
+        w.job = w.nodes[SUBMITTER].submit(Time::ZERO, request, false, &mut NoHistory).unwrap();
+        w.drain(SUBMITTER);
         w
     }
 
@@ -143,14 +176,29 @@ impl World {
         }
     }
 
-    /// Carries out one machine's outputs. `who` is `None` for the submitter.
-    fn carry_out(&mut self, who: Option<usize>, out: Vec<Output>) {
-        let me = match who {
-            None => self.submitter.peer_id(),
-            Some(i) => self.workers[i].peer_id(),
-        };
-        let name = who.map_or("submitter".to_string(), |i| format!("worker{i}"));
+    fn peer(&self, i: usize) -> PeerId {
+        self.keys[i].public().to_peer_id()
+    }
+
+    fn name(i: usize) -> String {
+        if i == SUBMITTER { "submitter".into() } else { format!("worker{i}") }
+    }
+
+    /// Carries out one node's outputs.
+    fn drain(&mut self, i: usize) {
+        let out: Vec<NodeOutput> = std::iter::from_fn(|| self.nodes[i].poll_output()).collect();
+        let me = self.peer(i);
+        let name = Self::name(i);
         for o in out {
+            let o = match o {
+                NodeOutput::Output(o) => o,
+                NodeOutput::Changed { .. } => continue,
+                other => {
+                    let line = format!("{other:?}");
+                    self.record(&name, line.as_bytes());
+                    continue;
+                }
+            };
             match o {
                 Output::Send { to, msg } => {
                     let bytes = msg.encode();
@@ -162,13 +210,12 @@ impl World {
                 Output::Publish { msg, .. } => {
                     let bytes = msg.encode();
                     self.record(&name, &bytes);
-                    for to in 0..self.workers.len() {
+                    for to in (0..self.nodes.len()).filter(|&n| n != i) {
                         let at = self.now + self.latency();
                         self.push(at, Ev::Gossip { to, bytes: bytes.clone() });
                     }
                 }
                 Output::StartExecution(e) => {
-                    let i = who.expect("only workers execute");
                     self.record(&name, format!("start {}", e.lease).as_bytes());
                     self.running.insert((i, e.lease));
                     let run = Duration::from_millis(1_000 + self.rng.below(20_000));
@@ -176,15 +223,18 @@ impl World {
                     let outcome = ExecOutcome::exited(exit, run);
                     self.push(
                         self.now + run,
-                        Ev::Done { worker: i, lease: e.lease, outcome: Box::new(outcome) },
+                        Ev::Done { node: i, lease: e.lease, outcome: Box::new(outcome) },
                     );
                 }
                 Output::KillExecution(lease) => {
-                    let i = who.expect("only workers execute");
                     self.record(&name, format!("kill {lease}").as_bytes());
                     let outcome = ExecOutcome::ended(RunState::Canceled, "killed");
                     let at = self.now + Duration::from_millis(100);
-                    self.push(at, Ev::Done { worker: i, lease, outcome: Box::new(outcome) });
+                    self.push(at, Ev::Done { node: i, lease, outcome: Box::new(outcome) });
+                }
+                Output::Persist(r) => {
+                    self.record(&name, format!("{r:?}").as_bytes());
+                    self.disks[i].records.push(r);
                 }
                 other => {
                     let line = format!("{other:?}");
@@ -195,27 +245,17 @@ impl World {
         }
     }
 
-    fn drain_submitter(&mut self) {
-        let out: Vec<Output> = std::iter::from_fn(|| self.submitter.poll_output()).collect();
-        self.carry_out(None, out);
-    }
-
-    fn drain_worker(&mut self, i: usize) {
-        let out: Vec<Output> = std::iter::from_fn(|| self.workers[i].poll_output()).collect();
-        self.carry_out(Some(i), out);
-    }
-
-    /// The next timer: (time, machine), the submitter first on ties, then workers by index.
-    fn next_timer(&self) -> Option<(Time, Option<usize>)> {
-        let mut best = self.submitter.poll_timeout().map(|t| (t, None));
-        for (i, w) in self.workers.iter().enumerate() {
+    /// The next timer: (time, node), lowest index first on ties.
+    fn next_timer(&self) -> Option<(Time, usize)> {
+        let mut best: Option<(Time, usize)> = None;
+        for (i, n) in self.nodes.iter().enumerate() {
             if self.dead.contains(&i) {
                 continue;
             }
-            if let Some(t) = w.poll_timeout()
+            if let Some(t) = n.poll_timeout()
                 && best.is_none_or(|(b, _)| t < b)
             {
-                best = Some((t, Some(i)));
+                best = Some((t, i));
             }
         }
         best
@@ -225,18 +265,10 @@ impl World {
         let next_event = self.queue.keys().next().map(|k| k.0);
         let timer = self.next_timer();
         match (timer, next_event) {
-            (Some((t, who)), e) if e.is_none_or(|e| t <= e) => {
+            (Some((t, i)), e) if e.is_none_or(|e| t <= e) => {
                 self.now = self.now.max(t);
-                match who {
-                    None => {
-                        self.submitter.handle_timeout(self.now);
-                        self.drain_submitter();
-                    }
-                    Some(i) => {
-                        self.workers[i].handle_timeout(self.now);
-                        self.drain_worker(i);
-                    }
-                }
+                self.nodes[i].handle_timeout(self.now);
+                self.drain(i);
             }
             (_, Some(_)) => {
                 let ((t, _), ev) = self.queue.pop_first().expect("non-empty");
@@ -252,40 +284,79 @@ impl World {
     fn dispatch(&mut self, ev: Ev) {
         match ev {
             Ev::Deliver { from, to, bytes } => {
-                let msg = message::decode(&bytes).expect("our own messages decode");
-                if to == self.submitter.peer_id() {
-                    self.submitter.handle_message(self.now, from, msg);
-                    self.drain_submitter();
-                } else if let Some(i) = self.workers.iter().position(|w| w.peer_id() == to) {
-                    if !self.dead.contains(&i) {
-                        self.workers[i].handle_message(self.now, from, msg);
-                        self.drain_worker(i);
-                    }
+                let Some(i) = (0..self.nodes.len()).find(|&i| self.peer(i) == to) else { return };
+                if self.dead.contains(&i) {
+                    return;
                 }
+                let _ = self.nodes[i].handle_frame(self.now, from, false, &bytes);
+                self.drain(i);
             }
             Ev::Gossip { to, bytes } => {
                 if self.dead.contains(&to) {
                     return;
                 }
-                let Message::Announce(a) = message::decode(&bytes).expect("decodes") else {
-                    panic!("only announcements are gossiped")
-                };
-                let _ = self.workers[to].handle_announcement(self.now, a);
-                self.drain_worker(to);
+                let from = self.peer(SUBMITTER);
+                let _ = self.nodes[to].handle_frame(self.now, from, true, &bytes);
+                self.drain(to);
             }
-            Ev::Done { worker, lease, outcome } => {
-                if self.dead.contains(&worker) || !self.running.remove(&(worker, lease)) {
+            Ev::Done { node, lease, outcome } => {
+                if self.dead.contains(&node) || !self.running.remove(&(node, lease)) {
                     return;
                 }
-                self.workers[worker].execution_finished(self.now, lease, *outcome);
-                self.drain_worker(worker);
+                self.nodes[node].execution_finished(self.now, lease, *outcome);
+                self.drain(node);
             }
-            Ev::Crash { worker } => {
-                self.record("world", format!("crash worker{worker}").as_bytes());
-                self.dead.insert(worker);
-                self.running.retain(|(w, _)| *w != worker);
+            Ev::Crash { node } => {
+                self.record("world", format!("crash {}", Self::name(node)).as_bytes());
+                self.dead.insert(node);
+                self.running.retain(|(w, _)| *w != node);
+            }
+            Ev::Restart { node } => {
+                self.record("world", format!("restart {}", Self::name(node)).as_bytes());
+                self.dead.remove(&node);
+                let mut n = Node::new(self.configs[node].clone()).unwrap();
+                let records = self.disks[node].records.clone();
+                let stored: Vec<(Time, SubKey)> = records
+                    .iter()
+                    .filter_map(|r| match r {
+                        Record::Job { request, submission, created } => {
+                            Some((*created, (request.spec.id(), *submission)))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                for _ in n.restore_plan(self.now, stored) {
+                    let key = n
+                        .restore_submission(self.now, &records, false, &mut self.disks[node])
+                        .unwrap();
+                    self.job = key;
+                }
+                self.nodes[node] = n;
+                self.drain(node);
+                // The workers see it connect again.
+                for w in (0..self.nodes.len()).filter(|&w| w != node) {
+                    let peer = self.peer(node);
+                    self.nodes[w].peer_connected(self.now, peer);
+                    self.drain(w);
+                }
             }
         }
+    }
+}
+
+impl World {
+    fn unacked(&self) -> usize {
+        (1..self.nodes.len())
+            .filter(|i| !self.dead.contains(i))
+            .map(|i| self.nodes[i].worker().unacknowledged().count())
+            .sum()
+    }
+
+    fn submitter(&self) -> Option<&grid_protocol::submitter::Submitter> {
+        if self.dead.contains(&SUBMITTER) {
+            return None;
+        }
+        self.nodes[SUBMITTER].submission(&self.job)
     }
 }
 
@@ -293,28 +364,18 @@ fn run(sc: &Scenario) -> Summary {
     let mut w = World::new(sc);
     let limit = Time::from_millis(3_600_000);
     while w.now < limit && w.step() {
-        let unacked: usize = w
-            .workers
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !w.dead.contains(i))
-            .map(|(_, x)| x.unacknowledged().count())
-            .sum();
-        if w.submitter.is_finished() && unacked == 0 && w.running.is_empty() {
+        let done = w.submitter().is_some_and(|s| s.is_finished());
+        if done && w.unacked() == 0 && w.running.is_empty() {
             break;
         }
     }
-    let unacked = w
-        .workers
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| !w.dead.contains(i))
-        .map(|(_, x)| x.unacknowledged().count())
-        .sum();
-    let stats = w.submitter.stats().clone();
+    let s = w.submitter().expect("the submitter is up at the end");
+    let stats = s.stats().clone();
+    let states = s.shard_states();
+    let unacked = w.unacked();
     Summary {
         trace_hash: hex::encode(w.trace.finalize()),
-        states: w.submitter.shard_states(),
+        states,
         dissents: stats.dissents,
         lost: stats.lost,
         finished_at: w.now,
@@ -348,7 +409,7 @@ fn a_whole_job_completes_and_the_same_seed_gives_the_same_trace() {
 
 #[test]
 fn a_worker_crashing_with_two_leases_is_replaced_after_its_leases_lapse() {
-    let sc = Scenario { seed: 7, k: 1, liar: None, crash: Some((0, Time::from_millis(500))) };
+    let sc = Scenario { seed: 7, k: 1, liar: None, crash: Some((1, Time::from_millis(500), None)) };
     let a = run(&sc);
     assert_eq!(a.states, vec![ShardState::Completed; SHARDS as usize]);
     assert_eq!(a.lost, 2, "the crashed worker held two leases");
@@ -359,11 +420,45 @@ fn a_worker_crashing_with_two_leases_is_replaced_after_its_leases_lapse() {
 
 #[test]
 fn k3_with_one_lying_worker_accepts_the_honest_majority() {
-    let sc = Scenario { seed: 3, k: 3, liar: Some(1), crash: None };
+    let sc = Scenario { seed: 3, k: 3, liar: Some(2), crash: None };
     let a = run(&sc);
     assert_eq!(a.states, vec![ShardState::Completed; SHARDS as usize]);
     // The liar dissented on every shard where its result was counted or came late.
     assert!(a.dissents >= 1 && a.dissents <= u64::from(SHARDS), "{}", a.dissents);
     assert_eq!(a.unacked, 0);
     assert_eq!(run(&sc).trace_hash, a.trace_hash);
+}
+
+#[test]
+fn a_submitter_restarting_from_its_records_keeps_its_results_and_finishes_the_job() {
+    // Down from 8 s to 20 s: some shards finished before, some leases are still running
+    // (their workers' results wait for it), some lapse.
+    let crash = Some((SUBMITTER, Time::from_millis(8_000), Some(Duration::from_secs(12))));
+    let sc = Scenario { seed: 11, k: 1, liar: None, crash };
+    let a = run(&sc);
+    assert_eq!(a.states, vec![ShardState::Completed; SHARDS as usize]);
+    assert_eq!(a.unacked, 0, "every result was acknowledged after the restart");
+    assert!(a.finished_at >= Time::from_millis(20_000), "finished while it was down");
+    assert_eq!(run(&sc).trace_hash, a.trace_hash);
+}
+
+#[test]
+fn a_claim_for_a_job_the_node_does_not_know_is_refused_at_once() {
+    let sc = Scenario { seed: 5, k: 1, liar: None, crash: None };
+    let mut w = World::new(&sc);
+    let worker = w.peer(1);
+    let claim = message::Claim {
+        job: manifest_id(b"never submitted"),
+        submission: 9,
+        claim_id: 77,
+        slots: 1,
+        dimensions: Dimensions::new().with("pool", "ci"),
+    };
+    let r = w.nodes[SUBMITTER].handle_message(w.now, worker, Message::Claim(claim));
+    assert!(r.is_ok());
+    let refused = std::iter::from_fn(|| w.nodes[SUBMITTER].poll_output()).any(|o| {
+        matches!(o, NodeOutput::Output(Output::Send { to, msg: Message::Refuse(r) })
+            if to == worker && r.claim_id == 77 && r.reason == message::RefuseReason::UnknownJob)
+    });
+    assert!(refused);
 }
