@@ -1,9 +1,13 @@
-//! The engine: drives the protocol's state machines (one [`Worker`], one [`Submitter`] per job
-//! this node submitted) with real time, the mesh, the job database and the executor.
+//! The engine: carries out what this node's [`Node`] (the protocol's sans-IO node: its worker,
+//! a submitter per job it submitted, the routing between them and the job registry) decides,
+//! with real time, the mesh, the job database and the executor.
 //!
-//! It lives in the daemon's main task and is not shared: control clients and finished
-//! executions reach it through bounded channels. Every output of a state machine is carried out
-//! in order, and a [`Output::Persist`] is written before anything after it is sent.
+//! It makes no coordination decision of its own: every message, timer, peer event, finished
+//! execution and control request goes to the [`Node`], and its outputs are carried out in
+//! order; an [`Output::Persist`] is written before anything after it is sent. It lives in the
+//! daemon's main task and is not shared: control clients and finished executions reach it
+//! through bounded channels. What it adds is IO and presentation: the views sent to watchers
+//! (at most every [`VIEW_INTERVAL`]) and the channels.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
