@@ -19,6 +19,7 @@ pub mod jobdb;
 pub mod junit;
 pub mod live;
 pub mod mesh;
+pub mod node_cli;
 pub mod pack;
 pub mod payload;
 pub mod store;
