@@ -7,6 +7,7 @@
 
 pub use grid_protocol as proto;
 
+pub mod api;
 pub mod cli;
 pub mod control;
 pub mod daemon;
