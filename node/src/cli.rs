@@ -11,12 +11,15 @@ use anyhow::{Context as _, bail};
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Args, Parser, Subcommand};
 use grid_protocol::content::{ContentId, Kind};
-use serde_json::Value;
+use grid_protocol::output::ShardState;
 
+use crate::api::{
+    GcAnswer, IsolateSummary, JobView, NodeStatus, ShardView, StatusAnswer, TailAnswer,
+    VerifyAnswer,
+};
+use crate::exit::{self, UserError};
 use crate::store::{Limits, Store};
 use crate::{control, pack};
-
-use crate::exit;
 
 /// grid: run a test suite across a mesh of machines.
 #[derive(Debug, Parser)]
@@ -302,7 +305,8 @@ pub fn main() -> ExitCode {
                 e.insert(ContextKind::Suggested, ContextValue::StyledStrs(vec![hint.into()]));
             }
             // Help and version to stdout with exit 0; errors to stderr with exit 2 (exit::USAGE).
-            e.exit()
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
         }
     };
     let node_inside = matches!(&cli.command, Command::Submit(a) if !a.bootstrap.is_empty());
@@ -313,13 +317,13 @@ pub fn main() -> ExitCode {
     let jobs = match cli.command {
         Command::Submit(args) => dir().and_then(|d| crate::submit::submit(&d, *args)),
         Command::Collect { job, results } => {
-            dir().and_then(|d| crate::submit::collect(&d, &job.to_string(), &results))
+            dir().and_then(|d| crate::submit::collect(&d, job, &results))
         }
         command => run(&cli.global, command).map(|()| exit::OK),
     };
     match jobs {
         Ok(code) => ExitCode::from(code),
-        Err(e) if e.downcast_ref::<crate::submit::StdoutClosed>().is_some() => {
+        Err(e) if matches!(e.downcast_ref(), Some(UserError::StdoutClosed)) => {
             // The reader went away: end as every Unix tool does on a closed pipe.
             restore_default_sigpipe();
             let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGPIPE);
@@ -327,11 +331,7 @@ pub fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.downcast_ref::<crate::submit::UsageError>().is_some() {
-                ExitCode::from(exit::USAGE)
-            } else {
-                ExitCode::from(exit::FAILED)
-            }
+            ExitCode::from(exit::of_error(&e))
         }
     }
 }
@@ -395,27 +395,25 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Cancel { job } => {
             let dir = require_node(global)?;
-            control::call(&dir, &control::Request::Cancel { job: job.to_string() })?;
-            eprintln!("canceled {job}");
+            let a: crate::api::CancelAnswer =
+                control::call(&dir, &control::Request::Cancel { job })?;
+            eprintln!("canceled {}", a.canceled);
             Ok(())
         }
         Command::Logs { job, shard, follow: true } => {
             let dir = require_node(global)?;
             let stop = std::sync::atomic::AtomicBool::new(false);
-            crate::submit::follow_output(&dir, &job.to_string(), shard, &stop, |t| {
+            crate::submit::follow_output(&dir, job, shard, &stop, |t| {
                 print!("{t}");
                 let _ = std::io::stdout().flush();
             })
         }
-        Command::Logs { job, shard, follow: false } => logs(&require_node(global)?, &job, shard),
+        Command::Logs { job, shard, follow: false } => logs(&require_node(global)?, job, shard),
         Command::Status { job: Some(job), json } => {
             let dir = require_node(global)?;
-            let v = control::call(
-                &dir,
-                &control::Request::Job { job: job.to_string(), submission: None, watch: false },
-            )?;
+            let v = control::job(&dir, job, None)?;
             if json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
                 print!("{}", render_job(&v, now_ms()));
             }
@@ -423,14 +421,11 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Isolate(args) => isolate(global, args),
         Command::Show { id } => {
-            if let Some(dir) = node_client(global)? {
-                let v = control::call(&dir, &control::Request::Show { id: id.to_string() })?;
-                println!("{}", serde_json::to_string_pretty(&v)?);
-                return Ok(());
-            }
-            let store = open_store(global)?;
-            let m = store.manifest(&id)?;
-            println!("{}", serde_json::to_string_pretty(&m.to_json())?);
+            let m = match node_client(global)? {
+                Some(dir) => control::show(&dir, id)?,
+                None => crate::api::ManifestView::from(&open_store(global)?.manifest(&id)?),
+            };
+            println!("{}", serde_json::to_string_pretty(&m)?);
             Ok(())
         }
         Command::Fetch { id, out, json } => {
@@ -438,21 +433,23 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
             if let Some(dir) = node_client(global)? {
                 let out = std::path::absolute(&out)
                     .with_context(|| format!("bad output path {}", out.display()))?;
-                let req = control::Request::Fetch { id: id.to_string(), out: Some(out.clone()) };
-                let v = control::call(&dir, &req).context("failed to fetch")?;
+                let req = control::Request::Fetch { id, out: Some(out.clone()) };
+                let v: crate::api::FetchAnswer =
+                    control::call(&dir, &req).context("failed to fetch")?;
                 if json {
-                    println!("{v}");
+                    println!("{}", serde_json::to_string(&v)?);
                 } else {
                     eprintln!(
                         "fetched {} into {} in {:.2?} ({} bytes from {} peers{})",
                         id,
                         out.display(),
                         t.elapsed(),
-                        v["bytes"],
-                        v["bytes_by_peer"].as_object().map_or(0, |m| m.len()),
-                        match v["bad_peers"].as_array() {
-                            Some(b) if !b.is_empty() => format!("; bad peers: {b:?}"),
-                            _ => String::new(),
+                        v.bytes,
+                        v.bytes_by_peer.len(),
+                        if v.bad_peers.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; bad peers: {:?}", v.bad_peers)
                         }
                     );
                 }
@@ -476,11 +473,11 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Status { job: None, json } => {
             let dir = require_node(global)?;
-            let mut v = control::call(&dir, &control::Request::Status)?;
-            let jobs = control::call(&dir, &control::Request::Jobs)?;
-            v["jobs"] = jobs["jobs"].clone();
+            let status = control::status(&dir)?;
+            let jobs = control::jobs(&dir)?.jobs;
+            let v = NodeStatus { status, jobs };
             if json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&v)?);
             } else {
                 print!("{}", render_status(&v, now_ms()));
             }
@@ -488,87 +485,77 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
         }
         Command::Peers { json } => {
             let dir = require_node(global)?;
-            let v = control::call(&dir, &control::Request::Peers)?;
+            let peers = control::peers(&dir)?;
             if json {
-                println!("{v}");
+                println!("{}", serde_json::to_string(&peers)?);
             } else {
-                for p in v.as_array().into_iter().flatten() {
-                    let addrs: Vec<&str> = p["addresses"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|a| a.as_str())
-                        .collect();
+                for p in &peers {
                     println!(
                         "{}  {}  {}{}",
-                        p["peer"].as_str().unwrap_or("?"),
-                        p["agent"].as_str().unwrap_or("-"),
-                        addrs.join(","),
-                        if p["bad"] == true { "  (served bad data)" } else { "" }
+                        p.peer,
+                        p.agent.as_deref().unwrap_or("-"),
+                        p.addresses.join(","),
+                        if p.bad { "  (served bad data)" } else { "" }
                     );
                 }
             }
             Ok(())
         }
         Command::Verify => {
-            if let Some(dir) = node_client(global)? {
-                let v = control::call(&dir, &control::Request::Verify)?;
-                println!(
-                    "{} objects ok, {} dropped; {} manifests ok, {} dropped; {} orphan files \
-                     removed",
-                    v["objects_ok"],
-                    v["objects_dropped"].as_array().map_or(0, |a| a.len()),
-                    v["manifests_ok"],
-                    v["manifests_dropped"].as_array().map_or(0, |a| a.len()),
-                    v["orphans_removed"]
-                );
-                return Ok(());
-            }
-            let store = open_store(global)?;
-            let r = store.verify()?;
-            println!(
-                "{} objects ok, {} dropped; {} manifests ok, {} dropped; {} orphan files removed",
-                r.objects_ok,
-                r.objects_dropped.len(),
-                r.manifests_ok,
-                r.manifests_dropped.len(),
-                r.orphans_removed
-            );
-            for o in &r.objects_dropped {
-                println!("dropped object {o}");
-            }
-            for m in &r.manifests_dropped {
-                println!("dropped manifest {m}");
-            }
+            let r: VerifyAnswer = match node_client(global)? {
+                Some(dir) => control::call(&dir, &control::Request::Verify)?,
+                None => open_store(global)?.verify()?.into(),
+            };
+            print!("{}", render_verify(&r));
             Ok(())
         }
         Command::Gc => {
-            if let Some(dir) = node_client(global)? {
-                let v = control::call(&dir, &control::Request::Gc)?;
-                println!(
-                    "evicted {} items ({} bytes); the cache now holds {} items ({} bytes)",
-                    v["items"], v["bytes"], v["now_items"], v["now_bytes"]
-                );
-                return Ok(());
-            }
-            let store = open_store(global)?;
-            let r = store.evict()?;
-            let t = store.totals();
+            let r: GcAnswer = match node_client(global)? {
+                Some(dir) => control::call(&dir, &control::Request::Gc)?,
+                None => {
+                    let store = open_store(global)?;
+                    let r = store.evict()?;
+                    let t = store.totals();
+                    GcAnswer {
+                        items: r.items,
+                        bytes: r.bytes,
+                        now_items: t.items,
+                        now_bytes: t.bytes,
+                    }
+                }
+            };
             println!(
                 "evicted {} items ({} bytes); the cache now holds {} items ({} bytes)",
-                r.items, r.bytes, t.items, t.bytes
+                r.items, r.bytes, r.now_items, r.now_bytes
             );
             Ok(())
         }
     }
 }
 
+/// What `grid verify` prints.
+fn render_verify(r: &VerifyAnswer) -> String {
+    use std::fmt::Write as _;
+    let mut o = format!(
+        "{} objects ok, {} dropped; {} manifests ok, {} dropped; {} orphan files removed\n",
+        r.objects_ok,
+        r.objects_dropped.len(),
+        r.manifests_ok,
+        r.manifests_dropped.len(),
+        r.orphans_removed
+    );
+    for obj in &r.objects_dropped {
+        let _ = writeln!(o, "dropped object {obj}");
+    }
+    for m in &r.manifests_dropped {
+        let _ = writeln!(o, "dropped manifest {m}");
+    }
+    o
+}
+
 fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
     if args.isolate.is_none() && args.inputs.is_empty() {
-        return Err(crate::submit::UsageError(
-            "nothing to isolate: give --isolate FILE and/or --input PATH".into(),
-        )
-        .into());
+        return Err(exit::usage("nothing to isolate: give --isolate FILE and/or --input PATH"));
     }
     let t = Instant::now();
     let (root, inputs) = crate::isolate_file::resolve_inputs(
@@ -577,7 +564,7 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
         &args.inputs,
         args.root.as_deref(),
     )?;
-    let packed = match node_client(g)? {
+    let packed: pack::Packed = match node_client(g)? {
         Some(dir) => {
             let abs = |p: &Path| {
                 std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
@@ -586,19 +573,9 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
                 root: abs(&root)?,
                 inputs: inputs.iter().map(|p| abs(p)).collect::<anyhow::Result<_>>()?,
             };
-            let v = control::call(&dir, &req).context("failed to isolate")?;
-            let n = |k: &str| v[k].as_u64().unwrap_or(0);
-            pack::Packed {
-                id: v["id"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .parse()
-                    .context("node answered a bad id")?,
-                files: n("files"),
-                symlinks: n("symlinks"),
-                bytes: n("bytes"),
-                hashed: n("hashed"),
-            }
+            control::call::<crate::api::IsolateAnswer>(&dir, &req)
+                .context("failed to isolate")?
+                .into()
         }
         None => {
             let store = open_store(g)?;
@@ -607,16 +584,12 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
     };
     let elapsed = t.elapsed();
     if args.json {
-        let v = serde_json::json!({
-            "id": packed.id.to_string(),
-            "root": root,
-            "files": packed.files,
-            "symlinks": packed.symlinks,
-            "bytes": packed.bytes,
-            "hashed": packed.hashed,
-            "seconds": elapsed.as_secs_f64(),
-        });
-        println!("{v}");
+        let v = IsolateSummary {
+            tree: packed.clone().into(),
+            root: root.clone(),
+            seconds: elapsed.as_secs_f64(),
+        };
+        println!("{}", serde_json::to_string(&v)?);
     } else {
         println!("{}", packed.id);
         eprintln!(
@@ -635,72 +608,73 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
 }
 
 /// `grid logs JOB SHARD`: the stored log of a final shard, the output so far of a running one.
-fn logs(dir: &Path, job: &ContentId, shard: u32) -> anyhow::Result<()> {
-    let view = || -> anyhow::Result<(Value, Value)> {
-        let req = control::Request::Job { job: job.to_string(), submission: None, watch: false };
-        let v = control::call(dir, &req)?;
-        let s = v["shards"].get(shard as usize).cloned();
-        Ok((v, s.with_context(|| format!("the job has no shard {shard}"))?))
+fn logs(dir: &Path, job: ContentId, shard: u32) -> anyhow::Result<()> {
+    let view = || -> anyhow::Result<(JobView, ShardView)> {
+        let v = control::job(dir, job, None)?;
+        let s = v.shards.get(shard as usize).cloned();
+        let s = s.ok_or_else(|| {
+            exit::usage(format!("the job has no shard {shard} (it has {})", v.shards.len()))
+        })?;
+        Ok((v, s))
     };
     let (mut v, mut s) = view()?;
-    if s["state"] == "RUNNING" {
+    if s.state == ShardState::Running {
         if print_live_output(dir, job, shard)? {
             return Ok(());
         }
         // It ended between the two questions: its stored log is there now.
         (v, s) = view()?;
     }
-    let state = s["state"].as_str().unwrap_or("?");
-    let Some(log) = s["log"].as_str() else {
-        let error = s["error"].as_str().map(|e| format!(" (error: {e})"));
-        let pending = v["pending_reason"].as_str().map(|r| format!(" (pending: {r})"));
-        match state {
-            "PENDING" if s["attempts"].as_u64() > Some(0) || error.is_some() => bail!(
+    let Some(log) = s.log else {
+        let error = s.error.as_ref().map(|e| format!(" (error: {e})"));
+        let pending = v.pending_reason.as_ref().map(|r| format!(" (pending: {r})"));
+        match s.state {
+            ShardState::Pending if s.attempts > 0 || error.is_some() => bail!(
                 "shard {shard} waits for a node again after {}, so it has no log{}",
-                match s["attempts"].as_u64() {
-                    Some(1) | None => "an attempt that did not finish".to_string(),
-                    Some(n) => format!("{n} attempts that did not finish"),
+                match s.attempts {
+                    0 | 1 => "an attempt that did not finish".to_string(),
+                    n => format!("{n} attempts that did not finish"),
                 },
                 error.or(pending).unwrap_or_default()
             ),
-            "PENDING" => {
+            ShardState::Pending => {
                 bail!(
                     "shard {shard} has not started yet, so it has no log{}",
                     pending.unwrap_or_default()
                 )
             }
-            "RUNNING" => bail!("shard {shard} is running, but its output cannot be read now"),
-            _ => bail!("shard {shard} ended {state} and left no log{}", error.unwrap_or_default()),
+            ShardState::Running => {
+                bail!("shard {shard} is running, but its output cannot be read now")
+            }
+            state => {
+                bail!("shard {shard} ended {state} and left no log{}", error.unwrap_or_default())
+            }
         }
     };
-    let t = control::call(dir, &control::Request::Cat { id: log.to_string() })?;
-    print!("{}", t["text"].as_str().unwrap_or_default());
+    print!("{}", control::cat(dir, log)?);
     Ok(())
 }
 
 /// Prints what a running shard has printed so far, from the node running it; false when it
 /// no longer runs.
-fn print_live_output(dir: &Path, job: &ContentId, shard: u32) -> anyhow::Result<bool> {
-    let t = control::call(dir, &control::Request::Tail { job: job.to_string(), shard, offset: 0 })?;
-    if t["running"] != true {
+fn print_live_output(dir: &Path, job: ContentId, shard: u32) -> anyhow::Result<bool> {
+    let TailAnswer::Running(t) = control::tail(dir, job, shard, 0)? else {
         return Ok(false);
-    }
+    };
     let mut out = std::io::stdout().lock();
     // The live buffer keeps the tail of a long output only.
-    let at = t["offset"].as_u64().unwrap_or(0);
-    if at > 0 {
-        writeln!(out, "[grid: {at} bytes of earlier output not kept]")?;
+    if t.offset > 0 {
+        writeln!(out, "[grid: {} bytes of earlier output not kept]", t.offset)?;
     }
-    let text = t["text"].as_str().unwrap_or_default();
-    write!(out, "{text}")?;
-    if !text.is_empty() && !text.ends_with('\n') && std::io::IsTerminal::is_terminal(&out) {
+    write!(out, "{}", t.text)?;
+    if !t.text.is_empty() && !t.text.ends_with('\n') && std::io::IsTerminal::is_terminal(&out) {
         writeln!(out)?;
     }
     out.flush()?;
     eprintln!(
         "grid: shard {shard} is still running{}; `grid logs {job} {shard} --follow` shows the \
          rest as it comes",
-        if text.is_empty() && at == 0 { " and has printed nothing yet" } else { "" }
+        if t.text.is_empty() && t.offset == 0 { " and has printed nothing yet" } else { "" }
     );
     Ok(true)
 }
@@ -714,8 +688,9 @@ fn now_ms() -> u64 {
 pub const STATUS_MAX_JOBS: usize = 20;
 
 /// A peer id as the tables show it: its last 12 characters.
-fn short_node(peer: &str) -> String {
-    format!("…{}", peer.get(peer.len().saturating_sub(12)..).unwrap_or(peer))
+pub(crate) fn short_node(peer: &libp2p::PeerId) -> String {
+    let peer = peer.to_string();
+    format!("…{}", peer.get(peer.len().saturating_sub(12)..).unwrap_or(&peer))
 }
 
 /// A length of time as a table shows it: `0.03s`, `12.5s`, `4m05s`, `2h10m`.
@@ -752,14 +727,11 @@ fn clip(s: &str, max: usize) -> String {
 
 /// A job's state in a word, from its shards: running, waiting (nothing runs, some are
 /// pending), canceled, or finished.
-fn job_state(v: &Value) -> &'static str {
-    let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
-    let any = |st: &str| shards.iter().any(|s| s["state"] == st);
-    if v["finished"] == true
-        || !shards.iter().any(|s| s["state"] == "PENDING" || s["state"] == "RUNNING")
-    {
-        if any("CANCELED") { "canceled" } else { "finished" }
-    } else if any("RUNNING") {
+fn job_state(v: &JobView) -> &'static str {
+    let any = |st: ShardState| v.shards.iter().any(|s| s.state == st);
+    if v.finished || !v.shards.iter().any(|s| !s.state.is_final()) {
+        if any(ShardState::Canceled) { "canceled" } else { "finished" }
+    } else if any(ShardState::Running) {
         "running"
     } else {
         "waiting"
@@ -767,17 +739,11 @@ fn job_state(v: &Value) -> &'static str {
 }
 
 /// A job's shard counts: `12/48 done, 3 failed`.
-fn job_counts(v: &Value) -> String {
-    let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
-    let fin = |s: &&Value| s["state"] != "PENDING" && s["state"] != "RUNNING";
-    let done = shards.iter().filter(fin).count();
-    let canceled = shards.iter().filter(|s| s["state"] == "CANCELED").count();
-    let failed = shards
-        .iter()
-        .filter(fin)
-        .filter(|s| s["passed"] != true && s["state"] != "CANCELED")
-        .count();
-    let mut out = format!("{done}/{} done", shards.len());
+fn job_counts(v: &JobView) -> String {
+    let done: Vec<&ShardView> = v.shards.iter().filter(|s| s.state.is_final()).collect();
+    let canceled = done.iter().filter(|s| s.state == ShardState::Canceled).count();
+    let failed = done.iter().filter(|s| !s.passed && s.state != ShardState::Canceled).count();
+    let mut out = format!("{}/{} done", done.len(), v.shards.len());
     if failed > 0 {
         out.push_str(&format!(", {failed} failed"));
     }
@@ -787,62 +753,59 @@ fn job_counts(v: &Value) -> String {
     out
 }
 
-/// The text of `grid status`: the node, its worker side, and the jobs submitted through it
-/// (`v` is the node's status answer with the jobs under `jobs`).
-pub fn render_status(v: &Value, now_ms: u64) -> String {
+/// The text of `grid status`: the node, its worker side, and the jobs submitted through it.
+pub fn render_status(v: &NodeStatus, now_ms: u64) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let m = &v["mesh"];
-    let _ = writeln!(o, "peer id: {}", m["peer"].as_str().unwrap_or("?"));
-    for a in m["listening"].as_array().into_iter().flatten() {
-        let _ = writeln!(o, "listening on {}", a.as_str().unwrap_or("?"));
+    let StatusAnswer { mesh: m, store, worker: w } = &v.status;
+    let _ = writeln!(o, "peer id: {}", m.peer);
+    for a in &m.listening {
+        let _ = writeln!(o, "listening on {a}");
     }
-    let _ = writeln!(o, "connected peers: {}", m["connected"]);
-    let _ = writeln!(o, "routing table: {} peers", m["routing_table"]);
+    let _ = writeln!(o, "connected peers: {}", m.connected);
+    let _ = writeln!(o, "routing table: {} peers", m.routing_table);
     let _ = writeln!(
         o,
         "served: {} blocks ({} bytes), {} busy refusals",
-        m["served_blocks"], m["served_bytes"], m["served_busy"]
+        m.served_blocks, m.served_bytes, m.served_busy
     );
-    for b in m["bad_peers"].as_array().into_iter().flatten() {
-        let _ = writeln!(o, "bad peer: {}", b.as_str().unwrap_or("?"));
+    for b in &m.bad_peers {
+        let _ = writeln!(o, "bad peer: {b}");
     }
-    let _ = writeln!(o, "cache: {} items, {} bytes", v["store"]["items"], v["store"]["bytes"]);
-    let w = &v["worker"];
-    if let (Some(slots), Some(free)) = (w["slots"].as_u64(), w["free_slots"].as_u64()) {
-        if slots == 0 {
-            let _ = writeln!(o, "worker: no slots (this node runs no shards)");
-        } else {
-            let _ = writeln!(
-                o,
-                "worker: {} of {slots} slots in use; {} shards started, {} results sent",
-                slots.saturating_sub(free),
-                w["started"],
-                w["results"]
-            );
-        }
+    let _ = writeln!(o, "cache: {} items, {} bytes", store.items, store.bytes);
+    if w.slots == 0 {
+        let _ = writeln!(o, "worker: no slots (this node runs no shards)");
+    } else {
+        let _ = writeln!(
+            o,
+            "worker: {} of {} slots in use; {} shards started, {} results sent",
+            w.slots.saturating_sub(w.free_slots),
+            w.slots,
+            w.started,
+            w.results
+        );
     }
-    if let Some(q) = w["quarantined"].as_str() {
+    if let Some(q) = &w.quarantined {
         let _ = writeln!(o, "quarantined: {q} (this node takes no new shards)");
     }
-    let mut jobs: Vec<&Value> = v["jobs"].as_array().into_iter().flatten().collect();
-    if jobs.is_empty() {
+    if v.jobs.is_empty() {
         let _ = writeln!(o, "no jobs submitted from this node");
         return o;
     }
     // Newest first.
-    jobs.sort_by_key(|j| std::cmp::Reverse(j["created_at_ms"].as_u64().unwrap_or(0)));
+    let mut jobs: Vec<&JobView> = v.jobs.iter().collect();
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at_ms));
     let _ = writeln!(o, "jobs submitted from this node, newest first:");
     for j in jobs.iter().take(STATUS_MAX_JOBS) {
-        let age = j["created_at_ms"].as_u64().map_or("-".to_string(), |t| fmt_age(now_ms, t));
+        let age = if j.created_at_ms > 0 { fmt_age(now_ms, j.created_at_ms) } else { "-".into() };
         let _ = writeln!(
             o,
             "  {}  {:<8}  {:<20} {:>7}  {}",
-            j["job"].as_str().unwrap_or("?"),
+            j.job,
             job_state(j),
             job_counts(j),
             age,
-            clip(j["name"].as_str().unwrap_or(""), 32)
+            clip(&j.name, 32)
         );
     }
     if jobs.len() > STATUS_MAX_JOBS {
@@ -856,19 +819,13 @@ pub fn render_status(v: &Value, now_ms: u64) -> String {
 }
 
 /// The text of `grid status JOB`: one line per shard with its state, the node that runs it or
-/// ran it, the attempt, and how long it has run or ran (`v` is the node's job view; fields a
-/// node does not send show as `-`).
-pub fn render_job(v: &Value, now_ms: u64) -> String {
+/// ran it, the attempt, and how long it has run or ran.
+pub fn render_job(v: &JobView, now_ms: u64) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let _ = write!(
-        o,
-        "job {}  ({})",
-        v["job"].as_str().unwrap_or("?"),
-        v["name"].as_str().unwrap_or("")
-    );
-    if let Some(t) = v["created_at_ms"].as_u64() {
-        let _ = write!(o, "  submitted {}", fmt_age(now_ms, t));
+    let _ = write!(o, "job {}  ({})", v.job, v.name);
+    if v.created_at_ms > 0 {
+        let _ = write!(o, "  submitted {}", fmt_age(now_ms, v.created_at_ms));
     }
     let _ = writeln!(o, "\n{}, {}", job_state(v), job_counts(v));
     let _ = writeln!(
@@ -876,42 +833,38 @@ pub fn render_job(v: &Value, now_ms: u64) -> String {
         "{:>5}  {:<12} {:>4}  {:<14} {:>7}  {:>9}",
         "shard", "state", "exit", "node", "attempt", "time"
     );
-    for s in v["shards"].as_array().into_iter().flatten() {
-        let state = s["state"].as_str().unwrap_or("?");
-        let running = state == "RUNNING";
-        let node = if running { s["running_on"].as_str() } else { s["node"].as_str() };
-        let fetching = running && s["phase"] == "fetching";
+    for s in &v.shards {
+        let running = s.state == ShardState::Running;
+        let node = if running { s.running_on } else { s.node };
+        let fetching = s.fetching();
         let time = if running {
-            let since = if fetching { &s["granted_at_ms"] } else { &s["started_at_ms"] };
-            since
-                .as_u64()
-                .or(s["granted_at_ms"].as_u64())
-                .map(|t| fmt_duration(now_ms.saturating_sub(t)))
+            let since = if fetching { s.granted_at_ms } else { s.started_at_ms };
+            since.or(s.granted_at_ms).map(|t| fmt_duration(now_ms.saturating_sub(t)))
         } else {
-            s["duration_ms"].as_u64().map(fmt_duration)
+            s.duration_ms.map(fmt_duration)
         };
         let mut line = format!(
             "{:>5}  {:<12} {:>4}  {:<14} {:>7}  {:>9}",
-            s["shard"].as_u64().unwrap_or(0),
-            state,
-            s["exit_code"].as_i64().map_or("-".to_string(), |c| c.to_string()),
-            node.map_or("-".to_string(), short_node),
-            s["attempts"].as_u64().map_or("-".to_string(), |a| a.to_string()),
+            s.shard,
+            s.state.name(),
+            s.exit_code.map_or("-".to_string(), |c| c.to_string()),
+            node.as_ref().map_or("-".to_string(), short_node),
+            s.attempts,
             time.unwrap_or_else(|| "-".to_string()),
         );
         if fetching {
             line.push_str("  fetching inputs");
         }
-        if let Some(e) = s["error"].as_str().filter(|e| !e.is_empty()) {
+        if let Some(e) = s.error.as_ref().filter(|e| !e.is_empty()) {
             line.push_str(&format!("  error: {e}"));
         }
         let _ = writeln!(o, "{}", line.trim_end());
     }
-    if let Some(r) = v["pending_reason"].as_str() {
+    if let Some(r) = &v.pending_reason {
         let _ = writeln!(o, "pending: {r}");
     }
-    if let Some(d) = v["dissents"].as_u64().filter(|&d| d > 0) {
-        let _ = writeln!(o, "dissents: {d} results disagreed with an accepted outcome");
+    if v.dissents > 0 {
+        let _ = writeln!(o, "dissents: {} results disagreed with an accepted outcome", v.dissents);
     }
     o
 }
@@ -1014,34 +967,42 @@ mod tests {
         assert_eq!(hint(&["grid", "peers", "extra"]), None);
     }
 
+    use crate::api::tests::{cid, peer};
+    use crate::api::{MeshView, Phase, StoreView, WorkerView};
+
     /// A job view with every kind of shard, as a node that sends every field answers it.
-    fn sample_job(now: u64) -> Value {
-        let peer = |c: char| format!("12D3KooW{}", c.to_string().repeat(44));
-        serde_json::json!({
-            "job": "bafyrcfgen6rdka7hfxvo5y5fhkunlopctcbwdsq",
-            "submission": 7,
-            "name": "./run_tests.sh --verbose",
-            "finished": false,
-            "created_at_ms": now - 5 * 60_000,
-            "pending_reason": "no node has os=Plan9",
-            "dissents": 0,
-            "shards": [
-                { "shard": 0, "state": "COMPLETED", "exit_code": 0, "node": peer('A'),
-                  "duration_ms": 31, "log": "bafyrcflog", "passed": true, "attempts": 1 },
-                { "shard": 1, "state": "COMPLETED", "exit_code": 1, "node": peer('B'),
-                  "duration_ms": 72_500, "log": "bafyrcflog", "passed": false, "attempts": 1 },
-                { "shard": 2, "state": "RUNNING", "running_on": peer('C'), "phase": "running",
-                  "granted_at_ms": now - 13_000, "started_at_ms": now - 12_400, "attempts": 2,
-                  "passed": false },
-                { "shard": 3, "state": "RUNNING", "running_on": peer('D'), "phase": "fetching",
-                  "granted_at_ms": now - 2_000, "attempts": 1, "passed": false },
-                { "shard": 4, "state": "FAILED", "attempts": 3, "passed": false,
-                  "error": "command \"./run_tests.sh\" not found in the input tree or in PATH" },
-                { "shard": 5, "state": "TIMED_OUT", "node": peer('A'), "duration_ms": 3_600_000,
-                  "error": "hard timeout after 3600s", "attempts": 1, "passed": false },
-                { "shard": 6, "state": "PENDING", "attempts": 0, "passed": false },
-            ],
-        })
+    fn sample_job(now: u64) -> JobView {
+        let shard = |i, state| ShardView { attempts: 1, ..ShardView::new(i, state) };
+        let mut s0 = shard(0, ShardState::Completed);
+        (s0.exit_code, s0.node, s0.duration_ms, s0.passed) =
+            (Some(0), Some(peer(1)), Some(31), true);
+        s0.log = Some(cid("log 0"));
+        let mut s1 = shard(1, ShardState::Completed);
+        (s1.exit_code, s1.node, s1.duration_ms) = (Some(1), Some(peer(2)), Some(72_500));
+        s1.log = Some(cid("log 1"));
+        let mut s2 = shard(2, ShardState::Running);
+        (s2.running_on, s2.phase, s2.attempts) = (Some(peer(3)), Some(Phase::Running), 2);
+        (s2.granted_at_ms, s2.started_at_ms) = (Some(now - 13_000), Some(now - 12_400));
+        let mut s3 = shard(3, ShardState::Running);
+        (s3.running_on, s3.phase, s3.granted_at_ms) =
+            (Some(peer(4)), Some(Phase::Fetching), Some(now - 2_000));
+        let mut s4 = shard(4, ShardState::Failed);
+        s4.attempts = 3;
+        s4.error = Some("command \"./run_tests.sh\" not found in the input tree or in PATH".into());
+        let mut s5 = shard(5, ShardState::TimedOut);
+        (s5.node, s5.duration_ms) = (Some(peer(1)), Some(3_600_000));
+        s5.error = Some("hard timeout after 3600s".into());
+        let s6 = ShardView::new(6, ShardState::Pending);
+        JobView {
+            job: cid("the sample job"),
+            submission: 7,
+            name: "./run_tests.sh --verbose".into(),
+            finished: false,
+            created_at_ms: now - 5 * 60_000,
+            pending_reason: Some("no node has os=Plan9".into()),
+            dissents: 0,
+            shards: vec![s0, s1, s2, s3, s4, s5, s6],
+        }
     }
 
     #[test]
@@ -1050,10 +1011,11 @@ mod tests {
         insta::assert_snapshot!(render_job(&sample_job(now), now));
         // A node that sends none of the newer fields still gets a table.
         let old = serde_json::json!({
-            "job": "bafyrcfgen6rdka7hfxvo5y5fhkunlopctcbwdsq", "name": "old", "finished": false,
-            "shards": [{ "shard": 0, "state": "RUNNING" }, { "shard": 1, "state": "COMPLETED",
-                         "exit_code": 0, "passed": true }],
+            "job": cid("the sample job").to_string(), "name": "old", "finished": false,
+            "shards": [{ "shard": 0, "state": "RUNNING", "passed": false },
+                       { "shard": 1, "state": "COMPLETED", "exit_code": 0, "passed": true }],
         });
+        let old: JobView = serde_json::from_value(old).unwrap();
         insta::assert_snapshot!("render_job_old_node", render_job(&old, now));
     }
 
@@ -1061,42 +1023,71 @@ mod tests {
     fn status_lists_the_jobs_and_the_quarantine() {
         let now = 1_750_000_000_000;
         let mut done = sample_job(now);
-        done["job"] = "bafyrcfefkm2rdkhakr3d7n2ss7led4ooamh3jjq".into();
-        done["name"] = "a job with a very long name that does not fit in its column".into();
-        done["created_at_ms"] = (now - 3 * 86_400_000).into();
-        done["finished"] = true.into();
-        done["shards"] = serde_json::json!([
-            { "shard": 0, "state": "COMPLETED", "exit_code": 0, "passed": true },
-            { "shard": 1, "state": "COMPLETED", "exit_code": 1, "passed": false },
-        ]);
+        done.job = cid("a finished job");
+        done.name = "a job with a very long name that does not fit in its column".into();
+        done.created_at_ms = now - 3 * 86_400_000;
+        done.finished = true;
+        let mut passed = ShardView::new(0, ShardState::Completed);
+        (passed.exit_code, passed.passed) = (Some(0), true);
+        let mut failed = ShardView::new(1, ShardState::Completed);
+        failed.exit_code = Some(1);
+        done.shards = vec![passed, failed];
         let mut canceled = done.clone();
-        canceled["job"] = "bafyrcfdio6vyvop7m2db5h5wotszhdzfquyvfdi".into();
-        canceled["name"] = "nowait".into();
-        canceled["created_at_ms"] = (now - 2 * 3_600_000).into();
-        canceled["shards"] = serde_json::json!([{ "shard": 0, "state": "CANCELED" }]);
-        let peer = "12D3KooWCcuBQMXmSkVrqwer3iixffNps4pgXjny8AJciGcBnvah";
-        let status = |jobs: Vec<Value>, worker: Value| {
-            serde_json::json!({
-                "mesh": { "peer": peer,
-                          "listening": [format!("/ip4/127.0.0.1/tcp/4701/p2p/{peer}")],
-                          "connected": 3, "routing_table": 3, "served_blocks": 10,
-                          "served_bytes": 2222, "served_busy": 0, "bad_peers": [] },
-                "store": { "items": 16, "bytes": 2222 },
-                "worker": worker,
-                "jobs": jobs,
-            })
+        canceled.job = cid("a canceled job");
+        canceled.name = "nowait".into();
+        canceled.created_at_ms = now - 2 * 3_600_000;
+        canceled.shards = vec![ShardView::new(0, ShardState::Canceled)];
+        let me = peer(9);
+        let status = |jobs: Vec<JobView>, worker: WorkerView| NodeStatus {
+            status: StatusAnswer {
+                mesh: MeshView {
+                    peer: me.to_string(),
+                    listening: vec![format!("/ip4/127.0.0.1/tcp/4701/p2p/{me}")],
+                    listeners_starting: 0,
+                    connected: 3,
+                    routing_table: 3,
+                    served_blocks: 10,
+                    served_bytes: 2222,
+                    served_busy: 0,
+                    bad_peers: vec![],
+                },
+                store: StoreView { items: 16, bytes: 2222 },
+                worker,
+            },
+            jobs,
         };
-        let busy = serde_json::json!({ "slots": 2, "free_slots": 1, "started": 5, "results": 4,
-                                       "quarantined": null });
+        let worker = |slots, free_slots, started, results, quarantined: Option<&str>| WorkerView {
+            dimensions: BTreeMap::from([("os".to_string(), vec!["Linux".to_string()])]),
+            slots,
+            free_slots,
+            running: vec![],
+            quarantined: quarantined.map(str::to_string),
+            heard: vec![],
+            started,
+            results,
+        };
         insta::assert_snapshot!(render_status(
-            &status(vec![done, sample_job(now), canceled], busy),
+            &status(vec![done, sample_job(now), canceled], worker(2, 1, 5, 4, None)),
             now
         ));
-        let quarantined = serde_json::json!({
-            "slots": 1, "free_slots": 1, "started": 4, "results": 0,
-            "quarantined": "the last 4 attempts failed before their command started" });
+        let quarantined =
+            worker(1, 1, 4, 0, Some("the last 4 attempts failed before their command started"));
         let text = render_status(&status(vec![], quarantined), now);
         insta::assert_snapshot!("render_status_quarantined", text);
         assert!(!text.contains("job "), "no job line: {text}");
+        let text = render_status(&status(vec![], worker(0, 0, 0, 0, None)), now);
+        assert!(text.contains("worker: no slots (this node runs no shards)\n"), "{text}");
+    }
+
+    #[test]
+    fn verify_lists_what_it_dropped() {
+        let r = VerifyAnswer {
+            objects_ok: 14,
+            objects_dropped: vec!["ab12".into()],
+            manifests_ok: 2,
+            manifests_dropped: vec![cid("dropped")],
+            orphans_removed: 1,
+        };
+        insta::assert_snapshot!(render_verify(&r));
     }
 }

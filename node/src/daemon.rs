@@ -9,12 +9,15 @@ use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use grid_protocol::content::ContentId;
 use libp2p::identity::Keypair;
-use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, broadcast};
 use tracing::{debug, info, warn};
 
+use crate::api::{
+    CancelAnswer, CatAnswer, ErrorKind, FetchAnswer, GcAnswer, JobView, JobsAnswer, LiveOutput,
+    ManifestView, NodeError, Response, StatusAnswer, StoreView, TailAnswer,
+};
 use crate::control::{self, MAX_CLIENTS, MAX_LINE_BYTES, Request};
 use crate::engine::{Engine, EngineCommand, EngineConfig, Runner};
 use crate::exec::{ExecConfig, Executor, SandboxStatus};
@@ -372,10 +375,8 @@ fn bind_control(socket: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn write_line(w: &mut tokio::net::unix::OwnedWriteHalf, v: &Value) -> std::io::Result<()> {
-    let mut out = serde_json::to_vec(v).expect("json values encode");
-    out.push(b'\n');
-    w.write_all(&out).await
+async fn write_line(w: &mut tokio::net::unix::OwnedWriteHalf, line: &[u8]) -> std::io::Result<()> {
+    w.write_all(line).await
 }
 
 async fn serve_client(node: Arc<Node>, stream: UnixStream) -> std::io::Result<()> {
@@ -386,16 +387,23 @@ async fn serve_client(node: Arc<Node>, stream: UnixStream) -> std::io::Result<()
     let req = match serde_json::from_slice::<Request>(&line) {
         Ok(req) => req,
         Err(e) => {
-            let answer = json!({ "error": format!("malformed control request: {e}") });
-            return write_line(&mut write, &answer).await;
+            let e =
+                NodeError::new(ErrorKind::BadRequest, format!("malformed control request: {e}"));
+            return write_line(&mut write, &control::error_line(&e)).await;
         }
     };
     let watched =
         matches!(&req, Request::Submit { watch: true, .. } | Request::Job { watch: true, .. });
     let answer = match handle(&node, req).await {
-        Ok(v) if watched => return watch_job(&node, v, &mut write).await,
-        Ok(v) => json!({ "ok": v }),
-        Err(e) => json!({ "error": format!("{e:#}") }),
+        Ok(Response::Submit(v) | Response::Job(v)) if watched => {
+            return watch_job(&node, v, &mut write).await;
+        }
+        Ok(answer) => control::ok_line(&answer),
+        Err(e) => {
+            // A refusal says what kind it is; anything else is a failure, with its causes.
+            let kind = e.downcast_ref::<NodeError>().map_or(ErrorKind::Failed, |n| n.kind);
+            control::error_line(&NodeError::new(kind, format!("{e:#}")))
+        }
     };
     write_line(&mut write, &answer).await
 }
@@ -404,14 +412,10 @@ async fn serve_client(node: Arc<Node>, stream: UnixStream) -> std::io::Result<()
 /// answers the final view.
 async fn watch_job(
     node: &Arc<Node>,
-    first: Value,
+    first: JobView,
     write: &mut tokio::net::unix::OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    let job: Option<ContentId> = first["job"].as_str().and_then(|j| j.parse().ok());
-    let submission = first["submission"].as_u64();
-    let (Some(job), Some(submission)) = (job, submission) else {
-        return write_line(write, &json!({ "ok": first })).await;
-    };
+    let (job, submission) = (first.job, first.submission);
     let rx = ask(&node.engine, |reply| EngineCommand::Watch { key: (job, submission), reply })
         .await
         .ok()
@@ -424,62 +428,67 @@ async fn watch_job(
     })
     .await
     {
-        Ok(Some(v)) => serde_json::to_value(v).expect("views encode"),
+        Ok(Some(v)) => v,
         _ => first,
     };
-    write_line(write, &json!({ "event": last })).await?;
+    write_line(write, &control::event_line(&last)).await?;
     if let Some(mut rx) = rx {
-        while last["finished"] != true {
+        while !last.finished {
             match rx.recv().await {
                 Ok(v) => {
-                    last = serde_json::to_value(v).expect("views encode");
-                    write_line(write, &json!({ "event": last })).await?;
+                    last = v;
+                    write_line(write, &control::event_line(&last)).await?;
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => break,
             }
         }
     }
-    write_line(write, &json!({ "ok": last })).await
+    write_line(write, &control::ok_line(&last)).await
 }
 
 async fn ask<T>(
     engine: &mpsc::Sender<EngineCommand>,
     make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> EngineCommand,
 ) -> anyhow::Result<T> {
+    let gone = || NodeError::new(ErrorKind::ShuttingDown, "the node is shutting down");
     let (tx, rx) = tokio::sync::oneshot::channel();
-    engine.send(make(tx)).await.map_err(|_| anyhow::anyhow!("the node is shutting down"))?;
-    rx.await.map_err(|_| anyhow::anyhow!("the node is shutting down"))
+    engine.send(make(tx)).await.map_err(|_| gone())?;
+    Ok(rx.await.map_err(|_| gone())?)
 }
 
-async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
-    match req {
+fn unknown_job(job: ContentId) -> anyhow::Error {
+    NodeError::new(ErrorKind::UnknownJob, format!("this node has no job {job}")).into()
+}
+
+async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Response> {
+    Ok(match req {
         Request::Status => {
-            let mesh = node.mesh.status().await?;
+            let mesh = node.mesh.status().await?.into();
             let t = node.store.totals();
             let worker = ask(&node.engine, EngineCommand::Worker).await?;
-            Ok(json!({
-                "mesh": mesh,
-                "store": { "bytes": t.bytes, "items": t.items },
-                "worker": worker,
-            }))
+            Response::Status(StatusAnswer {
+                mesh,
+                store: StoreView { bytes: t.bytes, items: t.items },
+                worker,
+            })
         }
-        Request::Peers => Ok(serde_json::to_value(node.mesh.peers().await?)?),
+        Request::Peers => {
+            Response::Peers(node.mesh.peers().await?.into_iter().map(Into::into).collect())
+        }
         Request::Fetch { id, out } => {
-            let id: ContentId = id.parse().context("not a content id")?;
             let report = node.fetcher.fetch(id).await.map_err(anyhow::Error::msg)?;
-            let mut v = serde_json::to_value(&report)?;
-            if let Some(out) = out {
-                let store = node.store.clone();
-                let s = tokio::task::spawn_blocking(move || store.materialize(&id, &out))
-                    .await?
-                    .context("failed to write the tree")?;
-                v["materialized"] = json!({
-                    "linked": s.linked, "copied": s.copied, "empty": s.empty,
-                    "symlinks": s.symlinks, "bytes": s.bytes,
-                });
-            }
-            Ok(v)
+            let materialized = match out {
+                Some(out) => {
+                    let store = node.store.clone();
+                    let s = tokio::task::spawn_blocking(move || store.materialize(&id, &out))
+                        .await?
+                        .context("failed to write the tree")?;
+                    Some(s)
+                }
+                None => None,
+            };
+            Response::Fetch(FetchAnswer::new(id, report, materialized))
         }
         Request::Isolate { root, inputs } => {
             let store = node.store.clone();
@@ -488,25 +497,33 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
                     .await?
                     .context("failed to isolate")?;
             node.mesh.provide(packed.id).await?;
-            Ok(json!({
-                "id": packed.id.to_string(),
-                "files": packed.files,
-                "symlinks": packed.symlinks,
-                "bytes": packed.bytes,
-                "hashed": packed.hashed,
-            }))
+            Response::Isolate(packed.into())
         }
         Request::Submit { request, force, .. } => {
             let spec = &request.spec;
             // The submitter seeds its own inputs: they must be here in full.
-            let tree = node.store.tree(&spec.manifest).with_context(|| {
-                format!("the input tree {} is not in this node's store", spec.manifest)
-            })?;
+            let tree = match node.store.tree(&spec.manifest) {
+                Ok(tree) => tree,
+                Err(crate::store::StoreError::Missing(_)) => {
+                    return Err(NodeError::new(
+                        ErrorKind::UnknownTree,
+                        format!("the input tree {} is not in this node's store", spec.manifest),
+                    )
+                    .into());
+                }
+                Err(e) => {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "the input tree {} cannot be read from this node's store",
+                        spec.manifest
+                    )));
+                }
+            };
             if !node.store.missing_objects(&tree)?.is_empty() {
-                anyhow::bail!(
-                    "the input tree {} is incomplete in this node's store",
-                    spec.manifest
-                );
+                return Err(NodeError::new(
+                    ErrorKind::UnknownTree,
+                    format!("the input tree {} is incomplete in this node's store", spec.manifest),
+                )
+                .into());
             }
             let (job, submission) =
                 ask(&node.engine, |reply| EngineCommand::Submit { request, force, reply })
@@ -518,33 +535,30 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
                 reply,
             })
             .await?;
-            Ok(serde_json::to_value(v)?)
+            Response::Submit(v.ok_or_else(|| unknown_job(job))?)
         }
         Request::Job { job, submission, .. } => {
-            let job: ContentId = job.parse().context("not a job id")?;
             match ask(&node.engine, |reply| EngineCommand::Job { job, submission, reply }).await? {
-                Some(v) => Ok(serde_json::to_value(v)?),
-                None => anyhow::bail!("this node has no job {job}"),
+                Some(v) => Response::Job(v),
+                None => return Err(unknown_job(job)),
             }
         }
         Request::Jobs => {
             let jobs = ask(&node.engine, EngineCommand::Jobs).await?;
             let worker = ask(&node.engine, EngineCommand::Worker).await?;
-            Ok(json!({ "jobs": jobs, "worker": worker }))
+            Response::Jobs(JobsAnswer { jobs, worker })
         }
         Request::Cancel { job } => {
-            let job: ContentId = job.parse().context("not a job id")?;
             if !ask(&node.engine, |reply| EngineCommand::Cancel { job, reply }).await? {
-                anyhow::bail!("this node has no job {job}");
+                return Err(unknown_job(job));
             }
-            Ok(json!({ "canceled": job.to_string() }))
+            Response::Cancel(CancelAnswer { canceled: job })
         }
         Request::Tail { job, shard, offset } => {
-            let job: ContentId = job.parse().context("not a job id")?;
             let holder =
                 ask(&node.engine, |reply| EngineCommand::Holder { job, shard, reply }).await?;
             let Some((lease, peer)) = holder else {
-                return Ok(json!({ "running": false }));
+                return Ok(Response::Tail(TailAnswer::NotRunning));
             };
             let read = if peer == node.mesh.local_peer_id() {
                 node.live.read(&peer, &lease, offset).map(|r| (r.offset, r.data))
@@ -557,54 +571,45 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Value> {
                     _ => None,
                 }
             };
-            Ok(match read {
+            let output = match read {
                 Some((at, data)) => {
                     let whole = whole_chars(&data);
-                    json!({
-                        "running": true,
-                        "node": peer.to_string(),
-                        "offset": at,
-                        "text": String::from_utf8_lossy(&data[..whole]),
-                        "bytes": whole,
-                    })
+                    LiveOutput {
+                        node: peer,
+                        offset: at,
+                        text: String::from_utf8_lossy(&data[..whole]).into_owned(),
+                        bytes: whole as u64,
+                    }
                 }
-                None => {
-                    json!({ "running": true, "node": peer.to_string(), "offset": offset, "text": "", "bytes": 0 })
-                }
-            })
+                None => LiveOutput { node: peer, offset, text: String::new(), bytes: 0 },
+            };
+            Response::Tail(TailAnswer::Running(output))
         }
         Request::Cat { id } => {
-            let id: ContentId = id.parse().context("not a content id")?;
             node.fetcher.fetch(id).await.map_err(anyhow::Error::msg)?;
             let store = node.store.clone();
             let bytes =
                 tokio::task::spawn_blocking(move || read_single_file(&store, &id)).await??;
-            Ok(json!({ "text": String::from_utf8_lossy(&bytes) }))
+            Response::Cat(CatAnswer { text: String::from_utf8_lossy(&bytes).into_owned() })
         }
-        Request::Show { id } => {
-            let id: ContentId = id.parse().context("not a content id")?;
-            Ok(node.store.manifest(&id)?.to_json())
-        }
+        Request::Show { id } => Response::Show(ManifestView::from(&node.store.manifest(&id)?)),
         Request::Verify => {
             let store = node.store.clone();
             let r = tokio::task::spawn_blocking(move || store.verify()).await??;
-            Ok(json!({
-                "objects_ok": r.objects_ok,
-                "objects_dropped": r.objects_dropped.iter().map(|o| o.to_string()).collect::<Vec<_>>(),
-                "manifests_ok": r.manifests_ok,
-                "manifests_dropped": r.manifests_dropped.iter().map(|m| m.to_string()).collect::<Vec<_>>(),
-                "orphans_removed": r.orphans_removed,
-            }))
+            Response::Verify(r.into())
         }
         Request::Gc => {
             let store = node.store.clone();
             let r = tokio::task::spawn_blocking(move || store.evict()).await??;
             let t = node.store.totals();
-            Ok(
-                json!({ "items": r.items, "bytes": r.bytes, "now_items": t.items, "now_bytes": t.bytes }),
-            )
+            Response::Gc(GcAnswer {
+                items: r.items,
+                bytes: r.bytes,
+                now_items: t.items,
+                now_bytes: t.bytes,
+            })
         }
-    }
+    })
 }
 
 /// How much of `data` to show now: all of it, except a character cut at the end of the chunk

@@ -20,17 +20,17 @@ use grid_protocol::job::JobRequest;
 use grid_protocol::message::announce_topic;
 pub use grid_protocol::node::SubKey;
 use grid_protocol::node::{History, Node, NodeConfig, NodeOutput};
-use grid_protocol::output::{Event, ExecOutcome, Execution, LeaseId, Output, Record, ShardState};
+use grid_protocol::output::{Event, ExecOutcome, Execution, LeaseId, Output, Record};
 use grid_protocol::record::{RunState, SignedResult};
-use grid_protocol::submitter::{Submitter, SubmitterConfig};
+use grid_protocol::submitter::SubmitterConfig;
 use grid_protocol::time::Time;
 use grid_protocol::worker::{TrustPolicy, WorkerConfig};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
-use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::api::{JobView, WorkerView, view};
 use crate::jobdb::JobDb;
 use crate::mesh::{Inbound, MeshHandle};
 
@@ -55,82 +55,6 @@ pub trait Runner: Send + Sync + 'static {
 /// The wall clock as protocol time (milliseconds since the Unix epoch).
 pub fn now() -> Time {
     Time(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0))
-}
-
-/// What one shard looks like to `grid submit` and `grid status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ShardView {
-    /// Index.
-    pub shard: u32,
-    /// State name (PENDING, RUNNING, COMPLETED, ...).
-    pub state: String,
-    /// Exit code of the accepted outcome.
-    pub exit_code: Option<i32>,
-    /// The node whose result was accepted.
-    pub node: Option<String>,
-    /// Run time of the accepted outcome, in milliseconds.
-    pub duration_ms: Option<u64>,
-    /// The captured log's content id.
-    pub log: Option<String>,
-    /// The outputs tree's content id.
-    pub outputs: Option<String>,
-    /// The node's error text, if it could not run the shard.
-    pub error: Option<String>,
-    /// Whether the shard passed: completed with exit code 0.
-    pub passed: bool,
-    /// Attempts granted so far.
-    pub attempts: u32,
-    /// The node holding the live attempt (RUNNING shards).
-    pub running_on: Option<String>,
-    /// What the live attempt does: `fetching` (its node fetches and sets up the inputs) or
-    /// `running` (the process runs).
-    pub phase: Option<&'static str>,
-    /// When the live attempt was granted, in Unix milliseconds.
-    pub granted_at_ms: Option<u64>,
-    /// When its process started, in Unix milliseconds.
-    pub started_at_ms: Option<u64>,
-}
-
-/// A job's state.
-#[derive(Debug, Clone, Serialize)]
-pub struct JobView {
-    /// Job id.
-    pub job: String,
-    /// Submission nonce.
-    pub submission: u64,
-    /// Display name.
-    pub name: String,
-    /// When it was submitted, in Unix milliseconds.
-    pub created_at_ms: u64,
-    /// Whether every shard is final.
-    pub finished: bool,
-    /// Why pending shards wait (or ended as NO_RESOURCE), when any do.
-    pub pending_reason: Option<String>,
-    /// Results that disagreed with an accepted outcome.
-    pub dissents: u64,
-    /// The shards.
-    pub shards: Vec<ShardView>,
-}
-
-/// What the engine reports about the worker side.
-#[derive(Debug, Clone, Serialize)]
-pub struct WorkerView {
-    /// This node's dimensions.
-    pub dimensions: BTreeMap<String, Vec<String>>,
-    /// Slots.
-    pub slots: u32,
-    /// Free slots.
-    pub free_slots: u32,
-    /// Leases running here.
-    pub running: Vec<String>,
-    /// Why this node does not claim, if it does not.
-    pub quarantined: Option<String>,
-    /// Jobs heard announced lately (most recent last).
-    pub heard: Vec<String>,
-    /// Shards started here since the node started.
-    pub started: u64,
-    /// Results sent from here since the node started.
-    pub results: u64,
 }
 
 /// A request to the engine.
@@ -617,65 +541,6 @@ fn log_event(e: &Event) {
         Event::Dissent { job, shard, node } => warn!(%job, shard, %node, "dissenting result"),
         Event::ResultDropped { lease } => warn!(%lease, "outbox full; result dropped"),
         other => debug!(event = ?other, "event"),
-    }
-}
-
-/// A job's state from its submitter.
-pub fn view(s: &Submitter) -> JobView {
-    let shards: Vec<ShardView> = (0..s.request().spec.shards)
-        .map(|i| {
-            let st = s.shard(i);
-            let state = st.as_ref().map_or(ShardState::Pending, |x| x.state);
-            let outcome = st.as_ref().and_then(|x| x.accepted);
-            // The accepted outcome's first result, for its node, log and timing.
-            let accepted = outcome.and_then(|o| s.results(i).find(|r| r.body.outcome() == o));
-            let body = accepted.map(|r| &r.body);
-            // Its node, from the attempt (no key decoding).
-            let node = body.and_then(|b| {
-                st.as_ref()?
-                    .attempts
-                    .iter()
-                    .find(|(l, _, _)| l.shard == b.shard && l.attempt == b.attempt)
-                    .map(|(_, n, _)| n.to_string())
-            });
-            let live = (state == ShardState::Running).then(|| s.live_attempt(i)).flatten();
-            ShardView {
-                attempts: st.as_ref().map_or(0, |x| x.attempts.len() as u32),
-                running_on: live.map(|l| l.node.to_string()),
-                phase: live.map(|l| if l.started.is_some() { "running" } else { "fetching" }),
-                granted_at_ms: live.map(|l| l.granted.0),
-                started_at_ms: live.and_then(|l| l.started).map(|t| t.0),
-                shard: i,
-                state: state.name().to_string(),
-                exit_code: body.and_then(|b| b.exit_code),
-                node,
-                // A job that could not run has no run time to show.
-                duration_ms: body
-                    .filter(|b| b.state != RunState::Unrunnable)
-                    .map(|b| b.duration.as_millis() as u64),
-                log: body.and_then(|b| b.log).map(|c| c.to_string()),
-                outputs: body.and_then(|b| b.outputs).map(|c| c.to_string()),
-                error: body
-                    .filter(|b| !b.error.is_empty())
-                    .map(|b| b.error.clone())
-                    .or_else(|| st.as_ref().and_then(|x| x.last_error.clone())),
-                passed: state == ShardState::Completed && body.and_then(|b| b.exit_code) == Some(0),
-            }
-        })
-        .collect();
-    let finished = s.is_finished();
-    let reason = s.pending_reason();
-    let waiting =
-        shards.iter().any(|x: &ShardView| x.state == "PENDING" || x.state == "NO_RESOURCE");
-    JobView {
-        job: s.job().to_string(),
-        submission: s.submission(),
-        name: s.request().name.clone(),
-        created_at_ms: s.created().0,
-        finished,
-        pending_reason: waiting.then(|| reason.to_string()).filter(|r| !r.is_empty()),
-        dissents: s.stats().dissents,
-        shards,
     }
 }
 

@@ -44,7 +44,7 @@ pub enum JunitError {
 }
 
 /// Whether a case failed an assertion or errored (JUnit's `<failure>` and `<error>`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     /// `<failure>`: an assertion did not hold.

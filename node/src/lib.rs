@@ -7,6 +7,7 @@
 
 pub use grid_protocol as proto;
 
+pub mod api;
 pub mod cli;
 pub mod control;
 pub mod daemon;
@@ -19,6 +20,7 @@ pub mod jobdb;
 pub mod junit;
 pub mod live;
 pub mod mesh;
+pub mod node_cli;
 pub mod pack;
 pub mod payload;
 pub mod store;

@@ -19,20 +19,12 @@ use clap::Args;
 use grid_protocol::content::ContentId;
 use grid_protocol::dims::POOL;
 use grid_protocol::job::{JobRequest, JobSpec, Scheduling};
+use grid_protocol::output::ShardState;
 use indicatif::{ProgressBar, ProgressStyle};
-use serde_json::{Value, json};
 
+use crate::api::{EntryView, FailedTestView, JobResults, JobView, ShardView, TailAnswer};
 use crate::control::{self, Request};
-use crate::exit;
-
-/// A command line that cannot work, found by grid itself (exit code [`exit::USAGE`]).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
-
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    UsageError(msg.into()).into()
-}
+use crate::exit::{self, UserError, usage};
 
 /// Options of `grid submit`.
 #[derive(Debug, Args)]
@@ -165,8 +157,9 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
                 root,
                 inputs: inputs.iter().map(|p| abs(p)).collect::<anyhow::Result<_>>()?,
             };
-            let v = control::call(dir, &req).context("failed to pack the inputs")?;
-            v["id"].as_str().unwrap_or_default().parse().context("the node answered a bad id")?
+            control::call::<crate::api::IsolateAnswer>(dir, &req)
+                .context("failed to pack the inputs")?
+                .id
         }
     };
     let (argv, cwd) = match (args.command.is_empty(), isolate_command) {
@@ -273,24 +266,22 @@ fn check_command(
 
 /// Every entry of a stored tree, includes merged in (the tree's own entries win, then earlier
 /// includes), as `grid show` renders each manifest.
-fn tree_listing(dir: &Path, id: &ContentId) -> anyhow::Result<BTreeMap<String, Value>> {
+fn tree_listing(dir: &Path, id: &ContentId) -> anyhow::Result<BTreeMap<String, EntryView>> {
     let mut entries = BTreeMap::new();
     let mut seen = std::collections::BTreeSet::new();
-    let mut stack = vec![id.to_string()];
+    let mut stack = vec![*id];
     while let Some(m) = stack.pop() {
-        if !seen.insert(m.clone()) {
+        if !seen.insert(m) {
             continue;
         }
         if seen.len() > MAX_MANIFESTS_LISTED {
             bail!("the input tree {id} includes more than {MAX_MANIFESTS_LISTED} manifests");
         }
-        let v = control::call(dir, &Request::Show { id: m.clone() })
-            .with_context(|| format!("cannot list the input tree {m}"))?;
-        for (path, e) in v["files"].as_object().into_iter().flatten() {
-            entries.entry(path.clone()).or_insert_with(|| e.clone());
+        let v = control::show(dir, m).with_context(|| format!("cannot list the input tree {m}"))?;
+        for (path, e) in v.files {
+            entries.entry(path).or_insert(e);
         }
-        let includes = v["includes"].as_array().map(Vec::as_slice).unwrap_or_default();
-        stack.extend(includes.iter().rev().filter_map(|i| i.as_str()).map(str::to_string));
+        stack.extend(v.includes.iter().rev());
     }
     Ok(entries)
 }
@@ -309,7 +300,7 @@ enum Found {
 }
 
 /// Resolves `path` (relative, `/`-separated) in a tree listing, following its symlinks.
-fn lookup(entries: &BTreeMap<String, Value>, path: &str) -> Found {
+fn lookup(entries: &BTreeMap<String, EntryView>, path: &str) -> Found {
     let mut parts: Vec<String> = Vec::new();
     for c in path.split('/') {
         match c {
@@ -326,7 +317,7 @@ fn lookup(entries: &BTreeMap<String, Value>, path: &str) -> Found {
         for k in 1..=parts.len() {
             let prefix = parts[..k].join("/");
             let Some(e) = entries.get(&prefix) else { continue };
-            if let Some(target) = e["symlink"].as_str() {
+            if let EntryView::Symlink { symlink: target } = e {
                 hops += 1;
                 let Some(mut resolved) = grid_protocol::manifest::resolve_link(&prefix, target)
                 else {
@@ -341,7 +332,7 @@ fn lookup(entries: &BTreeMap<String, Value>, path: &str) -> Found {
             }
             // A file: the path names it, or something beneath a file (which is nothing).
             return if k == parts.len() {
-                Found::File { executable: e["executable"] == true }
+                Found::File { executable: matches!(e, EntryView::File { executable: true, .. }) }
             } else {
                 Found::Missing
             };
@@ -356,7 +347,7 @@ fn lookup(entries: &BTreeMap<String, Value>, path: &str) -> Found {
 }
 
 /// The files of the tree whose paths are closest to `command` (or that have its file name).
-fn suggestions(entries: &BTreeMap<String, Value>, command: &str) -> Vec<String> {
+fn suggestions(entries: &BTreeMap<String, EntryView>, command: &str) -> Vec<String> {
     let want = command.trim_start_matches("./");
     let name = want.rsplit('/').next().unwrap_or(want);
     let limit = (want.chars().count() / 3).max(2);
@@ -463,8 +454,7 @@ impl NodeAccess {
         // Wait until the mesh answers, so the job's announcement has somewhere to go.
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            let v = control::call(&dir, &Request::Status)?;
-            if v["mesh"]["connected"].as_u64().unwrap_or(0) > 0 {
+            if control::status(&dir)?.mesh.connected > 0 {
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -485,15 +475,12 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
     let shards = req.spec.shards;
     let submit = Request::Submit { request: Box::new(req), watch: !args.detach, force: args.force };
     if args.detach {
-        let v = control::call(&node.dir, &submit)?;
+        let v: JobView = control::call(&node.dir, &submit)?;
         if args.json {
-            stdout(&format!("{v}\n"))?;
+            stdout(&format!("{}\n", serde_json::to_string(&v)?))?;
         } else {
-            stdout(&format!("{}\n", v["job"].as_str().unwrap_or("?")))?;
-            eprintln!(
-                "submitted; follow it with `grid collect {}`",
-                v["job"].as_str().unwrap_or("?")
-            );
+            stdout(&format!("{}\n", v.job))?;
+            eprintln!("submitted; follow it with `grid collect {}`", v.job);
         }
         return Ok(exit::OK);
     }
@@ -502,9 +489,9 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
 }
 
 /// `grid collect JOB`: re-attaches to a job and gathers its results.
-pub fn collect(data_dir: &Path, job: &str, args: &ResultArgs) -> anyhow::Result<u8> {
+pub fn collect(data_dir: &Path, job: ContentId, args: &ResultArgs) -> anyhow::Result<u8> {
     let node = NodeAccess::open(data_dir, &[])?;
-    let req = Request::Job { job: job.to_string(), submission: None, watch: true };
+    let req = Request::Job { job, submission: None, watch: true };
     let v = follow(&node.dir, &req, 0, args.json, None)?;
     finish(&node.dir, &v, args.json, args.junit.as_deref())
 }
@@ -520,7 +507,7 @@ fn now_ms() -> u64 {
 /// The newest view of a job, and the most shards seen granted at once (for the ETA).
 #[derive(Debug, Default)]
 struct Seen {
-    view: Value,
+    view: Option<JobView>,
     peak: u64,
 }
 
@@ -531,7 +518,7 @@ fn follow(
     shards: u32,
     quiet: bool,
     follow_shard: Option<u32>,
-) -> anyhow::Result<Value> {
+) -> anyhow::Result<JobView> {
     let started = Instant::now();
     let live = std::io::stderr().is_terminal() && !quiet;
     let bar = live.then(|| {
@@ -554,8 +541,10 @@ fn follow(
             while !stop.load(Ordering::Relaxed) {
                 std::thread::park_timeout(BAR_REFRESH);
                 let s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                if !s.view.is_null() && !stop.load(Ordering::Relaxed) {
-                    b.set_message(progress::line(&s.view, now_ms(), s.peak));
+                if let Some(v) = &s.view
+                    && !stop.load(Ordering::Relaxed)
+                {
+                    b.set_message(progress::line(v, now_ms(), s.peak));
                 }
             }
         })
@@ -563,10 +552,9 @@ fn follow(
     let mut last_counts = String::new();
     let mut follower: Option<std::thread::JoinHandle<()>> = None;
     let client = control::Client::connect(dir)?;
-    let v = client.call(req, |ev| {
-        if let (Some(shard), None, Some(job)) = (follow_shard, &follower, ev["job"].as_str()) {
-            let (dir, job, stop, bar) =
-                (dir.to_path_buf(), job.to_string(), stop.clone(), bar.clone());
+    let v = client.call(req, |ev: JobView| {
+        if let (Some(shard), None) = (follow_shard, &follower) {
+            let (dir, job, stop, bar) = (dir.to_path_buf(), ev.job, stop.clone(), bar.clone());
             follower = Some(std::thread::spawn(move || {
                 // Each call is one whole line (or a piece of an overlong one).
                 let print = |text: &str| {
@@ -577,7 +565,7 @@ fn follow(
                         None => eprintln!("{line}"),
                     }
                 };
-                if let Err(e) = follow_output(&dir, &job, shard, &stop, print) {
+                if let Err(e) = follow_output(&dir, job, shard, &stop, print) {
                     eprintln!("[shard {shard}] (live output unavailable: {e:#})");
                 }
             }));
@@ -587,7 +575,7 @@ fn follow(
             let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
             s.peak = s.peak.max(counts.in_progress());
             if bar.is_some() {
-                s.view = ev.clone();
+                s.view = Some(ev.clone());
             }
             s.peak
         };
@@ -633,7 +621,7 @@ fn follow(
 /// output as it was written.
 pub fn follow_output(
     dir: &Path,
-    job: &str,
+    job: ContentId,
     shard: u32,
     stop: &AtomicBool,
     mut out: impl FnMut(&str),
@@ -646,7 +634,7 @@ pub fn follow_output(
 
 fn stream_output(
     dir: &Path,
-    job: &str,
+    job: ContentId,
     shard: u32,
     stop: &AtomicBool,
     lines: &mut lines::Lines,
@@ -655,38 +643,29 @@ fn stream_output(
     let mut offset = 0u64;
     let deadline_idle = Duration::from_millis(300);
     while !stop.load(Ordering::Relaxed) {
-        let t = control::call(dir, &Request::Tail { job: job.to_string(), shard, offset })?;
-        if t["running"] == true {
-            let at = t["offset"].as_u64().unwrap_or(offset);
-            if at > offset {
+        if let TailAnswer::Running(t) = control::tail(dir, job, shard, offset)? {
+            if t.offset > offset {
                 lines.flush(&mut *out);
-                out(&format!("[grid: {} bytes of output skipped]\n", at - offset));
+                out(&format!("[grid: {} bytes of output skipped]\n", t.offset - offset));
             }
-            let text = t["text"].as_str().unwrap_or_default();
-            lines.push(text, &mut *out);
-            offset = at + t["bytes"].as_u64().unwrap_or(0);
-            if t["bytes"].as_u64().unwrap_or(0) == 0 {
+            lines.push(&t.text, &mut *out);
+            offset = t.offset + t.bytes;
+            if t.bytes == 0 {
                 std::thread::sleep(deadline_idle);
             }
             continue;
         }
-        let v = control::call(
-            dir,
-            &Request::Job { job: job.to_string(), submission: None, watch: false },
-        )?;
-        let s = &v["shards"][shard as usize];
-        if s.is_null() {
-            bail!("the job has no shard {shard}");
-        }
-        let state = s["state"].as_str().unwrap_or_default();
-        if state == "PENDING" || state == "RUNNING" {
+        let v = control::job(dir, job, None)?;
+        let Some(s) = v.shards.get(shard as usize) else {
+            return Err(usage(format!("the job has no shard {shard} (it has {})", v.shards.len())));
+        };
+        if !s.state.is_final() {
             std::thread::sleep(deadline_idle);
             continue;
         }
         // Final: what the live view had not shown yet comes from the stored log.
-        if let Some(log) = s["log"].as_str() {
-            let t = control::call(dir, &Request::Cat { id: log.to_string() })?;
-            let text = t["text"].as_str().unwrap_or_default();
+        if let Some(log) = s.log {
+            let text = control::cat(dir, log)?;
             if !text.starts_with("[grid:") && (offset as usize) < text.len() {
                 lines
                     .push(&String::from_utf8_lossy(&text.as_bytes()[offset as usize..]), &mut *out);
@@ -695,23 +674,6 @@ fn stream_output(
         return Ok(());
     }
     Ok(())
-}
-
-/// The exit code a finished job earns.
-pub fn exit_code(v: &Value) -> u8 {
-    let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
-    let states: Vec<&str> = shards.iter().map(|s| s["state"].as_str().unwrap_or("")).collect();
-    if shards.is_empty() {
-        exit::FAILED
-    } else if shards.iter().all(|s| s["passed"] == true) {
-        exit::OK
-    } else if states.iter().any(|s| !matches!(*s, "COMPLETED" | "TIMED_OUT")) {
-        exit::FAILED
-    } else if shards.iter().any(|s| s["state"] == "COMPLETED" && s["passed"] != true) {
-        exit::TESTS_FAILED
-    } else {
-        exit::TIMED_OUT
-    }
 }
 
 /// Failed test cases listed in the summary; the rest are counted ("and N more").
@@ -727,26 +689,25 @@ pub const SUMMARY_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 pub const MAX_JUNIT_FILE_BYTES: u64 = 64 << 20;
 
 /// Prints the results of a finished job, writes the merged JUnit file, returns the exit code.
-fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Result<u8> {
-    let code = exit_code(v);
-    let shards = v["shards"].as_array().cloned().unwrap_or_default();
+fn finish(dir: &Path, v: &JobView, json: bool, junit: Option<&Path>) -> anyhow::Result<u8> {
+    let code = exit::of_job(v);
     let mut tails = BTreeMap::new();
-    for s in &shards {
-        if s["passed"] == true || s["state"] == "CANCELED" {
+    for s in &v.shards {
+        if s.passed || s.state == ShardState::Canceled {
             continue;
         }
-        let text = match s["log"].as_str() {
-            Some(log) => control::call(dir, &Request::Cat { id: log.to_string() })
-                .map(|t| tail(t["text"].as_str().unwrap_or_default(), 20))
+        let text = match s.log {
+            Some(log) => control::cat(dir, log)
+                .map(|t| tail(&t, 20))
                 .unwrap_or_else(|e| format!("(log {log} unavailable: {e:#})\n")),
             None => String::new(),
         };
-        if !text.is_empty() || s["error"].is_string() {
-            tails.insert(s["shard"].as_u64().unwrap_or(0), text);
+        if !text.is_empty() || s.error.is_some() {
+            tails.insert(s.shard, text);
         }
     }
     let tmp = tempfile::tempdir()?;
-    let files = read_junit(dir, &shards, junit.is_some(), tmp.path())?;
+    let files = read_junit(dir, &v.shards, junit.is_some(), tmp.path())?;
     for note in &files.notes {
         eprintln!("note: {note}");
     }
@@ -754,54 +715,44 @@ fn finish(dir: &Path, v: &Value, json: bool, junit: Option<&Path>) -> anyhow::Re
         Some(path) => Some(write_merged_junit(&files, path)?),
         None => None,
     };
-    let failed = FailedTests::of(&shards, &files);
+    let failed = FailedTests::of(&v.shards, &files);
     if json {
-        let mut out = v.clone();
-        out["exit_code"] = json!(code);
-        out["log_tails"] = json!(tails);
-        out["failed_tests"] = Value::Array(
-            failed
+        let out = JobResults {
+            job: v.clone(),
+            exit_code: code,
+            log_tails: tails,
+            failed_tests: failed
                 .cases
                 .iter()
                 .take(MAX_JSON_TESTS)
-                .map(|(shard, c)| {
-                    json!({
-                        "shard": shard,
-                        "test": c.display_name(),
-                        "classname": c.classname,
-                        "name": c.name,
-                        "kind": c.kind,
-                        "message": c.message,
-                    })
+                .map(|(shard, c)| FailedTestView {
+                    shard: *shard,
+                    test: c.display_name(),
+                    classname: c.classname.clone(),
+                    name: c.name.clone(),
+                    kind: c.kind,
+                    message: c.message.clone(),
                 })
                 .collect(),
-        );
-        if failed.cases.len() > MAX_JSON_TESTS {
-            out["failed_tests_omitted"] = json!(failed.cases.len() - MAX_JSON_TESTS);
-        }
-        if let Some(n) = merged {
-            out["junit_files_merged"] = json!(n);
-        }
-        stdout(&format!("{out}\n"))?;
+            failed_tests_omitted: (failed.cases.len() > MAX_JSON_TESTS)
+                .then(|| failed.cases.len() - MAX_JSON_TESTS),
+            junit_files_merged: merged,
+        };
+        stdout(&format!("{}\n", serde_json::to_string(&out)?))?;
         return Ok(code);
     }
     stdout(&summary(v, &tails, &failed, merged.zip(junit)))?;
     Ok(code)
 }
 
-/// Whoever read grid's standard output went away (`grid submit ... | head`).
-#[derive(Debug, thiserror::Error)]
-#[error("standard output was closed")]
-pub struct StdoutClosed;
-
-/// Writes the results to standard output. A closed pipe is [`StdoutClosed`], not a panic: with
-/// a node inside the command SIGPIPE is ignored (the node's sockets must not kill it), so the
-/// caller ends the process as SIGPIPE would.
+/// Writes the results to standard output. A closed pipe is [`UserError::StdoutClosed`], not a
+/// panic: with a node inside the command SIGPIPE is ignored (the node's sockets must not kill
+/// it), so the caller ends the process as SIGPIPE would.
 fn stdout(text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(UserError::StdoutClosed.into()),
         r => r.context("cannot write to standard output"),
     }
 }
@@ -810,16 +761,16 @@ fn stdout(text: &str) -> anyhow::Result<()> {
 #[derive(Debug, Default)]
 struct FailedTests {
     /// Shard and case, by shard.
-    cases: Vec<(u64, crate::junit::FailedCase)>,
+    cases: Vec<(u32, crate::junit::FailedCase)>,
     /// Failed shards whose outputs were not read (over [`MAX_SUMMARY_SHARDS`]).
     unread_shards: usize,
 }
 
 impl FailedTests {
-    fn of(shards: &[Value], files: &JunitFiles) -> FailedTests {
+    fn of(shards: &[ShardView], files: &JunitFiles) -> FailedTests {
         let mut cases = Vec::new();
         for (shard, reports) in &files.by_shard {
-            let passed = shards.iter().any(|s| s["shard"] == *shard && s["passed"] == true);
+            let passed = shards.iter().any(|s| s.shard == *shard && s.passed);
             if passed {
                 continue;
             }
@@ -834,40 +785,30 @@ impl FailedTests {
 /// The human summary of a finished job: the table, the failing tests, the log tail of each
 /// shard that did not pass, and the verdict.
 fn summary(
-    v: &Value,
-    tails: &BTreeMap<u64, String>,
+    v: &JobView,
+    tails: &BTreeMap<u32, String>,
     failed: &FailedTests,
     merged: Option<(usize, &Path)>,
 ) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
-    let code = exit_code(v);
-    let shards = v["shards"].as_array().map(Vec::as_slice).unwrap_or_default();
-    let _ = writeln!(
-        o,
-        "job {}  ({})",
-        v["job"].as_str().unwrap_or("?"),
-        v["name"].as_str().unwrap_or("")
-    );
+    let code = exit::of_job(v);
+    let _ = writeln!(o, "job {}  ({})", v.job, v.name);
     let _ = writeln!(
         o,
         "{:>5}  {:<12} {:>4}  {:<14} {:>9}  log",
         "shard", "state", "exit", "node", "duration"
     );
-    for s in shards {
-        let node = s["node"].as_str().unwrap_or("-");
-        let short = node.get(node.len().saturating_sub(12)..).unwrap_or(node);
+    for s in &v.shards {
         let _ = writeln!(
             o,
             "{:>5}  {:<12} {:>4}  {:<14} {:>9}  {}",
-            s["shard"].as_u64().unwrap_or(0),
-            s["state"].as_str().unwrap_or("?"),
-            s["exit_code"].as_i64().map_or("-".to_string(), |c| c.to_string()),
-            if node == "-" { "-".to_string() } else { format!("…{short}") },
-            s["duration_ms"]
-                .as_u64()
-                .map_or("-".to_string(), |d| format!("{:.2}s", d as f64 / 1000.0)),
-            s["log"].as_str().unwrap_or("-"),
+            s.shard,
+            s.state.name(),
+            s.exit_code.map_or("-".to_string(), |c| c.to_string()),
+            s.node.as_ref().map_or("-".to_string(), crate::cli::short_node),
+            s.duration_ms.map_or("-".to_string(), |d| format!("{:.2}s", d as f64 / 1000.0)),
+            s.log.map_or("-".to_string(), |l| l.to_string()),
         );
     }
     if !failed.cases.is_empty() || failed.unread_shards > 0 {
@@ -895,9 +836,9 @@ fn summary(
         }
     }
     for (shard, text) in tails {
-        let Some(s) = shards.get(*shard as usize) else { continue };
-        let _ = writeln!(o, "\n--- shard {shard} ({}) ---", s["state"].as_str().unwrap_or("?"));
-        if let Some(e) = s["error"].as_str() {
+        let Some(s) = v.shards.get(*shard as usize) else { continue };
+        let _ = writeln!(o, "\n--- shard {shard} ({}) ---", s.state);
+        if let Some(e) = &s.error {
             let _ = writeln!(o, "error: {e}");
         }
         o.push_str(text);
@@ -905,7 +846,7 @@ fn summary(
             o.push('\n');
         }
     }
-    if let Some(r) = v["pending_reason"].as_str() {
+    if let Some(r) = &v.pending_reason {
         let _ = writeln!(o, "\npending shards: {r}");
     }
     let c = progress::Counts::of(v);
@@ -937,7 +878,7 @@ fn tail(text: &str, lines: usize) -> String {
 #[derive(Debug, Default)]
 struct JunitFiles {
     /// Each shard's readable JUnit files, in path order.
-    by_shard: BTreeMap<u64, Vec<crate::junit::Report>>,
+    by_shard: BTreeMap<u32, Vec<crate::junit::Report>>,
     /// Failed shards whose outputs were not fetched, over [`MAX_SUMMARY_SHARDS`].
     unread_shards: usize,
     /// What was skipped, and why.
@@ -948,14 +889,19 @@ struct JunitFiles {
 /// shard when `all` (for `--junit`; a shard whose outputs cannot be fetched is then an error),
 /// else of the first [`MAX_SUMMARY_SHARDS`] shards that did not pass, each within
 /// [`SUMMARY_FETCH_TIMEOUT`], for naming their failing tests.
-fn read_junit(dir: &Path, shards: &[Value], all: bool, tmp: &Path) -> anyhow::Result<JunitFiles> {
+fn read_junit(
+    dir: &Path,
+    shards: &[ShardView],
+    all: bool,
+    tmp: &Path,
+) -> anyhow::Result<JunitFiles> {
     let mut files = JunitFiles::default();
     let mut fetched = 0;
     for s in shards {
-        let Some(out) = s["outputs"].as_str() else { continue };
-        let shard = s["shard"].as_u64().unwrap_or(0);
+        let Some(out) = s.outputs else { continue };
+        let shard = s.shard;
         if !all {
-            if s["passed"] == true || s["state"] == "CANCELED" {
+            if s.passed || s.state == ShardState::Canceled {
                 continue;
             }
             if fetched == MAX_SUMMARY_SHARDS {
@@ -999,11 +945,16 @@ fn read_junit(dir: &Path, shards: &[Value], all: bool, tmp: &Path) -> anyhow::Re
 }
 
 /// Makes a tree local and writes it into `into`, giving up after `timeout` if one is given.
-fn fetch_into(dir: &Path, id: &str, into: &Path, timeout: Option<Duration>) -> anyhow::Result<()> {
+fn fetch_into(
+    dir: &Path,
+    id: ContentId,
+    into: &Path,
+    timeout: Option<Duration>,
+) -> anyhow::Result<()> {
     let client = control::Client::connect(dir)?;
     client.set_timeout(timeout)?;
-    let req = Request::Fetch { id: id.to_string(), out: Some(into.to_path_buf()) };
-    match client.call(&req, |_| {}) {
+    let req = Request::Fetch { id, out: Some(into.to_path_buf()) };
+    match client.call::<crate::api::FetchAnswer>(&req, |_| {}) {
         Ok(_) => Ok(()),
         Err(control::ControlError::Io { source, .. })
             if matches!(
@@ -1040,32 +991,7 @@ fn merged_junit(reports: &[&crate::junit::Report]) -> String {
 mod tests {
     use super::*;
 
-    fn job(states: &[(&str, Option<i64>)]) -> Value {
-        let shards: Vec<Value> = states
-            .iter()
-            .enumerate()
-            .map(|(i, (s, code))| {
-                json!({ "shard": i, "state": s, "exit_code": code,
-                        "passed": *s == "COMPLETED" && *code == Some(0) })
-            })
-            .collect();
-        json!({ "shards": shards })
-    }
-
-    #[test]
-    fn exit_codes_say_what_went_wrong() {
-        assert_eq!(exit_code(&job(&[("COMPLETED", Some(0)), ("COMPLETED", Some(0))])), exit::OK);
-        assert_eq!(
-            exit_code(&job(&[("COMPLETED", Some(0)), ("COMPLETED", Some(1))])),
-            exit::TESTS_FAILED
-        );
-        assert_eq!(
-            exit_code(&job(&[("COMPLETED", Some(0)), ("TIMED_OUT", None)])),
-            exit::TIMED_OUT
-        );
-        assert_eq!(exit_code(&job(&[("COMPLETED", Some(1)), ("NO_RESOURCE", None)])), exit::FAILED);
-        assert_eq!(exit_code(&job(&[])), exit::FAILED);
-    }
+    use crate::api::tests::{cid, peer};
 
     #[test]
     fn merged_junit_keeps_each_suite_once_under_one_declaration() {
@@ -1090,19 +1016,33 @@ mod tests {
         }
     }
 
-    fn finished_job() -> Value {
-        json!({
-            "job": "bafyrcfjob", "name": "./run_tests.sh", "finished": true,
-            "shards": [
-                { "shard": 0, "state": "COMPLETED", "exit_code": 0, "passed": true,
-                  "node": "12D3KooWAAAAAAAAAAAAnodeA", "duration_ms": 1520, "log": "bafylog0" },
-                { "shard": 1, "state": "COMPLETED", "exit_code": 1, "passed": false,
-                  "node": "12D3KooWBBBBBBBBBBBBnodeB", "duration_ms": 2040, "log": "bafylog1" },
-                { "shard": 2, "state": "TIMED_OUT", "passed": false,
-                  "node": "12D3KooWAAAAAAAAAAAAnodeA", "duration_ms": 60000, "log": "bafylog2",
-                  "error": "hard timeout after 60s" },
-            ]
-        })
+    /// A finished job of three shards: passed, failed, timed out.
+    fn finished_job() -> JobView {
+        let shard = |i, state, code: Option<i32>, node, ms| ShardView {
+            exit_code: code,
+            passed: code == Some(0),
+            node: Some(peer(node)),
+            duration_ms: Some(ms),
+            log: Some(cid(&format!("log {i}"))),
+            attempts: 1,
+            ..ShardView::new(i, state)
+        };
+        let mut timed_out = shard(2, ShardState::TimedOut, None, 1, 60_000);
+        timed_out.error = Some("hard timeout after 60s".into());
+        JobView {
+            job: cid("the finished job"),
+            submission: 1,
+            name: "./run_tests.sh".into(),
+            created_at_ms: 1_750_000_000_000,
+            finished: true,
+            pending_reason: None,
+            dissents: 0,
+            shards: vec![
+                shard(0, ShardState::Completed, Some(0), 1, 1520),
+                shard(1, ShardState::Completed, Some(1), 2, 2040),
+                timed_out,
+            ],
+        }
     }
 
     #[test]
@@ -1132,7 +1072,7 @@ mod tests {
 
     #[test]
     fn the_failing_test_list_is_capped() {
-        let cases: Vec<_> = (0..MAX_LISTED_TESTS as u64 + 7)
+        let cases: Vec<_> = (0..MAX_LISTED_TESTS as u32 + 7)
             .map(|i| (1 + i % 2, case("Suite", &format!("Case{i}"), "boom")))
             .collect();
         let failed = FailedTests { cases, unread_shards: 4 };
@@ -1145,7 +1085,7 @@ mod tests {
 
     #[test]
     fn failing_tests_of_passed_shards_are_not_listed() {
-        let shards = finished_job()["shards"].as_array().unwrap().clone();
+        let shards = finished_job().shards;
         let report = |name: &str| crate::junit::Report {
             suites: Vec::new(),
             failures: vec![case("S", name, "m")],
@@ -1159,12 +1099,16 @@ mod tests {
         assert_eq!(names, ["S.real"]);
     }
 
-    fn listing(paths: &[(&str, Value)]) -> BTreeMap<String, Value> {
+    fn listing(paths: &[(&str, EntryView)]) -> BTreeMap<String, EntryView> {
         paths.iter().map(|(p, v)| (p.to_string(), v.clone())).collect()
     }
 
-    fn file(executable: bool) -> Value {
-        json!({ "size": 1, "executable": executable, "blocks": [] })
+    fn file(executable: bool) -> EntryView {
+        EntryView::File { blocks: vec![], executable, size: 1 }
+    }
+
+    fn link(target: &str) -> EntryView {
+        EntryView::Symlink { symlink: target.into() }
     }
 
     #[test]
@@ -1173,9 +1117,9 @@ mod tests {
             ("run.sh", file(true)),
             ("data.txt", file(false)),
             ("bin/tool", file(true)),
-            ("bin/link", json!({ "symlink": "tool" })),
-            ("current", json!({ "symlink": "bin" })),
-            ("loop", json!({ "symlink": "loop" })),
+            ("bin/link", link("tool")),
+            ("current", link("bin")),
+            ("loop", link("loop")),
         ]);
         let found = |p: &str| lookup(&tree, p);
         assert_eq!(found("./run.sh"), Found::File { executable: true });

@@ -1023,3 +1023,36 @@ fn a_closed_stdout_ends_submit_with_a_node_inside_as_sigpipe_would() {
     let sigpipe = nix::sys::signal::Signal::SIGPIPE as i32;
     assert_eq!(out.status.signal(), Some(sigpipe), "ended by SIGPIPE: {} {stderr}", out.status);
 }
+
+#[test]
+fn a_job_tree_or_shard_the_node_does_not_know_exits_2_and_says_so() {
+    let s = Scratch::new();
+    let node = NodeProc::start(&s.path("n"), &[]);
+    // A well-formed id of no job: the node says it knows none, and that is the command line's
+    // fault (exit 2), not grid's (3).
+    let unknown = "bafyrcfgen6rdka7hfxvo5y5fhkunlopctcbwdsq";
+    for args in [
+        vec!["status", unknown],
+        vec!["logs", unknown, "0"],
+        vec!["cancel", unknown],
+        vec!["collect", unknown],
+    ] {
+        let out = node.grid(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&format!("this node has no job {unknown}")), "{args:?}: {err}");
+    }
+    let dir = script(&s, "job", "exit 0");
+    let out = submit(&node, &dir, &["--input", ".", "--detach", "--json", "--", "./run.sh"]);
+    let job = json_of(&out)["job"].as_str().unwrap().to_string();
+    let out = node.grid(["logs", &job, "5"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the job has no shard 5 (it has 1)"));
+    let out = submit(&node, &dir, &["--tree", unknown, "--", "./run.sh"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("the input tree {unknown} is not in this node's store")),
+        "{err}"
+    );
+}

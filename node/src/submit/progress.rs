@@ -1,12 +1,14 @@
 //! The live progress line of `grid submit` and `grid collect`: what each shard is doing, and
 //! when the job should end.
 //!
-//! Everything here is a pure function of a job's view (the node's `JobView` as JSON) and the
-//! time, so what the line says can be tested with constructed views. Fields a node may not send
-//! (older nodes) are treated as absent: a RUNNING shard without a `phase` counts as running,
-//! one without start times as just started.
+//! Everything here is a pure function of a job's view ([`JobView`]) and the time, so what the
+//! line says can be tested with constructed views. Fields a node may not send (older nodes) are
+//! absent: a RUNNING shard without a `phase` counts as running, one without start times as just
+//! started.
 
-use serde_json::Value;
+use grid_protocol::output::ShardState;
+
+use crate::api::{JobView, ShardView};
 
 /// What the shards of a job are doing, counted from its view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -27,15 +29,15 @@ pub struct Counts {
 
 impl Counts {
     /// Counts the shards of `view`.
-    pub fn of(view: &Value) -> Counts {
+    pub fn of(view: &JobView) -> Counts {
         let mut c = Counts::default();
-        for s in shards(view) {
+        for s in &view.shards {
             c.total += 1;
             match Activity::of(s) {
                 Activity::Pending => c.pending += 1,
                 Activity::Fetching => c.fetching += 1,
                 Activity::Running => c.running += 1,
-                Activity::Done if s["passed"] == true => c.passed += 1,
+                Activity::Done if s.passed => c.passed += 1,
                 Activity::Done => c.failed += 1,
             }
         }
@@ -63,18 +65,14 @@ enum Activity {
 }
 
 impl Activity {
-    fn of(s: &Value) -> Activity {
-        match s["state"].as_str().unwrap_or("") {
-            "PENDING" => Activity::Pending,
-            "RUNNING" if s["phase"] == "fetching" => Activity::Fetching,
-            "RUNNING" => Activity::Running,
+    fn of(s: &ShardView) -> Activity {
+        match s.state {
+            ShardState::Pending => Activity::Pending,
+            ShardState::Running if s.fetching() => Activity::Fetching,
+            ShardState::Running => Activity::Running,
             _ => Activity::Done,
         }
     }
-}
-
-fn shards(view: &Value) -> &[Value] {
-    view["shards"].as_array().map(Vec::as_slice).unwrap_or_default()
 }
 
 /// The time the job still needs, estimated from `view` at `now_ms` (unix milliseconds), or
@@ -93,12 +91,12 @@ fn shards(view: &Value) -> &[Value] {
 /// its near-zero remainder leaves the sum and a pending shard starts with `D`, which the sum
 /// already held; using the peak keeps the short gap between a shard's end and the next grant
 /// from shrinking `P`.
-pub fn eta_ms(view: &Value, now_ms: u64, peak: u64) -> Option<u64> {
-    let all = shards(view);
+pub fn eta_ms(view: &JobView, now_ms: u64, peak: u64) -> Option<u64> {
+    let all = &view.shards;
     let durations: Vec<u64> = all
         .iter()
         .filter(|s| Activity::of(s) == Activity::Done)
-        .filter_map(|s| s["duration_ms"].as_u64())
+        .filter_map(|s| s.duration_ms)
         .collect();
     if durations.is_empty() {
         return None;
@@ -116,7 +114,7 @@ pub fn eta_ms(view: &Value, now_ms: u64, peak: u64) -> Option<u64> {
             Activity::Pending => mean,
             Activity::Fetching => mean,
             Activity::Running => {
-                let since = s["started_at_ms"].as_u64().or_else(|| s["granted_at_ms"].as_u64());
+                let since = s.started_at_ms.or(s.granted_at_ms);
                 mean.saturating_sub(since.map_or(0, |t| now_ms.saturating_sub(t)))
             }
         };
@@ -142,14 +140,14 @@ pub fn human(ms: u64) -> String {
 
 /// The counts part of the line, with the pending reason when shards wait and none is granted:
 /// what a pipe prints a new line for when it changes.
-pub fn counts_text(view: &Value) -> String {
+pub fn counts_text(view: &JobView) -> String {
     let c = Counts::of(view);
     let mut line = format!("{} pending, ", c.pending);
     if c.fetching > 0 {
         line.push_str(&format!("{} fetching inputs, ", c.fetching));
     }
     line.push_str(&format!("{} running, {} passed, {} failed", c.running, c.passed, c.failed));
-    if let Some(r) = view["pending_reason"].as_str()
+    if let Some(r) = &view.pending_reason
         && c.pending > 0
         && c.in_progress() == 0
     {
@@ -159,7 +157,7 @@ pub fn counts_text(view: &Value) -> String {
 }
 
 /// The whole progress line: [`counts_text`], then the ETA once one can be given.
-pub fn line(view: &Value, now_ms: u64, peak: u64) -> String {
+pub fn line(view: &JobView, now_ms: u64, peak: u64) -> String {
     let mut line = counts_text(view);
     if let Some(eta) = eta_ms(view, now_ms, peak) {
         line.push_str(&format!(", ETA {}", human(eta)));
@@ -170,46 +168,54 @@ pub fn line(view: &Value, now_ms: u64, peak: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::api::Phase;
+    use crate::api::tests::cid;
 
     const NOW: u64 = 1_700_000_000_000;
 
     /// A shard: state, phase, started seconds ago, run time in seconds, passed.
-    type Shard = (&'static str, Option<&'static str>, Option<u64>, Option<u64>, bool);
+    type Shard = (ShardState, Option<Phase>, Option<u64>, Option<u64>, bool);
+
+    /// A job of these shards.
+    fn job(shards: Vec<ShardView>) -> JobView {
+        JobView {
+            job: cid("job"),
+            submission: 1,
+            name: "job".into(),
+            created_at_ms: NOW,
+            finished: false,
+            pending_reason: Some("2 nodes match".into()),
+            dissents: 0,
+            shards,
+        }
+    }
 
     /// A view of these shards.
-    fn view(shards: &[Shard]) -> Value {
-        let shards: Vec<Value> = shards
+    fn view(shards: &[Shard]) -> JobView {
+        job(shards
             .iter()
             .enumerate()
-            .map(|(i, (state, phase, ago, dur, passed))| {
-                let mut s = json!({ "shard": i, "state": state, "passed": passed });
-                if let Some(p) = phase {
-                    s["phase"] = json!(p);
-                }
-                if let Some(a) = ago {
-                    s["started_at_ms"] = json!(NOW - a * 1000);
-                    s["granted_at_ms"] = json!(NOW - a * 1000 - 500);
-                }
-                if let Some(d) = dur {
-                    s["duration_ms"] = json!(d * 1000);
-                }
-                json!(s)
+            .map(|(i, &(state, phase, ago, dur, passed))| ShardView {
+                phase,
+                started_at_ms: ago.map(|a| NOW - a * 1000),
+                granted_at_ms: ago.map(|a| NOW - a * 1000 - 500),
+                duration_ms: dur.map(|d| d * 1000),
+                passed,
+                ..ShardView::new(i as u32, state)
             })
-            .collect();
-        json!({ "job": "bafy", "shards": shards, "pending_reason": "2 nodes match" })
+            .collect())
     }
 
-    const P: Shard = ("PENDING", None, None, None, false);
-    const F: Shard = ("RUNNING", Some("fetching"), None, None, false);
+    const P: Shard = (ShardState::Pending, None, None, None, false);
+    const F: Shard = (ShardState::Running, Some(Phase::Fetching), None, None, false);
     fn r(ago: u64) -> Shard {
-        ("RUNNING", Some("running"), Some(ago), None, false)
+        (ShardState::Running, Some(Phase::Running), Some(ago), None, false)
     }
     fn ok(d: u64) -> Shard {
-        ("COMPLETED", None, None, Some(d), true)
+        (ShardState::Completed, None, None, Some(d), true)
     }
     fn bad(d: u64) -> Shard {
-        ("COMPLETED", None, None, Some(d), false)
+        (ShardState::Completed, None, None, Some(d), false)
     }
 
     #[test]
@@ -230,14 +236,18 @@ mod tests {
     #[test]
     fn lines_of_a_job_from_start_to_end() {
         // Six shards on three slots, each taking about a minute.
-        let steps: Vec<(&str, Value, u64)> = vec![
+        let steps: Vec<(&str, JobView, u64)> = vec![
             ("submitted", view(&[P, P, P, P, P, P]), 0),
             ("granted", view(&[F, F, F, P, P, P]), 3),
             ("running", view(&[r(10), r(9), r(9), P, P, P]), 3),
             ("first done", view(&[ok(60), r(59), r(59), F, P, P]), 3),
             ("second lot", view(&[ok(60), ok(62), bad(58), r(30), r(29), r(29)]), 3),
             ("overdue", view(&[ok(60), ok(62), bad(58), ok(61), ok(60), r(90)]), 3),
-            ("old node, no phase", view(&[ok(60), ("RUNNING", None, None, None, false)]), 1),
+            (
+                "old node, no phase",
+                view(&[ok(60), (ShardState::Running, None, None, None, false)]),
+                1,
+            ),
         ];
         let text: String = steps
             .iter()
@@ -277,24 +287,34 @@ mod tests {
         let mut last: Option<u64> = None;
         for t in (65_000..180_000u64).step_by(1000) {
             let now = start + t;
-            let shards: Vec<Value> = (0..9u64)
+            let shards: Vec<ShardView> = (0..9u32)
                 .map(|i| {
                     // Shard i starts when the one before it on its slot ends (+1 s to grant).
-                    let begin = (i / 3) * (shard_ms + 1000);
+                    let begin = u64::from(i / 3) * (shard_ms + 1000);
                     let end = begin + shard_ms;
                     if t >= end {
-                        json!({ "state": "COMPLETED", "passed": true, "duration_ms": shard_ms })
+                        ShardView {
+                            passed: true,
+                            duration_ms: Some(shard_ms),
+                            ..ShardView::new(i, ShardState::Completed)
+                        }
                     } else if t >= begin + 1000 {
-                        json!({ "state": "RUNNING", "phase": "running",
-                                "started_at_ms": start + begin + 1000 })
+                        ShardView {
+                            phase: Some(Phase::Running),
+                            started_at_ms: Some(start + begin + 1000),
+                            ..ShardView::new(i, ShardState::Running)
+                        }
                     } else if t >= begin {
-                        json!({ "state": "RUNNING", "phase": "fetching" })
+                        ShardView {
+                            phase: Some(Phase::Fetching),
+                            ..ShardView::new(i, ShardState::Running)
+                        }
                     } else {
-                        json!({ "state": "PENDING" })
+                        ShardView::new(i, ShardState::Pending)
                     }
                 })
                 .collect();
-            let v = json!({ "shards": shards });
+            let v = job(shards);
             let eta = eta_ms(&v, now, 3);
             if let (Some(a), Some(b)) = (last, eta) {
                 assert!(a.abs_diff(b) <= 3000, "at {t} ms the ETA went from {a} to {b}");

@@ -1,0 +1,247 @@
+//! The `grid-node` command line: the contributor's daemon, its flags, and how it starts.
+//!
+//! The binary (`src/bin/grid-node.rs`) only calls [`main`]; everything here is a library call,
+//! so its `--help` is tested beside `grid`'s.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use grid_protocol::dims::POOL;
+use grid_protocol::submitter::SubmitterConfig;
+use grid_protocol::worker::TrustPolicy;
+use libp2p::Multiaddr;
+
+use crate::cli::CacheArgs;
+use crate::daemon::{self, NodeOptions};
+use crate::engine::EngineConfig;
+use crate::exec::{ExecConfig, SandboxPolicy};
+#[cfg(feature = "test-hooks")]
+use crate::mesh::Fault;
+use crate::mesh::MeshConfig;
+
+/// grid-node: lend this machine to a grid mesh.
+///
+/// Prints its peer id and the addresses it listens on, then serves until SIGINT or SIGTERM.
+/// Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=grid_node=debug) for more.
+#[derive(Debug, Parser)]
+#[command(name = "grid-node", version, about, max_term_width = 100)]
+struct Args {
+    /// Data directory (key pair, content store, control socket). Default: $XDG_DATA_HOME/grid
+    /// or ~/.local/share/grid.
+    #[arg(long, env = "GRID_DATA_DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// Address to listen on (repeatable). Default: TCP and QUIC on port 4701 of every
+    /// interface.
+    #[arg(long = "listen", value_name = "MULTIADDR")]
+    listen: Vec<Multiaddr>,
+    /// A peer to join the mesh through, e.g. /ip4/192.0.2.7/tcp/4701/p2p/12D3KooW...
+    /// (repeatable).
+    #[arg(
+        long = "bootstrap",
+        value_name = "MULTIADDR",
+        env = "GRID_BOOTSTRAP",
+        value_delimiter = ','
+    )]
+    bootstrap: Vec<Multiaddr>,
+    /// Do not look for peers on the local network with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Most established connections.
+    #[arg(long, default_value_t = 256)]
+    max_connections: u32,
+    /// A dimension this node offers, added to the detected ones (os, cpu, cores, memory_gb):
+    /// key=value (repeatable).
+    #[arg(long = "dimension", value_parser = crate::cli::parse_var)]
+    dimensions: Vec<(String, String)>,
+    /// A pool this node serves (repeatable; default: "default").
+    #[arg(long = "pool")]
+    pools: Vec<String>,
+    /// Shards this node runs at once.
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
+    /// A submitter whose jobs run here unsandboxed: PEER_ID, or PEER_ID=POOL,POOL to limit it
+    /// to some pools (repeatable). This node's own jobs are always trusted.
+    #[arg(long = "trust", value_name = "PEER_ID[=POOLS]")]
+    trust: Vec<String>,
+    /// Run anyone's jobs in this node's pools, inside the sandbox only.
+    #[arg(long)]
+    open: bool,
+    /// Directory for run directories (default: <data-dir>/runs).
+    #[arg(long)]
+    runs_dir: Option<std::path::PathBuf>,
+    /// For jobs submitted here that do not wait for capacity (`grid submit --no-wait`): how
+    /// long, in seconds, pending shards wait for a matching node before they end as
+    /// NO_RESOURCE.
+    #[arg(long, default_value_t = 60)]
+    no_resource_after: u64,
+    /// Least free disk space to keep where shards run (e.g. 2G); below it the node stops
+    /// taking shards and says so in `grid status`.
+    #[arg(long, value_parser = crate::cli::parse_size, default_value = "1G")]
+    min_free_disk: u64,
+    /// Run no job in the sandbox: jobs of submitters this node does not trust are refused.
+    #[arg(long)]
+    no_sandbox: bool,
+    #[command(flatten, next_help_heading = "Cache limits")]
+    cache: CacheArgs,
+    /// Test only: misbehave, to exercise the mesh's defences (only in builds with the
+    /// `test-hooks` feature, never in a release).
+    #[cfg(feature = "test-hooks")]
+    #[arg(long, hide = true, value_parser = parse_fault)]
+    fault: Option<Fault>,
+}
+
+#[cfg(feature = "test-hooks")]
+fn parse_fault(s: &str) -> Result<Fault, String> {
+    match s {
+        "corrupt-blocks" => Ok(Fault::CorruptBlocks),
+        "lie" => Ok(Fault::Lie),
+        _ => Err(format!("unknown fault {s:?}")),
+    }
+}
+
+/// Runs `grid-node` and returns its exit code: 0 after a clean shutdown, 2 for a command line
+/// it does not understand, 3 when job records could not be persisted, 1 for any other failure.
+pub fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            // Help and version to stdout with exit 0; errors to stderr with exit 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                crate::exit::USAGE
+            } else {
+                crate::exit::OK
+            });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libp2p_mdns=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let run = || -> anyhow::Result<()> {
+        let dir = crate::cli::data_dir(args.data_dir.as_deref())?;
+        let key = crate::identity::load_or_create(&dir)?;
+        let mut mesh = MeshConfig {
+            bootstrap: args.bootstrap.clone(),
+            mdns: !args.no_mdns,
+            max_connections: args.max_connections,
+            #[cfg(feature = "test-hooks")]
+            fault: args.fault,
+            ..MeshConfig::default()
+        };
+        if !args.listen.is_empty() {
+            mesh.listen = args.listen.clone();
+        }
+        let mut dimensions = crate::daemon::detect_dimensions();
+        for (k, v) in &args.dimensions {
+            if k == POOL {
+                anyhow::bail!("give pools with --pool, not --dimension pool=...");
+            }
+            dimensions = dimensions.with(k, v);
+        }
+        let pools =
+            if args.pools.is_empty() { vec!["default".to_string()] } else { args.pools.clone() };
+        for p in &pools {
+            dimensions = dimensions.with(POOL, p);
+        }
+        dimensions.validate().map_err(|e| anyhow::anyhow!("--dimension: {e}"))?;
+        let mut trust = TrustPolicy::default().trust(crate::identity::peer_id(&key));
+        for t in &args.trust {
+            let (peer, only) = match t.split_once('=') {
+                Some((p, pools)) => (p, Some(pools.split(',').map(str::to_string).collect())),
+                None => (t.as_str(), None),
+            };
+            let peer: libp2p::PeerId =
+                peer.parse().map_err(|e| anyhow::anyhow!("--trust {t}: not a peer id: {e}"))?;
+            trust.submitters.insert(peer, only);
+        }
+        if args.open {
+            trust.open_pools.extend(pools.iter().cloned());
+        }
+        let mut exec = ExecConfig::new(args.runs_dir.clone().unwrap_or_else(|| dir.join("runs")));
+        exec.min_free_disk = args.min_free_disk;
+        if args.no_sandbox {
+            exec.sandbox = SandboxPolicy::Disabled;
+        }
+        let engine = EngineConfig {
+            dimensions,
+            trust,
+            slots: args.slots,
+            worker: Default::default(),
+            submitter: SubmitterConfig {
+                no_resource_after: Duration::from_secs(args.no_resource_after),
+                ..Default::default()
+            },
+        };
+        let opts =
+            NodeOptions { data_dir: dir.clone(), mesh, limits: args.cache.limits(), engine, exec };
+        let rt = tokio::runtime::Runtime::new()?;
+        rt.block_on(daemon::run(opts, key, shutdown_signal(), |s| {
+            let mut text = format!("peer id: {}\ndata directory: {}\n", s.peer_id, dir.display());
+            for a in &s.listening {
+                text.push_str(&format!("listening on {a}\n"));
+            }
+            text.push_str("ready\n");
+            // Only for whoever started the node; a reader that went away (`grid-node | head -1`)
+            // must not stop it, so a closed stdout is no error (logs go to stderr).
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+        }))?;
+        rt.shutdown_timeout(Duration::from_secs(5));
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<daemon::RecordsLost>().is_some() {
+                ExitCode::from(crate::exit::FAILED)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {},
+        _ = term.recv() => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_is_well_formed() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn help() {
+        use clap::CommandFactory;
+        let e = Args::command()
+            .term_width(100)
+            .try_get_matches_from(["grid-node", "--help"])
+            .unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp, "{e}");
+        let text = e.render().to_string();
+        assert!(!text.contains("--fault"), "test hooks stay hidden: {text}");
+        insta::assert_snapshot!(text);
+    }
+}
