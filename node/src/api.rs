@@ -280,7 +280,7 @@ pub struct WorkerView {
     /// Why this node does not claim, if it does not.
     #[serde(default)]
     pub quarantined: Option<String>,
-    /// Jobs heard announced lately (most recent last).
+    /// The last 16 distinct jobs first heard announced (most recent last).
     #[serde(default)]
     pub heard: Vec<String>,
     /// Shards started here since the node started.

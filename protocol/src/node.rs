@@ -49,7 +49,7 @@ pub const REPUBLISH_AFTER: Duration = Duration::from_millis(500);
 /// Most times one announcement is published again that way.
 pub const MAX_REPUBLISH: u32 = 40;
 /// Most job ids remembered as heard announced.
-pub const MAX_HEARD: usize = 64;
+pub const MAX_HEARD: usize = 16;
 
 /// How a node is set up.
 #[derive(Debug, Clone)]
@@ -166,6 +166,9 @@ pub struct Node {
     submitter_config: SubmitterConfig,
     seed: u64,
     heard: VecDeque<ContentId>,
+    /// A fingerprint of each id in `heard`, in the same order: every announcement a node hears
+    /// is looked up here, and comparing 64 integers is much cheaper than 64 ids.
+    heard_keys: VecDeque<u64>,
     peer_dims: BTreeMap<PeerId, Dimensions>,
     republish: BTreeMap<(String, SubKey), Republish>,
     outputs: VecDeque<NodeOutput>,
@@ -199,6 +202,7 @@ impl Node {
             submitter_config: config.submitter,
             seed,
             heard: VecDeque::new(),
+            heard_keys: VecDeque::new(),
             peer_dims: BTreeMap::new(),
             republish: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -244,7 +248,7 @@ impl Node {
         Some((LeaseId { submitter: self.me, job, submission, lease: live.lease }, live.node))
     }
 
-    /// Jobs heard announced lately, oldest first (at most [`MAX_HEARD`]).
+    /// The last [`MAX_HEARD`] distinct jobs first heard announced, oldest first.
     pub fn heard(&self) -> impl Iterator<Item = &ContentId> {
         self.heard.iter()
     }
@@ -403,7 +407,11 @@ impl Node {
         submitter: PeerId,
         ann: &Arc<Announcement>,
     ) -> Result<(), AnnouncementError> {
-        self.hear(ann.job);
+        // A job whose view the worker holds was heard when it came first (most deliveries of
+        // a large grid are such repeats).
+        if !self.worker.holds(submitter, ann.job, ann.submission) {
+            self.hear(ann.job);
+        }
         let r = self.worker.handle_shared_announcement(now, submitter, ann);
         if self.worker.has_output() {
             self.pump(now);
@@ -616,12 +624,20 @@ impl Node {
     // ---- inside ----
 
     fn hear(&mut self, job: ContentId) {
-        if !self.heard.contains(&job) {
-            if self.heard.len() >= MAX_HEARD {
-                self.heard.pop_front();
-            }
-            self.heard.push_back(job);
+        let key = fingerprint(&job);
+        let (front, back) = self.heard_keys.as_slices();
+        let at = front.iter().chain(back).position(|k| *k == key);
+        // A fingerprint seen may still be another id (one chance in 2^64 per pair): then
+        // look at the ids.
+        if at.is_some_and(|i| self.heard[i] == job) || (at.is_some() && self.heard.contains(&job)) {
+            return;
         }
+        if self.heard.len() >= MAX_HEARD {
+            self.heard.pop_front();
+            self.heard_keys.pop_front();
+        }
+        self.heard.push_back(job);
+        self.heard_keys.push_back(key);
     }
 
     fn insert(&mut self, key: SubKey, machine: Submitter) {
@@ -720,6 +736,15 @@ impl Node {
             other => self.outputs.push_back(NodeOutput::Output(other)),
         }
     }
+}
+
+/// The first 8 bytes of an id's digest (a hash: evenly spread).
+fn fingerprint(id: &ContentId) -> u64 {
+    let d = id.digest();
+    let mut b = [0u8; 8];
+    let n = d.len().min(8);
+    b[..n].copy_from_slice(&d[..n]);
+    u64::from_le_bytes(b)
 }
 
 fn next_seed(seed: &mut u64) -> u64 {

@@ -317,6 +317,9 @@ pub struct Submitter {
     expired: bool,
     matching_claim_seen: bool,
     known_nodes: BTreeMap<PeerId, KnownNode>,
+    /// Why shards waited when the job ended (the known nodes are then forgotten: a finished
+    /// job keeps no per-node state).
+    final_reason: Option<Waiting>,
     stats: SubmitterStats,
 }
 
@@ -377,6 +380,7 @@ impl Submitter {
             expired: false,
             matching_claim_seen: false,
             known_nodes: BTreeMap::new(),
+            final_reason: None,
             stats: SubmitterStats::default(),
             request,
         };
@@ -573,6 +577,9 @@ impl Submitter {
     /// ([`Message::Decline`]). A node the transport gave up on ([`Submitter::peer_gone`]) no
     /// longer counts.
     pub fn pending_reason(&self) -> Waiting {
+        if let Some(r) = &self.final_reason {
+            return r.clone();
+        }
         let req = &self.request.spec.dimensions;
         let mut claiming = 0;
         let mut declined: BTreeMap<DeclineReason, usize> = BTreeMap::new();
@@ -609,6 +616,9 @@ impl Submitter {
     /// Tells the submitter about a node's dimensions seen elsewhere (identify), so
     /// [`Submitter::pending_reason`] can explain a pending job. Bounded by [`MAX_KNOWN_NODES`].
     pub fn observe_node(&mut self, peer: PeerId, dimensions: Dimensions) {
+        if self.ended {
+            return;
+        }
         if let Some(n) = self.known_nodes.get_mut(&peer) {
             n.dimensions = Some(dimensions);
         } else if self.known_nodes.len() < MAX_KNOWN_NODES {
@@ -622,7 +632,7 @@ impl Submitter {
     /// changes what is granted.
     pub fn handle_decline(&mut self, now: Time, from: PeerId, decline: Decline) {
         self.catch_up(now);
-        if decline.job == self.job && decline.submission == self.submission {
+        if decline.job == self.job && decline.submission == self.submission && !self.ended {
             if let Some(n) = self.known_nodes.get_mut(&from) {
                 n.declined = Some(decline.reason);
             } else if self.known_nodes.len() < MAX_KNOWN_NODES {
@@ -1311,6 +1321,8 @@ impl Submitter {
     fn flush(&mut self, now: Time) {
         if !self.ended && self.shards.iter().all(|s| s.state.is_final()) {
             self.ended = true;
+            self.final_reason = Some(self.pending_reason());
+            self.known_nodes = BTreeMap::new();
             self.announce_due = true;
             self.outputs.push_back(Output::Event(Event::JobFinished { job: self.job }));
         }

@@ -356,6 +356,12 @@ impl Worker {
         self.outputs.pop_front()
     }
 
+    /// Whether it holds a view of this submission of `job` by `submitter` (it heard the job
+    /// announced, and keeps it).
+    pub fn holds(&self, submitter: PeerId, job: ContentId, submission: u64) -> bool {
+        self.jobs.contains_key(&JobKey { submitter, job, submission })
+    }
+
     /// Whether [`Worker::poll_output`] has something.
     pub fn has_output(&self) -> bool {
         !self.outputs.is_empty()

@@ -240,6 +240,9 @@ pub struct World {
     trust: TrustPolicy,
     /// The node being restored from its disk: its replayed outputs are no new decisions.
     replaying: Option<u32>,
+    /// Whether a node that submits can ever restart (a crash, churn): only then are its job
+    /// records kept, since nothing else reads them.
+    keep_jobs: bool,
     peers: HashMap<PeerId, u32>,
     job_ids: HashMap<ContentId, u32>,
     jobs: Vec<JobRun>,
@@ -390,6 +393,9 @@ impl World {
             submitters,
             trust,
             replaying: None,
+            keep_jobs: !sc.faults.submitter_crash.is_empty()
+                || (p.worker_submitters > 0
+                    && (!sc.faults.crash.is_empty() || sc.faults.churn_per_hour > 0.0)),
             peers,
             job_ids: HashMap::new(),
             jobs: Vec::new(),
@@ -864,10 +870,9 @@ impl World {
             Record::Job { created, .. } => *created,
             _ => Time::ZERO,
         };
-        let disk = &mut self.nodes[i as usize].disk;
-        let entry = disk.jobs.entry(key).or_insert((created, Vec::new()));
         if let Record::Result(signed) = &r {
-            if entry.1.contains(&r) {
+            let disk = &self.nodes[i as usize].disk;
+            if self.keep_jobs && disk.jobs.get(&key).is_some_and(|(_, rs)| rs.contains(&r)) {
                 return;
             }
             if let Some(&j) = self.job_ids.get(&signed.body.job) {
@@ -875,8 +880,11 @@ impl World {
                 self.check(c);
             }
         }
-        let entry = self.nodes[i as usize].disk.jobs.entry(key).or_insert((created, Vec::new()));
-        entry.1.push(r);
+        if self.keep_jobs {
+            let entry =
+                self.nodes[i as usize].disk.jobs.entry(key).or_insert((created, Vec::new()));
+            entry.1.push(r);
+        }
     }
 
     fn event(&mut self, e: Event) {
