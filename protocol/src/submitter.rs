@@ -22,6 +22,9 @@
 //! - Route to it the [`Message::Claim`], [`Message::Heartbeat`] and [`Message::Result`] that name
 //!   its job (or use [`Submitter::handle_message`]), and call [`Submitter::peer_gone`] when the
 //!   transport gives up on a peer.
+//!
+//! A node's submitters are held and driven by [`crate::node::Node`], which does all of the
+//! above for them; drive a `Submitter` directly only to test it alone.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;

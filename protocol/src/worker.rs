@@ -12,7 +12,7 @@
 //! [`Worker::handle_timeout`] at [`Worker::poll_timeout`]. Deliver gossip announcements to
 //! [`Worker::handle_announcement`] and direct messages to [`Worker::handle_message`]; report the
 //! end of every [`Output::StartExecution`] with [`Worker::execution_finished`], also after a
-//! [`Output::KillExecution`].
+//! [`Output::KillExecution`]. A node's worker is held and driven by [`crate::node::Node`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;

@@ -2,9 +2,11 @@
 //! process, over modelled links, gossip, DHT and content transfer, with seeded faults.
 //!
 //! The world ([`world`]) is single-threaded: an event queue ordered by (virtual time,
-//! sequence), no async tasks, no wall clock. Every node is a real
-//! [`grid_protocol::worker::Worker`] and every job a real [`grid_protocol::submitter::Submitter`];
-//! the simulator only carries their outputs out: it delivers messages (through the wire codec),
+//! sequence), no async tasks, no wall clock. Every node is a real [`grid_protocol::node::Node`],
+//! the type `grid-node` drives (its worker, a submitter per job it submitted, the routing and the
+//! job registry); the simulator only carries their outputs out: it keeps what each node
+//! persists on a simulated disk and restores a restarted node from it, delivers messages
+//! (through the wire codec),
 //! spreads announcements over a modelled gossipsub mesh ([`gossip`]), looks providers up in a
 //! modelled DHT ([`dht`]), moves content over links with bandwidth ([`transfer`]), runs shards
 //! for drawn durations ([`workload`]), and injects faults ([`faults`]) and misbehaviour

@@ -1,5 +1,5 @@
 //! The world: the event queue, the virtual clock, the nodes, and the driver that carries the
-//! state machines' outputs out.
+//! nodes' outputs out.
 //!
 //! One thread, one queue ordered by (virtual time in ms, sequence number); no async tasks and
 //! no wall clock. Every node is a real [`grid_protocol::node::Node`], the type `grid-node`
