@@ -376,22 +376,6 @@ pub struct MeshView {
     pub bad_peers: Vec<String>,
 }
 
-impl From<crate::mesh::MeshStatus> for MeshView {
-    fn from(m: crate::mesh::MeshStatus) -> MeshView {
-        MeshView {
-            peer: m.peer,
-            listening: m.listening,
-            listeners_starting: m.listeners_starting,
-            connected: m.connected,
-            routing_table: m.routing_table,
-            served_blocks: m.served_blocks,
-            served_bytes: m.served_bytes,
-            served_busy: m.served_busy,
-            bad_peers: m.bad_peers,
-        }
-    }
-}
-
 /// The size of the content store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreView {

@@ -464,7 +464,7 @@ fn unknown_job(job: ContentId) -> anyhow::Error {
 async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Response> {
     Ok(match req {
         Request::Status => {
-            let mesh = node.mesh.status().await?.into();
+            let mesh = node.mesh.status().await?;
             let t = node.store.totals();
             let worker = ask(&node.engine, EngineCommand::Worker).await?;
             Response::Status(StatusAnswer {

@@ -692,24 +692,29 @@ impl World {
         }
     }
 
+    /// Crashes `count` nodes drawn from `pool`.
+    fn crash_some(&mut self, mut pool: Vec<u32>, count: u32, restart_after: Option<u64>) {
+        for _ in 0..count {
+            if pool.is_empty() {
+                break;
+            }
+            let k = self.rng_faults.below(pool.len() as u64) as usize;
+            let victim = pool.swap_remove(k);
+            self.crash(victim, restart_after);
+        }
+    }
+
     fn fault(&mut self, f: Fault) {
         if self.faults_over && f != Fault::Heal {
             return;
         }
         match f {
             Fault::Crash { count, running, restart_after } => {
-                let mut pool: Vec<u32> = (0..self.workers)
+                let pool: Vec<u32> = (0..self.workers)
                     .filter(|&i| self.up[i as usize])
                     .filter(|&i| !running || !self.nodes[i as usize].running.is_empty())
                     .collect();
-                for _ in 0..count {
-                    if pool.is_empty() {
-                        break;
-                    }
-                    let k = self.rng_faults.below(pool.len() as u64) as usize;
-                    let victim = pool.swap_remove(k);
-                    self.crash(victim, restart_after);
-                }
+                self.crash_some(pool, count, restart_after);
             }
             Fault::SubmitterCrash { count, restart_after } => {
                 // Those with unfinished jobs first.
@@ -722,15 +727,7 @@ impl World {
                 let up: Vec<u32> =
                     self.submitters.iter().copied().filter(|&i| self.up[i as usize]).collect();
                 let busy: Vec<u32> = up.iter().copied().filter(|&i| open(self, i)).collect();
-                let mut pool = if busy.is_empty() { up } else { busy };
-                for _ in 0..count {
-                    if pool.is_empty() {
-                        break;
-                    }
-                    let k = self.rng_faults.below(pool.len() as u64) as usize;
-                    let victim = pool.swap_remove(k);
-                    self.crash(victim, restart_after);
-                }
+                self.crash_some(if busy.is_empty() { up } else { busy }, count, restart_after);
             }
             Fault::Partition { fraction, one_way } => {
                 let side = (0..self.nodes.len()).map(|_| unit(&mut self.rng_faults) < fraction);

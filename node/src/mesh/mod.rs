@@ -242,28 +242,8 @@ pub fn gossip_score_thresholds() -> gossipsub::PeerScoreThresholds {
     }
 }
 
-/// The state of the mesh, for `grid status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct MeshStatus {
-    /// This node's peer id.
-    pub peer: String,
-    /// Addresses it listens on.
-    pub listening: Vec<String>,
-    /// Listeners still starting (with no address yet).
-    pub listeners_starting: usize,
-    /// Connected peers.
-    pub connected: usize,
-    /// Peers in the Kademlia routing table.
-    pub routing_table: usize,
-    /// Content requests served.
-    pub served_blocks: u64,
-    /// Bytes of content served.
-    pub served_bytes: u64,
-    /// Content requests answered `Busy`.
-    pub served_busy: u64,
-    /// Peers that served bad data.
-    pub bad_peers: Vec<String>,
-}
+/// The state of the mesh, for `grid status`: the control API's view of it.
+pub use crate::api::MeshView as MeshStatus;
 
 enum Command {
     Content {
