@@ -10,6 +10,9 @@
 //! - [`message`]: the messages between submitters and workers and their wire codec;
 //! - [`quorum`]: the redundancy rule;
 //! - [`submitter`] and [`worker`]: the two state machines, in the manner of quinn-proto;
+//! - [`transfer`]: the content-transfer scheduler (which peer is asked for which block, windows,
+//!   retries, bad peers, provider lookups), a third machine driven by the node and the
+//!   simulator alike;
 //! - [`output`]: what the machines ask their driver to do; [`time`]: virtual time and the
 //!   seeded generator.
 //!
@@ -46,4 +49,5 @@ pub mod quorum;
 pub mod record;
 pub mod submitter;
 pub mod time;
+pub mod transfer;
 pub mod worker;
