@@ -37,18 +37,12 @@ use crate::invariants::{Checker, Violation};
 use crate::metrics::{Counters, GOSSIP_SAMPLE, MAX_GOSSIP_SAMPLES, Percentiles, Report};
 use crate::net::{Cut, Net};
 use crate::scenario::Scenario;
-use crate::transfer::{Links, Source};
+use crate::transfer::{Links, Next, Path};
 use crate::workload::{self, ShardTruth, ms};
 use crate::{Stream, mix, stream, unit};
 
 /// Most content ids a node keeps in its cache.
 pub const MAX_CACHED_TREES: usize = 16;
-/// Fetch attempts before an execution reports an error.
-pub const MAX_FETCH_TRIES: u32 = 12;
-/// Wait between fetch attempts when no provider answers, ms.
-pub const FETCH_RETRY_MS: u64 = 5_000;
-/// Time lost to a provider record of a node that is gone, ms.
-pub const DEAD_PROVIDER_MS: u64 = 2_000;
 /// Time a killed execution takes to stop, ms.
 pub const KILL_MS: u64 = 100;
 
@@ -150,7 +144,6 @@ struct Exec {
     job: u32,
     truth: ShardTruth,
     started: u64,
-    tries: u32,
     killed: bool,
 }
 
@@ -1047,7 +1040,6 @@ impl World {
             job: j,
             truth,
             started: self.now,
-            tries: 0,
             killed: false,
         };
         let id = self.new_exec(x);
@@ -1061,62 +1053,77 @@ impl World {
         })
     }
 
+    /// Starts or advances the input transfer of execution `id` (every wake of a transfer is
+    /// an `Ev::Fetch`): the protocol's transfer scheduler over the link model, with the DHT
+    /// answering its lookups.
     fn fetch(&mut self, id: u64) {
-        let Some(x) = self.live_exec(id) else { return };
+        let Some(x) = self.live_exec(id) else {
+            self.links.cancel(id);
+            return;
+        };
         let (i, j) = (x.node, x.job);
         let manifest = self.jobs[j as usize].manifest;
-        if self.nodes[i as usize].cache.contains(&manifest) {
-            self.push(self.now, Ev::Run { exec: id });
-            return;
-        }
-        let hops = self.dht.hops();
-        let mut lookup = 0;
-        for _ in 0..hops {
-            let peer = self.rng_dht.below(self.nodes.len() as u64) as u32;
-            lookup += self.net.rtt(i, peer);
-        }
-        self.counters.count("dht", self.dht.lookup_messages());
-        let mut found: Vec<u32> = self.dht.providers(&manifest).filter(|&p| p != i).collect();
-        // Most recent first, then a seeded shuffle of the rest.
-        found.reverse();
-        for k in (1..found.len()).rev() {
-            let o = self.rng_dht.below(k as u64 + 1) as usize;
-            found.swap(k, o);
-        }
-        let mut penalty = 0;
-        let mut sources = Vec::new();
-        for p in found {
-            if sources.len() == self.dht.fetch_from() {
-                break;
+        if !self.links.fetching(id) {
+            if self.nodes[i as usize].cache.contains(&manifest) {
+                self.push(self.now, Ev::Run { exec: id });
+                return;
             }
-            let reachable =
-                self.up[p as usize] && !self.net.blocked(p, i) && !self.net.blocked(i, p);
-            if !reachable {
-                penalty = DEAD_PROVIDER_MS;
-                continue;
+            let size = (self.sc.workload.input_mib * 1_048_576.0) as u64;
+            self.links.start(id, i, &manifest, size);
+        }
+        loop {
+            let (nodes, up, net, workers) = (&self.nodes, &self.up, &self.net, self.workers);
+            let path = |p: u32| Path {
+                rtt: net.rtt(p, i),
+                reachable: up[p as usize] && !net.blocked(p, i) && !net.blocked(i, p),
+                has: p >= workers || nodes[p as usize].cache.contains(&manifest),
+                corrupt: nodes[p as usize].behavior == Behavior::CorruptProvider,
+            };
+            let next = self.links.advance(id, self.now, path);
+            let tally = self.links.take_tally();
+            self.counters.count("block", 2 * tally.requests);
+            self.counters.corrupt_blocks += tally.corrupt;
+            for (p, to, b) in tally.sent {
+                self.counters.bytes(p, to, b);
             }
-            let corrupt = self.nodes[p as usize].behavior == Behavior::CorruptProvider;
-            sources.push(Source { node: p, rtt: self.net.rtt(p, i), corrupt });
-        }
-        if sources.is_empty() {
-            let x = self.execs.get_mut(&id).expect("live");
-            x.tries += 1;
-            if x.tries >= MAX_FETCH_TRIES {
-                self.finish(id, ExecOutcome::ended(RunState::Error, "inputs unavailable"));
-            } else {
-                self.push(self.now + lookup + FETCH_RETRY_MS, Ev::Fetch { exec: id });
+            match next {
+                Next::Lookup => {
+                    let hops = self.dht.hops();
+                    let mut lookup = 0;
+                    for _ in 0..hops {
+                        let peer = self.rng_dht.below(self.nodes.len() as u64) as u32;
+                        lookup += self.net.rtt(i, peer);
+                    }
+                    self.counters.count("dht", self.dht.lookup_messages());
+                    let mut found: Vec<u32> = self
+                        .dht
+                        .providers(&manifest)
+                        .filter(|&p| p != i && !self.links.is_bad(i, p))
+                        .collect();
+                    // Most recent first, then a seeded shuffle of the rest.
+                    found.reverse();
+                    for k in (1..found.len()).rev() {
+                        let o = self.rng_dht.below(k as u64 + 1) as usize;
+                        found.swap(k, o);
+                    }
+                    found.truncate(self.dht.fetch_from());
+                    self.links.found(id, self.now + lookup.max(1), found);
+                }
+                Next::Wait(at) => {
+                    self.push(at, Ev::Fetch { exec: id });
+                    return;
+                }
+                Next::Done => {
+                    self.push(self.now, Ev::Run { exec: id });
+                    return;
+                }
+                Next::Failed(why) => {
+                    let why = format!("inputs unavailable: {why}");
+                    self.finish(id, ExecOutcome::ended(RunState::Error, &why));
+                    return;
+                }
             }
-            return;
         }
-        let size = (self.sc.workload.input_mib * 1_048_576.0) as u64;
-        let start = self.now + lookup + penalty;
-        let plan = self.links.fetch(start, size, i, &sources);
-        self.counters.count("block", 2 * plan.requests);
-        self.counters.corrupt_blocks += plan.corrupt_blocks;
-        for (p, b) in plan.sent {
-            self.counters.bytes(p, i, b);
-        }
-        self.push(plan.done, Ev::Run { exec: id });
     }
 
     fn run_exec(&mut self, id: u64) {
