@@ -76,6 +76,11 @@ fn key_of(r: &Record) -> Vec<u8> {
             k.extend_from_slice(&signed.key);
             k
         }
+        Record::Ended { job, submission, shard, .. } => {
+            let mut k = job_prefix(b'e', job, *submission);
+            k.extend_from_slice(&shard.to_be_bytes());
+            k
+        }
         Record::Outbox { lease, .. } => {
             let mut k = lease_key(b'o', lease);
             k.extend_from_slice(&lease.submitter.to_bytes());
@@ -135,11 +140,12 @@ impl JobDb {
         self.scan(b"j")
     }
 
-    /// Every record of one submission: its job, leases and results.
+    /// Every record of one submission: its job, leases, results and shards ended without one.
     pub fn submission(&self, job: &ContentId, submission: u64) -> Result<Vec<Record>, JobDbError> {
         let mut out = self.scan(&job_prefix(b'j', job, submission))?;
         out.extend(self.scan(&job_prefix(b'l', job, submission))?);
         out.extend(self.scan(&job_prefix(b'r', job, submission))?);
+        out.extend(self.scan(&job_prefix(b'e', job, submission))?);
         Ok(out)
     }
 
@@ -156,7 +162,7 @@ impl JobDb {
     /// Deletes every record of one submission (its job, leases, results and cancel mark).
     pub fn forget_submission(&self, job: &ContentId, submission: u64) -> Result<(), JobDbError> {
         let mut batch = rocksdb::WriteBatch::default();
-        for kind in [b'j', b'l', b'r', b'c'] {
+        for kind in [b'j', b'l', b'r', b'e', b'c'] {
             let from = job_prefix(kind, job, submission);
             let mut to = from.clone();
             // The first key after every key starting with `from`.
@@ -192,6 +198,7 @@ mod tests {
     use super::*;
     use grid_protocol::job::{JobRequest, JobSpec};
     use grid_protocol::message::LeaseRef;
+    use grid_protocol::output::ShardState;
     use grid_protocol::time::Time;
     use libp2p::identity::Keypair;
 
@@ -235,6 +242,14 @@ mod tests {
         assert_eq!(db.jobs().unwrap().len(), 2);
         let of7 = db.submission(&job, 7).unwrap();
         assert_eq!(of7.len(), 4, "the job and its three leases, not submission 8's");
+        // A shard's end is stored once, under its shard: the newest wins.
+        for state in [ShardState::WorkerDied, ShardState::Failed] {
+            let error = String::from("out of attempts");
+            db.put(&Record::Ended { job, submission: 8, shard: 2, state, error }).unwrap();
+        }
+        let of8 = db.submission(&job, 8).unwrap();
+        assert_eq!(of8.len(), 3, "submission 8: its job, lease and ended shard");
+        assert!(matches!(of8[2], Record::Ended { state: ShardState::Failed, shard: 2, .. }));
         assert!(matches!(of7[0], Record::Job { submission: 7, .. }));
         assert!(db.outbox().unwrap().is_empty());
         assert!(!db.is_canceled(&job, 7).unwrap());
@@ -252,6 +267,8 @@ mod tests {
         db.forget_submission(&job, 7).unwrap();
         assert!(db.submission(&job, 7).unwrap().is_empty());
         assert!(!db.is_canceled(&job, 7).unwrap());
-        assert_eq!(db.submission(&job, 8).unwrap().len(), 2, "submission 8: its job and lease");
+        assert_eq!(db.submission(&job, 8).unwrap().len(), 3, "submission 8 is whole");
+        db.forget_submission(&job, 8).unwrap();
+        assert!(db.submission(&job, 8).unwrap().is_empty(), "its ended shard went too");
     }
 }

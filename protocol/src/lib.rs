@@ -12,6 +12,9 @@
 //! - [`submitter`] and [`worker`]: the two state machines, in the manner of quinn-proto;
 //! - [`node`]: one node's worker and submitted jobs tied together, as grid-node, the simulator
 //!   and the tests drive them;
+//! - [`transfer`]: the content-transfer scheduler (which peer is asked for which block, windows,
+//!   retries, bad peers, provider lookups), a third machine driven by the node and the
+//!   simulator alike;
 //! - [`output`]: what the machines ask their driver to do; [`time`]: virtual time and the
 //!   seeded generator.
 //!
@@ -49,4 +52,5 @@ pub mod quorum;
 pub mod record;
 pub mod submitter;
 pub mod time;
+pub mod transfer;
 pub mod worker;

@@ -155,6 +155,27 @@ pub enum Record {
     /// A result the submitter counted (submitter side, before the ack).
     #[serde(rename = "result")]
     Result(SignedResult),
+    /// A shard that ended without an accepted outcome (its attempts ran out, it expired, no
+    /// node fits it, the job cannot run...), so a restart does not open it again (submitter
+    /// side). Stored again under the same key when it changes.
+    #[serde(rename = "ended")]
+    Ended {
+        /// The job.
+        #[serde(rename = "j")]
+        job: ContentId,
+        /// The submission.
+        #[serde(rename = "u")]
+        submission: u64,
+        /// The shard.
+        #[serde(rename = "s")]
+        shard: u32,
+        /// How it ended.
+        #[serde(rename = "t")]
+        state: ShardState,
+        /// Why, as shown to the user.
+        #[serde(rename = "e")]
+        error: String,
+    },
     /// A result not yet acknowledged (worker side, until [`Output::Forget`]).
     #[serde(rename = "outbox")]
     Outbox {

@@ -490,6 +490,30 @@ impl Submitter {
             let Some(from) = r.claimed_signer() else { continue };
             s.handle_result(created, from, r.clone());
         }
+        // Shards that ended without an outcome stay ended: their live attempts are over (a
+        // late result is refused as for any decided shard).
+        for r in records {
+            let Record::Ended { job, submission: u, shard, state, error } = r else { continue };
+            let idx = *shard as usize;
+            if *job != s.job || *u != submission || idx >= s.shards.len() || !state.is_final() {
+                continue;
+            }
+            if s.shards[idx].state.is_final() {
+                continue;
+            }
+            let range = LeaseRef { shard: *shard, attempt: 0 }..=LeaseRef {
+                shard: *shard,
+                attempt: u32::MAX,
+            };
+            for (l, a) in s.attempts.range_mut(range) {
+                if a.state == AttemptState::Running {
+                    s.deadlines.remove(&(a.deadline, *l));
+                    a.state = AttemptState::Canceled;
+                }
+            }
+            s.shards[idx].last_error = error.clone();
+            s.set_state(idx, *state);
+        }
         // A shard is leased again only when fewer replicas than wanted are live, so of its
         // leases still open in the records only the newest can be live; older ones were lost
         // (a lapse or a departure is not recorded) and count as lost again.
@@ -1127,6 +1151,16 @@ impl Submitter {
     fn set_state(&mut self, idx: usize, state: ShardState) {
         if self.shards[idx].state != state {
             self.shards[idx].state = state;
+            if state.is_final() && self.shards[idx].accepted.is_none() {
+                // No counted result records this end: record it, so a restart keeps it.
+                self.outputs.push_back(Output::Persist(Record::Ended {
+                    job: self.job,
+                    submission: self.submission,
+                    shard: idx as u32,
+                    state,
+                    error: self.shards[idx].last_error.clone(),
+                }));
+            }
             self.outputs.push_back(Output::Event(Event::Shard {
                 job: self.job,
                 shard: idx as u32,
@@ -1609,6 +1643,47 @@ mod tests {
             Submitter::restore(&[], key(100), Time(0), SubmitterConfig::default(), 9).unwrap_err(),
             RestoreError::NoJob
         );
+    }
+
+    #[test]
+    fn a_shard_that_ran_out_of_attempts_stays_failed_after_a_restore() {
+        let a = node(1);
+        let mut req = request(2, 1);
+        req.scheduling.max_attempts = 1;
+        let mut s = Submitter::new(req, key(100), Time(0), SubmitterConfig::default(), 1).unwrap();
+        let mut records = persisted(&drain(&mut s));
+        s.handle_claim(Time(10), a.id, claim_msg(&s, &a, 1));
+        let out = drain(&mut s);
+        records.extend(persisted(&out));
+        let lease = out
+            .iter()
+            .find_map(|o| match o {
+                Output::Send { msg: Message::Grant(g), .. } => Some(g.leases[0]),
+                _ => None,
+            })
+            .unwrap();
+        let mut r = result(&s, &a, lease, 0);
+        r.body.state = RunState::Error;
+        r.body.exit_code = None;
+        r.body.error = "cannot fetch the inputs".into();
+        let r = Signed::sign(&a.key, r.body);
+        s.handle_result(Time(20), a.id, r);
+        let out = drain(&mut s);
+        records.extend(persisted(&out));
+        let shard = lease.shard;
+        assert_eq!(s.shard(shard).unwrap().state, ShardState::Failed);
+        assert!(
+            records.iter().any(|r| matches!(r, Record::Ended { state: ShardState::Failed, .. }))
+        );
+        // The error result itself is not a counted vote: only the Ended record keeps the end.
+        let back = Submitter::restore(&records, key(100), Time(30), SubmitterConfig::default(), 9)
+            .unwrap();
+        assert_eq!(back.shard(shard).unwrap().state, ShardState::Failed);
+        assert_eq!(
+            back.shard(shard).unwrap().last_error.as_deref(),
+            Some("cannot fetch the inputs")
+        );
+        assert_eq!(back.shard(1 - shard).unwrap().state, ShardState::Pending);
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Dht {
         self.providers.remove(id);
     }
 
-    /// Providers fetched from at once.
+    /// Providers a lookup gives a fetch as candidates.
     pub fn fetch_from(&self) -> usize {
         self.params.fetch_from.max(1) as usize
     }

@@ -190,7 +190,8 @@ pub struct Dht {
     pub k: u32,
     /// Provider records kept per content id (the most recent).
     pub max_providers: u32,
-    /// Providers fetched from in parallel.
+    /// Providers a lookup hands a fetch as its candidates (most recent first, then a seeded
+    /// shuffle of the rest); the transfer scheduler spreads its requests over them.
     pub fetch_from: u32,
 }
 

@@ -40,18 +40,12 @@ use crate::invariants::{Checker, Violation};
 use crate::metrics::{Counters, GOSSIP_SAMPLE, MAX_GOSSIP_SAMPLES, Percentiles, Report};
 use crate::net::{Cut, Net};
 use crate::scenario::Scenario;
-use crate::transfer::{Links, Source};
+use crate::transfer::{Links, Next, Path};
 use crate::workload::{self, ShardTruth, ms};
 use crate::{Stream, mix, stream, unit};
 
 /// Most content ids a node keeps in its cache.
 pub const MAX_CACHED_TREES: usize = 16;
-/// Fetch attempts before an execution reports an error.
-pub const MAX_FETCH_TRIES: u32 = 12;
-/// Wait between fetch attempts when no provider answers, ms.
-pub const FETCH_RETRY_MS: u64 = 5_000;
-/// Time lost to a provider record of a node that is gone, ms.
-pub const DEAD_PROVIDER_MS: u64 = 2_000;
 /// Time a killed execution takes to stop, ms.
 pub const KILL_MS: u64 = 100;
 
@@ -175,7 +169,6 @@ struct Exec {
     job: u32,
     truth: ShardTruth,
     started: u64,
-    tries: u32,
     killed: bool,
 }
 
@@ -192,6 +185,9 @@ struct JobRun {
     /// The last states and stats seen (for the report while its node is down).
     states: Vec<ShardState>,
     stats: SubmitterStats,
+    /// Per shard, its attempts that ended without an outcome, when its node went down (no
+    /// attempt is granted or lost while it is down).
+    lost: Vec<usize>,
 }
 
 #[derive(Debug)]
@@ -289,6 +285,16 @@ pub fn run_with_progress(sc: &Scenario, seed: u64, every: u64) -> Result<Report,
         None => Ok(report),
         Some(violation) => Err(Box::new(Failure { seed, violation, report: Box::new(report) })),
     }
+}
+
+/// A shard's attempts that ended without an outcome.
+fn lost_attempts(st: &grid_protocol::submitter::ShardStatus) -> usize {
+    st.attempts
+        .iter()
+        .filter(|a| {
+            !matches!(a.2, AttemptState::Running | AttemptState::Completed | AttemptState::TimedOut)
+        })
+        .count()
 }
 
 fn kind_name(k: MessageKind) -> &'static str {
@@ -442,6 +448,7 @@ impl World {
                 max_replicas: req.scheduling.max_replicas,
                 states: Vec::new(),
                 stats: SubmitterStats::default(),
+                lost: Vec::new(),
             });
             w.push(at, Ev::Arrive { job: j });
         }
@@ -666,8 +673,13 @@ impl World {
         if let Some(m) = self.nodes[iu].machine.take() {
             for (key, s) in m.submissions() {
                 if let Some(&j) = self.job_ids.get(&key.0) {
-                    self.jobs[j as usize].states = s.shard_states();
-                    self.jobs[j as usize].stats = s.stats().clone();
+                    let shards = 0..s.request().spec.shards;
+                    let lost =
+                        shards.map(|x| s.shard(x).map_or(0, |st| lost_attempts(&st))).collect();
+                    let job = &mut self.jobs[j as usize];
+                    job.states = s.shard_states();
+                    job.stats = s.stats().clone();
+                    job.lost = lost;
                 }
             }
         }
@@ -861,17 +873,22 @@ impl World {
             Record::Job { request, submission, .. } => (request.spec.id(), *submission),
             Record::Lease { lease, .. } => (lease.job, lease.submission),
             Record::Result(signed) => (signed.body.job, signed.body.submission),
+            Record::Ended { job, submission, .. } => (*job, *submission),
             Record::Outbox { .. } => return,
         };
         let created = match &r {
             Record::Job { created, .. } => *created,
             _ => Time::ZERO,
         };
+        // A restored submitter stores its results and ended shards again: kept once.
+        let disk = &self.nodes[i as usize].disk;
+        if self.keep_jobs
+            && matches!(r, Record::Result(_) | Record::Ended { .. })
+            && disk.jobs.get(&key).is_some_and(|(_, rs)| rs.contains(&r))
+        {
+            return;
+        }
         if let Record::Result(signed) = &r {
-            let disk = &self.nodes[i as usize].disk;
-            if self.keep_jobs && disk.jobs.get(&key).is_some_and(|(_, rs)| rs.contains(&r)) {
-                return;
-            }
             if let Some(&j) = self.job_ids.get(&signed.body.job) {
                 let c = self.checker.counted(Time(self.now), j, signed);
                 self.check(c);
@@ -1126,17 +1143,11 @@ impl World {
         let Some(&j) = self.job_ids.get(&e.lease.job) else { return };
         let shard = e.lease.lease.shard;
         let max_replicas = self.jobs[j as usize].max_replicas;
-        let lost = self.submitter_of(j).and_then(|s| s.shard(shard)).map_or(0, |st| {
-            st.attempts
-                .iter()
-                .filter(|a| {
-                    !matches!(
-                        a.2,
-                        AttemptState::Running | AttemptState::Completed | AttemptState::TimedOut
-                    )
-                })
-                .count()
-        });
+        // A lease granted just before its submitter went down may start while it is down.
+        let lost = match self.submitter_of(j) {
+            Some(s) => s.shard(shard).map_or(0, |st| lost_attempts(&st)),
+            None => self.jobs[j as usize].lost.get(shard as usize).copied().unwrap_or(0),
+        };
         let bound = usize::from(max_replicas) + lost;
         let r = self.checker.started(Time(self.now), j, shard, bound);
         self.check(r);
@@ -1162,7 +1173,6 @@ impl World {
             job: j,
             truth,
             started: self.now,
-            tries: 0,
             killed: false,
         };
         let id = self.new_exec(x);
@@ -1176,62 +1186,79 @@ impl World {
         })
     }
 
+    /// Starts or advances the input transfer of execution `id` (every wake of a transfer is
+    /// an `Ev::Fetch`): the protocol's transfer scheduler over the link model, with the DHT
+    /// answering its lookups.
     fn fetch(&mut self, id: u64) {
-        let Some(x) = self.live_exec(id) else { return };
+        let Some(x) = self.live_exec(id) else {
+            self.links.cancel(id);
+            return;
+        };
         let (i, j) = (x.node, x.job);
         let manifest = self.jobs[j as usize].manifest;
-        if self.nodes[i as usize].cache.contains(&manifest) {
-            self.push(self.now, Ev::Run { exec: id });
-            return;
-        }
-        let hops = self.dht.hops();
-        let mut lookup = 0;
-        for _ in 0..hops {
-            let peer = self.rng_dht.below(self.nodes.len() as u64) as u32;
-            lookup += self.net.rtt(i, peer);
-        }
-        self.counters.count("dht", self.dht.lookup_messages());
-        let mut found: Vec<u32> = self.dht.providers(&manifest).filter(|&p| p != i).collect();
-        // Most recent first, then a seeded shuffle of the rest.
-        found.reverse();
-        for k in (1..found.len()).rev() {
-            let o = self.rng_dht.below(k as u64 + 1) as usize;
-            found.swap(k, o);
-        }
-        let mut penalty = 0;
-        let mut sources = Vec::new();
-        for p in found {
-            if sources.len() == self.dht.fetch_from() {
-                break;
+        if !self.links.fetching(id) {
+            if self.nodes[i as usize].cache.contains(&manifest) {
+                self.push(self.now, Ev::Run { exec: id });
+                return;
             }
-            let reachable =
-                self.up[p as usize] && !self.net.blocked(p, i) && !self.net.blocked(i, p);
-            if !reachable {
-                penalty = DEAD_PROVIDER_MS;
-                continue;
+            let size = (self.sc.workload.input_mib * 1_048_576.0) as u64;
+            self.links.start(id, i, &manifest, size);
+        }
+        loop {
+            let (nodes, up, net) = (&self.nodes, &self.up, &self.net);
+            let owner = self.jobs[j as usize].client;
+            let path = |p: u32| Path {
+                rtt: net.rtt(p, i),
+                reachable: up[p as usize] && !net.blocked(p, i) && !net.blocked(i, p),
+                // The submitting node holds its job's inputs; others once they fetched them.
+                has: p == owner || nodes[p as usize].cache.contains(&manifest),
+                corrupt: nodes[p as usize].behavior == Behavior::CorruptProvider,
+            };
+            let next = self.links.advance(id, self.now, path);
+            let tally = self.links.take_tally();
+            self.counters.count("block", 2 * tally.requests);
+            self.counters.corrupt_blocks += tally.corrupt;
+            for (p, to, b) in tally.sent {
+                self.counters.bytes(p, to, b);
             }
-            let corrupt = self.nodes[p as usize].behavior == Behavior::CorruptProvider;
-            sources.push(Source { node: p, rtt: self.net.rtt(p, i), corrupt });
-        }
-        if sources.is_empty() {
-            let x = self.execs.get_mut(&id).expect("live");
-            x.tries += 1;
-            if x.tries >= MAX_FETCH_TRIES {
-                self.finish(id, ExecOutcome::ended(RunState::Error, "inputs unavailable"));
-            } else {
-                self.push(self.now + lookup + FETCH_RETRY_MS, Ev::Fetch { exec: id });
+            match next {
+                Next::Lookup => {
+                    let hops = self.dht.hops();
+                    let mut lookup = 0;
+                    for _ in 0..hops {
+                        let peer = self.rng_dht.below(self.nodes.len() as u64) as u32;
+                        lookup += self.net.rtt(i, peer);
+                    }
+                    self.counters.count("dht", self.dht.lookup_messages());
+                    let mut found: Vec<u32> = self
+                        .dht
+                        .providers(&manifest)
+                        .filter(|&p| p != i && !self.links.is_bad(i, p))
+                        .collect();
+                    // Most recent first, then a seeded shuffle of the rest.
+                    found.reverse();
+                    for k in (1..found.len()).rev() {
+                        let o = self.rng_dht.below(k as u64 + 1) as usize;
+                        found.swap(k, o);
+                    }
+                    found.truncate(self.dht.fetch_from());
+                    self.links.found(id, self.now + lookup.max(1), found);
+                }
+                Next::Wait(at) => {
+                    self.push(at, Ev::Fetch { exec: id });
+                    return;
+                }
+                Next::Done => {
+                    self.push(self.now, Ev::Run { exec: id });
+                    return;
+                }
+                Next::Failed(why) => {
+                    let why = format!("inputs unavailable: {why}");
+                    self.finish(id, ExecOutcome::ended(RunState::Error, &why));
+                    return;
+                }
             }
-            return;
         }
-        let size = (self.sc.workload.input_mib * 1_048_576.0) as u64;
-        let start = self.now + lookup + penalty;
-        let plan = self.links.fetch(start, size, i, &sources);
-        self.counters.count("block", 2 * plan.requests);
-        self.counters.corrupt_blocks += plan.corrupt_blocks;
-        for (p, b) in plan.sent {
-            self.counters.bytes(p, i, b);
-        }
-        self.push(plan.done, Ev::Run { exec: id });
     }
 
     fn run_exec(&mut self, id: u64) {

@@ -118,6 +118,54 @@ fn a_provider_serving_corrupt_blocks_is_reported_and_the_fetch_completes() {
     assert!(v.contains("0 dropped; ") && v.contains("manifests ok, 0 dropped"), "{v}");
 }
 
+/// A fetch that cannot complete says why: nobody had the tree, or the only provider served
+/// corrupt blocks (named).
+#[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "needs grid-node's test-hooks feature (`grid-node --fault`); scripts/test enables it"
+)]
+fn a_failed_fetch_says_why_naming_a_corrupt_provider() {
+    let s = Scratch::new();
+    let tree = multi_block_tree(&s);
+    let evil = NodeProc::start(&s.path("evil"), &["--fault", "corrupt-blocks"]);
+    let d = NodeProc::start(&s.path("d"), &["--bootstrap", &evil.addrs[0]]);
+    d.wait_connected(1);
+    let fetch_fails = |id: &str, out: &str| {
+        let dir = s.path(out);
+        let args: [&std::ffi::OsStr; 4] =
+            ["fetch".as_ref(), id.as_ref(), "--out".as_ref(), dir.as_os_str()];
+        let out = d.grid(args).output().expect("run grid");
+        assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8(out.stderr).expect("utf-8")
+    };
+    // A tree nobody has (isolated into a store of no node): the one peer asked lacked it.
+    let unknown = isolate_id_offline(&s, &tree);
+    let err = fetch_fails(&unknown, "out-unknown");
+    assert!(err.contains(&format!("no peer has manifest {unknown}: 1 lacked it")), "{err}");
+    // Only the corrupting node has it: the manifest comes through, every block is refused.
+    let id = isolate(&evil, &tree);
+    assert_eq!(id, unknown);
+    let err = fetch_fails(&id, "out");
+    assert!(err.contains(&format!("tree {id}: block ")), "{err}");
+    assert!(err.contains(&format!("corrupt data from peer {}", evil.peer_id)), "{err}");
+    // Nothing half fetched is visible: the manifest is stored only after all its objects.
+    let show = d.grid(["show", &id]).output().unwrap();
+    assert!(!show.status.success(), "the tree must not be in the store");
+}
+
+/// `grid isolate` into the scratch's own store, with no node running: the id, provided nowhere.
+fn isolate_id_offline(s: &Scratch, tree: &std::path::Path) -> String {
+    let out = s.ok([
+        "isolate".as_ref(),
+        "--root".as_ref(),
+        tree.as_os_str(),
+        "--input".as_ref(),
+        tree.as_os_str(),
+    ]);
+    out.trim().to_string()
+}
+
 #[test]
 fn a_late_node_joins_through_one_bootstrap_address_and_finds_content() {
     let s = Scratch::new();

@@ -1,48 +1,53 @@
 //! Fetching a tree from the mesh: the content swarm.
 //!
+//! Which peer is asked for what, how many requests are in flight, what an answer means, when
+//! to look providers up again and when to give up: all of that is decided by the protocol's
+//! transfer scheduler ([`grid_protocol::transfer::Transfer`], whose module doc lists the rules
+//! and whose constants are the limits). This module carries its decisions out: it sends the
+//! requests, verifies what comes back, writes it to the store, runs the DHT lookups, and feeds
+//! every outcome back to the machine.
+//!
 //! 1. What the store already holds costs nothing: a tree whose manifest and objects are all
 //!    local is done before any peer is asked.
 //! 2. Candidates are the providers of the manifest found in the DHT, then the peers already
-//!    connected (they may hold it without having announced it yet).
-//! 3. The manifest comes from the first candidate that serves bytes matching its id (verified
-//!    with SHA-1 collision detection); includes are fetched the same way, depth first.
-//! 4. Missing blocks are requested from every candidate at once, least-loaded peer first, with
-//!    at most [`MeshConfig::fetch_window`] in flight (and [`MeshConfig::fetch_window_per_peer`]
-//!    per peer). Every block is verified before it is written. A corrupt block marks its peer
-//!    bad (it is never asked for content again, and the report names it) and the block is asked
-//!    of someone else; a peer that does not hold a file is not asked for it again; a peer that
-//!    fails three requests is dropped. When no candidate is left, the providers are looked up
-//!    again, a bounded number of times.
+//!    connected (they may hold it without having announced it yet); never this node or a peer
+//!    that served bad data.
+//! 3. The manifest is a transfer of one item ([`Limits::MANIFEST`]): it comes from the first
+//!    candidate that serves bytes matching its id (verified with SHA-1 collision detection),
+//!    and a tree none of them has fails at once. Includes are fetched the same way, depth
+//!    first.
+//! 4. The missing blocks of the tree's files are one transfer ([`Limits::BLOCKS`], a group per
+//!    file, so a peer lacking a file is not asked for its other blocks). A file is created in
+//!    the store when its first block is asked for; every block is verified and written at its
+//!    offset on the blocking pool, at most twice as many at once as there are cores; a complete
+//!    file is handed to one task that names and indexes it, off this loop. A peer that served
+//!    a corrupt block is reported to the mesh, which never asks it for content again, and is
+//!    named in the [`FetchReport`].
 //! 5. The manifest is stored after every object it names, then provided in the DHT, so a
 //!    popular tree spreads instead of draining its first provider.
 //!
-//! [`MeshConfig::fetch_window`]: super::MeshConfig::fetch_window
-//! [`MeshConfig::fetch_window_per_peer`]: super::MeshConfig::fetch_window_per_peer
+//! A failed transfer's error says why ([`FetchError::Transfer`]): which block or manifest, and
+//! what the peers did (lacked it, served corrupt data, failed, were busy).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use grid_protocol::content::{self, ContentId};
-use grid_protocol::manifest::Manifest;
+use grid_protocol::manifest::{self, Manifest};
+use grid_protocol::time::Time;
+use grid_protocol::transfer::{self, Failure, Item, Limits, Response, Transfer};
 use libp2p::PeerId;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
 use super::codec::{ContentRequest, ContentResponse};
 use super::{Closed, MeshHandle};
+use crate::payload::Payload;
 use crate::store::{Incoming, MAX_INCLUDE_DEPTH, Session, Store, StoreError};
-
-/// How many times the providers are looked up again when every candidate has failed.
-pub const MAX_PROVIDER_LOOKUPS: u32 = 4;
-/// How many times one block is requested before the fetch gives up.
-pub const MAX_BLOCK_TRIES: u32 = 16;
-/// Failed requests after which a peer is dropped from a fetch.
-pub const MAX_PEER_FAILURES: u32 = 3;
-/// How long a peer that answered `Busy` is left alone.
-pub const BUSY_BACKOFF: Duration = Duration::from_millis(20);
 
 /// What a fetch did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -73,14 +78,17 @@ pub enum FetchError {
     /// Nobody has the tree.
     #[error("no peer provides {0}")]
     NoProviders(ContentId),
-    /// Some content could not be had from anyone.
-    #[error("{what} could not be fetched from any of {tried} peers")]
-    Unavailable {
-        /// What was missing.
-        what: String,
-        /// How many peers were tried.
-        tried: usize,
+    /// The transfer of the tree's manifest or blocks gave up; the failure says on what and why.
+    #[error("{}", transfer_message(.tree, .failure))]
+    Transfer {
+        /// The tree being fetched.
+        tree: ContentId,
+        /// What the transfer knew.
+        failure: Failure<PeerId>,
     },
+    /// The transfer scheduler waited on nothing (a bug, reported rather than hung on).
+    #[error("the transfer of {0} stalled: nothing in flight and nothing due")]
+    Stalled(ContentId),
     /// Includes nested too deeply.
     #[error("manifest {0}: includes nest deeper than {MAX_INCLUDE_DEPTH}")]
     IncludeDepth(ContentId),
@@ -90,6 +98,10 @@ pub enum FetchError {
     /// The mesh stopped.
     #[error(transparent)]
     Closed(#[from] Closed),
+}
+
+fn transfer_message(tree: &ContentId, failure: &Failure<PeerId>) -> String {
+    if failure.item == *tree { failure.to_string() } else { format!("tree {tree}: {failure}") }
 }
 
 /// Fetches the tree `id` into `store` from the mesh.
@@ -156,27 +168,68 @@ impl FileSlot {
             _ => None,
         })
     }
-
-    /// Block `index`'s id, for messages.
-    fn block(&self, index: usize) -> String {
-        let blocks = match self {
-            FileSlot::Waiting { blocks, .. } => blocks.as_slice(),
-            FileSlot::Open(inc) => inc.blocks(),
-            FileSlot::Done => &[],
-        };
-        blocks.get(index).map(ToString::to_string).unwrap_or_default()
-    }
 }
 
+/// A block request's end, as the transfer loop sees it.
 enum Got {
     /// Verified and written: this many bytes.
     Block(u64),
     /// Verified, but writing it failed here.
     WriteFailed(StoreError),
-    Corrupt(String),
-    NotFound,
-    Busy,
-    Failed(String),
+    /// Anything else, for the scheduler.
+    Other(Response),
+}
+
+/// The transfer's clock: milliseconds since the transfer started, on the monotonic clock.
+#[derive(Clone, Copy)]
+struct Clock(Instant);
+
+impl Clock {
+    fn now(self) -> Time {
+        Time(self.0.elapsed().as_millis() as u64)
+    }
+
+    fn instant(self, t: Time) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.0 + Duration::from_millis(t.as_millis()))
+    }
+}
+
+/// The bytes of an answer, or what the scheduler makes of it.
+fn classify(answer: Result<ContentResponse, String>) -> Result<Payload, Response> {
+    match answer {
+        Ok(ContentResponse::Found(bytes)) => Ok(bytes),
+        Ok(ContentResponse::NotFound) => Err(Response::NotFound),
+        Ok(ContentResponse::Busy) => Err(Response::Busy),
+        Err(e) => Err(Response::Failed(e)),
+    }
+}
+
+/// Asks `peer` for `req`, giving up at `deadline` (the scheduler's).
+async fn ask(
+    mesh: &MeshHandle,
+    peer: PeerId,
+    req: ContentRequest,
+    deadline: tokio::time::Instant,
+) -> Result<Result<Payload, Response>, Closed> {
+    match tokio::time::timeout_at(deadline, mesh.content(peer, req)).await {
+        Err(_) => Ok(Err(Response::TimedOut)),
+        Ok(answer) => Ok(classify(answer?)),
+    }
+}
+
+/// Waits for the next of `inflight`, or for the scheduler's timeout `wake`; `None` when it is
+/// the timeout, and an error when there is nothing to wait for.
+async fn next_event<T>(
+    id: ContentId,
+    inflight: &mut FuturesUnordered<impl Future<Output = T>>,
+    wake: Option<tokio::time::Instant>,
+) -> Result<Option<T>, FetchError> {
+    tokio::select! {
+        Some(done) = inflight.next(), if !inflight.is_empty() => Ok(Some(done)),
+        () = tokio::time::sleep_until(wake.unwrap_or_else(tokio::time::Instant::now)),
+            if wake.is_some() => Ok(None),
+        else => Err(FetchError::Stalled(id)),
+    }
 }
 
 impl Fetch<'_> {
@@ -234,6 +287,26 @@ impl Fetch<'_> {
         Ok(out)
     }
 
+    async fn mark_bad(&mut self, peer: PeerId) -> Result<(), Closed> {
+        if self.bad.insert(peer) {
+            self.mesh.report_bad(peer).await?;
+        }
+        Ok(())
+    }
+
+    /// Answers the scheduler's [`transfer::Output::LookupProviders`].
+    async fn lookup(
+        &mut self,
+        id: ContentId,
+        machine: &mut Transfer<PeerId>,
+        clock: Clock,
+    ) -> Result<(), FetchError> {
+        let peers = self.candidates(id).await?;
+        machine.handle_providers(clock.now(), peers);
+        Ok(())
+    }
+
+    /// The manifest `id`, verified and decoded: a transfer of one item.
     async fn manifest(
         &mut self,
         id: ContentId,
@@ -242,48 +315,81 @@ impl Fetch<'_> {
         if providers.is_empty() {
             return Err(FetchError::NoProviders(id));
         }
-        for &peer in providers {
-            match self.mesh.content(peer, ContentRequest::Manifest(id)).await? {
-                Ok(ContentResponse::Found(bytes)) => {
-                    let bytes = bytes.into_vec();
-                    let checked = content::verify_manifest(&id, &bytes)
-                        .map_err(|e| e.to_string())
-                        .and_then(|()| Manifest::decode(&bytes).map_err(|e| e.to_string()));
-                    match checked {
-                        Ok(m) => return Ok((bytes, m)),
-                        Err(e) => {
-                            warn!(%peer, %id, error = %e, "peer served a bad manifest");
-                            self.mark_bad(peer).await?;
-                        }
+        let clock = Clock(Instant::now());
+        let item = Item { id, size: 0, group: 0 };
+        let mut machine =
+            Transfer::new(clock.now(), [item], providers.iter().copied(), Limits::MANIFEST);
+        let mut inflight = FuturesUnordered::new();
+        let mut got = None;
+        loop {
+            while let Some(out) = machine.poll_output() {
+                match out {
+                    transfer::Output::Request { peer, request, deadline, .. } => {
+                        let mesh = self.mesh.clone();
+                        let deadline = clock.instant(deadline);
+                        inflight.push(async move {
+                            let req = ContentRequest::Manifest(id);
+                            let checked =
+                                ask(&mesh, peer, req, deadline).await?.and_then(|bytes| {
+                                    let bytes = bytes.into_vec();
+                                    let decoded = content::verify_manifest(&id, &bytes)
+                                        .map_err(|e| e.to_string())
+                                        .and_then(|()| {
+                                            Manifest::decode(&bytes).map_err(|e| e.to_string())
+                                        });
+                                    decoded.map(|m| (bytes, m)).map_err(|e| {
+                                        warn!(%peer, %id, error = %e, "peer served a bad manifest");
+                                        Response::Corrupt
+                                    })
+                                });
+                            Ok::<_, Closed>((peer, request, checked))
+                        });
+                    }
+                    transfer::Output::LookupProviders => {
+                        self.lookup(id, &mut machine, clock).await?;
+                    }
+                    transfer::Output::MarkBad(peer) => self.mark_bad(peer).await?,
+                    transfer::Output::Done => return got.ok_or(FetchError::Stalled(id)),
+                    transfer::Output::Failed(failure) => {
+                        return Err(FetchError::Transfer { tree: id, failure });
                     }
                 }
-                Ok(_) => {}
-                Err(e) => debug!(%peer, %id, error = %e, "manifest request failed"),
+            }
+            let wake = machine.poll_timeout().map(|t| clock.instant(t));
+            let Some(done) = next_event(id, &mut inflight, wake).await? else {
+                machine.handle_timeout(clock.now());
+                continue;
+            };
+            let (peer, request, checked) = done?;
+            match checked {
+                Ok(found) => {
+                    if machine.handle_response(clock.now(), peer, request, Response::Data) {
+                        got = Some(found);
+                    }
+                }
+                Err(response) => {
+                    debug!(%peer, %id, ?response, "manifest request failed");
+                    machine.handle_response(clock.now(), peer, request, response);
+                }
             }
         }
-        Err(FetchError::Unavailable { what: format!("manifest {id}"), tried: providers.len() })
-    }
-
-    async fn mark_bad(&mut self, peer: PeerId) -> Result<(), Closed> {
-        if self.bad.insert(peer) {
-            self.mesh.report_bad(peer).await?;
-        }
-        Ok(())
     }
 
     async fn objects(
         &mut self,
         id: ContentId,
         missing: Vec<(u64, bool, Vec<ContentId>)>,
-        mut peers: Vec<PeerId>,
+        peers: Vec<PeerId>,
     ) -> Result<(), FetchError> {
-        let config = self.mesh.config().clone();
         // Each file is created when its first block is asked for, so requests start at once.
         let mut files: Vec<FileSlot> = Vec::with_capacity(missing.len());
-        let mut queue = VecDeque::new();
+        let mut items = Vec::new();
+        let mut places = Vec::new();
         for (fi, (size, executable, blocks)) in missing.into_iter().enumerate() {
-            for bi in 0..blocks.len() {
-                queue.push_back((fi, bi));
+            for (bi, block) in blocks.iter().enumerate() {
+                let len = manifest::block_len(size, bi as u64) as u64;
+                items.push(Item { id: *block, size: len, group: fi as u32 });
+                places.push((fi, bi));
             }
             files.push(FileSlot::Waiting { size, executable, blocks });
         }
@@ -298,7 +404,7 @@ impl Fetch<'_> {
             }
             Ok(n)
         });
-        let result = self.transfer(id, &config, &mut files, queue, &mut peers, &finish_tx).await;
+        let result = self.transfer(id, &mut files, items, &places, peers, &finish_tx).await;
         drop(finish_tx);
         let finished = finisher.await.map_err(|e| StoreError::Corrupt {
             what: "finishing received files".into(),
@@ -309,70 +415,82 @@ impl Fetch<'_> {
         Ok(())
     }
 
+    /// Drives the transfer of the missing blocks: `items[i]` is block `places[i].1` of
+    /// `files[places[i].0]`.
     async fn transfer(
         &mut self,
         id: ContentId,
-        config: &super::MeshConfig,
         files: &mut [FileSlot],
-        mut queue: VecDeque<(usize, usize)>,
-        peers: &mut Vec<PeerId>,
+        items: Vec<Item>,
+        places: &[(usize, usize)],
+        peers: Vec<PeerId>,
         finish: &tokio::sync::mpsc::Sender<Incoming>,
     ) -> Result<(), FetchError> {
-        let mut load: HashMap<PeerId, usize> = HashMap::new();
-        let mut failures: HashMap<PeerId, u32> = HashMap::new();
-        let mut busy_until: HashMap<PeerId, Instant> = HashMap::new();
-        let mut lacking: HashSet<(PeerId, usize)> = HashSet::new();
-        let mut tries: HashMap<(usize, usize), u32> = HashMap::new();
-        let mut lookups = 0;
+        let clock = Clock(Instant::now());
+        let mut machine = Transfer::new(clock.now(), items, peers, Limits::BLOCKS);
+        let result = self.blocks(id, &mut machine, clock, files, places, finish).await;
+        self.report.retries += machine.stats().retries;
+        result
+    }
+
+    async fn blocks(
+        &mut self,
+        id: ContentId,
+        machine: &mut Transfer<PeerId>,
+        clock: Clock,
+        files: &mut [FileSlot],
+        places: &[(usize, usize)],
+        finish: &tokio::sync::mpsc::Sender<Incoming>,
+    ) -> Result<(), FetchError> {
         let mut inflight = FuturesUnordered::new();
-        let mut tried: HashSet<PeerId> = peers.iter().copied().collect();
         // Verifying and writing is CPU and disk work: as many at once as keeps both busy.
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
         let workers = Arc::new(tokio::sync::Semaphore::new(workers));
         loop {
-            // Fill the window, least-loaded eligible peer first.
-            let now = Instant::now();
-            let mut skipped = VecDeque::new();
-            while inflight.len() < config.fetch_window {
-                let Some((fi, bi)) = queue.pop_front() else { break };
-                let pick = peers
-                    .iter()
-                    .filter(|p| {
-                        !self.bad.contains(p)
-                            && failures.get(p).copied().unwrap_or(0) < MAX_PEER_FAILURES
-                            && !lacking.contains(&(**p, fi))
-                            && busy_until.get(p).is_none_or(|t| *t <= now)
-                            && load.get(p).copied().unwrap_or(0) < config.fetch_window_per_peer
-                    })
-                    .min_by_key(|p| load.get(p).copied().unwrap_or(0))
-                    .copied();
-                let Some(peer) = pick else {
-                    skipped.push_back((fi, bi));
-                    if skipped.len() > 64 {
-                        break;
+            while let Some(out) = machine.poll_output() {
+                let (peer, request, item, deadline) = match out {
+                    transfer::Output::Request { peer, request, item, deadline } => {
+                        (peer, request, item, deadline)
                     }
+                    transfer::Output::LookupProviders => {
+                        self.lookup(id, machine, clock).await?;
+                        continue;
+                    }
+                    transfer::Output::MarkBad(peer) => {
+                        self.mark_bad(peer).await?;
+                        continue;
+                    }
+                    transfer::Output::Done => return Ok(()),
+                    transfer::Output::Failed(failure) => {
+                        return Err(FetchError::Transfer { tree: id, failure });
+                    }
+                };
+                let (fi, bi) = places[item];
+                let Some(inc) = files[fi].open(self.store)? else {
+                    // Complete already: the block is here.
+                    machine.handle_response(clock.now(), peer, request, Response::Data);
                     continue;
                 };
-                let Some(inc) = files[fi].open(self.store)? else { continue };
                 let block = inc.blocks()[bi];
                 let writer = inc.writer();
-                *load.entry(peer).or_default() += 1;
                 let mesh = self.mesh.clone();
                 let workers = workers.clone();
+                let deadline = clock.instant(deadline);
                 inflight.push(async move {
-                    let got = match mesh.content(peer, ContentRequest::Block(block)).await {
-                        Err(_) => Got::Failed("the mesh has shut down".into()),
-                        Ok(Err(e)) => Got::Failed(e),
-                        Ok(Ok(ContentResponse::NotFound)) => Got::NotFound,
-                        Ok(Ok(ContentResponse::Busy)) => Got::Busy,
-                        Ok(Ok(ContentResponse::Found(mut data))) => {
-                            // Verified and written on the blocking pool, several at once.
+                    let got = match ask(&mesh, peer, ContentRequest::Block(block), deadline).await?
+                    {
+                        Err(response) => Got::Other(response),
+                        Ok(mut data) => {
+                            // Verified and written on the blocking pool, several at once. A
+                            // write still running when the scheduler gives up on the request
+                            // writes the same verified bytes its retry will.
                             let Ok(_worker) = workers.acquire_owned().await else {
-                                return (fi, bi, peer, Got::Failed("fetch ended".into()));
+                                return Err(Closed);
                             };
                             let done = tokio::task::spawn_blocking(move || {
                                 if let Err(e) = content::verify_block(&block, &data) {
-                                    return Got::Corrupt(e.to_string());
+                                    warn!(%peer, %block, error = %e, "peer served a corrupt block");
+                                    return Got::Other(Response::Corrupt);
                                 }
                                 match writer.write_payload(bi, &mut data) {
                                     Ok(()) => Got::Block(data.len() as u64),
@@ -380,43 +498,24 @@ impl Fetch<'_> {
                                 }
                             })
                             .await;
-                            done.unwrap_or_else(|e| Got::Failed(e.to_string()))
+                            done.unwrap_or_else(|e| Got::Other(Response::Failed(e.to_string())))
                         }
                     };
-                    (fi, bi, peer, got)
+                    Ok::<_, Closed>((item, peer, request, got))
                 });
             }
-            skipped.extend(queue.drain(..));
-            queue = skipped;
-            let Some((fi, bi, peer, got)) = inflight.next().await else {
-                if queue.is_empty() {
-                    break;
-                }
-                // Nothing in flight and nobody eligible: wait out a busy peer, or look again.
-                if busy_until.values().any(|t| *t > Instant::now()) {
-                    tokio::time::sleep(BUSY_BACKOFF).await;
-                    continue;
-                }
-                lookups += 1;
-                if lookups > MAX_PROVIDER_LOOKUPS {
-                    let (fi, bi) = queue[0];
-                    return Err(FetchError::Unavailable {
-                        what: format!("block {} of {id}", files[fi].block(bi)),
-                        tried: tried.len(),
-                    });
-                }
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(lookups))).await;
-                *peers = self.candidates(id).await?;
-                tried.extend(peers.iter().copied());
-                failures.clear();
-                lacking.clear();
+            let wake = machine.poll_timeout().map(|t| clock.instant(t));
+            let Some(done) = next_event(id, &mut inflight, wake).await? else {
+                machine.handle_timeout(clock.now());
                 continue;
             };
-            if let Some(l) = load.get_mut(&peer) {
-                *l = l.saturating_sub(1);
-            }
-            let retry = match got {
+            let (item, peer, request, got) = done?;
+            match got {
                 Got::Block(len) => {
+                    if !machine.handle_response(clock.now(), peer, request, Response::Data) {
+                        continue;
+                    }
+                    let (fi, bi) = places[item];
                     let FileSlot::Open(inc) = &mut files[fi] else { continue };
                     inc.mark_written(bi);
                     self.report.blocks += 1;
@@ -430,41 +529,15 @@ impl Fetch<'_> {
                         // The finisher stopped on an error, which the caller reports.
                         return Ok(());
                     }
-                    false
                 }
                 Got::WriteFailed(e) => return Err(e.into()),
-                Got::Corrupt(e) => {
-                    warn!(%peer, error = %e, "peer served a corrupt block");
-                    self.mark_bad(peer).await?;
-                    true
+                Got::Other(response) => {
+                    if let Response::Failed(e) = &response {
+                        debug!(%peer, error = %e, "block request failed");
+                    }
+                    machine.handle_response(clock.now(), peer, request, response);
                 }
-                Got::NotFound => {
-                    lacking.insert((peer, fi));
-                    true
-                }
-                Got::Busy => {
-                    busy_until.insert(peer, Instant::now() + BUSY_BACKOFF);
-                    true
-                }
-                Got::Failed(e) => {
-                    debug!(%peer, error = %e, "block request failed");
-                    *failures.entry(peer).or_default() += 1;
-                    true
-                }
-            };
-            if retry {
-                self.report.retries += 1;
-                let n = tries.entry((fi, bi)).or_default();
-                *n += 1;
-                if *n > MAX_BLOCK_TRIES {
-                    return Err(FetchError::Unavailable {
-                        what: format!("block {} of {id}", files[fi].block(bi)),
-                        tried: tried.len(),
-                    });
-                }
-                queue.push_back((fi, bi));
             }
         }
-        Ok(())
     }
 }

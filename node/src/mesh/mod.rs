@@ -90,10 +90,6 @@ pub struct MeshConfig {
     pub request_timeout: Duration,
     /// Most content requests served at once.
     pub serve_concurrency: usize,
-    /// Most block requests in flight per fetch.
-    pub fetch_window: usize,
-    /// Most block requests in flight to one peer per fetch.
-    pub fetch_window_per_peer: usize,
     /// This node's dimensions, advertised to peers through identify so submitters can say
     /// why no node matches a job.
     pub dimensions: Option<grid_protocol::dims::Dimensions>,
@@ -116,8 +112,6 @@ impl Default for MeshConfig {
             idle_timeout: Duration::from_secs(120),
             request_timeout: Duration::from_secs(30),
             serve_concurrency: 64,
-            fetch_window: 64,
-            fetch_window_per_peer: 32,
             dimensions: None,
             #[cfg(feature = "test-hooks")]
             fault: None,
