@@ -397,11 +397,11 @@ impl Submitter {
     }
 
     /// Rebuilds the submitter of a job after its node restarted, from the records it asked to
-    /// persist: the [`Record::Job`], its [`Record::Lease`]s and its counted
-    /// [`Record::Result`]s (records of other submissions are ignored).
+    /// persist: the [`Record::Job`], its [`Record::Lease`]s, its counted [`Record::Result`]s and
+    /// its [`Record::Ended`] shards (records of other submissions are ignored).
     ///
-    /// Counted results are counted again, so finished shards stay finished and nothing that
-    /// had an outcome runs again. A lease still within its time stays live: its node's
+    /// Counted results are counted again and ended shards end again, so finished shards stay
+    /// finished and nothing that had an outcome runs again. A lease still within its time stays live: its node's
     /// heartbeats renew it and its result counts. A lease past its time lapses at once and its
     /// shard is offered again. Announcements continue with a sequence number above any sent
     /// before, so workers holding the old announcement take the new ones. Re-counting queues
