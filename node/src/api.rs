@@ -374,6 +374,41 @@ pub struct MeshView {
     /// Peers that served bad data.
     #[serde(default)]
     pub bad_peers: Vec<String>,
+    /// Whether others can dial this node.
+    #[serde(default)]
+    pub reachability: Reachability,
+    /// Addresses others can reach it at (`--external-address`).
+    #[serde(default)]
+    pub external_addresses: Vec<String>,
+    /// Whether it serves as a circuit relay (`--relay`).
+    #[serde(default)]
+    pub relay_server: bool,
+    /// Relays that hold a reservation for it (when it is not reachable).
+    #[serde(default)]
+    pub relay_reservations: Vec<String>,
+}
+
+/// Whether other nodes can dial a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    /// It has an address others can dial.
+    Public,
+    /// It has none: others reach it through a relay.
+    Private,
+    /// Not known (no external address given, no relay in sight).
+    #[default]
+    Unknown,
+}
+
+impl std::fmt::Display for Reachability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reachability::Public => "public",
+            Reachability::Private => "private",
+            Reachability::Unknown => "unknown",
+        })
+    }
 }
 
 /// The size of the content store.
@@ -422,18 +457,9 @@ pub struct PeerView {
     /// Its gossip score here: below 0 once it sent messages this node rejected.
     #[serde(default)]
     pub gossip_score: Option<f64>,
-}
-
-impl From<crate::mesh::PeerInfo> for PeerView {
-    fn from(p: crate::mesh::PeerInfo) -> PeerView {
-        PeerView {
-            peer: p.peer,
-            addresses: p.addresses,
-            agent: p.agent,
-            bad: p.bad,
-            gossip_score: p.gossip_score,
-        }
-    }
+    /// Whether every connection to it goes through a relay.
+    #[serde(default)]
+    pub relayed: bool,
 }
 
 /// The answer to `fetch`: what the transfer did, and what was written when asked to.
@@ -1042,6 +1068,10 @@ pub(crate) mod tests {
                     served_bytes: 0,
                     served_busy: 0,
                     bad_peers: vec![],
+                    reachability: crate::api::Reachability::Unknown,
+                    external_addresses: vec![],
+                    relay_server: false,
+                    relay_reservations: vec![],
                 },
                 store: StoreView { bytes: 0, items: 0 },
                 worker,

@@ -491,9 +491,10 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
             } else {
                 for p in &peers {
                     println!(
-                        "{}  {}  {}{}",
+                        "{}  {}  {}  {}{}",
                         p.peer,
                         p.agent.as_deref().unwrap_or("-"),
+                        if p.relayed { "relayed" } else { "direct" },
                         p.addresses.join(","),
                         if p.bad { "  (served bad data)" } else { "" }
                     );
@@ -761,6 +762,16 @@ pub fn render_status(v: &NodeStatus, now_ms: u64) -> String {
     let _ = writeln!(o, "peer id: {}", m.peer);
     for a in &m.listening {
         let _ = writeln!(o, "listening on {a}");
+    }
+    let _ = writeln!(o, "reachability: {}", m.reachability);
+    for a in &m.external_addresses {
+        let _ = writeln!(o, "external address: {a}");
+    }
+    if m.relay_server {
+        let _ = writeln!(o, "relay: serving circuits for unreachable peers");
+    }
+    for r in &m.relay_reservations {
+        let _ = writeln!(o, "relay reservation: {r}");
     }
     let _ = writeln!(o, "connected peers: {}", m.connected);
     let _ = writeln!(o, "routing table: {} peers", m.routing_table);
@@ -1050,6 +1061,10 @@ mod tests {
                     served_bytes: 2222,
                     served_busy: 0,
                     bad_peers: vec![],
+                    reachability: crate::api::Reachability::Unknown,
+                    external_addresses: vec![],
+                    relay_server: false,
+                    relay_reservations: vec![],
                 },
                 store: StoreView { items: 16, bytes: 2222 },
                 worker,

@@ -473,9 +473,7 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Response> {
                 worker,
             })
         }
-        Request::Peers => {
-            Response::Peers(node.mesh.peers().await?.into_iter().map(Into::into).collect())
-        }
+        Request::Peers => Response::Peers(node.mesh.peers().await?),
         Request::Fetch { id, out } => {
             let report = node.fetcher.fetch(id).await.map_err(anyhow::Error::msg)?;
             let materialized = match out {

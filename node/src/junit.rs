@@ -195,10 +195,9 @@ pub fn parse(xml: &str) -> Result<Report, JunitError> {
                 let tag = local.as_ref();
                 if let Some(c) = case.as_mut()
                     && let Some((_, text)) = c.body.take_if(|(at, _)| *at == depth)
+                    && let Some((_, message)) = c.failure.as_mut()
                 {
-                    if let Some((_, message)) = c.failure.as_mut() {
-                        *message = first_line(&text);
-                    }
+                    *message = first_line(&text);
                 }
                 if tag == b"testcase"
                     && let Some(c) = case.take()

@@ -48,6 +48,15 @@ struct Args {
     /// Do not look for peers on the local network with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// An address other nodes can reach this node at, e.g. /ip4/203.0.113.5/tcp/4701
+    /// (repeatable). A node given one counts as reachable and takes no relay slot; a public
+    /// bootstrap or relay node needs it.
+    #[arg(long = "external-address", value_name = "MULTIADDR")]
+    external_address: Vec<Multiaddr>,
+    /// Serve as a circuit relay for nodes that cannot be reached (behind NAT): they reserve a
+    /// slot here and others reach them through it. Needs --external-address.
+    #[arg(long)]
+    relay: bool,
     /// Most established connections.
     #[arg(long, default_value_t = 256)]
     max_connections: u32,
@@ -125,12 +134,19 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let run = || -> anyhow::Result<()> {
+        if args.relay && args.external_address.is_empty() {
+            return Err(crate::exit::usage(
+                "--relay needs --external-address: a relay serves only at an address others can reach",
+            ));
+        }
         let dir = crate::cli::data_dir(args.data_dir.as_deref())?;
         let key = crate::identity::load_or_create(&dir)?;
         let mut mesh = MeshConfig {
             bootstrap: args.bootstrap.clone(),
             mdns: !args.no_mdns,
             max_connections: args.max_connections,
+            external_addresses: args.external_address.clone(),
+            relay: args.relay,
             #[cfg(feature = "test-hooks")]
             fault: args.fault,
             ..MeshConfig::default()
@@ -202,6 +218,8 @@ pub fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             if e.downcast_ref::<daemon::RecordsLost>().is_some() {
                 ExitCode::from(crate::exit::FAILED)
+            } else if crate::exit::of_error(&e) == crate::exit::USAGE {
+                ExitCode::from(crate::exit::USAGE)
             } else {
                 ExitCode::FAILURE
             }

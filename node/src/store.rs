@@ -1857,7 +1857,7 @@ impl TmpWriter {
         if self.direct {
             if write_direct_at(file, buf, n, self.written)? {
                 self.written += n as u64;
-                if n % DIRECT_ALIGN != 0 {
+                if !n.is_multiple_of(DIRECT_ALIGN) {
                     file.set_len(self.written)?;
                 }
                 return Ok(());

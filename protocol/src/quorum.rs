@@ -45,10 +45,10 @@ pub fn decide(k: u8, target: u8, votes: &[Outcome]) -> Decision {
     let target = target.max(k);
     let remaining = usize::from(target).saturating_sub(votes.len());
     // At most one outcome can hold a strict majority, so vote order never matters.
-    if let Some((outcome, best)) = counts.into_iter().max_by_key(|(_, n)| *n) {
-        if best >= needed(target) {
-            return Decision::Accepted { outcome, agreeing: best };
-        }
+    if let Some((outcome, best)) = counts.into_iter().max_by_key(|(_, n)| *n)
+        && best >= needed(target)
+    {
+        return Decision::Accepted { outcome, agreeing: best };
     }
     if remaining > 0 { Decision::Waiting(remaining) } else { Decision::Disagree }
 }

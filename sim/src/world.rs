@@ -505,7 +505,7 @@ impl World {
             self.fold(e.at);
             self.fold(e.ev.tag());
             self.dispatch(e.ev);
-            if self.progress_every > 0 && self.events % self.progress_every == 0 {
+            if self.progress_every > 0 && self.events.is_multiple_of(self.progress_every) {
                 eprintln!(
                     "{}: {} events, {} queued, {} of {} jobs finished",
                     Time(self.now),
@@ -888,11 +888,11 @@ impl World {
         {
             return;
         }
-        if let Record::Result(signed) = &r {
-            if let Some(&j) = self.job_ids.get(&signed.body.job) {
-                let c = self.checker.counted(Time(self.now), j, signed);
-                self.check(c);
-            }
+        if let Record::Result(signed) = &r
+            && let Some(&j) = self.job_ids.get(&signed.body.job)
+        {
+            let c = self.checker.counted(Time(self.now), j, signed);
+            self.check(c);
         }
         if self.keep_jobs {
             let entry =
@@ -1107,7 +1107,7 @@ impl World {
                 continue;
             }
             self.counters.gossip_deliveries += 1;
-            if self.counters.gossip_deliveries % GOSSIP_SAMPLE == 0
+            if self.counters.gossip_deliveries.is_multiple_of(GOSSIP_SAMPLE)
                 && self.counters.gossip_delays.len() < MAX_GOSSIP_SAMPLES
             {
                 self.counters.gossip_delays.push((self.now - at) as f64);

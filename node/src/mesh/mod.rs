@@ -24,7 +24,7 @@ pub mod fetch;
 pub mod tls;
 pub mod transport;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,8 +36,9 @@ use libp2p::kad::{self, store::MemoryStore};
 use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, ResponseChannel};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, connection_limits, identify, mdns, noise, tcp, yamux};
-use serde::Serialize;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, connection_limits, dcutr, identify, mdns, noise, relay, tcp, yamux,
+};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -93,6 +94,11 @@ pub struct MeshConfig {
     /// This node's dimensions, advertised to peers through identify so submitters can say
     /// why no node matches a job.
     pub dimensions: Option<grid_protocol::dims::Dimensions>,
+    /// Addresses others can reach this node at (`--external-address`): a node given one is
+    /// reachable and reserves no relay slot.
+    pub external_addresses: Vec<Multiaddr>,
+    /// Serve as a circuit relay for grid peers (`--relay`; needs an external address).
+    pub relay: bool,
     /// Test only.
     #[cfg(feature = "test-hooks")]
     #[doc(hidden)]
@@ -113,6 +119,8 @@ impl Default for MeshConfig {
             request_timeout: Duration::from_secs(30),
             serve_concurrency: 64,
             dimensions: None,
+            external_addresses: Vec::new(),
+            relay: false,
             #[cfg(feature = "test-hooks")]
             fault: None,
         }
@@ -129,6 +137,45 @@ struct Behaviour {
     msg: request_response::Behaviour<MsgCodec>,
     content: request_response::Behaviour<ContentCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    relay: Toggle<relay::Behaviour>,
+    dcutr: dcutr::Behaviour,
+}
+
+/// What a grid relay carries per circuit: grid's messages and the content of a job's shards
+/// for nodes that cannot reach each other directly (two symmetric NATs). A relay's owner pays
+/// for it in bandwidth: at most [`RELAY_MAX_CIRCUITS`] circuits of [`RELAY_CIRCUIT_BYTES`] each
+/// at once, 2 GiB of traffic at most per [`RELAY_CIRCUIT_DURATION`].
+pub const RELAY_CIRCUIT_BYTES: u64 = 256 << 20;
+/// How long one relayed circuit may last before the peers must open another.
+pub const RELAY_CIRCUIT_DURATION: Duration = Duration::from_secs(30 * 60);
+/// Circuits a relay carries at once.
+pub const RELAY_MAX_CIRCUITS: usize = 64;
+/// Circuits one peer may hold through a relay at once.
+pub const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
+/// Reservations a relay holds at once (one per unreachable peer that uses it).
+pub const RELAY_MAX_RESERVATIONS: usize = 256;
+/// The protocol a peer that offers relaying speaks.
+pub const RELAY_HOP_PROTOCOL: libp2p::StreamProtocol =
+    libp2p::StreamProtocol::new("/libp2p/circuit/relay/0.2.0/hop");
+/// First wait before reserving again on a relay that went away; doubled up to
+/// [`RESERVE_BACKOFF_MAX`].
+pub const RESERVE_BACKOFF: Duration = Duration::from_secs(2);
+/// Longest wait between two reservation attempts on one relay.
+pub const RESERVE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Most relays an unreachable node reserves slots on.
+pub const MAX_RESERVATIONS: usize = 3;
+
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_reservations: RELAY_MAX_RESERVATIONS,
+        max_reservations_per_peer: 2,
+        max_circuits: RELAY_MAX_CIRCUITS,
+        max_circuits_per_peer: RELAY_MAX_CIRCUITS_PER_PEER,
+        max_circuit_duration: RELAY_CIRCUIT_DURATION,
+        max_circuit_bytes: RELAY_CIRCUIT_BYTES,
+        ..relay::Config::default()
+    }
 }
 
 /// A protocol message that arrived, by gossip or directly.
@@ -180,21 +227,8 @@ pub fn parse_agent(agent: &str) -> Option<grid_protocol::dims::Dimensions> {
     Some(d)
 }
 
-/// What the mesh knows about one connected peer.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerInfo {
-    /// Its peer id.
-    pub peer: String,
-    /// Addresses of its open connections.
-    pub addresses: Vec<String>,
-    /// Its agent string, once identified.
-    pub agent: Option<String>,
-    /// Whether it served bad data.
-    pub bad: bool,
-    /// Its gossip score here: below 0 once it sent messages this node rejected (see
-    /// [`gossip_topic_params`]).
-    pub gossip_score: Option<f64>,
-}
+/// What the mesh knows about one connected peer: the control API's view of it.
+pub use crate::api::PeerView as PeerInfo;
 
 /// Gossip peer scoring counts one thing only: messages this node rejected (a forged or
 /// malformed announcement; honest peers never relay one, since every node judges what it relays).
@@ -394,6 +428,11 @@ pub fn start(
 ) -> Result<(MeshHandle, mpsc::Receiver<MeshEvent>, tokio::task::JoinHandle<()>), StartError> {
     let local = keypair.public().to_peer_id();
     let mut swarm = build_swarm(keypair, &config)?;
+    for addr in &config.external_addresses {
+        // Given by the operator, so confirmed: peers learn it through identify, and a relay
+        // serves only with one.
+        swarm.add_external_address(addr.clone());
+    }
     let mut starting = HashSet::new();
     for addr in &config.listen {
         let id = swarm
@@ -433,6 +472,8 @@ pub fn start(
         listening: Vec::new(),
         starting,
         bootstrapped: false,
+        relays: BTreeMap::new(),
+        reserved: BTreeSet::new(),
     };
     let task = tokio::spawn(driver.run());
     Ok((handle, in_rx, task))
@@ -475,6 +516,7 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(256);
     let want_mdns = config.mdns;
+    let want_relay = config.relay;
     let agent = agent_string(config.dimensions.as_ref());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
@@ -489,7 +531,9 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
             transport::DialLater::new(quic, transport::QUIC_DIAL_DELAY)
         })
         .map_err(|e| setup(&e))?
-        .with_behaviour(|key| {
+        .with_relay_client((tls::Config::new, noise::Config::new), yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay_client| {
             let mut kad = kad::Behaviour::with_config(local, MemoryStore::new(local), kad_config);
             kad.set_mode(Some(kad::Mode::Server));
             let mdns = if want_mdns {
@@ -519,6 +563,9 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
                     request_config,
                 ),
                 mdns: mdns.into(),
+                relay_client,
+                relay: want_relay.then(|| relay::Behaviour::new(local, relay_config())).into(),
+                dcutr: dcutr::Behaviour::new(local),
             })
         })
         .map_err(|e| setup(&e))?
@@ -551,6 +598,23 @@ struct Driver {
     /// Listeners that have not yet reported an address (nor closed).
     starting: HashSet<libp2p::core::transport::ListenerId>,
     bootstrapped: bool,
+    /// Relays this node reserves (or tries to reserve) a slot on, and those that accepted.
+    relays: BTreeMap<PeerId, Reservation>,
+    reserved: BTreeSet<PeerId>,
+}
+
+/// A reservation on one relay: its listener, and when to try again after it ended.
+#[derive(Debug)]
+struct Reservation {
+    listener: libp2p::core::transport::ListenerId,
+    addr: Multiaddr,
+    backoff: Duration,
+    retry: Option<tokio::time::Instant>,
+}
+
+/// Whether an address goes through a relay.
+pub fn is_relayed(a: &Multiaddr) -> bool {
+    a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
 }
 
 impl Driver {
@@ -580,6 +644,7 @@ impl Driver {
                     }
                 }
                 _ = redial.tick() => {
+                    self.retry_reservations();
                     let freed = crate::payload::release_idle_buffers();
                     if freed > 0 {
                         debug!(freed, "block buffers released after an idle spell");
@@ -696,6 +761,10 @@ impl Driver {
                 agent: self.agents.get(p).cloned(),
                 bad: self.bad.contains_key(p),
                 gossip_score: self.swarm.behaviour().gossip.peer_score(p),
+                relayed: self
+                    .addresses
+                    .get(p)
+                    .is_some_and(|a| !a.is_empty() && a.iter().all(is_relayed)),
             })
             .collect()
     }
@@ -713,6 +782,86 @@ impl Driver {
             served_bytes: self.served_bytes,
             served_busy: self.served_busy,
             bad_peers: self.bad.keys().map(|p| p.to_string()).collect(),
+            reachability: self.reachability(),
+            external_addresses: self.swarm.external_addresses().map(|a| a.to_string()).collect(),
+            relay_server: self.config.relay,
+            relay_reservations: self.reserved.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    /// Reachable: it has an address others can dial (`--external-address`). Unreachable: it
+    /// has none and holds or seeks a relay reservation. Otherwise not known.
+    fn reachability(&self) -> crate::api::Reachability {
+        use crate::api::Reachability;
+        if self.swarm.external_addresses().any(|a| !is_relayed(a)) {
+            Reachability::Public
+        } else if !self.relays.is_empty() {
+            Reachability::Private
+        } else {
+            Reachability::Unknown
+        }
+    }
+
+    /// Reserves a slot on `relay` (at `addr`) unless this node is reachable or has enough.
+    fn reserve(&mut self, relay: PeerId, addr: Multiaddr) {
+        if self.swarm.external_addresses().any(|a| !is_relayed(a))
+            || self.relays.contains_key(&relay)
+            || self.relays.len() >= MAX_RESERVATIONS
+        {
+            return;
+        }
+        let circuit = addr
+            .with_p2p(relay)
+            .unwrap_or_else(|a| a)
+            .with(libp2p::multiaddr::Protocol::P2pCircuit);
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(id) => {
+                info!(%relay, address = %circuit, "reserving a relay slot");
+                let backoff = self.relays.get(&relay).map_or(RESERVE_BACKOFF, |r| r.backoff);
+                self.relays.insert(
+                    relay,
+                    Reservation { listener: id, addr: circuit, backoff, retry: None },
+                );
+            }
+            Err(e) => warn!(%relay, error = %e, "cannot reserve a relay slot"),
+        }
+    }
+
+    /// Relays whose reservation ended: reserve again when their backoff is over.
+    fn retry_reservations(&mut self) {
+        let now = tokio::time::Instant::now();
+        let due: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .filter(|(_, r)| r.retry.is_some_and(|t| t <= now))
+            .map(|(p, r)| (*p, r.addr.clone()))
+            .collect();
+        for (relay, circuit) in due {
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    info!(%relay, "reserving a relay slot again");
+                    if let Some(r) = self.relays.get_mut(&relay) {
+                        r.listener = id;
+                        r.retry = None;
+                    }
+                }
+                Err(e) => {
+                    warn!(%relay, error = %e, "cannot reserve a relay slot");
+                    self.reservation_lost(relay);
+                }
+            }
+        }
+    }
+
+    /// A reservation on `relay` ended (its listener closed): try again after a backoff that
+    /// doubles each time, up to [`RESERVE_BACKOFF_MAX`].
+    fn reservation_lost(&mut self, relay: PeerId) {
+        self.reserved.remove(&relay);
+        if let Some(r) = self.relays.get_mut(&relay) {
+            let wait = r.backoff;
+            r.retry = Some(tokio::time::Instant::now() + wait);
+            r.backoff = (r.backoff * 2).min(RESERVE_BACKOFF_MAX);
+            info!(%relay, wait_s = wait.as_secs(), "relay reservation ended; reserving again later");
         }
     }
 
@@ -767,6 +916,11 @@ impl Driver {
             }
             SwarmEvent::ListenerClosed { listener_id, addresses, reason } => {
                 self.starting.remove(&listener_id);
+                let relay =
+                    self.relays.iter().find(|(_, r)| r.listener == listener_id).map(|(p, _)| *p);
+                if let Some(relay) = relay {
+                    self.reservation_lost(relay);
+                }
                 let gone: Vec<_> = addresses.iter().map(|a| self.with_own_id(a.clone())).collect();
                 self.listening.retain(|a| !gone.contains(a));
                 match reason {
@@ -782,6 +936,18 @@ impl Driver {
     fn on_behaviour(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                if info.protocols.contains(&RELAY_HOP_PROTOCOL) {
+                    // A peer that relays: reserve a slot on it when this node is not
+                    // reachable, at the address this node reached it at.
+                    let addr = self
+                        .addresses
+                        .get(&peer_id)
+                        .and_then(|a| a.iter().find(|a| !is_relayed(a)).cloned())
+                        .or_else(|| info.listen_addrs.iter().find(|a| !is_relayed(a)).cloned());
+                    if let Some(addr) = addr {
+                        self.reserve(peer_id, addr);
+                    }
+                }
                 let speaks_kad = info.protocols.contains(&kad::PROTOCOL_NAME);
                 if speaks_kad {
                     for addr in info.listen_addrs.into_iter().take(16) {
@@ -798,6 +964,26 @@ impl Driver {
                     self.agents.insert(peer_id, short.to_string());
                 }
             }
+            BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
+                relay_peer_id,
+                renewal,
+                ..
+            }) => {
+                if !renewal {
+                    info!(relay = %relay_peer_id, "relay reservation accepted");
+                }
+                self.reserved.insert(relay_peer_id);
+                if let Some(r) = self.relays.get_mut(&relay_peer_id) {
+                    r.backoff = RESERVE_BACKOFF;
+                }
+            }
+            BehaviourEvent::Relay(e) => debug!(event = ?e, "relay"),
+            BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result }) => match result {
+                Ok(_) => info!(peer = %remote_peer_id, "direct connection by hole punching"),
+                Err(e) => {
+                    info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
+                }
+            },
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 for (peer, addr) in list {
                     self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
