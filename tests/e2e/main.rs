@@ -4,3 +4,4 @@ mod blame;
 mod content;
 mod jobs;
 mod mesh;
+mod nat;
