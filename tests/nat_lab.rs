@@ -21,7 +21,7 @@
 //! next [`NatLab::new`]. Isolation comes from the namespaces, so two labs could even use the
 //! same addresses; each lab still picks its own second octet `S`, which keeps logs readable.
 //!
-//! It needs root, `ip` (iproute2) and `iptables` (with `iptables-restore`); without them
+//! It needs root, `ip` (iproute2), `iptables` with `iptables-restore`, and `sysctl`; without them
 //! [`NatLab::new`] says why in a [`Skip`]. With `GRID_NAT_LAB=require` in the environment a
 //! lab that cannot be built fails the test instead, for CI machines that must run these tests.
 //!
@@ -196,7 +196,13 @@ impl NatLab {
         if !nix::unistd::geteuid().is_root() {
             return Err(Skip("not root: the NAT lab needs network namespaces and iptables".into()));
         }
-        for (tool, package) in [("ip", "iproute2"), ("iptables", "iptables")] {
+        let tools = [
+            ("ip", "iproute2"),
+            ("iptables", "iptables"),
+            ("iptables-restore", "iptables"),
+            ("sysctl", "procps"),
+        ];
+        for (tool, package) in tools {
             let found = Command::new(tool)
                 .arg("-V")
                 .stdout(Stdio::null())

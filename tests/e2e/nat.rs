@@ -141,8 +141,19 @@ fn volunteers_behind_different_nats_reach_the_public_node_but_not_each_other() {
     let na = join(a.host(), &s, "a", &public);
     let nb = join(b.host(), &s, "b", &public);
 
-    assert_seen_at(&wait_peer(&public, &na.peer_id), a.wan_ip(), a.host().ip());
-    assert_seen_at(&wait_peer(&public, &nb.peer_id), b.wan_ip(), b.host().ip());
+    let seen_a = wait_peer(&public, &na.peer_id);
+    let seen_b = wait_peer(&public, &nb.peer_id);
+    assert_seen_at(&seen_a, a.wan_ip(), a.host().ip());
+    assert_seen_at(&seen_b, b.wan_ip(), b.host().ip());
+    // The nodes dial from their listen port (what TCP hole punching needs): the port-preserving
+    // NAT keeps it, the symmetric one never does.
+    let ports = |seen: &[String]| -> Vec<u16> {
+        seen.iter()
+            .filter_map(|a| a.split("/tcp/").nth(1)?.split('/').next()?.parse().ok())
+            .collect()
+    };
+    assert!(ports(&seen_a).contains(&tcp_port(&na)), "{seen_a:?} vs {:?}", na.addrs);
+    assert!(!ports(&seen_b).contains(&tcp_port(&nb)), "{seen_b:?} vs {:?}", nb.addrs);
     // Without relays neither reaches the other, though the public node knows both.
     let start = Instant::now();
     while start.elapsed() < NEVER_WINDOW {
@@ -194,6 +205,7 @@ fn dropping_the_lab_leaves_no_namespace_and_no_process_behind() {
     }
 
     // Also when the test panics, with a process the lab did not start through NodeProc.
+    eprintln!("the panic below is planted: the lab must clean up while a test unwinds");
     let (tx, rx) = std::sync::mpsc::channel();
     let r = std::panic::catch_unwind(move || {
         let lab = NatLab::new("dropp").expect("a lab, as the first one");
