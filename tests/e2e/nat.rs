@@ -7,6 +7,7 @@
 //! built (not root, no `ip` or `iptables`).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use grid_tests::nat_lab::{Host, Nat, NatLab, Probe};
@@ -211,11 +212,13 @@ fn dropping_the_lab_leaves_no_namespace_and_no_process_behind() {
         let lab = NatLab::new("dropp").expect("a lab, as the first one");
         let home = lab.add_home(Nat::PortPreserving);
         let sleeper = home.host().command("sleep").arg("600").spawn().expect("spawn sleep");
-        tx.send((lab.namespaces(), sleeper.id())).unwrap();
+        tx.send((lab.namespaces(), sleeper)).unwrap();
         panic!("planted panic with a lab alive");
     });
     assert!(r.is_err());
-    let (names, sleeper) = rx.recv().unwrap();
+    let (names, mut sleeper) = rx.recv().unwrap();
     assert_eq!(lab_namespaces_left(&names), Vec::<String>::new());
-    assert!(!alive(sleeper), "the process in the lab survived it");
+    assert!(!alive(sleeper.id()), "the process in the lab survived it");
+    let status = sleeper.wait().expect("wait for sleep");
+    assert_eq!(status.signal(), Some(9), "sleep was not killed by the lab: {status}");
 }
