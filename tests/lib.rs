@@ -6,6 +6,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod nat_lab;
+
 /// The path of one of grid's binaries, built beside this test binary.
 ///
 /// The end-to-end tests are grid-node's `e2e` test target, so `cargo test` builds grid-node's
@@ -190,12 +192,30 @@ impl NodeProc {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> NodeProc {
-        use std::io::BufRead;
-        let mut child = Command::new(bin("grid-node"))
-            .arg("--data-dir")
+        let mut c = Command::new(bin("grid-node"));
+        c.arg("--data-dir").arg(data_dir).args(["--listen", listen, "--no-mdns"]).args(extra);
+        Self::spawn(c, data_dir, env)
+    }
+
+    /// Starts `grid-node` inside a host of a [`nat_lab::NatLab`], listening on the host's lab
+    /// address with TCP and QUIC (ports chosen by the system), mDNS off, with extra arguments.
+    /// `grid` commands reach it as usual: its control socket is in `data_dir`.
+    pub fn start_in(host: &nat_lab::Host, data_dir: &Path, extra: &[&str]) -> NodeProc {
+        let ip = host.ip();
+        let mut c = host.command(bin("grid-node"));
+        c.arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", listen, "--no-mdns"])
-            .args(extra)
+            .args(["--listen", &format!("/ip4/{ip}/tcp/0")])
+            .args(["--listen", &format!("/ip4/{ip}/udp/0/quic-v1")])
+            .arg("--no-mdns")
+            .args(extra);
+        Self::spawn(c, data_dir, &[])
+    }
+
+    /// Spawns a prepared `grid-node` command and waits until it says it is ready.
+    fn spawn(mut c: Command, data_dir: &Path, env: &[(&str, &str)]) -> NodeProc {
+        use std::io::BufRead;
+        let mut child = c
             .env_remove("GRID_DATA_DIR")
             .env_remove("GRID_BOOTSTRAP")
             .env("RUST_LOG", std::env::var("GRID_TEST_LOG").unwrap_or_else(|_| "warn".into()))

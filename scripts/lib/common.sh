@@ -5,13 +5,20 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
 GRID_REPO=$(pwd)
 
 # Installs the Debian packages the build and the tests need, when missing.
-# rocksdb's build needs clang and libclang; the sandbox tests need bubblewrap;
-# the benchmarks compare against socat and use hyperfine.
+# rocksdb's build needs clang and libclang; the sandbox tests need bubblewrap; the NAT lab
+# needs iproute2, iptables and procps (as root); the benchmarks compare against socat and use hyperfine.
 grid_ensure_packages() {
   local missing=()
   command -v clang >/dev/null 2>&1 || missing+=(clang)
   { ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; } || missing+=(libclang-dev)
   command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+  # The NAT lab (tests/nat_lab.rs) runs as root only: network namespaces (`ip netns`), iptables
+  # NAT routers, sysctl for forwarding; coreutils' `timeout` and bash probe TCP in it.
+  if [ "$(id -u)" -eq 0 ]; then
+    command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+    { command -v iptables >/dev/null 2>&1 && command -v iptables-restore >/dev/null 2>&1; } || missing+=(iptables)
+    command -v sysctl >/dev/null 2>&1 || missing+=(procps)
+  fi
   command -v socat >/dev/null 2>&1 || missing+=(socat)
   command -v cc >/dev/null 2>&1 || missing+=(build-essential)
   command -v bc >/dev/null 2>&1 || missing+=(bc)

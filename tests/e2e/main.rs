@@ -4,4 +4,5 @@ mod blame;
 mod content;
 mod jobs;
 mod mesh;
+mod nat;
 mod relay;
