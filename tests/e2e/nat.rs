@@ -1,10 +1,12 @@
 //! Volunteers behind NAT (issue 15), in the NAT lab of `grid_tests::nat_lab`: real `grid-node`
 //! processes in network namespaces behind iptables NAT routers.
 //!
-//! These tests pin what is true without relays or hole punching: a node at home reaches a
-//! public node, which sees it at its router's address, nothing reaches the node at home
-//! unasked, and two homes do not meet. Each test skips, saying why, where the lab cannot be
-//! built (not root, no `ip` or `iptables`).
+//! The first tests pin what holds in the lab itself: a node at home reaches a public node, which
+//! sees it at its router's address, nothing reaches the node at home unasked, and two homes do
+//! not meet by themselves. Then grid across NATs: with a public relay, a job submitted behind
+//! one NAT runs behind another, through the relay behind symmetric NATs and over a
+//! hole-punched direct connection behind port-preserving ones. Each test skips, saying why,
+//! where the lab cannot be built (not root, no `ip` or `iptables`).
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::process::ExitStatusExt;
@@ -221,4 +223,81 @@ fn dropping_the_lab_leaves_no_namespace_and_no_process_behind() {
     assert!(!alive(sleeper.id()), "the process in the lab survived it");
     let status = sleeper.wait().expect("wait for sleep");
     assert_eq!(status.signal(), Some(9), "sleep was not killed by the lab: {status}");
+}
+
+/// A public node that relays: `--relay` at a fixed address it also names as external.
+fn relay_on(host: &Host, s: &Scratch) -> NodeProc {
+    let addr = format!("/ip4/{}/tcp/4701", host.ip());
+    let extra = ["--listen", &addr, "--relay", "--external-address", &addr, "--slots", "0"];
+    NodeProc::start_in(host, &s.path("relay"), &extra)
+}
+
+/// The relays `node` holds a reservation on.
+fn reservations(node: &NodeProc) -> Vec<String> {
+    let st = node.json(["status", "--json"]);
+    let r = st["mesh"]["relay_reservations"].as_array().cloned().unwrap_or_default();
+    r.iter().filter_map(|v| v.as_str().map(String::from)).collect()
+}
+
+/// A submitter behind one NAT and a worker behind another, both joined through a public relay,
+/// run a 2-shard job with an 8 MiB input; the job's JSON summary.
+fn job_across(nat: Nat, label: &str) -> Option<(serde_json::Value, String)> {
+    let lab = lab(label)?;
+    let (a, b) = (lab.add_home(nat), lab.add_home(nat));
+    let s = Scratch::new();
+    let relay = relay_on(lab.public(), &s);
+    let mut extra = vec!["--slots", "0"];
+    for x in &relay.addrs {
+        extra.extend(["--bootstrap", x.as_str()]);
+    }
+    let submitter = NodeProc::start_in(a.host(), &s.path("submitter"), &extra);
+    let mut extra = vec!["--slots", "2", "--trust", submitter.peer_id.as_str()];
+    for x in &relay.addrs {
+        extra.extend(["--bootstrap", x.as_str()]);
+    }
+    let worker = NodeProc::start_in(b.host(), &s.path("worker"), &extra);
+    for n in [&submitter, &worker] {
+        wait_for(30, "a relay reservation", || {
+            reservations(n).contains(&relay.peer_id).then_some(())
+        });
+    }
+    let input: Vec<u8> =
+        (0..8u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    s.write("job/input.bin", &input, 0o644);
+    s.write("job/run.sh", b"#!/bin/sh\nsha1sum input.bin\n", 0o755);
+    let out = submitter
+        .grid(["submit", "--input", ".", "--shards", "2", "--json", "--", "./run.sh"])
+        .current_dir(s.path("job"))
+        .output()
+        .expect("run grid submit");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    for sh in v["shards"].as_array().expect("shards") {
+        assert_eq!(sh["state"], "COMPLETED", "{v}");
+        assert_eq!(sh["node"], worker.peer_id.as_str(), "{v}");
+    }
+    let kind = peers_json(&worker)
+        .into_iter()
+        .find(|p| p["peer"] == submitter.peer_id.as_str())
+        .map(|p| if p["relayed"] == true { "relayed" } else { "direct" }.to_string())
+        .unwrap_or_else(|| "none".into());
+    Some((v, kind))
+}
+
+fn peers_json(node: &NodeProc) -> Vec<serde_json::Value> {
+    node.json(["peers", "--json"]).as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn behind_symmetric_nats_a_job_completes_through_the_relay() {
+    let Some((_, kind)) = job_across(Nat::Symmetric, "symjob") else { return };
+    // No hole can be punched through a NAT that picks a new port per destination.
+    assert_eq!(kind, "relayed");
+}
+
+#[test]
+fn behind_port_preserving_nats_a_job_completes_and_the_connection_becomes_direct() {
+    let Some((_, kind)) = job_across(Nat::PortPreserving, "ppjob") else { return };
+    assert_eq!(kind, "direct", "hole punching should have made the connection direct");
 }

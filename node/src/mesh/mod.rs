@@ -474,6 +474,7 @@ pub fn start(
         bootstrapped: false,
         relays: BTreeMap::new(),
         reserved: BTreeSet::new(),
+        relay_peers: BTreeMap::new(),
     };
     let task = tokio::spawn(driver.run());
     Ok((handle, in_rx, task))
@@ -601,7 +602,13 @@ struct Driver {
     /// Relays this node reserves (or tries to reserve) a slot on, and those that accepted.
     relays: BTreeMap<PeerId, Reservation>,
     reserved: BTreeSet<PeerId>,
+    /// Peers that offer relaying, at the address this node reaches them at (at most
+    /// [`MAX_KNOWN_RELAYS`]).
+    relay_peers: BTreeMap<PeerId, Multiaddr>,
 }
+
+/// Most relays remembered for dialing peers through them.
+pub const MAX_KNOWN_RELAYS: usize = 16;
 
 /// A reservation on one relay: its listener, and when to try again after it ended.
 #[derive(Debug)]
@@ -827,6 +834,31 @@ impl Driver {
         }
     }
 
+    /// Dials `peer` through every known relay (`<relay>/p2p-circuit/p2p/<peer>`), when it is
+    /// not connected.
+    fn dial_through_relays(&mut self, peer: PeerId) {
+        if self.swarm.is_connected(&peer) || peer == *self.swarm.local_peer_id() {
+            return;
+        }
+        let circuits: Vec<Multiaddr> = self
+            .relay_peers
+            .iter()
+            .filter(|(relay, _)| **relay != peer)
+            .filter_map(|(relay, addr)| {
+                let a = addr.clone().with_p2p(*relay).ok()?;
+                Some(a.with(libp2p::multiaddr::Protocol::P2pCircuit))
+            })
+            .collect();
+        if circuits.is_empty() {
+            return;
+        }
+        debug!(%peer, relays = circuits.len(), "dialing through relays");
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(circuits).build();
+        if let Err(e) = self.swarm.dial(opts) {
+            debug!(%peer, error = %e, "cannot dial through relays");
+        }
+    }
+
     /// Relays whose reservation ended: reserve again when their backoff is over.
     fn retry_reservations(&mut self) {
         let now = tokio::time::Instant::now();
@@ -945,6 +977,11 @@ impl Driver {
                         .and_then(|a| a.iter().find(|a| !is_relayed(a)).cloned())
                         .or_else(|| info.listen_addrs.iter().find(|a| !is_relayed(a)).cloned());
                     if let Some(addr) = addr {
+                        if self.relay_peers.len() < MAX_KNOWN_RELAYS
+                            || self.relay_peers.contains_key(&peer_id)
+                        {
+                            self.relay_peers.insert(peer_id, addr.clone());
+                        }
                         self.reserve(peer_id, addr);
                     }
                 }
@@ -1038,6 +1075,12 @@ impl Driver {
                 peer, error, ..
             }) => {
                 debug!(%peer, %error, "message not delivered");
+                // No way to reach it directly (a node behind NAT): dial it through the relays
+                // this node knows, where it may hold a reservation; the next message then
+                // finds the connection (and hole punching may make it direct).
+                if matches!(error, request_response::OutboundFailure::DialFailure) {
+                    self.dial_through_relays(peer);
+                }
             }
             BehaviourEvent::Content(request_response::Event::Message { peer, message, .. }) => {
                 match message {
