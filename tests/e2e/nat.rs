@@ -242,6 +242,17 @@ fn reservations(node: &NodeProc) -> Vec<String> {
 /// A submitter behind one NAT and a worker behind another, both joined through a public relay,
 /// run a 2-shard job with an 8 MiB input; the job's JSON summary.
 fn job_across(nat: Nat, label: &str) -> Option<(serde_json::Value, String)> {
+    job_across_with(nat, label, |_, _, relay, _| relay)
+}
+
+/// As [`job_across`], handing the relay to `between` once both homes hold a reservation on
+/// it (with the lab, the scratch directory and the two home nodes); the job runs through the
+/// relay `between` gives back.
+fn job_across_with(
+    nat: Nat,
+    label: &str,
+    between: impl FnOnce(&NatLab, &Scratch, NodeProc, [&NodeProc; 2]) -> NodeProc,
+) -> Option<(serde_json::Value, String)> {
     let lab = lab(label)?;
     let (a, b) = (lab.add_home(nat), lab.add_home(nat));
     let s = Scratch::new();
@@ -258,6 +269,12 @@ fn job_across(nat: Nat, label: &str) -> Option<(serde_json::Value, String)> {
     let worker = NodeProc::start_in(b.host(), &s.path("worker"), &extra);
     for n in [&submitter, &worker] {
         wait_for(30, "a relay reservation", || {
+            reservations(n).contains(&relay.peer_id).then_some(())
+        });
+    }
+    let relay = between(&lab, &s, relay, [&submitter, &worker]);
+    for n in [&submitter, &worker] {
+        wait_for(60, "a relay reservation", || {
             reservations(n).contains(&relay.peer_id).then_some(())
         });
     }
@@ -300,4 +317,21 @@ fn behind_symmetric_nats_a_job_completes_through_the_relay() {
 fn behind_port_preserving_nats_a_job_completes_and_the_connection_becomes_direct() {
     let Some((_, kind)) = job_across(Nat::PortPreserving, "ppjob") else { return };
     assert_eq!(kind, "direct", "hole punching should have made the connection direct");
+}
+
+#[test]
+fn after_the_relay_restarts_the_reservations_come_back_and_a_job_completes_through_it() {
+    let restarted = job_across_with(Nat::Symmetric, "relayrs", |lab, s, relay, homes| {
+        let peer = relay.peer_id.clone();
+        drop(relay);
+        for n in homes {
+            wait_for(30, "the reservation to end", || reservations(n).is_empty().then_some(()));
+        }
+        // The same node (its key is in its data directory) on the same address.
+        let relay = relay_on(lab.public(), s);
+        assert_eq!(relay.peer_id, peer);
+        relay
+    });
+    let Some((_, kind)) = restarted else { return };
+    assert_eq!(kind, "relayed");
 }
