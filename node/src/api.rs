@@ -352,7 +352,7 @@ pub fn view(s: &Submitter) -> JobView {
 }
 
 /// The mesh as `grid status` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct MeshView {
     /// This node's peer id.
     pub peer: String,
@@ -1058,21 +1058,7 @@ pub(crate) mod tests {
         };
         let status = NodeStatus {
             status: StatusAnswer {
-                mesh: MeshView {
-                    peer: peer(1).to_string(),
-                    listening: vec![],
-                    listeners_starting: 0,
-                    connected: 0,
-                    routing_table: 0,
-                    served_blocks: 0,
-                    served_bytes: 0,
-                    served_busy: 0,
-                    bad_peers: vec![],
-                    reachability: crate::api::Reachability::Unknown,
-                    external_addresses: vec![],
-                    relay_server: false,
-                    relay_reservations: vec![],
-                },
+                mesh: MeshView { peer: peer(1).to_string(), ..MeshView::default() },
                 store: StoreView { bytes: 0, items: 0 },
                 worker,
             },

@@ -1059,12 +1059,7 @@ mod tests {
                     routing_table: 3,
                     served_blocks: 10,
                     served_bytes: 2222,
-                    served_busy: 0,
-                    bad_peers: vec![],
-                    reachability: crate::api::Reachability::Unknown,
-                    external_addresses: vec![],
-                    relay_server: false,
-                    relay_reservations: vec![],
+                    ..MeshView::default()
                 },
                 store: StoreView { items: 16, bytes: 2222 },
                 worker,

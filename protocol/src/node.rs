@@ -166,9 +166,6 @@ pub struct Node {
     submitter_config: SubmitterConfig,
     seed: u64,
     heard: VecDeque<ContentId>,
-    /// A fingerprint of each id in `heard`, in the same order: every announcement a node hears
-    /// is looked up here, and comparing 64 integers is much cheaper than 64 ids.
-    heard_keys: VecDeque<u64>,
     peer_dims: BTreeMap<PeerId, Dimensions>,
     republish: BTreeMap<(String, SubKey), Republish>,
     outputs: VecDeque<NodeOutput>,
@@ -202,7 +199,6 @@ impl Node {
             submitter_config: config.submitter,
             seed,
             heard: VecDeque::new(),
-            heard_keys: VecDeque::new(),
             peer_dims: BTreeMap::new(),
             republish: BTreeMap::new(),
             outputs: VecDeque::new(),
@@ -624,20 +620,13 @@ impl Node {
     // ---- inside ----
 
     fn hear(&mut self, job: ContentId) {
-        let key = fingerprint(&job);
-        let (front, back) = self.heard_keys.as_slices();
-        let at = front.iter().chain(back).position(|k| *k == key);
-        // A fingerprint seen may still be another id (one chance in 2^64 per pair): then
-        // look at the ids.
-        if at.is_some_and(|i| self.heard[i] == job) || (at.is_some() && self.heard.contains(&job)) {
+        if self.heard.contains(&job) {
             return;
         }
         if self.heard.len() >= MAX_HEARD {
             self.heard.pop_front();
-            self.heard_keys.pop_front();
         }
         self.heard.push_back(job);
-        self.heard_keys.push_back(key);
     }
 
     fn insert(&mut self, key: SubKey, machine: Submitter) {
@@ -736,15 +725,6 @@ impl Node {
             other => self.outputs.push_back(NodeOutput::Output(other)),
         }
     }
-}
-
-/// The first 8 bytes of an id's digest (a hash: evenly spread).
-fn fingerprint(id: &ContentId) -> u64 {
-    let d = id.digest();
-    let mut b = [0u8; 8];
-    let n = d.len().min(8);
-    b[..n].copy_from_slice(&d[..n]);
-    u64::from_le_bytes(b)
 }
 
 fn next_seed(seed: &mut u64) -> u64 {

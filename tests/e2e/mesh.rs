@@ -19,15 +19,13 @@ fn multi_block_tree(s: &Scratch) -> std::path::PathBuf {
     s.path("tree")
 }
 
+/// `grid isolate --root TREE --input TREE`.
+fn isolate_args(tree: &std::path::Path) -> [&std::ffi::OsStr; 5] {
+    ["isolate".as_ref(), "--root".as_ref(), tree.as_os_str(), "--input".as_ref(), tree.as_os_str()]
+}
+
 fn isolate(node: &NodeProc, tree: &std::path::Path) -> String {
-    let out = node.ok([
-        "isolate".as_ref(),
-        "--root".as_ref(),
-        tree.as_os_str(),
-        "--input".as_ref(),
-        tree.as_os_str(),
-    ]);
-    out.trim().to_string()
+    node.ok(isolate_args(tree)).trim().to_string()
 }
 
 fn fetch(node: &NodeProc, id: &str, out: &std::path::Path) -> serde_json::Value {
@@ -156,14 +154,7 @@ fn a_failed_fetch_says_why_naming_a_corrupt_provider() {
 
 /// `grid isolate` into the scratch's own store, with no node running: the id, provided nowhere.
 fn isolate_id_offline(s: &Scratch, tree: &std::path::Path) -> String {
-    let out = s.ok([
-        "isolate".as_ref(),
-        "--root".as_ref(),
-        tree.as_os_str(),
-        "--input".as_ref(),
-        tree.as_os_str(),
-    ]);
-    out.trim().to_string()
+    s.ok(isolate_args(tree)).trim().to_string()
 }
 
 #[test]

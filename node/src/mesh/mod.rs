@@ -800,7 +800,7 @@ impl Driver {
     /// has none and holds or seeks a relay reservation. Otherwise not known.
     fn reachability(&self) -> crate::api::Reachability {
         use crate::api::Reachability;
-        if self.swarm.external_addresses().any(|a| !is_relayed(a)) {
+        if self.reachable() {
             Reachability::Public
         } else if !self.relays.is_empty() {
             Reachability::Private
@@ -809,9 +809,14 @@ impl Driver {
         }
     }
 
+    /// Whether this node has an address others can dial (not through a relay).
+    fn reachable(&self) -> bool {
+        self.swarm.external_addresses().any(|a| !is_relayed(a))
+    }
+
     /// Reserves a slot on `relay` (at `addr`) unless this node is reachable or has enough.
     fn reserve(&mut self, relay: PeerId, addr: Multiaddr) {
-        if self.swarm.external_addresses().any(|a| !is_relayed(a))
+        if self.reachable()
             || self.relays.contains_key(&relay)
             || self.relays.len() >= MAX_RESERVATIONS
         {
@@ -824,11 +829,13 @@ impl Driver {
         match self.swarm.listen_on(circuit.clone()) {
             Ok(id) => {
                 info!(%relay, address = %circuit, "reserving a relay slot");
-                let backoff = self.relays.get(&relay).map_or(RESERVE_BACKOFF, |r| r.backoff);
-                self.relays.insert(
-                    relay,
-                    Reservation { listener: id, addr: circuit, backoff, retry: None },
-                );
+                let r = Reservation {
+                    listener: id,
+                    addr: circuit,
+                    backoff: RESERVE_BACKOFF,
+                    retry: None,
+                };
+                self.relays.insert(relay, r);
             }
             Err(e) => warn!(%relay, error = %e, "cannot reserve a relay slot"),
         }
