@@ -286,6 +286,15 @@ impl NodeProc {
         }
     }
 
+    /// Waits until this node has `peer` in its routing table: a DHT server it hands out to
+    /// others (once a dial-back found `peer` reachable and `peer` said at which address).
+    pub fn wait_dht_server(&self, peer: &str) {
+        wait_for(30, &format!("{peer} in the routing table"), || {
+            let v = self.json(["peers", "--json"]);
+            v.as_array()?.iter().any(|p| p["peer"] == peer && p["dht_server"] == true).then_some(())
+        })
+    }
+
     /// Kills the node with SIGKILL, without warning, and waits for it.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -7,6 +7,7 @@
 //! h1  10.S.1.2 --eth0/lan0-- nat1 [NAT] 10.S.0.101 --wan0/h1--+
 //! h2  10.S.2.2 --eth0/lan0-- nat2 [NAT] 10.S.0.102 --wan0/h2--+-- br0 in inet ("the internet")
 //!                                  pub  10.S.0.10  --pub0/p0--+
+//!                                  pub1 10.S.0.11  --pub0/p1--+   (add_public_host: .11 and up)
 //! ```
 //!
 //! The routers masquerade their LAN behind their WAN address (port-preserving, or symmetric with
@@ -50,6 +51,8 @@ pub const REQUIRE_ENV: &str = "GRID_NAT_LAB";
 
 /// Most home networks in one lab (their WAN addresses are 10.S.0.101 and up).
 pub const MAX_HOMES: u8 = 100;
+/// Most hosts on "the internet" besides the public one (10.S.0.11 to 10.S.0.90).
+pub const MAX_PUBLIC_HOSTS: u8 = 80;
 
 /// How long dropping a lab waits for the processes it killed to leave its namespaces.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -177,6 +180,7 @@ pub struct NatLab {
     /// Every namespace made so far, in creation order (deleted in reverse).
     namespaces: Mutex<Vec<String>>,
     homes: Mutex<u8>,
+    public_hosts: Mutex<u8>,
 }
 
 impl NatLab {
@@ -234,6 +238,7 @@ impl NatLab {
             public: public.clone(),
             namespaces: Mutex::new(Vec::new()),
             homes: Mutex::new(0),
+            public_hosts: Mutex::new(0),
         };
 
         lab.add_ns(&inet).map_err(|e| Skip(format!("cannot create a network namespace: {e}")))?;
@@ -262,6 +267,39 @@ impl NatLab {
     /// The public host: reachable from everywhere on "the internet".
     pub fn public(&self) -> &Host {
         &self.public
+    }
+
+    /// Adds another host on "the internet", beside [`NatLab::public`] (10.S.0.11 and up): with
+    /// two of them, nodes meet on one flat network, the baseline to compare NATs against.
+    ///
+    /// Panics when the host cannot be built (the lab itself could be, so that is a bug).
+    pub fn add_public_host(&self) -> Host {
+        let k = {
+            let mut n = self.public_hosts.lock().expect("public hosts lock");
+            assert!(*n < MAX_PUBLIC_HOSTS, "at most {MAX_PUBLIC_HOSTS} extra public hosts per lab");
+            *n += 1;
+            *n
+        };
+        let host = Host {
+            ns: format!("{}-pub{k}", self.prefix),
+            ip: Ipv4Addr::new(10, self.net, 0, 10 + k),
+        };
+        let port = format!("p{k}");
+        let r = (|| {
+            self.add_ns(&host.ns)?;
+            let (inet, hns) = (self.inet.as_str(), host.ns.as_str());
+            ip(
+                inet,
+                &["link", "add", &port, "type", "veth", "peer", "name", "pub0", "netns", hns],
+            )?;
+            ip(inet, &["link", "set", &port, "master", "br0", "up"])?;
+            ip(hns, &["addr", "add", &format!("{}/24", host.ip), "dev", "pub0"])?;
+            ip(hns, &["link", "set", "pub0", "up"])
+        })();
+        if let Err(e) = r {
+            panic!("cannot build public host {k} of lab {}: {e}", self.prefix);
+        }
+        host
     }
 
     /// Adds a home network: a NAT router on "the internet" and a host behind it.

@@ -377,7 +377,8 @@ pub struct MeshView {
     /// Whether others can dial this node.
     #[serde(default)]
     pub reachability: Reachability,
-    /// Addresses others can reach it at (`--external-address`).
+    /// Addresses others can reach it at: given with `--external-address`, confirmed by a
+    /// peer that dialed it back (AutoNAT), or through a relay.
     #[serde(default)]
     pub external_addresses: Vec<String>,
     /// Whether it serves as a circuit relay (`--relay`).
@@ -392,11 +393,11 @@ pub struct MeshView {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Reachability {
-    /// It has an address others can dial.
+    /// It has an address others can dial (given, or a peer dialed it back there).
     Public,
-    /// It has none: others reach it through a relay.
+    /// Peers tried to dial it back and could not: others reach it through a relay.
     Private,
-    /// Not known (no external address given, no relay in sight).
+    /// Not known yet (no external address given, no peer has tried to dial it back).
     #[default]
     Unknown,
 }
@@ -460,6 +461,10 @@ pub struct PeerView {
     /// Whether every connection to it goes through a relay.
     #[serde(default)]
     pub relayed: bool,
+    /// Whether it is in this node's Kademlia routing table: a DHT server others are pointed
+    /// to (a peer that is not reachable is only a client).
+    #[serde(default)]
+    pub dht_server: bool,
 }
 
 /// The answer to `fetch`: what the transfer did, and what was written when asked to.

@@ -491,10 +491,11 @@ fn run(global: &GlobalArgs, command: Command) -> anyhow::Result<()> {
             } else {
                 for p in &peers {
                     println!(
-                        "{}  {}  {}  {}{}",
+                        "{}  {}  {}  {}  {}{}",
                         p.peer,
                         p.agent.as_deref().unwrap_or("-"),
                         if p.relayed { "relayed" } else { "direct" },
+                        if p.dht_server { "dht-server" } else { "dht-client" },
                         p.addresses.join(","),
                         if p.bad { "  (served bad data)" } else { "" }
                     );

@@ -49,8 +49,9 @@ struct Args {
     #[arg(long)]
     no_mdns: bool,
     /// An address other nodes can reach this node at, e.g. /ip4/203.0.113.5/tcp/4701
-    /// (repeatable). A node given one counts as reachable and takes no relay slot; a public
-    /// bootstrap or relay node needs it.
+    /// (repeatable). A node given one counts as reachable from the start and takes no relay
+    /// slot; a public bootstrap or relay node needs it. Without one, a node finds out from its
+    /// peers (AutoNAT) whether it can be dialed.
     #[arg(long = "external-address", value_name = "MULTIADDR")]
     external_address: Vec<Multiaddr>,
     /// Serve as a circuit relay for nodes that cannot be reached (behind NAT): they reserve a

@@ -2,14 +2,18 @@
 //! once: the two shipped scenarios for that, on seeds 1-20, with every invariant (among them:
 //! a restored submitter keeps every decision it made) and the liveness phase holding.
 
-use std::path::Path;
+use std::path::PathBuf;
 
 use grid_sim::scenario::Scenario;
 use grid_sim::world;
 use rayon::prelude::*;
 
 fn shipped(name: &str) -> Scenario {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("scenarios/{name}.toml"));
+    // Where cargo runs the test from, not where it was compiled: a build cache shared by two
+    // checkouts may hold a binary built in the other one.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), PathBuf::from);
+    let path = dir.join(format!("scenarios/{name}.toml"));
     Scenario::load(&path).unwrap()
 }
 

@@ -165,6 +165,8 @@ fn a_late_node_joins_through_one_bootstrap_address_and_finds_content() {
     let b = NodeProc::start(&s.path("b"), &["--bootstrap", &a.addrs[0]]);
     let c = NodeProc::start(&s.path("c"), &["--bootstrap", &a.addrs[0]]);
     c.wait_connected(1);
+    // Once the bootstrap node can tell others where C is (C's address is confirmed).
+    a.wait_dht_server(&c.peer_id);
     let id = isolate(&c, &tree);
     // The late node knows only B, which does not hold the tree; the DHT leads it to C.
     let late = NodeProc::start(&s.path("late"), &["--bootstrap", &b.addrs[0]]);

@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
-use grid_tests::nat_lab::{Host, Nat, NatLab, Probe};
+use grid_tests::nat_lab::{Home, Host, Nat, NatLab, Probe};
 use grid_tests::{NodeProc, Scratch, wait_for};
 
 /// How long a negative claim ("never connects") is watched.
@@ -225,10 +225,24 @@ fn dropping_the_lab_leaves_no_namespace_and_no_process_behind() {
     assert_eq!(status.signal(), Some(9), "sleep was not killed by the lab: {status}");
 }
 
-/// A public node that relays: `--relay` at a fixed address it also names as external.
+/// A public node that relays: `--relay` at fixed TCP and QUIC addresses it also names as
+/// external, as a team's relay is started.
 fn relay_on(host: &Host, s: &Scratch) -> NodeProc {
-    let addr = format!("/ip4/{}/tcp/4701", host.ip());
-    let extra = ["--listen", &addr, "--relay", "--external-address", &addr, "--slots", "0"];
+    let tcp = format!("/ip4/{}/tcp/4701", host.ip());
+    let quic = format!("/ip4/{}/udp/4701/quic-v1", host.ip());
+    let extra = [
+        "--listen",
+        &tcp,
+        "--listen",
+        &quic,
+        "--external-address",
+        &tcp,
+        "--external-address",
+        &quic,
+        "--relay",
+        "--slots",
+        "0",
+    ];
     NodeProc::start_in(host, &s.path("relay"), &extra)
 }
 
@@ -239,20 +253,29 @@ fn reservations(node: &NodeProc) -> Vec<String> {
     r.iter().filter_map(|v| v.as_str().map(String::from)).collect()
 }
 
+/// How a job across two homes went: its JSON summary, and the worker's connection to the
+/// submitter when it ended.
+struct Across {
+    /// `direct`, `relayed` or `none`.
+    kind: String,
+    /// The addresses of the worker's connections to the submitter.
+    addresses: Vec<String>,
+}
+
 /// A submitter behind one NAT and a worker behind another, both joined through a public relay,
-/// run a 2-shard job with an 8 MiB input; the job's JSON summary.
-fn job_across(nat: Nat, label: &str) -> Option<(serde_json::Value, String)> {
-    job_across_with(nat, label, |_, _, relay, _| relay)
+/// run a 2-shard job with an 8 MiB input.
+fn job_across(nat: Nat, label: &str) -> Option<Across> {
+    job_across_with(nat, label, |_, _, relay, _, _| relay)
 }
 
 /// As [`job_across`], handing the relay to `between` once both homes hold a reservation on
-/// it (with the lab, the scratch directory and the two home nodes); the job runs through the
-/// relay `between` gives back.
+/// it (with the lab, the scratch directory, the two home nodes and their homes); the job runs
+/// through the relay `between` gives back.
 fn job_across_with(
     nat: Nat,
     label: &str,
-    between: impl FnOnce(&NatLab, &Scratch, NodeProc, [&NodeProc; 2]) -> NodeProc,
-) -> Option<(serde_json::Value, String)> {
+    between: impl FnOnce(&NatLab, &Scratch, NodeProc, [&NodeProc; 2], [&Home; 2]) -> NodeProc,
+) -> Option<Across> {
     let lab = lab(label)?;
     let (a, b) = (lab.add_home(nat), lab.add_home(nat));
     let s = Scratch::new();
@@ -271,8 +294,12 @@ fn job_across_with(
         wait_for(30, "a relay reservation", || {
             reservations(n).contains(&relay.peer_id).then_some(())
         });
+        // The relay tried to dial each back and could not: AutoNAT's verdict, which is what
+        // made them reserve.
+        assert_eq!(reachability(n), "private");
     }
-    let relay = between(&lab, &s, relay, [&submitter, &worker]);
+    assert_eq!(reachability(&relay), "public");
+    let relay = between(&lab, &s, relay, [&submitter, &worker], [&a, &b]);
     for n in [&submitter, &worker] {
         wait_for(60, "a relay reservation", || {
             reservations(n).contains(&relay.peer_id).then_some(())
@@ -294,12 +321,24 @@ fn job_across_with(
         assert_eq!(sh["state"], "COMPLETED", "{v}");
         assert_eq!(sh["node"], worker.peer_id.as_str(), "{v}");
     }
-    let kind = peers_json(&worker)
-        .into_iter()
-        .find(|p| p["peer"] == submitter.peer_id.as_str())
+    let to_submitter =
+        peers_json(&worker).into_iter().find(|p| p["peer"] == submitter.peer_id.as_str());
+    let kind = to_submitter
+        .as_ref()
         .map(|p| if p["relayed"] == true { "relayed" } else { "direct" }.to_string())
         .unwrap_or_else(|| "none".into());
-    Some((v, kind))
+    let addresses = to_submitter
+        .and_then(|p| p["addresses"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect();
+    Some(Across { kind, addresses })
+}
+
+fn reachability(node: &NodeProc) -> String {
+    let st = node.json(["status", "--json"]);
+    st["mesh"]["reachability"].as_str().unwrap_or_default().to_string()
 }
 
 fn peers_json(node: &NodeProc) -> Vec<serde_json::Value> {
@@ -308,20 +347,101 @@ fn peers_json(node: &NodeProc) -> Vec<serde_json::Value> {
 
 #[test]
 fn behind_symmetric_nats_a_job_completes_through_the_relay() {
-    let Some((_, kind)) = job_across(Nat::Symmetric, "symjob") else { return };
+    let Some(job) = job_across(Nat::Symmetric, "symjob") else { return };
     // No hole can be punched through a NAT that picks a new port per destination.
-    assert_eq!(kind, "relayed");
+    assert_eq!(job.kind, "relayed");
 }
 
 #[test]
 fn behind_port_preserving_nats_a_job_completes_and_the_connection_becomes_direct() {
-    let Some((_, kind)) = job_across(Nat::PortPreserving, "ppjob") else { return };
-    assert_eq!(kind, "direct", "hole punching should have made the connection direct");
+    let Some(job) = job_across(Nat::PortPreserving, "ppjob") else { return };
+    assert_eq!(job.kind, "direct", "hole punching should have made the connection direct");
+}
+
+#[test]
+fn when_the_routers_pass_no_tcp_between_the_homes_the_hole_is_punched_over_quic() {
+    // Only QUIC can punch: the side that dials as dialer starts its QUIC dials late
+    // (`QUIC_DIAL_DELAY`, which gives TCP the lead on ordinary dials), and the punch must
+    // survive that.
+    let job = job_across_with(Nat::PortPreserving, "quicpunch", |_, _, relay, _, homes| {
+        for (home, other) in [(homes[0], homes[1]), (homes[1], homes[0])] {
+            let other = other.wan_ip().to_string();
+            let drop_tcp = ["-I", "FORWARD", "-p", "tcp", "-d", other.as_str(), "-j", "DROP"];
+            let st = home.router().command("iptables").args(drop_tcp).status().expect("iptables");
+            assert!(st.success(), "iptables {drop_tcp:?}: {st}");
+        }
+        relay
+    });
+    let Some(job) = job else { return };
+    assert_eq!(job.kind, "direct", "{:?}", job.addresses);
+    assert!(
+        job.addresses.iter().any(|a| a.contains("/quic-v1") && !a.contains("/p2p-circuit")),
+        "{:?}",
+        job.addresses
+    );
+}
+
+/// Whether `node` has `peer` in its routing table.
+fn dht_server(node: &NodeProc, peer: &str) -> Option<bool> {
+    let p = peers_json(node).into_iter().find(|p| p["peer"] == peer)?;
+    p["dht_server"].as_bool()
+}
+
+#[test]
+fn a_node_behind_nat_stays_out_of_the_public_nodes_routing_table_and_shows_only_dialable_addresses()
+{
+    let Some(lab) = lab("dht") else { return };
+    let home = lab.add_home(Nat::PortPreserving);
+    let s = Scratch::new();
+    let relay = relay_on(lab.public(), &s);
+    // A second public node, given no address: AutoNAT finds it reachable.
+    let public = join(lab.public(), &s, "public", &relay);
+    let volunteer = join(home.host(), &s, "home", &relay);
+    wait_for(30, "the public node to be found reachable", || {
+        (reachability(&public) == "public").then_some(())
+    });
+    wait_for(30, "the home node to be found unreachable", || {
+        (reachability(&volunteer) == "private").then_some(())
+    });
+    wait_for(30, "the public node in the relay's routing table", || {
+        (dht_server(&relay, &public.peer_id) == Some(true)).then_some(())
+    });
+    wait_for(30, "a relay reservation", || {
+        reservations(&volunteer).contains(&relay.peer_id).then_some(())
+    });
+    // Watched a while: the home node never enters the relay's routing table (nor the public
+    // node's, once they are connected), though the relay is connected to it.
+    let start = Instant::now();
+    while start.elapsed() < NEVER_WINDOW {
+        assert_eq!(dht_server(&relay, &volunteer.peer_id), Some(false));
+        assert_ne!(dht_server(&public, &volunteer.peer_id), Some(true));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // What each tells its peers (identify) and puts in provider records: the public node its
+    // own address; the home node only its relayed one, never its LAN address.
+    let external = |n: &NodeProc| -> Vec<String> {
+        let st = n.json(["status", "--json"]);
+        let a = st["mesh"]["external_addresses"].as_array().cloned().unwrap_or_default();
+        a.iter().filter_map(|a| a.as_str().map(String::from)).collect()
+    };
+    let at_public = external(&public);
+    assert!(!at_public.is_empty());
+    for a in &at_public {
+        assert!(a.starts_with(&format!("/ip4/{}/", lab.public().ip())), "{at_public:?}");
+    }
+    let at_home = wait_for(10, "the relayed external address", || {
+        let a = external(&volunteer);
+        (!a.is_empty()).then_some(a)
+    });
+    for a in &at_home {
+        assert!(a.contains("/p2p-circuit"), "{at_home:?}");
+        assert!(!a.contains(&home.host().ip().to_string()), "{at_home:?}");
+    }
 }
 
 #[test]
 fn after_the_relay_restarts_the_reservations_come_back_and_a_job_completes_through_it() {
-    let restarted = job_across_with(Nat::Symmetric, "relayrs", |lab, s, relay, homes| {
+    let restarted = job_across_with(Nat::Symmetric, "relayrs", |lab, s, relay, homes, _| {
         let peer = relay.peer_id.clone();
         drop(relay);
         for n in homes {
@@ -332,6 +452,140 @@ fn after_the_relay_restarts_the_reservations_come_back_and_a_job_completes_throu
         assert_eq!(relay.peer_id, peer);
         relay
     });
-    let Some((_, kind)) = restarted else { return };
-    assert_eq!(kind, "relayed");
+    let Some(job) = restarted else { return };
+    assert_eq!(job.kind, "relayed");
+}
+
+/// How one bench job went.
+struct Timed {
+    secs: f64,
+    /// Bytes through the relay host's interface (in and out) while the job ran.
+    relay_bytes: u64,
+    kind: String,
+}
+
+/// Bytes the interface `pub0` of `host` has received and sent.
+fn interface_bytes(host: &Host) -> u64 {
+    let read = |what: &str| -> u64 {
+        let out = host
+            .command("cat")
+            .arg(format!("/sys/class/net/pub0/statistics/{what}"))
+            .output()
+            .expect("read interface statistics");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    };
+    read("rx_bytes") + read("tx_bytes")
+}
+
+/// Where the bench puts its submitter and worker.
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    /// Both on hosts of the lab's internet, as a flat network.
+    Flat,
+    /// Each behind its own NAT.
+    Behind(Nat),
+}
+
+/// One 4-shard job with an input of `mib` MiB, submitted on one side and run on the other, with
+/// a relay on the public host; nodes are ready (connected, reservations held) before the clock
+/// starts.
+fn bench_job(placement: Placement, mib: u32, label: &str) -> Option<Timed> {
+    let lab = lab(label)?;
+    let s = Scratch::new();
+    let relay = relay_on(lab.public(), &s);
+    let (sh, wh): (Host, Host) = match placement {
+        Placement::Flat => (lab.add_public_host(), lab.add_public_host()),
+        Placement::Behind(nat) => {
+            (lab.add_home(nat).host().clone(), lab.add_home(nat).host().clone())
+        }
+    };
+    let mut extra = vec!["--slots", "0"];
+    for x in &relay.addrs {
+        extra.extend(["--bootstrap", x.as_str()]);
+    }
+    let submitter = NodeProc::start_in(&sh, &s.path("submitter"), &extra);
+    let mut extra = vec!["--slots", "4", "--trust", submitter.peer_id.as_str()];
+    for x in &relay.addrs {
+        extra.extend(["--bootstrap", x.as_str()]);
+    }
+    let worker = NodeProc::start_in(&wh, &s.path("worker"), &extra);
+    let want = if matches!(placement, Placement::Flat) { "public" } else { "private" };
+    for n in [&submitter, &worker] {
+        wait_for(30, "reachability", || (reachability(n) == want).then_some(()));
+        if want == "private" {
+            wait_for(30, "a relay reservation", || {
+                reservations(n).contains(&relay.peer_id).then_some(())
+            });
+        }
+    }
+    let input: Vec<u8> =
+        (0..mib << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    s.write("job/input.bin", &input, 0o644);
+    s.write("job/run.sh", b"#!/bin/sh\nsha1sum input.bin\n", 0o755);
+    let before = interface_bytes(lab.public());
+    let start = Instant::now();
+    let out = submitter
+        .grid(["submit", "--input", ".", "--shards", "4", "--json", "--", "./run.sh"])
+        .current_dir(s.path("job"))
+        .output()
+        .expect("run grid submit");
+    let secs = start.elapsed().as_secs_f64();
+    let relay_bytes = interface_bytes(lab.public()) - before;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    for sh in v["shards"].as_array().expect("shards") {
+        assert_eq!(sh["state"], "COMPLETED", "{v}");
+        assert_eq!(sh["node"], worker.peer_id.as_str(), "{v}");
+    }
+    let kind = peers_json(&worker)
+        .into_iter()
+        .find(|p| p["peer"] == submitter.peer_id.as_str())
+        .map(|p| if p["relayed"] == true { "relayed" } else { "direct" }.to_string())
+        .unwrap_or_else(|| "none".into());
+    Some(Timed { secs, relay_bytes, kind })
+}
+
+/// `scripts/bench/nat`: the same 4-shard job across two port-preserving NATs, on one flat
+/// network, and across symmetric NATs through the relay; prints the times, the ratio to the
+/// flat network and the bytes the relay carried.
+#[test]
+#[ignore = "a benchmark: scripts/bench/nat runs it (release build, root)"]
+fn bench_nat() {
+    let mib: u32 = std::env::var("GRID_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    let runs: usize = std::env::var("RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut results = Vec::new();
+    for (name, placement) in [
+        ("flat", Placement::Flat),
+        ("port-preserving", Placement::Behind(Nat::PortPreserving)),
+        ("symmetric", Placement::Behind(Nat::Symmetric)),
+    ] {
+        let mut times = Vec::new();
+        let mut relayed = Vec::new();
+        for run in 0..runs {
+            let Some(t) = bench_job(placement, mib, &format!("bench{run}")) else { return };
+            eprintln!(
+                "{name} run {run}: {:.2} s, connection {}, relay carried {:.1} MiB",
+                t.secs,
+                t.kind,
+                t.relay_bytes as f64 / (1 << 20) as f64
+            );
+            times.push(t.secs);
+            relayed.push(t.relay_bytes as f64);
+        }
+        results.push((name, median(times), median(relayed)));
+    }
+    let flat = results[0].1;
+    println!("4-shard job, {mib} MiB input, median of {runs} runs:");
+    for (name, secs, bytes) in &results {
+        println!(
+            "  {name:<16} {secs:6.2} s  {:5.2} x flat  relay carried {:7.1} MiB",
+            secs / flat,
+            bytes / (1 << 20) as f64
+        );
+    }
 }

@@ -1,6 +1,7 @@
-//! Relays on loopback: a node started with `--relay --external-address` serves reservations;
-//! a node that cannot say it is reachable reserves a slot on it, shows it, and reserves again
-//! after the relay restarts. (Reaching nodes behind real NATs through it is the NAT lab's.)
+//! Reachability and relays on loopback: a node started with `--relay --external-address` is
+//! public and offers relaying; a node given no address learns from AutoNAT, a peer dialing it
+//! back, that it is reachable, becomes a DHT server, and reserves no relay slot. (Nodes that
+//! cannot be dialed, and their reservations, are the NAT lab's: `nat.rs`.)
 
 use grid_tests::{NodeProc, Scratch, free_port, wait_for};
 
@@ -17,8 +18,15 @@ fn reservations(n: &NodeProc) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Whether `node` has `peer` in its routing table (a DHT server there).
+fn dht_server(node: &NodeProc, peer: &str) -> Option<bool> {
+    let v = node.json(["peers", "--json"]);
+    let p = v.as_array()?.iter().find(|p| p["peer"] == peer)?;
+    p["dht_server"].as_bool()
+}
+
 #[test]
-fn a_node_without_an_external_address_reserves_a_slot_on_a_relay_and_again_after_it_restarts() {
+fn a_node_dialed_back_by_its_peers_is_public_a_dht_server_and_reserves_no_relay_slot() {
     let (rs, hs) = (Scratch::new(), Scratch::new());
     let port = free_port();
     let relay = relay_node(&rs, port);
@@ -29,32 +37,38 @@ fn a_node_without_an_external_address_reserves_a_slot_on_a_relay_and_again_after
     assert_eq!(st["mesh"]["external_addresses"][0], external.as_str(), "{st}");
 
     let boot = relay.addrs[0].clone();
-    let home = NodeProc::start(&hs.data_dir(), &["--bootstrap", &boot]);
-    wait_for(30, "a reservation on the relay", || {
-        reservations(&home).contains(&relay.peer_id).then_some(())
+    let node = NodeProc::start(&hs.data_dir(), &["--bootstrap", &boot]);
+    // At first nobody has dialed it back: not known, and not a DHT server for the relay.
+    let st = node.json(["status", "--json"]);
+    assert_ne!(st["mesh"]["reachability"], "private", "{st}");
+    let st = wait_for(30, "AutoNAT to find the node reachable", || {
+        let st = node.json(["status", "--json"]);
+        (st["mesh"]["reachability"] == "public").then_some(st)
     });
-    let st = home.json(["status", "--json"]);
-    assert_eq!(st["mesh"]["reachability"], "private", "{st}");
-    assert_eq!(st["mesh"]["relay_server"], false, "{st}");
-    // Its relayed address is among those it listens on.
-    let circuit = format!("/p2p/{}/p2p-circuit", relay.peer_id);
-    wait_for(10, "the relayed listen address", || {
-        let st = home.json(["status", "--json"]);
-        st["mesh"]["listening"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|x| x.contains(&circuit))))
-            .then_some(())
+    // The address confirmed is one it listens on, as the relay sees it.
+    let confirmed: Vec<&str> = st["mesh"]["external_addresses"]
+        .as_array()
+        .expect("external addresses")
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let tcp_port = node.addrs[0].split("/tcp/").nth(1).and_then(|r| r.split('/').next());
+    assert!(
+        confirmed.iter().any(|a| a.starts_with("/ip4/127.0.0.1/")
+            && a.contains(&format!("/tcp/{}", tcp_port.unwrap()))),
+        "{confirmed:?} vs {:?}",
+        node.addrs
+    );
+    let human = node.ok(["status"]);
+    assert!(human.contains("reachability: public"), "{human}");
+    // Now a server: the relay puts it in its routing table; and it reserves nothing.
+    wait_for(20, "the relay to take the node into its routing table", || {
+        (dht_server(&relay, &node.peer_id) == Some(true)).then_some(())
     });
-    let human = home.ok(["status"]);
-    assert!(human.contains("private"), "{human}");
-
-    // The relay goes away and comes back on the same address: the reservation returns.
-    drop(relay);
-    wait_for(30, "the reservation to end", || reservations(&home).is_empty().then_some(()));
-    let relay = relay_node(&rs, port);
-    wait_for(60, "a reservation on the restarted relay", || {
-        reservations(&home).contains(&relay.peer_id).then_some(())
-    });
+    assert_eq!(dht_server(&node, &relay.peer_id), Some(true));
+    assert_eq!(reservations(&node), Vec::<String>::new());
+    let human = node.ok(["peers"]);
+    assert!(human.contains("dht-server"), "{human}");
 }
 
 #[test]

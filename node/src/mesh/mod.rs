@@ -4,8 +4,11 @@
 //! Behaviours:
 //! - gossipsub carries job announcements, with message ids derived from the content, so the
 //!   same announcement relayed by several peers is delivered once;
-//! - Kademlia (server mode) finds peers and the providers of manifests; identify feeds it the
-//!   addresses peers listen on; only manifest ids are provided, never blocks;
+//! - Kademlia finds peers and the providers of manifests, as a server unless AutoNAT finds this
+//!   node unreachable; identify feeds it the addresses peers can be dialed at; only manifest ids
+//!   are provided, never blocks;
+//! - AutoNAT tells whether this node is reachable; relays (circuit relay v2) and hole punching
+//!   (DCUtR) connect nodes that are not;
 //! - request-response `/grid/msg/1` carries claims, grants, heartbeats, results and acks, and
 //!   `/grid/content/1` carries manifests and blocks (see [`codec`]);
 //! - mDNS finds peers on the LAN unless turned off;
@@ -37,7 +40,8 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, connection_limits, dcutr, identify, mdns, noise, relay, tcp, yamux,
+    Multiaddr, PeerId, Swarm, autonat, connection_limits, dcutr, identify, mdns, noise, relay,
+    yamux,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -140,6 +144,36 @@ struct Behaviour {
     relay_client: relay::client::Behaviour,
     relay: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
+    autonat: autonat::Behaviour,
+}
+
+/// First reachability probe after start: long enough for the first connections to open and
+/// identify to report the address peers see this node at.
+pub const AUTONAT_BOOT_DELAY: Duration = Duration::from_millis(500);
+/// Probe again this often while reachability is not settled (not known, or answers disagree).
+pub const AUTONAT_RETRY: Duration = Duration::from_secs(5);
+/// Probe again this often once three answers in a row agreed.
+pub const AUTONAT_REFRESH: Duration = Duration::from_secs(5 * 60);
+/// Dial-backs this node makes for other nodes' probes, at most, per second (all peers
+/// together); each is one connection attempt to the asking peer's own address.
+pub const AUTONAT_DIAL_BACKS_PER_SECOND: usize = 16;
+
+/// AutoNAT (v1): peers dial this node back at the addresses it asks about, and it dials back
+/// theirs. Private address ranges count (`only_global_ips: false`): LAN meshes and labs use
+/// them, and a dial-back only ever goes to the IP address the asking peer is seen at.
+fn autonat_config() -> autonat::Config {
+    autonat::Config {
+        timeout: Duration::from_secs(10),
+        boot_delay: AUTONAT_BOOT_DELAY,
+        retry_interval: AUTONAT_RETRY,
+        refresh_interval: AUTONAT_REFRESH,
+        throttle_server_period: AUTONAT_RETRY,
+        throttle_clients_global_max: AUTONAT_DIAL_BACKS_PER_SECOND,
+        throttle_clients_peer_max: 2,
+        throttle_clients_period: Duration::from_secs(1),
+        only_global_ips: false,
+        ..autonat::Config::default()
+    }
 }
 
 /// What a grid relay carries per circuit: grid's messages and the content of a job's shards
@@ -155,6 +189,12 @@ pub const RELAY_MAX_CIRCUITS: usize = 64;
 pub const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
 /// Reservations a relay holds at once (one per unreachable peer that uses it).
 pub const RELAY_MAX_RESERVATIONS: usize = 256;
+/// New circuits one peer may open through a relay per [`RELAY_NEW_CIRCUITS_INTERVAL`]: with
+/// [`RELAY_CIRCUIT_BYTES`] each, what bounds the traffic of one peer through the relay, 4 GiB
+/// per 10 minutes (about 7 MiB/s sustained).
+pub const RELAY_NEW_CIRCUITS_PER_PEER: u32 = 16;
+/// The window of [`RELAY_NEW_CIRCUITS_PER_PEER`].
+pub const RELAY_NEW_CIRCUITS_INTERVAL: Duration = Duration::from_secs(10 * 60);
 /// The protocol a peer that offers relaying speaks.
 pub const RELAY_HOP_PROTOCOL: libp2p::StreamProtocol =
     libp2p::StreamProtocol::new("/libp2p/circuit/relay/0.2.0/hop");
@@ -176,6 +216,10 @@ fn relay_config() -> relay::Config {
         max_circuit_bytes: RELAY_CIRCUIT_BYTES,
         ..relay::Config::default()
     }
+    .circuit_src_per_peer(
+        std::num::NonZeroU32::new(RELAY_NEW_CIRCUITS_PER_PEER).expect("not zero"),
+        RELAY_NEW_CIRCUITS_INTERVAL,
+    )
 }
 
 /// A protocol message that arrived, by gossip or directly.
@@ -441,13 +485,11 @@ pub fn start(
         starting.insert(id);
     }
     for addr in &config.bootstrap {
-        if let Err(e) = swarm.dial(addr.clone()) {
-            warn!(%addr, error = %e, "cannot dial bootstrap peer");
-        }
         if let Some((peer, base)) = split_p2p(addr) {
             swarm.behaviour_mut().kad.add_address(&peer, base);
         }
     }
+    dial_bootstrap(&mut swarm, &config.bootstrap);
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let (in_tx, in_rx) = mpsc::channel(INBOUND_QUEUE);
     let config = Arc::new(config);
@@ -475,9 +517,33 @@ pub fn start(
         relays: BTreeMap::new(),
         reserved: BTreeSet::new(),
         relay_peers: BTreeMap::new(),
+        relay_quic: BTreeMap::new(),
     };
     let task = tokio::spawn(driver.run());
     Ok((handle, in_rx, task))
+}
+
+/// Dials the bootstrap peers: once per peer with all of its addresses (the swarm keeps the
+/// first connection that opens, so a peer given over TCP and QUIC gets one connection, not
+/// two), and each address without a peer id on its own.
+fn dial_bootstrap(swarm: &mut Swarm<Behaviour>, bootstrap: &[Multiaddr]) {
+    let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
+    for addr in bootstrap {
+        match split_p2p(addr) {
+            Some((peer, _)) => by_peer.entry(peer).or_default().push(addr.clone()),
+            None => {
+                if let Err(e) = swarm.dial(addr.clone()) {
+                    warn!(%addr, error = %e, "cannot dial bootstrap peer");
+                }
+            }
+        }
+    }
+    for (peer, addrs) in by_peer {
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
+        if let Err(e) = swarm.dial(opts) {
+            debug!(%peer, error = %e, "cannot dial bootstrap peer");
+        }
+    }
 }
 
 /// Splits `/…/p2p/<id>` into the peer id and the address without it.
@@ -511,7 +577,8 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
         .map_err(|e| setup(&e))?;
     let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
     kad_config.set_query_timeout(Duration::from_secs(10));
-    // Bootstrapping is driven here: at the first connection, then every five minutes.
+    // Bootstrapping is driven here: once the routing table has a first peer, then every five
+    // minutes.
     kad_config.set_periodic_bootstrap_interval(None);
     let request_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
@@ -521,14 +588,16 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
     let agent = agent_string(config.dimensions.as_ref());
     let swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            (tls::Config::new, noise::Config::new),
-            yamux::Config::default,
-        )
+        .with_other_transport(|key| transport::tcp(key).map_err(Into::into))
         .map_err(|e| setup(&e))?
         .with_other_transport(|key| {
             let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
+            // A QUIC dial to an address that drops packets otherwise waits for the idle
+            // timeout (10 s); the bound includes the delay.
+            let quic = libp2p::core::transport::timeout::TransportTimeout::with_outgoing_timeout(
+                quic,
+                transport::DIAL_TIMEOUT,
+            );
             transport::DialLater::new(quic, transport::QUIC_DIAL_DELAY)
         })
         .map_err(|e| setup(&e))?
@@ -536,6 +605,9 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
         .map_err(|e| setup(&e))?
         .with_behaviour(|key, relay_client| {
             let mut kad = kad::Behaviour::with_config(local, MemoryStore::new(local), kad_config);
+            // A DHT server unless AutoNAT finds it unreachable (`on_reachability`): until then
+            // peers learn no address of it to hand out (identify carries only confirmed
+            // ones), so it enters only the routing tables of peers that dialed it.
             kad.set_mode(Some(kad::Mode::Server));
             let mdns = if want_mdns {
                 Some(mdns::tokio::Behaviour::new(mdns::Config::default(), local)?)
@@ -551,7 +623,10 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
                 kad,
                 identify: identify::Behaviour::new(
                     identify::Config::new("/grid/1.0.0".into(), key.public())
-                        .with_agent_version(agent),
+                        .with_agent_version(agent)
+                        // Only addresses others can dial (given, confirmed by AutoNAT, or
+                        // through a relay): a home node's LAN address is nobody's business.
+                        .with_hide_listen_addrs(true),
                 ),
                 msg: request_response::Behaviour::with_codec(
                     MsgCodec,
@@ -567,6 +642,7 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
                 relay_client,
                 relay: want_relay.then(|| relay::Behaviour::new(local, relay_config())).into(),
                 dcutr: dcutr::Behaviour::new(local),
+                autonat: autonat::Behaviour::new(local, autonat_config()),
             })
         })
         .map_err(|e| setup(&e))?
@@ -605,6 +681,8 @@ struct Driver {
     /// Peers that offer relaying, at the address this node reaches them at (at most
     /// [`MAX_KNOWN_RELAYS`]).
     relay_peers: BTreeMap<PeerId, Multiaddr>,
+    /// A QUIC address of each of those relays that has one.
+    relay_quic: BTreeMap<PeerId, Multiaddr>,
 }
 
 /// Most relays remembered for dialing peers through them.
@@ -659,9 +737,7 @@ impl Driver {
                     // Alone (every peer restarted or the network came back): dial the
                     // bootstrap peers again rather than wait for a DHT refresh.
                     if self.swarm.connected_peers().next().is_none() {
-                        for addr in self.config.bootstrap.clone() {
-                            let _ = self.swarm.dial(addr);
-                        }
+                        dial_bootstrap(&mut self.swarm, &self.config.bootstrap);
                     }
                 }
                 event = self.swarm.select_next_some() => self.on_swarm(event),
@@ -755,7 +831,14 @@ impl Driver {
         *self.bad.entry(peer).or_default() += 1;
     }
 
-    fn peer_infos(&self) -> Vec<PeerInfo> {
+    fn peer_infos(&mut self) -> Vec<PeerInfo> {
+        let servers: HashSet<PeerId> = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
+            .collect();
         self.swarm
             .connected_peers()
             .map(|p| PeerInfo {
@@ -772,6 +855,7 @@ impl Driver {
                     .addresses
                     .get(p)
                     .is_some_and(|a| !a.is_empty() && a.iter().all(is_relayed)),
+                dht_server: servers.contains(p),
             })
             .collect()
     }
@@ -796,27 +880,64 @@ impl Driver {
         }
     }
 
-    /// Reachable: it has an address others can dial (`--external-address`). Unreachable: it
-    /// has none and holds or seeks a relay reservation. Otherwise not known.
+    /// Public when the operator gave an external address, or when a peer dialed this node back
+    /// at one of its addresses (AutoNAT); private when peers tried and none got through;
+    /// unknown until then.
     fn reachability(&self) -> crate::api::Reachability {
         use crate::api::Reachability;
-        if self.reachable() {
-            Reachability::Public
-        } else if !self.relays.is_empty() {
-            Reachability::Private
-        } else {
-            Reachability::Unknown
+        if !self.config.external_addresses.is_empty() {
+            return Reachability::Public;
+        }
+        match self.swarm.behaviour().autonat.nat_status() {
+            autonat::NatStatus::Public(_) => Reachability::Public,
+            autonat::NatStatus::Private => Reachability::Private,
+            autonat::NatStatus::Unknown => Reachability::Unknown,
         }
     }
 
-    /// Whether this node has an address others can dial (not through a relay).
-    fn reachable(&self) -> bool {
-        self.swarm.external_addresses().any(|a| !is_relayed(a))
+    /// AutoNAT changed its verdict. Reachable: a DHT server that looks for its neighbours
+    /// again (peers can now be told its address), with no relay reservation. Unreachable: a
+    /// DHT client (out of others' routing tables), its unconfirmed addresses withdrawn, and
+    /// reserving slots on the relays it knows.
+    fn on_reachability(&mut self) {
+        use crate::api::Reachability;
+        let now = self.reachability();
+        info!(reachability = %now, "reachability");
+        let reachable = now == Reachability::Public;
+        let mode = if now == Reachability::Private { kad::Mode::Client } else { kad::Mode::Server };
+        self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+        self.push_identify();
+        if reachable {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+            for (relay, r) in std::mem::take(&mut self.relays) {
+                info!(%relay, "reachable: giving up the relay reservation");
+                self.swarm.remove_listener(r.listener);
+            }
+            self.reserved.clear();
+            return;
+        }
+        let stale: Vec<Multiaddr> = self
+            .swarm
+            .external_addresses()
+            .filter(|a| !is_relayed(a) && !self.config.external_addresses.contains(a))
+            .cloned()
+            .collect();
+        for a in stale {
+            self.swarm.remove_external_address(&a);
+        }
+        if now == Reachability::Private {
+            let known: Vec<(PeerId, Multiaddr)> =
+                self.relay_peers.iter().map(|(p, a)| (*p, a.clone())).collect();
+            for (relay, addr) in known {
+                self.reserve(relay, addr);
+            }
+        }
     }
 
-    /// Reserves a slot on `relay` (at `addr`) unless this node is reachable or has enough.
+    /// Reserves a slot on `relay` (at `addr`) when this node is unreachable and has fewer than
+    /// [`MAX_RESERVATIONS`].
     fn reserve(&mut self, relay: PeerId, addr: Multiaddr) {
-        if self.reachable()
+        if self.reachability() != crate::api::Reachability::Private
             || self.relays.contains_key(&relay)
             || self.relays.len() >= MAX_RESERVATIONS
         {
@@ -838,6 +959,27 @@ impl Driver {
                 self.relays.insert(relay, r);
             }
             Err(e) => warn!(%relay, error = %e, "cannot reserve a relay slot"),
+        }
+    }
+
+    /// Opens a QUIC connection to `relay` besides the one over TCP, unless it has one: the
+    /// relay then tells this node the UDP address its router maps it to, and hole punching has
+    /// a QUIC address to try where routers pass no TCP between the homes.
+    fn seen_over_quic(&mut self, relay: PeerId) {
+        let over_quic = |a: &Multiaddr| {
+            !is_relayed(a) && a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+        };
+        if self.addresses.get(&relay).is_some_and(|a| a.iter().any(over_quic)) {
+            return;
+        }
+        let Some(addr) = self.relay_quic.get(&relay).cloned() else { return };
+        debug!(%relay, %addr, "connecting to the relay over QUIC too");
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(relay)
+            .addresses(vec![addr])
+            .condition(libp2p::swarm::dial_opts::PeerCondition::NotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            debug!(%relay, error = %e, "cannot connect to the relay over QUIC");
         }
     }
 
@@ -904,6 +1046,20 @@ impl Driver {
         }
     }
 
+    /// The first bootstrap, as soon as the routing table has a peer to start from.
+    fn bootstrap_once(&mut self) {
+        if !self.bootstrapped && self.swarm.behaviour_mut().kad.bootstrap().is_ok() {
+            self.bootstrapped = true;
+        }
+    }
+
+    /// Tells every connected peer this node's addresses and protocols now, rather than at the
+    /// next periodic identify: they change when reachability does.
+    fn push_identify(&mut self) {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        self.swarm.behaviour_mut().identify.push(peers);
+    }
+
     /// A listen address as peers dial it: with `/p2p/<this node>`.
     fn with_own_id(&self, address: Multiaddr) -> Multiaddr {
         address.clone().with_p2p(*self.swarm.local_peer_id()).unwrap_or(address)
@@ -929,10 +1085,7 @@ impl Driver {
                 if known.len() < 4 {
                     known.push(address);
                 }
-                if !self.bootstrapped {
-                    self.bootstrapped = true;
-                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
-                }
+                self.bootstrap_once();
             }
             SwarmEvent::ConnectionClosed { peer_id, cause, num_established, endpoint, .. } => {
                 debug!(peer = %peer_id, ?cause, num_established, "connection closed");
@@ -967,6 +1120,14 @@ impl Driver {
                     Err(e) => warn!(?addresses, error = %e, "listener failed"),
                 }
             }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                info!(%address, "external address confirmed");
+                self.push_identify();
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                info!(%address, "external address withdrawn");
+                self.push_identify();
+            }
             SwarmEvent::Behaviour(b) => self.on_behaviour(b),
             _ => {}
         }
@@ -988,6 +1149,20 @@ impl Driver {
                             || self.relay_peers.contains_key(&peer_id)
                         {
                             self.relay_peers.insert(peer_id, addr.clone());
+                            let quic = info.listen_addrs.iter().find(|a| {
+                                !is_relayed(a)
+                                    && a.iter()
+                                        .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+                            });
+                            if let Some(q) = quic {
+                                self.relay_quic.insert(peer_id, q.clone());
+                            }
+                        }
+                        // Before reachability is known too: hole punching takes the addresses
+                        // peers see this node at when a relayed connection opens, so the QUIC
+                        // one must be known by then.
+                        if self.reachability() != crate::api::Reachability::Public {
+                            self.seen_over_quic(peer_id);
                         }
                         self.reserve(peer_id, addr);
                     }
@@ -1028,12 +1203,24 @@ impl Driver {
                     info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
                 }
             },
+            BehaviourEvent::Kad(kad::Event::RoutingUpdated { .. }) => self.bootstrap_once(),
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
+                debug!(?old, ?new, "AutoNAT status");
+                self.on_reachability();
+            }
+            BehaviourEvent::Autonat(e) => debug!(event = ?e, "AutoNAT"),
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                // Dialed, not put into the DHT: Kademlia takes a peer in once it says it is a
+                // server, at the address dialed.
+                let mut by_peer: BTreeMap<PeerId, Vec<Multiaddr>> = BTreeMap::new();
                 for (peer, addr) in list {
-                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
-                    if !self.swarm.is_connected(&peer) {
-                        let _ = self.swarm.dial(addr);
-                    }
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    // Not when connected or dialing already (the default condition).
+                    let opts =
+                        libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
+                    let _ = self.swarm.dial(opts);
                 }
             }
             BehaviourEvent::Gossip(gossipsub::Event::Message {

@@ -88,3 +88,143 @@ where
         Pin::new(&mut self.inner).poll(cx)
     }
 }
+
+/// How long a dial may take before it fails: connecting and the security and multiplexer
+/// handshakes. Without a bound, a TCP dial to an address whose packets are dropped (a node
+/// behind NAT, a host gone) waits for the kernel's SYN retries, about two minutes, and holds
+/// up everything waiting on it: an AutoNAT dial-back, a dial through a relay.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The security protocols a TCP connection can use, in order of preference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// TLS 1.3 ([`super::tls`]).
+    Tls,
+    /// Noise, for peers that offer nothing else.
+    Noise,
+}
+
+impl AsRef<str> for Security {
+    fn as_ref(&self) -> &str {
+        match self {
+            Security::Tls => super::tls::PROTOCOL,
+            Security::Noise => "/noise",
+        }
+    }
+}
+
+/// Why securing a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SecurityError {
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(#[from] super::tls::TlsError),
+    /// The noise handshake failed.
+    #[error("noise: {0}")]
+    Noise(#[from] libp2p::noise::Error),
+}
+
+/// TLS, or noise with peers that offer only noise.
+#[derive(Clone)]
+pub struct TlsOrNoise {
+    tls: super::tls::Config,
+    noise: libp2p::noise::Config,
+}
+
+impl std::fmt::Debug for TlsOrNoise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsOrNoise")
+    }
+}
+
+impl TlsOrNoise {
+    /// Both, for the node with identity `key`.
+    pub fn new(key: &libp2p::identity::Keypair) -> Result<Self, SecurityError> {
+        Ok(TlsOrNoise {
+            tls: super::tls::Config::new(key)?,
+            noise: libp2p::noise::Config::new(key)?,
+        })
+    }
+}
+
+type Secured<C> =
+    (libp2p::PeerId, futures::future::Either<super::tls::TlsStream<C>, libp2p::noise::Output<C>>);
+
+impl libp2p::core::UpgradeInfo for TlsOrNoise {
+    type Info = Security;
+    type InfoIter = std::array::IntoIter<Security, 2>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        [Security::Tls, Security::Noise].into_iter()
+    }
+}
+
+impl<C> libp2p::core::upgrade::InboundConnectionUpgrade<C> for TlsOrNoise
+where
+    C: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = Secured<C>;
+    type Error = SecurityError;
+    type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn upgrade_inbound(self, socket: C, info: Security) -> Self::Future {
+        use futures::future::Either;
+        async move {
+            Ok(match info {
+                Security::Tls => {
+                    let (p, s) = self.tls.upgrade_inbound(socket, super::tls::PROTOCOL).await?;
+                    (p, Either::Left(s))
+                }
+                Security::Noise => {
+                    let (p, s) = self.noise.upgrade_inbound(socket, "/noise").await?;
+                    (p, Either::Right(s))
+                }
+            })
+        }
+        .boxed()
+    }
+}
+
+impl<C> libp2p::core::upgrade::OutboundConnectionUpgrade<C> for TlsOrNoise
+where
+    C: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = Secured<C>;
+    type Error = SecurityError;
+    type Future = BoxFuture<'static, Result<Self::Output, Self::Error>>;
+
+    fn upgrade_outbound(self, socket: C, info: Security) -> Self::Future {
+        use futures::future::Either;
+        async move {
+            Ok(match info {
+                Security::Tls => {
+                    let (p, s) = self.tls.upgrade_outbound(socket, super::tls::PROTOCOL).await?;
+                    (p, Either::Left(s))
+                }
+                Security::Noise => {
+                    let (p, s) = self.noise.upgrade_outbound(socket, "/noise").await?;
+                    (p, Either::Right(s))
+                }
+            })
+        }
+        .boxed()
+    }
+}
+
+/// TCP secured with [`TlsOrNoise`] and multiplexed with yamux, whose dials fail after
+/// [`DIAL_TIMEOUT`].
+pub fn tcp(
+    key: &libp2p::identity::Keypair,
+) -> Result<
+    libp2p::core::transport::Boxed<(libp2p::PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    SecurityError,
+> {
+    let tcp = libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default().nodelay(true));
+    Ok(tcp
+        .upgrade(libp2p::core::upgrade::Version::V1Lazy)
+        .authenticate(TlsOrNoise::new(key)?)
+        .multiplex(libp2p::yamux::Config::default())
+        .timeout(DIAL_TIMEOUT)
+        .map(|(peer, muxer), _| (peer, libp2p::core::muxing::StreamMuxerBox::new(muxer)))
+        .boxed())
+}
