@@ -101,12 +101,29 @@ impl FailedCase {
 }
 
 /// What one JUnit file holds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Report {
     /// The text of each outermost `<testsuite>` element, exactly as written in the file.
     pub suites: Vec<String>,
     /// The cases with a `<failure>` or `<error>`, in document order.
     pub failures: Vec<FailedCase>,
+    /// Every case with the time it took (its `time` attribute), in document order, at most
+    /// [`MAX_TIMED_CASES`].
+    pub cases: Vec<TimedCase>,
+}
+
+/// Most cases a [`Report`] keeps the time of.
+pub const MAX_TIMED_CASES: usize = 200_000;
+
+/// One test case and how long it took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimedCase {
+    /// Its `classname` attribute.
+    pub classname: String,
+    /// Its `name` attribute.
+    pub name: String,
+    /// Its `time` attribute in seconds (0 when missing or not a number).
+    pub seconds: f64,
 }
 
 /// The case being read.
@@ -162,6 +179,17 @@ pub fn parse(xml: &str) -> Result<Report, JunitError> {
                         }
                     }
                     b"testcase" => {
+                        if report.cases.len() < MAX_TIMED_CASES {
+                            let seconds = attr(e, b"time")
+                                .and_then(|t| t.trim().parse::<f64>().ok())
+                                .filter(|t| t.is_finite() && *t >= 0.0)
+                                .unwrap_or(0.0);
+                            report.cases.push(TimedCase {
+                                classname: attr(e, b"classname").unwrap_or_default(),
+                                name: attr(e, b"name").unwrap_or_default(),
+                                seconds,
+                            });
+                        }
                         let open = OpenCase {
                             classname: attr(e, b"classname").unwrap_or_default(),
                             name: attr(e, b"name").unwrap_or_default(),

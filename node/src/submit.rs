@@ -6,6 +6,7 @@
 
 mod lines;
 mod progress;
+pub mod runner;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
@@ -45,9 +46,18 @@ pub struct SubmitArgs {
     #[arg(long, value_parser = crate::cli::parse_tree_id)]
     pub tree: Option<ContentId>,
     /// Number of shards; each runs the command with its index in GRID_SHARD_INDEX and
-    /// GTEST_SHARD_INDEX.
+    /// GTEST_SHARD_INDEX, or (with a runner) its share of the suite's tests.
     #[arg(long, default_value_t = 1)]
     pub shards: u32,
+    /// Split the suite by test rather than leave the split to the command: grid lists the
+    /// tests here and gives each shard its own list, balanced by the durations recorded on
+    /// earlier runs. Detected when obvious (a pytest command; a googletest binary of the tree).
+    #[arg(long, value_enum, value_name = "RUNNER")]
+    pub runner: Option<runner::RunnerArg>,
+    /// With --runner list: the command that prints the suite's tests, one per line (run with
+    /// sh -c in the job's working directory of the packed tree).
+    #[arg(long, value_name = "CMD")]
+    pub list_command: Option<String>,
     /// A dimension a node must have: key=value, or key=a|b for either (repeatable).
     #[arg(long = "dimension", value_parser = crate::cli::parse_var)]
     pub dimensions: Vec<(String, String)>,
@@ -129,8 +139,13 @@ pub struct ResultArgs {
     pub junit: Option<PathBuf>,
 }
 
-/// Builds the job request `args` describe, packing the inputs through the node.
-fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
+/// Builds the job request `args` describe, packing the inputs through the node; with a runner,
+/// also the suite it split (to record durations against).
+fn request(
+    dir: &Path,
+    data_dir: &Path,
+    args: &SubmitArgs,
+) -> anyhow::Result<(JobRequest, Option<runner::Suite>)> {
     let mut isolate_command: Option<(Vec<String>, String)> = None;
     // The directory grid packed the tree from, when it packed it.
     let mut packed_from: Option<PathBuf> = None;
@@ -199,6 +214,30 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
         let values: Vec<&str> = v.split('|').collect();
         spec.dimensions = spec.dimensions.with(k, &values);
     }
+    let chosen = runner::choose(args.runner, command, rest, packed_from.as_deref());
+    if args.list_command.is_some() && chosen != Some(grid_protocol::job::Runner::List) {
+        return Err(usage("--list-command goes with --runner list"));
+    }
+    let suite = match (chosen, &packed_from) {
+        (Some(r), Some(root)) => {
+            match runner::apply(&mut spec, r, root, data_dir, args.list_command.as_deref()) {
+                Ok(suite) => Some(suite),
+                // Detected, not asked for: run the command as it is.
+                Err(e) if args.runner.is_none() => {
+                    eprintln!("note: {e:#}; each shard runs the command as it is");
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        (Some(r), None) if args.runner.is_some() => {
+            return Err(usage(format!(
+                "--runner {r} lists the tests where the tree is packed: give --input or \
+                 --isolate rather than --tree"
+            )));
+        }
+        _ => None,
+    };
     let mut scheduling = Scheduling::with_redundancy(args.redundancy);
     scheduling.priority = args.priority;
     scheduling.wait_for_capacity = !args.no_wait;
@@ -206,7 +245,7 @@ fn request(dir: &Path, args: &SubmitArgs) -> anyhow::Result<JobRequest> {
     req.scheduling = scheduling;
     req.name = args.name.clone().unwrap_or_else(|| argv.join(" "));
     req.validate().map_err(|e| usage(format!("invalid job: {e}")))?;
-    Ok(req)
+    Ok((req, suite))
 }
 
 /// Most manifests read when listing a packed tree with its includes.
@@ -471,7 +510,7 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
         ));
     }
     let node = NodeAccess::open(data_dir, &args.bootstrap)?;
-    let req = request(&node.dir, &args)?;
+    let (req, suite) = request(&node.dir, data_dir, &args)?;
     let shards = req.spec.shards;
     let submit = Request::Submit { request: Box::new(req), watch: !args.detach, force: args.force };
     if args.detach {
@@ -485,7 +524,7 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
         return Ok(exit::OK);
     }
     let final_view = follow(&node.dir, &submit, shards, args.json, args.follow)?;
-    finish(&node.dir, &final_view, args.json, args.junit.as_deref())
+    finish(&node.dir, &final_view, args.json, args.junit.as_deref(), suite.as_ref())
 }
 
 /// `grid collect JOB`: re-attaches to a job and gathers its results.
@@ -493,7 +532,7 @@ pub fn collect(data_dir: &Path, job: ContentId, args: &ResultArgs) -> anyhow::Re
     let node = NodeAccess::open(data_dir, &[])?;
     let req = Request::Job { job, submission: None, watch: true };
     let v = follow(&node.dir, &req, 0, args.json, None)?;
-    finish(&node.dir, &v, args.json, args.junit.as_deref())
+    finish(&node.dir, &v, args.json, args.junit.as_deref(), None)
 }
 
 /// How often the bar's ETA is recomputed between the node's events.
@@ -688,8 +727,15 @@ pub const SUMMARY_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest JUnit file read, in bytes.
 pub const MAX_JUNIT_FILE_BYTES: u64 = 64 << 20;
 
-/// Prints the results of a finished job, writes the merged JUnit file, returns the exit code.
-fn finish(dir: &Path, v: &JobView, json: bool, junit: Option<&Path>) -> anyhow::Result<u8> {
+/// Prints the results of a finished job, writes the merged JUnit file, records the durations of
+/// a split suite's tests, returns the exit code.
+fn finish(
+    dir: &Path,
+    v: &JobView,
+    json: bool,
+    junit: Option<&Path>,
+    suite: Option<&runner::Suite>,
+) -> anyhow::Result<u8> {
     let code = exit::of_job(v);
     let mut tails = BTreeMap::new();
     for s in &v.shards {
@@ -707,9 +753,27 @@ fn finish(dir: &Path, v: &JobView, json: bool, junit: Option<&Path>) -> anyhow::
         }
     }
     let tmp = tempfile::tempdir()?;
-    let files = read_junit(dir, &v.shards, junit.is_some(), tmp.path())?;
+    let files = read_junit(
+        dir,
+        &v.shards,
+        junit.is_some() || suite.is_some(),
+        junit.is_some(),
+        tmp.path(),
+    )?;
     for note in &files.notes {
         eprintln!("note: {note}");
+    }
+    if let Some(suite) = suite {
+        let reports: Vec<&crate::junit::Report> = files.by_shard.values().flatten().collect();
+        let measured = runner::durations(suite.runner, &suite.tests, &reports);
+        if measured.is_empty() {
+            eprintln!(
+                "note: no test durations recorded: the shards wrote no JUnit file naming the \
+                 listed tests"
+            );
+        } else if let Err(e) = runner::save_history(&suite.history, &suite.tests, &measured) {
+            eprintln!("note: the test durations were not recorded: {e:#}");
+        }
     }
     let merged = match junit {
         Some(path) => Some(write_merged_junit(&files, path)?),
@@ -886,13 +950,15 @@ struct JunitFiles {
 }
 
 /// Fetches shards' outputs into `tmp` and reads the JUnit XML files (`*.xml`) in them: of every
-/// shard when `all` (for `--junit`; a shard whose outputs cannot be fetched is then an error),
-/// else of the first [`MAX_SUMMARY_SHARDS`] shards that did not pass, each within
-/// [`SUMMARY_FETCH_TIMEOUT`], for naming their failing tests.
+/// shard when `all` (for `--junit`, and for recording a split suite's durations), else of the
+/// first [`MAX_SUMMARY_SHARDS`] shards that did not pass, for naming their failing tests. When
+/// `strict` (`--junit`), a shard whose outputs cannot be fetched is an error; otherwise each
+/// fetch may take [`SUMMARY_FETCH_TIMEOUT`] and a failed one is a note.
 fn read_junit(
     dir: &Path,
     shards: &[ShardView],
     all: bool,
+    strict: bool,
     tmp: &Path,
 ) -> anyhow::Result<JunitFiles> {
     let mut files = JunitFiles::default();
@@ -911,9 +977,9 @@ fn read_junit(
         }
         fetched += 1;
         let into = tmp.join(format!("shard-{shard}"));
-        let timeout = (!all).then_some(SUMMARY_FETCH_TIMEOUT);
+        let timeout = (!strict).then_some(SUMMARY_FETCH_TIMEOUT);
         if let Err(e) = fetch_into(dir, out, &into, timeout) {
-            if all {
+            if strict {
                 return Err(e.context(format!("cannot fetch the outputs of shard {shard}")));
             }
             files.notes.push(format!("the outputs of shard {shard} could not be fetched: {e:#}"));
@@ -1089,6 +1155,7 @@ mod tests {
         let report = |name: &str| crate::junit::Report {
             suites: Vec::new(),
             failures: vec![case("S", name, "m")],
+            cases: Vec::new(),
         };
         let files = JunitFiles {
             by_shard: BTreeMap::from([(0, vec![report("flaky")]), (1, vec![report("real")])]),

@@ -56,8 +56,13 @@ pub const MAX_ATTEMPTS: u8 = 16;
 /// Longest time a job may stay pending (7 days).
 pub const MAX_EXPIRATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Environment variables the worker sets for each shard; a spec may not set them.
-pub const RESERVED_ENV: [&str; 4] =
-    ["GRID_SHARD_INDEX", "GRID_TOTAL_SHARDS", "GTEST_SHARD_INDEX", "GTEST_TOTAL_SHARDS"];
+pub const RESERVED_ENV: [&str; 5] = [
+    "GRID_SHARD_INDEX",
+    "GRID_TOTAL_SHARDS",
+    "GTEST_SHARD_INDEX",
+    "GTEST_TOTAL_SHARDS",
+    "GRID_TEST_LIST",
+];
 
 /// Serde for durations as whole milliseconds (u64).
 pub(crate) mod ms {
@@ -125,7 +130,57 @@ pub struct JobSpec {
     /// instead of a read-only link into the cache. Sorted, without duplicates.
     #[serde(rename = "wr", default, skip_serializing_if = "Vec::is_empty")]
     pub writable: Vec<String>,
+    /// The test runner the command is, when grid gives each shard an explicit list of tests
+    /// ([`JobSpec::tests`]) instead of leaving the split to the command.
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<Runner>,
+    /// With a runner: the tests of each shard, one list per shard (so as many lists as
+    /// [`JobSpec::shards`]), in the runner's own names.
+    #[serde(rename = "t", default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<Vec<String>>,
 }
+
+/// A test runner whose tests grid lists and splits between shards itself.
+///
+/// The worker hands each shard its list ([`JobSpec::tests`]) as a file of one test per line,
+/// named by the environment variable `GRID_TEST_LIST`, and for the runners it knows also in the
+/// runner's own terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runner {
+    /// googletest: the shard's tests as `--gtest_filter` in a flag file (an argument
+    /// `--gtest_flagfile=`, which replaces any `--gtest_filter` of the job's), googletest's own
+    /// sharding variables unset, and `GTEST_OUTPUT` pointed into the output directory unless
+    /// the job sets it.
+    Gtest,
+    /// pytest: the shard's node ids appended to the arguments, with `--junitxml` into the
+    /// output directory unless the job gives one.
+    Pytest,
+    /// Anything else: the command reads the file `GRID_TEST_LIST` names.
+    List,
+}
+
+impl Runner {
+    /// The name `grid submit --runner` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Runner::Gtest => "gtest",
+            Runner::Pytest => "pytest",
+            Runner::List => "list",
+        }
+    }
+}
+
+impl std::fmt::Display for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Longest test name in a shard's list, in bytes.
+pub const MAX_TEST_NAME_BYTES: usize = 2048;
+/// Most tests listed in one job (the spec's size limit usually binds first).
+pub const MAX_TESTS: usize = 100_000;
 
 /// Why a job spec or its scheduling is invalid, or its bytes are not one.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,6 +241,8 @@ impl JobSpec {
             idempotent: false,
             outputs: Vec::new(),
             writable: Vec::new(),
+            runner: None,
+            tests: Vec::new(),
         }
     }
 
@@ -233,6 +290,19 @@ impl JobSpec {
         if self.args.iter().any(|a| a.len() > MAX_ARG_BYTES) {
             return Err(field("args", format!("an argument is longer than {MAX_ARG_BYTES} bytes")));
         }
+        for (i, a) in self.args.iter().enumerate() {
+            if let Some(name) = crate::expand::unknown_grid_name(a) {
+                return Err(field(
+                    "args",
+                    format!(
+                        "argument {} names ${{{name}}}, which is not expanded (known: {}; write \
+                         $$ for a literal $)",
+                        i + 1,
+                        crate::expand::NAMES.map(|n| format!("${{{n}}}")).join(", ")
+                    ),
+                ));
+            }
+        }
         if self.env.len() > MAX_ENV {
             return Err(field(
                 "env",
@@ -270,6 +340,36 @@ impl JobSpec {
         }
         if self.grace > MAX_GRACE {
             return Err(field("grace", "must be at most 1 hour"));
+        }
+        if !self.tests.is_empty() {
+            if self.runner.is_none() {
+                return Err(field("tests", "test lists need a runner"));
+            }
+            if self.tests.len() != self.shards as usize {
+                return Err(field(
+                    "tests",
+                    format!("{} lists for {} shards", self.tests.len(), self.shards),
+                ));
+            }
+            if let Some(i) = self.tests.iter().position(Vec::is_empty) {
+                return Err(field("tests", format!("shard {i} has no tests")));
+            }
+            let total: usize = self.tests.iter().map(Vec::len).sum();
+            if total > MAX_TESTS {
+                return Err(field("tests", format!("{total} tests; the limit is {MAX_TESTS}")));
+            }
+            for t in self.tests.iter().flatten() {
+                if t.is_empty() || t.len() > MAX_TEST_NAME_BYTES || t.contains(['\n', '\r', '\0']) {
+                    return Err(field(
+                        "tests",
+                        format!(
+                            "test name {:?} is empty, longer than {MAX_TEST_NAME_BYTES} bytes, \
+                             or holds a line break or NUL",
+                            t.chars().take(80).collect::<String>()
+                        ),
+                    ));
+                }
+            }
         }
         for (name, paths) in [("outputs", &self.outputs), ("writable", &self.writable)] {
             if paths.len() > MAX_OUTPUTS {

@@ -40,8 +40,10 @@
 
 #![deny(missing_docs)]
 
+pub mod balance;
 pub mod content;
 pub mod dims;
+pub mod expand;
 pub mod isolate;
 pub mod job;
 pub mod manifest;

@@ -6,7 +6,8 @@ GRID_REPO=$(pwd)
 
 # Installs the Debian packages the build and the tests need, when missing.
 # rocksdb's build needs clang and libclang; the sandbox tests need bubblewrap; the NAT lab
-# needs iproute2, iptables and procps (as root); the benchmarks compare against socat and use hyperfine.
+# needs iproute2, iptables and procps (as root); the runner tests need googletest, g++ and pytest;
+# the benchmarks compare against socat and use hyperfine.
 grid_ensure_packages() {
   local missing=()
   command -v clang >/dev/null 2>&1 || missing+=(clang)
@@ -23,6 +24,10 @@ grid_ensure_packages() {
   command -v cc >/dev/null 2>&1 || missing+=(build-essential)
   command -v bc >/dev/null 2>&1 || missing+=(bc)
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  # The test runners' end-to-end tests build a googletest suite and run a pytest one.
+  [ -f /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
+  command -v g++ >/dev/null 2>&1 || missing+=(g++)
+  python3 -c 'import pytest' >/dev/null 2>&1 || missing+=(python3-pytest)
   if [ ${#missing[@]} -gt 0 ]; then
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -6,3 +6,4 @@ mod jobs;
 mod mesh;
 mod nat;
 mod relay;
+mod runners;

@@ -277,7 +277,16 @@ impl RunDir {
     fn tmp(&self) -> PathBuf {
         self.path.join("tmp")
     }
+    /// The shard's test list, for jobs with a runner.
+    fn shard(&self) -> PathBuf {
+        self.path.join("shard")
+    }
 }
+
+/// The file of a shard's tests, one per line, in the directory `GRID_TEST_LIST` points into.
+pub const TEST_LIST_FILE: &str = "tests.txt";
+/// The googletest flag file beside it: `--gtest_filter=` with the shard's tests.
+pub const GTEST_FLAG_FILE: &str = "gtest.flags";
 
 impl Drop for RunDir {
     fn drop(&mut self) {
@@ -632,6 +641,73 @@ impl Executor {
         Err(format!("no free run directory name in {}", self.config.runs_dir.display()))
     }
 
+    /// Hands the shard its tests (`spec.tests`), for a job with a runner: writes the list
+    /// (and googletest's flag file) into the run's `shard` directory and sets the environment
+    /// and arguments the runner reads. Returns that directory as the command sees it.
+    #[expect(clippy::too_many_arguments, reason = "the pieces of one launch being assembled")]
+    fn shard_tests(
+        &self,
+        exec: &Execution,
+        run: &RunDir,
+        runner: grid_protocol::job::Runner,
+        out_dir: &str,
+        sandboxed: bool,
+        env: &mut BTreeMap<OsString, OsString>,
+        args: &mut Vec<OsString>,
+    ) -> Result<PathBuf, StartError> {
+        use grid_protocol::job::Runner;
+        let spec = &exec.spec;
+        let index = exec.lease.lease.shard;
+        let tests: &[String] = spec.tests.get(index as usize).map_or(&[], Vec::as_slice);
+        let dir = run.shard();
+        let fail = |e: io::Error| {
+            StartError::Failed(format!(
+                "cannot write the shard's test list in {}: {e}",
+                dir.display()
+            ))
+        };
+        fs::create_dir(&dir).map_err(fail)?;
+        let mut list = tests.join("\n");
+        list.push('\n');
+        fs::write(dir.join(TEST_LIST_FILE), list).map_err(fail)?;
+        let seen = if sandboxed { PathBuf::from(sandbox::SANDBOX_SHARD_DIR) } else { dir.clone() };
+        env.insert("GRID_TEST_LIST".into(), seen.join(TEST_LIST_FILE).into());
+        match runner {
+            Runner::Gtest => {
+                // The list is the split: googletest must not split it again, nor a filter on
+                // the command line (the submitter listed with it) replace it.
+                let filter = if tests.is_empty() { "-*".to_string() } else { tests.join(":") };
+                fs::write(dir.join(GTEST_FLAG_FILE), format!("--gtest_filter={filter}\n"))
+                    .map_err(fail)?;
+                env.remove(&OsString::from("GTEST_SHARD_INDEX"));
+                env.remove(&OsString::from("GTEST_TOTAL_SHARDS"));
+                args.retain(|a| {
+                    let a = a.to_string_lossy();
+                    !a.starts_with("--gtest_filter=") && !a.starts_with("--gtest_flagfile=")
+                });
+                // googletest loads a flag file only when the command line names it.
+                let mut flag = OsString::from("--gtest_flagfile=");
+                flag.push(seen.join(GTEST_FLAG_FILE));
+                args.push(flag);
+                let has_output = env.contains_key(&OsString::from("GTEST_OUTPUT"))
+                    || args.iter().any(|a| a.to_string_lossy().starts_with("--gtest_output"));
+                if !has_output {
+                    env.insert("GTEST_OUTPUT".into(), format!("xml:{out_dir}/").into());
+                }
+            }
+            Runner::Pytest => {
+                if !args.iter().any(|a| a.to_string_lossy().starts_with("--junitxml")) {
+                    args.push(format!("--junitxml={out_dir}/pytest-{index}.xml").into());
+                }
+                // The tree is read-only: no cache directory in it.
+                args.extend(["-p".into(), "no:cacheprovider".into()]);
+                args.extend(tests.iter().map(OsString::from));
+            }
+            Runner::List => {}
+        }
+        Ok(seen)
+    }
+
     /// The program, arguments and environment of a run.
     fn launch(
         &self,
@@ -673,7 +749,7 @@ impl Executor {
         } else {
             (run.out(), run.tmp(), run.work())
         };
-        env.insert("GRID_OUTPUT_DIR".into(), out_dir.into());
+        env.insert("GRID_OUTPUT_DIR".into(), out_dir.clone().into());
         env.insert("TMPDIR".into(), tmp_dir.into());
         let path_var = env.get(&OsString::from("PATH")).cloned().unwrap_or_default();
         let program = match resolve_command(&spec.command, &run.work(), &path_var)? {
@@ -689,7 +765,23 @@ impl Executor {
                 p
             }
         };
-        let args: Vec<OsString> = spec.args.iter().map(OsString::from).collect();
+        // `${GRID_OUTPUT_DIR}` and the like, as the command sees them.
+        let out_text = out_dir.to_string_lossy().into_owned();
+        let vars = grid_protocol::expand::Vars {
+            output_dir: &out_text,
+            shard_index: exec.lease.lease.shard,
+            total_shards: spec.shards,
+        };
+        let mut args: Vec<OsString> =
+            spec.args.iter().map(|a| grid_protocol::expand::expand(a, &vars).into()).collect();
+        let shard_dir = match spec.runner {
+            Some(runner) => {
+                let seen =
+                    self.shard_tests(exec, run, runner, &out_text, sandboxed, &mut env, &mut args)?;
+                Some(seen)
+            }
+            None => None,
+        };
         let mut limits = self.config.limits;
         let env: Vec<(OsString, OsString)> = env.into_iter().collect();
         let Some(bwrap) = bwrap else {
@@ -716,6 +808,13 @@ impl Executor {
                 "--bind".into(),
                 run.work().join(w).into_os_string(),
                 Path::new(SANDBOX_RUN_DIR).join(w).into_os_string(),
+            ]);
+        }
+        if shard_dir.is_some() {
+            a.extend([
+                "--ro-bind".into(),
+                run.shard().into_os_string(),
+                sandbox::SANDBOX_SHARD_DIR.into(),
             ]);
         }
         a.extend([

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 pub const SANDBOX_RUN_DIR: &str = "/grid/run";
 /// Where the output directory (`GRID_OUTPUT_DIR`) appears inside the sandbox.
 pub const SANDBOX_OUTPUT_DIR: &str = "/grid/out";
+/// Where the shard's test list (`GRID_TEST_LIST`) appears inside the sandbox, read-only.
+pub const SANDBOX_SHARD_DIR: &str = "/grid/shard";
 /// `PATH` inside the sandbox unless the job sets one.
 pub const SANDBOX_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin";
 /// Longest the availability probe may take.

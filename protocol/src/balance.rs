@@ -1,0 +1,156 @@
+//! Which tests each shard runs: split by recorded durations so the shards take about as long
+//! as each other.
+//!
+//! Given a suite's tests (in the runner's order) and how long each took when last recorded,
+//! [`plan`] assigns the tests longest first, each to the shard with the least expected time so
+//! far (the LPT rule: its longest shard is within 4/3 of the best possible split). A test with
+//! no record is expected to take the median of those recorded. With no record at all it falls
+//! back to what the runners do themselves: test `i` to shard `i mod n`, in the suite's order.
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use grid_protocol::balance::plan;
+//!
+//! let tests: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+//! let history = BTreeMap::from([("a".to_string(), 8.0), ("b".into(), 1.0), ("c".into(), 1.0)]);
+//! let p = plan(&tests, &history, 2);
+//! // a (8 s) alone; b, c and d (1 s each, d taken as the median) together.
+//! assert_eq!(p.shards, vec![vec!["a".to_string()], vec!["b".into(), "c".into(), "d".into()]]);
+//! assert_eq!(p.expected, vec![8.0, 3.0]);
+//! ```
+
+use std::collections::BTreeMap;
+
+/// How a suite was split.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// Each shard's tests, in the suite's order within a shard.
+    pub shards: Vec<Vec<String>>,
+    /// Each shard's expected time in seconds (0 without records).
+    pub expected: Vec<f64>,
+    /// How many of the tests had a recorded duration.
+    pub known: usize,
+}
+
+impl Plan {
+    /// The expected time of the longest shard, in seconds.
+    pub fn longest(&self) -> f64 {
+        self.expected.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+/// Splits `tests` into `shards` lists (some may be empty when there are fewer tests than
+/// shards), by the durations in `history` (seconds, by test name).
+pub fn plan(tests: &[String], history: &BTreeMap<String, f64>, shards: u32) -> Plan {
+    let n = shards.max(1) as usize;
+    let mut known: Vec<f64> = tests
+        .iter()
+        .filter_map(|t| history.get(t).copied())
+        .filter(|d| d.is_finite() && *d >= 0.0)
+        .collect();
+    if known.is_empty() {
+        let mut lists = vec![Vec::new(); n];
+        for (i, t) in tests.iter().enumerate() {
+            lists[i % n].push(t.clone());
+        }
+        return Plan { shards: lists, expected: vec![0.0; n], known: 0 };
+    }
+    known.sort_by(f64::total_cmp);
+    let median = known[known.len() / 2];
+    let expect = |t: &String| {
+        history.get(t).copied().filter(|d| d.is_finite() && *d >= 0.0).unwrap_or(median)
+    };
+    // Longest first; ties in suite order, so the plan is the same for the same inputs.
+    let mut order: Vec<(usize, f64)> =
+        tests.iter().enumerate().map(|(i, t)| (i, expect(t))).collect();
+    order.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut load = vec![0.0f64; n];
+    let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, d) in order {
+        let (s, _) = load
+            .iter()
+            .enumerate()
+            .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(&b.0)))
+            .expect("at least one shard");
+        load[s] += d;
+        assigned[s].push(i);
+    }
+    let shards = assigned
+        .into_iter()
+        .map(|mut idx| {
+            idx.sort_unstable();
+            idx.into_iter().map(|i| tests[i].clone()).collect()
+        })
+        .collect();
+    Plan { shards, expected: load, known: known.len() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("t{i:03}")).collect()
+    }
+
+    #[test]
+    fn without_records_tests_go_round_robin_in_suite_order() {
+        let p = plan(&names(5), &BTreeMap::new(), 2);
+        assert_eq!(p.shards[0], ["t000", "t002", "t004"]);
+        assert_eq!(p.shards[1], ["t001", "t003"]);
+        assert_eq!(p.known, 0);
+    }
+
+    #[test]
+    fn every_test_lands_in_exactly_one_shard() {
+        let tests = names(97);
+        let history: BTreeMap<String, f64> =
+            tests.iter().enumerate().map(|(i, t)| (t.clone(), ((i * 7919) % 61) as f64)).collect();
+        let p = plan(&tests, &history, 8);
+        let mut all: Vec<String> = p.shards.iter().flatten().cloned().collect();
+        all.sort();
+        assert_eq!(all, tests);
+        assert_eq!(p.shards.len(), 8);
+    }
+
+    #[test]
+    fn a_heavy_tailed_suite_splits_close_to_the_lower_bound() {
+        // 200 tests: a few long ones and many short ones (as real suites are).
+        let tests = names(200);
+        let history: BTreeMap<String, f64> = tests
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), 8.0 / (1.0 + i as f64 * 0.35)))
+            .collect();
+        let total: f64 = history.values().sum();
+        let longest_test = history.values().copied().fold(0.0, f64::max);
+        let bound = longest_test.max(total / 8.0);
+        let p = plan(&tests, &history, 8);
+        assert!(p.longest() <= bound * 1.10, "{} vs bound {bound}", p.longest());
+        // Round robin (what the runners do) is worse on the same suite.
+        let rr = plan(&tests, &BTreeMap::new(), 8);
+        let rr_longest =
+            rr.shards.iter().map(|s| s.iter().map(|t| history[t]).sum::<f64>()).fold(0.0, f64::max);
+        assert!(rr_longest > p.longest(), "{rr_longest} vs {}", p.longest());
+    }
+
+    #[test]
+    fn unknown_tests_count_as_the_median_and_nonsense_durations_are_ignored() {
+        let tests = names(4);
+        let history = BTreeMap::from([
+            ("t000".to_string(), 10.0),
+            ("t001".to_string(), 2.0),
+            ("t002".to_string(), f64::NAN),
+        ]);
+        let p = plan(&tests, &history, 2);
+        // Known: 10 and 2; median 10 (the upper one): t002 and t003 are 10 each.
+        assert_eq!(p.known, 2);
+        assert_eq!(p.expected.iter().sum::<f64>(), 32.0);
+    }
+
+    #[test]
+    fn more_shards_than_tests_leaves_some_empty() {
+        let p = plan(&names(2), &BTreeMap::from([("t000".to_string(), 1.0)]), 4);
+        assert_eq!(p.shards.iter().filter(|s| s.is_empty()).count(), 2);
+    }
+}

@@ -1,0 +1,219 @@
+//! Test runners: a real googletest suite (compiled here from libgtest-dev) and a real pytest
+//! suite, split by test between shards on a loopback mesh. Every test runs exactly once across
+//! the shards; the second run is balanced by the durations the first recorded; and
+//! `${GRID_OUTPUT_DIR}` in an argument is expanded on the worker. Each test skips, saying why,
+//! where g++ with googletest or pytest is missing (scripts/lib/common.sh installs them).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use grid_tests::{NodeProc, Scratch};
+
+/// A submitter (no slots) and two trusted workers with two slots each.
+struct Mesh {
+    submitter: NodeProc,
+    _workers: Vec<NodeProc>,
+}
+
+fn mesh(s: &Scratch) -> Mesh {
+    let submitter = NodeProc::start(&s.path("submitter"), &["--slots", "0"]);
+    let boot = submitter.addrs[0].clone();
+    let workers: Vec<NodeProc> = (0..2)
+        .map(|i| {
+            NodeProc::start(
+                &s.path(&format!("worker{i}")),
+                &["--bootstrap", &boot, "--trust", &submitter.peer_id, "--slots", "2"],
+            )
+        })
+        .collect();
+    submitter.wait_connected(2);
+    Mesh { submitter, _workers: workers }
+}
+
+/// A googletest suite: `Fast.T0`..`Fast.T9` (10 ms each), `Slow.Long` (1.5 s) and two
+/// parameterized cases; built in `dir/suite`. `None` (and why) when it cannot be built.
+fn gtest_suite(s: &Scratch) -> Option<std::path::PathBuf> {
+    let src = r#"
+#include <gtest/gtest.h>
+#include <chrono>
+#include <thread>
+static void nap(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
+#define FAST(n) TEST(Fast, T##n) { nap(10); EXPECT_EQ(1 + 1, 2); }
+FAST(0) FAST(1) FAST(2) FAST(3) FAST(4) FAST(5) FAST(6) FAST(7) FAST(8) FAST(9)
+TEST(Slow, Long) { nap(1500); SUCCEED(); }
+class Param : public ::testing::TestWithParam<int> {};
+TEST_P(Param, Even) { nap(10); EXPECT_EQ(GetParam() % 2, 0); }
+INSTANTIATE_TEST_SUITE_P(Inst, Param, ::testing::Values(2, 4));
+"#;
+    let src_path = s.write("src/suite.cc", src.as_bytes(), 0o644);
+    let out = s.path("job/suite");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let built = Command::new("g++")
+        .args(["-std=c++17", "-O0", "-o"])
+        .arg(&out)
+        .arg(&src_path)
+        .args(["-lgtest", "-lgtest_main", "-pthread"])
+        .output();
+    match built {
+        Ok(o) if o.status.success() => Some(out),
+        Ok(o) => {
+            eprintln!(
+                "skipped: cannot build a googletest suite (libgtest-dev and g++; \
+                 scripts/lib/common.sh installs them): {}",
+                String::from_utf8_lossy(&o.stderr).lines().next().unwrap_or("")
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("skipped: g++ cannot run ({e}); scripts/lib/common.sh installs it");
+            None
+        }
+    }
+}
+
+/// How many times each test case (classname.name) appears in a JUnit file.
+fn cases(xml: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for part in xml.split("<testcase ").skip(1) {
+        let part = format!(" {part}");
+        let attr = |key: &str| {
+            let k = format!(" {key}=\"");
+            part.split_once(&k).and_then(|(_, r)| r.split_once('"')).map(|(v, _)| v.to_string())
+        };
+        let (Some(c), Some(n)) = (attr("classname"), attr("name")) else { continue };
+        *out.entry(format!("{c}.{n}")).or_default() += 1;
+    }
+    out
+}
+
+fn submit(m: &Mesh, s: &Scratch, args: &[&str]) -> (i32, String, String) {
+    let out = m
+        .submitter
+        .grid(["submit", "--input", "."].iter().chain(args))
+        .current_dir(s.path("job"))
+        .output()
+        .expect("run grid submit");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_googletest_suite_is_split_by_test_and_balanced_by_the_durations_of_its_last_run() {
+    let s = Scratch::new();
+    if gtest_suite(&s).is_none() {
+        return;
+    }
+    let m = mesh(&s);
+    let junit = s.path("merged.xml");
+    let junit_arg = junit.to_str().unwrap();
+    let all: Vec<String> = (0..10)
+        .map(|i| format!("Fast.T{i}"))
+        .chain(["Slow.Long".into(), "Inst/Param.Even/0".into(), "Inst/Param.Even/1".into()])
+        .collect();
+
+    // Detected as googletest (no --runner): listed here, one list per shard.
+    let (code, out, err) =
+        submit(&m, &s, &["--shards", "4", "--junit", junit_arg, "--", "./suite"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("gtest: listed 13 tests"), "{err}");
+    assert!(err.contains("round robin"), "the first run has no durations: {err}");
+    let merged = std::fs::read_to_string(&junit).unwrap();
+    let seen = cases(&merged);
+    let want: BTreeMap<String, usize> = all.iter().map(|t| (t.clone(), 1)).collect();
+    assert_eq!(seen, want, "every test exactly once across the shards:\n{merged}");
+
+    // The second run knows how long each took: the 1.5 s test gets a shard to itself, so the
+    // longest shard is expected to take about 1.5 s (round robin puts three 10 ms tests with it).
+    let (code, out, err) =
+        submit(&m, &s, &["--shards", "4", "--junit", junit_arg, "--", "./suite"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("balanced by the durations of 13 of them"), "{err}");
+    let longest: f64 = err
+        .split("longest shard about ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no expected longest shard in: {err}"));
+    assert!((1.4..1.52).contains(&longest), "longest shard {longest} s: {err}");
+    let seen = cases(&std::fs::read_to_string(&junit).unwrap());
+    assert_eq!(seen, want);
+
+    // Without a runner, googletest shards itself, and `${GRID_OUTPUT_DIR}` in an argument is
+    // expanded on the worker: the reports land in the outputs and merge.
+    let (code, out, err) = submit(
+        &m,
+        &s,
+        &[
+            "--runner",
+            "none",
+            "--shards",
+            "3",
+            "--junit",
+            junit_arg,
+            "--",
+            "./suite",
+            "--gtest_output=xml:${GRID_OUTPUT_DIR}/report.xml",
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(!err.contains("listed"), "{err}");
+    assert_eq!(cases(&std::fs::read_to_string(&junit).unwrap()), want);
+}
+
+#[test]
+fn an_argument_naming_an_unknown_grid_variable_is_refused_before_anything_runs() {
+    let s = Scratch::new();
+    s.write("job/run.sh", b"#!/bin/sh\necho hi\n", 0o755);
+    let m = mesh(&s);
+    let (code, _, err) = submit(&m, &s, &["--", "./run.sh", "${GRID_OUTPUT_DIRR}/x"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("argument 1 names ${GRID_OUTPUT_DIRR}"), "{err}");
+    assert!(err.contains("${GRID_OUTPUT_DIR}"), "{err}");
+}
+
+#[test]
+fn a_pytest_suite_is_split_by_node_id_and_each_test_runs_once() {
+    let s = Scratch::new();
+    let has_pytest =
+        Command::new("pytest").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !has_pytest {
+        eprintln!(
+            "skipped: pytest is not installed (scripts/lib/common.sh installs python3-pytest)"
+        );
+        return;
+    }
+    let module = "import time\nimport pytest\n\n\
+                  def test_quick():\n    assert True\n\n\
+                  def test_slow():\n    time.sleep(0.8)\n\n\
+                  @pytest.mark.parametrize('n', [1, 2, 3])\ndef test_param(n):\n    assert n > 0\n\n\
+                  class TestGroup:\n    def test_a(self):\n        assert 1\n\n    def test_b(self):\n        assert 2\n";
+    s.write("job/tests/test_mod.py", module.as_bytes(), 0o644);
+    s.write("job/tests/__init__.py", b"", 0o644);
+    let m = mesh(&s);
+    let junit = s.path("merged.xml");
+    let junit_arg = junit.to_str().unwrap();
+    let (code, out, err) = submit(&m, &s, &["--shards", "3", "--junit", junit_arg, "--", "pytest"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("pytest: listed 7 tests"), "{err}");
+    let seen = cases(&std::fs::read_to_string(&junit).unwrap());
+    let want: BTreeMap<String, usize> = [
+        "tests.test_mod.test_quick",
+        "tests.test_mod.test_slow",
+        "tests.test_mod.test_param[1]",
+        "tests.test_mod.test_param[2]",
+        "tests.test_mod.test_param[3]",
+        "tests.test_mod.TestGroup.test_a",
+        "tests.test_mod.TestGroup.test_b",
+    ]
+    .iter()
+    .map(|t| (t.to_string(), 1))
+    .collect();
+    assert_eq!(seen, want);
+    // The second run is balanced by what the first recorded.
+    let (code, out, err) = submit(&m, &s, &["--shards", "3", "--junit", junit_arg, "--", "pytest"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("balanced by the durations of 7 of them"), "{err}");
+}
