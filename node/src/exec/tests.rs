@@ -491,8 +491,9 @@ async fn exit_codes_and_signal_deaths() {
         let report = run(&e, &sh(tree, "exit 3", sandbox)).await;
         assert_eq!(
             (report.outcome.state, report.outcome.exit_code),
-            (RunState::Completed, Some(3)) // `$$` in an argument is grid's escape for one `$`: the shell gets `$$`.
+            (RunState::Completed, Some(3))
         );
+        // `$$` in an argument is grid's escape for one `$`: the shell gets `$$`.
         let report = run(&e, &sh(tree, "kill -9 $$$$", sandbox)).await;
         assert_eq!(
             (report.outcome.state, report.outcome.exit_code),
