@@ -883,6 +883,15 @@ pub struct JobResults {
     /// JUnit files merged into the `--junit` file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub junit_files_merged: Option<usize>,
+    /// With `--retries`: tests that failed, then passed on a retry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flaky_tests: Vec<String>,
+    /// With `--retries`: tests that failed on every attempt.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_every_attempt: Vec<String>,
+    /// With `--retries`: the job ids of the retries, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retry_jobs: Vec<String>,
 }
 
 #[cfg(test)]
@@ -1042,6 +1051,9 @@ pub(crate) mod tests {
             }],
             failed_tests_omitted: None,
             junit_files_merged: Some(1),
+            flaky_tests: vec!["Suite.Flaky".into()],
+            failed_every_attempt: vec!["Suite.Case".into()],
+            retry_jobs: vec![manifest_id(b"retry").to_string()],
         };
         let json = serde_json::to_value(&results).unwrap();
         // The job's fields at the top level, beside what grid added.

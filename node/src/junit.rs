@@ -124,6 +124,11 @@ pub struct TimedCase {
     pub name: String,
     /// Its `time` attribute in seconds (0 when missing or not a number).
     pub seconds: f64,
+    /// Whether it has a `<failure>` or `<error>`.
+    pub failed: bool,
+    /// Where it is: the index of its suite in [`Report::suites`] and the bytes of the
+    /// `<testcase>` element in that suite's text; `None` for a case outside any suite.
+    pub at: Option<(usize, std::ops::Range<usize>)>,
 }
 
 /// The case being read.
@@ -147,6 +152,8 @@ pub fn parse(xml: &str) -> Result<Report, JunitError> {
     // Start offset and depth of the outermost open <testsuite>.
     let mut suite: Option<(usize, usize)> = None;
     let mut case: Option<OpenCase> = None;
+    // The index in `report.cases` of the `<testcase>` being read.
+    let mut open_timed: Option<usize> = None;
     loop {
         let before = reader.buffer_position() as usize;
         let event = reader
@@ -184,11 +191,19 @@ pub fn parse(xml: &str) -> Result<Report, JunitError> {
                                 .and_then(|t| t.trim().parse::<f64>().ok())
                                 .filter(|t| t.is_finite() && *t >= 0.0)
                                 .unwrap_or(0.0);
+                            // Offsets into the suite's text; the end is set at `</testcase>`.
+                            let at = suite.map(|(start, _)| {
+                                let from = before - start;
+                                (report.suites.len(), from..after - start)
+                            });
                             report.cases.push(TimedCase {
                                 classname: attr(e, b"classname").unwrap_or_default(),
                                 name: attr(e, b"name").unwrap_or_default(),
                                 seconds,
+                                failed: false,
+                                at,
                             });
+                            open_timed = (!empty).then(|| report.cases.len() - 1);
                         }
                         let open = OpenCase {
                             classname: attr(e, b"classname").unwrap_or_default(),
@@ -201,6 +216,9 @@ pub fn parse(xml: &str) -> Result<Report, JunitError> {
                         case = (!empty).then_some(open);
                     }
                     b"failure" | b"error" => {
+                        if let Some(i) = open_timed {
+                            report.cases[i].failed = true;
+                        }
                         if let Some(c) = case.as_mut().filter(|c| c.failure.is_none()) {
                             let kind = if tag == b"failure" {
                                 FailureKind::Failure
@@ -226,6 +244,13 @@ pub fn parse(xml: &str) -> Result<Report, JunitError> {
                     && let Some((_, message)) = c.failure.as_mut()
                 {
                     *message = first_line(&text);
+                }
+                if tag == b"testcase"
+                    && let Some(i) = open_timed.take()
+                    && let (Some((start, _)), Some((_, span))) =
+                        (suite, report.cases[i].at.as_mut())
+                {
+                    span.end = after - start;
                 }
                 if tag == b"testcase"
                     && let Some(c) = case.take()
@@ -298,7 +323,19 @@ fn attr(e: &BytesStart<'_>, key: &[u8]) -> Option<String> {
 
 /// The first non-empty line of `text`, trimmed, at most [`MAX_MESSAGE_CHARS`] characters.
 fn first_line(text: &str) -> String {
-    let line = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or_default();
+    // googletest starts with where the assertion is (`suite_test.cc:10`): keep what it says too.
+    let is_location = !first.contains(' ')
+        && first.rsplit_once(':').is_some_and(|(f, n)| !f.is_empty() && n.parse::<u32>().is_ok());
+    let joined;
+    let line = match lines.next() {
+        Some(next) if is_location => {
+            joined = format!("{first}: {next}");
+            joined.as_str()
+        }
+        _ => first,
+    };
     match line.char_indices().nth(MAX_MESSAGE_CHARS) {
         Some((cut, _)) => format!("{}…", &line[..cut]),
         None => line.to_string(),
@@ -371,7 +408,7 @@ Value of: false]]></failure>
         assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
         let f = &r.failures[0];
         assert_eq!(f.display_name(), "Suite.Fails");
-        assert_eq!(f.message, "suite_test.cc:10");
+        assert_eq!(f.message, "suite_test.cc:10: Expected equality of these values:");
         // googletest's `file` is a C++ file, not a pytest module: the name stays Suite.Fails.
         assert_eq!(f.file.as_deref(), Some("suite_test.cc"));
         assert_eq!(r.suites.len(), 2);

@@ -6,6 +6,7 @@
 
 mod lines;
 mod progress;
+mod retry;
 pub mod runner;
 
 use std::collections::BTreeMap;
@@ -58,6 +59,14 @@ pub struct SubmitArgs {
     /// sh -c in the job's working directory of the packed tree).
     #[arg(long, value_name = "CMD")]
     pub list_command: Option<String>,
+    /// With a runner: run the tests that failed again, up to N times (at most 5). A test that
+    /// passes on a retry is FLAKY: the run still passes (unless --flaky-fail), and the merged
+    /// JUnit records the failures as <flakyFailure>.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub retries: u8,
+    /// With --retries: a run whose only failures were flaky exits 1, not 0.
+    #[arg(long)]
+    pub flaky_fail: bool,
     /// A dimension a node must have: key=value, or key=a|b for either (repeatable).
     #[arg(long = "dimension", value_parser = crate::cli::parse_var)]
     pub dimensions: Vec<(String, String)>,
@@ -511,6 +520,19 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
     }
     let node = NodeAccess::open(data_dir, &args.bootstrap)?;
     let (req, suite) = request(&node.dir, data_dir, &args)?;
+    if args.retries > retry::MAX_RETRIES {
+        return Err(usage(format!("--retries {}: at most {}", args.retries, retry::MAX_RETRIES)));
+    }
+    if args.retries > 0 && suite.is_none() {
+        return Err(usage(
+            "--retries re-runs failed tests, so it needs a runner whose tests grid splits \
+             (--runner gtest|pytest|list)",
+        ));
+    }
+    if args.flaky_fail && args.retries == 0 {
+        return Err(usage("--flaky-fail goes with --retries N"));
+    }
+    let first = req.clone();
     let shards = req.spec.shards;
     let submit = Request::Submit { request: Box::new(req), watch: !args.detach, force: args.force };
     if args.detach {
@@ -524,7 +546,79 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
         return Ok(exit::OK);
     }
     let final_view = follow(&node.dir, &submit, shards, args.json, args.follow)?;
-    finish(&node.dir, &final_view, args.json, args.junit.as_deref(), suite.as_ref())
+    let retried = match &suite {
+        Some(suite) if args.retries > 0 => {
+            Some(retry_failed(&node.dir, &first, final_view.clone(), suite, &args)?)
+        }
+        _ => None,
+    };
+    finish(
+        &node.dir,
+        &final_view,
+        args.json,
+        args.junit.as_deref(),
+        suite.as_ref(),
+        retried.as_ref(),
+    )
+}
+
+/// What the retries of a job's failed tests came to.
+#[derive(Debug)]
+struct Retried {
+    runner: grid_protocol::job::Runner,
+    attempts: Vec<retry::Attempt>,
+    verdicts: retry::Verdicts,
+    code: u8,
+}
+
+/// Runs the failed tests of the job `first` ended as `view` again, up to `--retries` times.
+fn retry_failed(
+    dir: &Path,
+    first: &JobRequest,
+    view: JobView,
+    suite: &runner::Suite,
+    args: &SubmitArgs,
+) -> anyhow::Result<Retried> {
+    let runner = suite.runner;
+    let tmp = tempfile::tempdir()?;
+    let read = |v: &JobView, i: usize| {
+        read_junit(dir, &v.shards, true, false, &tmp.path().join(format!("attempt-{i}")))
+    };
+    let files = read(&view, 1)?;
+    let mut attempts = vec![retry::Attempt { view, files, lists: first.spec.tests.clone() }];
+    let history = runner::load_history(&suite.history);
+    for k in 2..=usize::from(args.retries) + 1 {
+        let pending = attempts.last().expect("one at least").to_retry(runner);
+        if pending.is_empty() {
+            break;
+        }
+        let req = retry::retry_request(first, &pending, &history, k);
+        eprintln!(
+            "retry {} of {}: {} tests that failed, on {} shards",
+            k - 1,
+            args.retries,
+            pending.len(),
+            req.spec.shards
+        );
+        let shards = req.spec.shards;
+        let lists = req.spec.tests.clone();
+        let submit = Request::Submit { request: Box::new(req), watch: true, force: false };
+        let v = follow(dir, &submit, shards, args.json, None)?;
+        let files = read(&v, k)?;
+        attempts.push(retry::Attempt { view: v, files, lists });
+    }
+    let verdicts = retry::verdicts(runner, &attempts);
+    let first_run = &attempts[0];
+    let code = if exit::of_job(&first_run.view) == exit::OK
+        || (first_run.unexplained_failures(runner) == 0 && verdicts.failed.is_empty())
+    {
+        if args.flaky_fail && !verdicts.flaky.is_empty() { exit::TESTS_FAILED } else { exit::OK }
+    } else if first_run.unexplained_failures(runner) > 0 {
+        exit::of_job(&first_run.view)
+    } else {
+        exit::TESTS_FAILED
+    };
+    Ok(Retried { runner, attempts, verdicts, code })
 }
 
 /// `grid collect JOB`: re-attaches to a job and gathers its results.
@@ -532,7 +626,7 @@ pub fn collect(data_dir: &Path, job: ContentId, args: &ResultArgs) -> anyhow::Re
     let node = NodeAccess::open(data_dir, &[])?;
     let req = Request::Job { job, submission: None, watch: true };
     let v = follow(&node.dir, &req, 0, args.json, None)?;
-    finish(&node.dir, &v, args.json, args.junit.as_deref(), None)
+    finish(&node.dir, &v, args.json, args.junit.as_deref(), None, None)
 }
 
 /// How often the bar's ETA is recomputed between the node's events.
@@ -735,8 +829,9 @@ fn finish(
     json: bool,
     junit: Option<&Path>,
     suite: Option<&runner::Suite>,
+    retried: Option<&Retried>,
 ) -> anyhow::Result<u8> {
-    let code = exit::of_job(v);
+    let code = retried.map_or_else(|| exit::of_job(v), |r| r.code);
     let mut tails = BTreeMap::new();
     for s in &v.shards {
         if s.passed || s.state == ShardState::Canceled {
@@ -775,9 +870,15 @@ fn finish(
             eprintln!("note: the test durations were not recorded: {e:#}");
         }
     }
-    let merged = match junit {
-        Some(path) => Some(write_merged_junit(&files, path)?),
-        None => None,
+    let merged = match (junit, retried) {
+        (Some(path), Some(r)) => {
+            let doc = retry::merged_junit(r.runner, &r.attempts, &r.verdicts);
+            std::fs::write(path, doc)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Some(r.attempts.iter().map(|a| a.files.by_shard.values().flatten().count()).sum())
+        }
+        (Some(path), None) => Some(write_merged_junit(&files, path)?),
+        (None, _) => None,
     };
     let failed = FailedTests::of(&v.shards, &files);
     if json {
@@ -801,12 +902,72 @@ fn finish(
             failed_tests_omitted: (failed.cases.len() > MAX_JSON_TESTS)
                 .then(|| failed.cases.len() - MAX_JSON_TESTS),
             junit_files_merged: merged,
+            flaky_tests: retried
+                .map(|r| r.verdicts.flaky.keys().cloned().collect())
+                .unwrap_or_default(),
+            failed_every_attempt: retried
+                .map(|r| r.verdicts.failed.iter().cloned().collect())
+                .unwrap_or_default(),
+            retry_jobs: retried
+                .map(|r| r.attempts.iter().skip(1).map(|a| a.view.job.to_string()).collect())
+                .unwrap_or_default(),
         };
         stdout(&format!("{}\n", serde_json::to_string(&out)?))?;
         return Ok(code);
     }
-    stdout(&summary(v, &tails, &failed, merged.zip(junit)))?;
+    let mut text = summary(v, &tails, &failed, merged.zip(junit));
+    if let Some(r) = retried {
+        text.push_str(&retry_summary(dir, r, code));
+    }
+    stdout(&text)?;
     Ok(code)
+}
+
+/// What the retries showed: the flaky tests, and for each test that failed every time, the log
+/// tail of every attempt of it.
+fn retry_summary(dir: &Path, r: &Retried, code: u8) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let retries = r.attempts.len() - 1;
+    let _ = writeln!(
+        o,
+        "\nretries: {retries} ({}); {} flaky, {} failed every attempt",
+        r.attempts.iter().skip(1).map(|a| a.view.job.to_string()).collect::<Vec<_>>().join(", "),
+        r.verdicts.flaky.len(),
+        r.verdicts.failed.len()
+    );
+    for (t, k) in r.verdicts.flaky.iter().take(MAX_LISTED_TESTS) {
+        let _ = writeln!(o, "  FLAKY   {t}  (passed on attempt {k})");
+    }
+    for t in r.verdicts.failed.iter().take(MAX_LISTED_TESTS) {
+        let _ = writeln!(o, "  FAILED  {t}  (failed all {} attempts)", r.attempts.len());
+        for (i, a) in r.attempts.iter().enumerate() {
+            let Some(shard) = a.lists.iter().position(|l| l.contains(t)) else { continue };
+            let Some(s) = a.view.shards.get(shard) else { continue };
+            let tail_text = s.log.map_or_else(String::new, |log| {
+                control::cat(dir, log)
+                    .map(|t| tail(&t, 20))
+                    .unwrap_or_else(|e| format!("(log {log} unavailable: {e:#})\n"))
+            });
+            let _ = writeln!(o, "  --- attempt {} (shard {shard}, {}) ---", i + 1, s.state);
+            for line in tail_text.lines() {
+                let _ = writeln!(o, "  {line}");
+            }
+        }
+    }
+    let _ = writeln!(
+        o,
+        "{}",
+        match code {
+            exit::OK if !r.verdicts.flaky.is_empty() => {
+                "every failure passed on a retry: exit 0 (--flaky-fail makes flaky tests fail the run)"
+            }
+            exit::TESTS_FAILED if r.verdicts.failed.is_empty() =>
+                "flaky tests fail the run (--flaky-fail)",
+            _ => "",
+        }
+    );
+    o
 }
 
 /// Writes the results to standard output. A closed pipe is [`UserError::StdoutClosed`], not a

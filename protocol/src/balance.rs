@@ -67,10 +67,15 @@ pub fn plan(tests: &[String], history: &BTreeMap<String, f64>, shards: u32) -> P
     let mut load = vec![0.0f64; n];
     let mut assigned: Vec<Vec<usize>> = vec![Vec::new(); n];
     for (i, d) in order {
-        let (s, _) = load
-            .iter()
-            .enumerate()
-            .min_by(|a, b| a.1.total_cmp(b.1).then(a.0.cmp(&b.0)))
+        // The least loaded shard; at equal load the one with fewer tests, so no shard is left
+        // empty while there are tests (tests recorded at 0 s included).
+        let s = (0..n)
+            .min_by(|&a, &b| {
+                load[a]
+                    .total_cmp(&load[b])
+                    .then(assigned[a].len().cmp(&assigned[b].len()))
+                    .then(a.cmp(&b))
+            })
             .expect("at least one shard");
         load[s] += d;
         assigned[s].push(i);
@@ -146,6 +151,14 @@ mod tests {
         // Known: 10 and 2; median 10 (the upper one): t002 and t003 are 10 each.
         assert_eq!(p.known, 2);
         assert_eq!(p.expected.iter().sum::<f64>(), 32.0);
+    }
+
+    #[test]
+    fn tests_recorded_at_no_time_still_spread_over_every_shard() {
+        let tests = names(5);
+        let history: BTreeMap<String, f64> = tests.iter().map(|t| (t.clone(), 0.0)).collect();
+        let p = plan(&tests, &history, 3);
+        assert!(p.shards.iter().all(|s| !s.is_empty()), "{:?}", p.shards);
     }
 
     #[test]

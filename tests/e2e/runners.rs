@@ -33,7 +33,10 @@ fn mesh(s: &Scratch) -> Mesh {
 /// A googletest suite: `Fast.T0`..`Fast.T9` (10 ms each), `Slow.Long` (1.5 s) and two
 /// parameterized cases; built in `dir/suite`. `None` (and why) when it cannot be built.
 fn gtest_suite(s: &Scratch) -> Option<std::path::PathBuf> {
-    let src = r#"
+    build_gtest(s, GTEST_SRC)
+}
+
+const GTEST_SRC: &str = r#"
 #include <gtest/gtest.h>
 #include <chrono>
 #include <thread>
@@ -45,6 +48,9 @@ class Param : public ::testing::TestWithParam<int> {};
 TEST_P(Param, Even) { nap(10); EXPECT_EQ(GetParam() % 2, 0); }
 INSTANTIATE_TEST_SUITE_P(Inst, Param, ::testing::Values(2, 4));
 "#;
+
+/// Builds the googletest source `src` into `job/suite`; `None` (and why) when it cannot be.
+fn build_gtest(s: &Scratch, src: &str) -> Option<std::path::PathBuf> {
     let src_path = s.write("src/suite.cc", src.as_bytes(), 0o644);
     let out = s.path("job/suite");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
@@ -216,4 +222,79 @@ fn a_pytest_suite_is_split_by_node_id_and_each_test_runs_once() {
     let (code, out, err) = submit(&m, &s, &["--shards", "3", "--junit", junit_arg, "--", "pytest"]);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(err.contains("balanced by the durations of 7 of them"), "{err}");
+}
+
+/// A suite with a test that fails the first time it runs (it leaves a mark in the file
+/// `FLAKY_MARK` names, and passes once the mark is there) and, with `--gtest_filter`, one that
+/// always fails.
+const RETRY_SRC: &str = r#"
+#include <gtest/gtest.h>
+#include <cstdlib>
+#include <fstream>
+TEST(Steady, Passes) { SUCCEED(); }
+TEST(Steady, AlsoPasses) { SUCCEED(); }
+TEST(Flaky, Once) {
+  const char* mark = std::getenv("FLAKY_MARK");
+  ASSERT_NE(mark, nullptr);
+  if (!std::ifstream(mark).good()) { std::ofstream(mark) << "seen"; FAIL() << "first run fails"; }
+}
+TEST(Broken, Always) { FAIL() << "broken for good"; }
+"#;
+
+#[test]
+fn a_test_that_passes_on_a_retry_is_flaky_and_one_that_never_passes_fails_the_run() {
+    let s = Scratch::new();
+    if build_gtest(&s, RETRY_SRC).is_none() {
+        return;
+    }
+    let m = mesh(&s);
+    let junit = s.path("merged.xml");
+    let junit_arg = junit.to_str().unwrap().to_string();
+    let mark = s.path("flaky.mark");
+    let env = format!("FLAKY_MARK={}", mark.display());
+    let run = |extra: &[&str], filter: &str| {
+        let _ = std::fs::remove_file(&mark);
+        let mut a = vec!["--shards", "2", "--retries", "2", "--junit", &junit_arg, "--env", &env];
+        a.extend_from_slice(extra);
+        a.extend(["--", "./suite", filter]);
+        submit(&m, &s, &a)
+    };
+    let filter_ok = "--gtest_filter=Steady.*:Flaky.*";
+
+    // The flaky test fails, passes on the retry: the run passes and says so.
+    let (code, out, err) = run(&[], filter_ok);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("retry 1 of 2: 1 tests that failed"), "{err}");
+    assert!(out.contains("FLAKY   Flaky.Once  (passed on attempt 2)"), "{out}");
+    assert!(out.contains("1 flaky, 0 failed every attempt"), "{out}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let want: BTreeMap<String, usize> =
+        ["Steady.Passes", "Steady.AlsoPasses", "Flaky.Once"].map(|t| (t.to_string(), 1)).into();
+    assert_eq!(cases(&xml), want, "{xml}");
+    let flaky = xml.split("name=\"Once\"").nth(1).and_then(|r| r.split("</testcase>").next());
+    let flaky = flaky.unwrap_or_else(|| panic!("no Flaky.Once case: {xml}"));
+    assert!(
+        flaky.contains("<flakyFailure message=\"") && flaky.contains("suite.cc:10: Failed"),
+        "{xml}"
+    );
+    assert!(!flaky.contains("<failure"), "the kept run is the passing one: {xml}");
+
+    // With --flaky-fail the same run fails.
+    let (code, out, err) = run(&["--flaky-fail"], filter_ok);
+    assert_eq!(code, 1, "{out}\n{err}");
+
+    // A test failing every attempt fails the run, with each attempt's log tail.
+    let (code, out, err) = run(&[], "--gtest_filter=*");
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("FAILED  Broken.Always  (failed all 3 attempts)"), "{out}");
+    assert!(out.contains("FLAKY   Flaky.Once  (passed on attempt 2)"), "{out}");
+    for k in 1..=3 {
+        assert!(out.contains(&format!("--- attempt {k} (shard")), "{out}");
+    }
+    assert!(out.matches("broken for good").count() >= 3, "{out}");
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    let broken = xml.split("name=\"Always\"").nth(1).and_then(|r| r.split("</testcase>").next());
+    let broken = broken.unwrap_or_else(|| panic!("no Broken.Always case: {xml}"));
+    assert_eq!(broken.matches("<rerunFailure").count(), 2, "{xml}");
+    assert_eq!(cases(&xml).values().copied().max(), Some(1), "each test once: {xml}");
 }

@@ -270,7 +270,7 @@ pub fn durations(
 }
 
 /// The (classname, name) pairs a JUnit file may give the test `t` under.
-fn junit_keys(runner: Runner, t: &str) -> Vec<(String, String)> {
+pub(crate) fn junit_keys(runner: Runner, t: &str) -> Vec<(String, String)> {
     match runner {
         // Suite and test names are identifiers (with `/` for parameters): no dots.
         Runner::Gtest => t
