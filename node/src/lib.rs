@@ -23,5 +23,6 @@ pub mod mesh;
 pub mod node_cli;
 pub mod pack;
 pub mod payload;
+pub mod pyc;
 pub mod store;
 pub mod submit;

@@ -244,6 +244,7 @@ fn pack_with(
             Packed { id: t.id, files: t.files, symlinks: t.symlinks, bytes: t.bytes, hashed: 0 };
         return Ok((packed, true));
     }
+    let python = python_caches(store, session, &found)?;
     // Unchanged files are answered from the stat cache in one batch; the rest are read.
     let with_md: Vec<(&Path, &fs::Metadata)> = found
         .iter()
@@ -283,6 +284,7 @@ fn pack_with(
     let mut hashed = 0;
     for (rel, entry, was_hashed) in stored {
         hashed += was_hashed as u64;
+        let entry = python.get(&rel).cloned().unwrap_or(entry);
         m.entries.insert(rel, entry);
     }
     m.validate().map_err(|e| PackError::Manifest(Box::new(e)))?;
@@ -309,6 +311,42 @@ const RACY_WINDOW: Duration = Duration::from_secs(2);
 /// A digest of every found path's name and kind, and of a file's size, times, inode, device
 /// and mode or a link's target; and whether a file changed within [`RACY_WINDOW`] of `started`.
 /// `None` when a file's metadata is unknown (a link leaving the tree, followed later).
+/// The entries of the tree's Python bytecode caches that are fresh for a source in the tree,
+/// stored as unchecked hash-based pycs ([`crate::pyc`]), by path.
+fn python_caches(
+    store: &Store,
+    session: &Session,
+    found: &[Found],
+) -> Result<std::collections::HashMap<String, Entry>, PackError> {
+    let mut sources = std::collections::HashMap::new();
+    let mut caches = Vec::new();
+    for f in found {
+        let Found::File { rel, abs, md: Some(md) } = f else { continue };
+        if rel.ends_with(".py") {
+            sources.insert(rel.as_str(), (abs, md));
+        } else if rel.ends_with(".pyc") && md.len() <= crate::pyc::MAX_PYC_BYTES {
+            caches.push((rel, abs));
+        }
+    }
+    let mut out = std::collections::HashMap::new();
+    for (rel, abs) in caches {
+        let Some(source) = crate::pyc::source_of(rel) else { continue };
+        let Some((src_abs, src_md)) = sources.get(source.as_str()) else { continue };
+        let bytes = fs::read(abs).map_err(|e| PackError::Io(abs.clone(), e))?;
+        let mtime = u64::try_from(src_md.mtime()).unwrap_or(0);
+        let hash =
+            crate::pyc::hash_of(src_abs).map_err(|e| PackError::Io((*src_abs).clone(), e))?;
+        let Some(converted) = crate::pyc::unchecked(&bytes, mtime, src_md.len(), hash) else {
+            continue;
+        };
+        let tmp = tempfile::NamedTempFile::new().map_err(|e| PackError::Io(abs.clone(), e))?;
+        fs::write(tmp.path(), &converted).map_err(|e| PackError::Io(abs.clone(), e))?;
+        let s = store.put_file(tmp.path(), session)?;
+        out.insert(rel.clone(), Entry::File { size: s.size, executable: false, blocks: s.blocks });
+    }
+    Ok(out)
+}
+
 fn fingerprint(found: &[Found], started: SystemTime) -> Option<([u8; 20], bool)> {
     let racy_after = started
         .checked_sub(RACY_WINDOW)

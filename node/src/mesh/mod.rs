@@ -518,6 +518,8 @@ pub fn start(
         reserved: BTreeSet::new(),
         relay_peers: BTreeMap::new(),
         relay_quic: BTreeMap::new(),
+        relayed_conns: HashMap::new(),
+        unsent: Unsent::default(),
     };
     let task = tokio::spawn(driver.run());
     Ok((handle, in_rx, task))
@@ -683,6 +685,75 @@ struct Driver {
     relay_peers: BTreeMap<PeerId, Multiaddr>,
     /// A QUIC address of each of those relays that has one.
     relay_quic: BTreeMap<PeerId, Multiaddr>,
+    /// Each peer's relayed connections (at most 8 remembered), closed once hole punching gave
+    /// a direct one.
+    relayed_conns: HashMap<PeerId, Vec<libp2p::swarm::ConnectionId>>,
+    /// Messages not yet delivered.
+    unsent: Unsent,
+}
+
+/// Bytes of sent messages kept until their peer confirms them, at most.
+pub const MAX_UNCONFIRMED_BYTES: usize = 16 << 20;
+/// Messages kept for a peer that could not be dialed, until a connection to it opens.
+pub const MAX_PARKED_PER_PEER: usize = 32;
+/// Peers with parked messages, at most.
+pub const MAX_PARKED_PEERS: usize = 256;
+/// How long a parked message waits for a connection before it is dropped (the protocol's own
+/// retries take over then).
+pub const PARKED_TTL: Duration = Duration::from_secs(30);
+
+/// Messages between sending and delivery: a copy of each sent frame until its peer answers
+/// (at most [`MAX_UNCONFIRMED_BYTES`] in all), and frames for peers that could not be dialed,
+/// sent as soon as a connection opens (through a relay, typically) instead of waiting for the
+/// protocol's timeouts.
+#[derive(Debug, Default)]
+struct Unsent {
+    unconfirmed: HashMap<OutboundRequestId, Vec<u8>>,
+    bytes: usize,
+    parked: HashMap<PeerId, std::collections::VecDeque<(tokio::time::Instant, Vec<u8>)>>,
+}
+
+impl Unsent {
+    fn room_for(&self, len: usize) -> bool {
+        self.bytes + len <= MAX_UNCONFIRMED_BYTES
+    }
+
+    fn sent(&mut self, id: OutboundRequestId, frame: Vec<u8>) {
+        self.bytes += frame.len();
+        self.unconfirmed.insert(id, frame);
+    }
+
+    /// The request ended (answered or failed): its frame, if a copy was kept.
+    fn delivered(&mut self, id: OutboundRequestId) -> Option<Vec<u8>> {
+        let f = self.unconfirmed.remove(&id)?;
+        self.bytes -= f.len();
+        Some(f)
+    }
+
+    fn park(&mut self, peer: PeerId, frame: Vec<u8>, now: tokio::time::Instant) {
+        if !self.parked.contains_key(&peer) && self.parked.len() >= MAX_PARKED_PEERS {
+            return;
+        }
+        let q = self.parked.entry(peer).or_default();
+        if q.len() >= MAX_PARKED_PER_PEER {
+            q.pop_front();
+        }
+        q.push_back((now, frame));
+    }
+
+    fn take(&mut self, peer: &PeerId) -> Vec<Vec<u8>> {
+        self.parked
+            .remove(peer)
+            .map(|q| q.into_iter().map(|(_, f)| f).collect())
+            .unwrap_or_default()
+    }
+
+    fn expire(&mut self, now: tokio::time::Instant) {
+        for q in self.parked.values_mut() {
+            q.retain(|(at, _)| now.saturating_duration_since(*at) < PARKED_TTL);
+        }
+        self.parked.retain(|_, q| !q.is_empty());
+    }
 }
 
 /// Most relays remembered for dialing peers through them.
@@ -730,6 +801,7 @@ impl Driver {
                 }
                 _ = redial.tick() => {
                     self.retry_reservations();
+                    self.unsent.expire(tokio::time::Instant::now());
                     let freed = crate::payload::release_idle_buffers();
                     if freed > 0 {
                         debug!(freed, "block buffers released after an idle spell");
@@ -769,9 +841,7 @@ impl Driver {
                 self.pending_providers.insert(q, (HashSet::new(), reply));
             }
             Command::Provide(id) => self.provide(id),
-            Command::Send { peer, frame } => {
-                self.swarm.behaviour_mut().msg.send_request(&peer, frame);
-            }
+            Command::Send { peer, frame } => self.send_msg(peer, frame),
             Command::Publish { topic, frame, reply } => {
                 let topic = IdentTopic::new(topic);
                 let sent = match self.swarm.behaviour_mut().gossip.publish(topic.clone(), frame) {
@@ -815,6 +885,15 @@ impl Driver {
                 }
                 let _ = self.swarm.behaviour_mut().content.send_response(channel, response);
             }
+        }
+    }
+
+    /// Sends a protocol frame, keeping a copy until the peer has it (see [`Unsent`]).
+    fn send_msg(&mut self, peer: PeerId, frame: Vec<u8>) {
+        let copy = self.unsent.room_for(frame.len()).then(|| frame.clone());
+        let id = self.swarm.behaviour_mut().msg.send_request(&peer, frame);
+        if let Some(c) = copy {
+            self.unsent.sent(id, c);
         }
     }
 
@@ -1073,7 +1152,22 @@ impl Driver {
                 info!(address = %full, "listening");
                 self.listening.push(full);
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                connection_id,
+                ..
+            } => {
+                if endpoint.is_relayed() {
+                    let ids = self.relayed_conns.entry(peer_id).or_default();
+                    if ids.len() < 8 {
+                        ids.push(connection_id);
+                    }
+                }
+                for frame in self.unsent.take(&peer_id) {
+                    self.send_msg(peer_id, frame);
+                }
                 if num_established.get() == 1
                     && self.inbound.try_send(MeshEvent::PeerConnected(peer_id)).is_err()
                 {
@@ -1087,7 +1181,20 @@ impl Driver {
                 }
                 self.bootstrap_once();
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, num_established, endpoint, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                cause,
+                num_established,
+                endpoint,
+                connection_id,
+                ..
+            } => {
+                if let Some(ids) = self.relayed_conns.get_mut(&peer_id) {
+                    ids.retain(|c| *c != connection_id);
+                    if ids.is_empty() {
+                        self.relayed_conns.remove(&peer_id);
+                    }
+                }
                 debug!(peer = %peer_id, ?cause, num_established, "connection closed");
                 if num_established == 0 {
                     self.addresses.remove(&peer_id);
@@ -1198,7 +1305,14 @@ impl Driver {
             }
             BehaviourEvent::Relay(e) => debug!(event = ?e, "relay"),
             BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result }) => match result {
-                Ok(_) => info!(peer = %remote_peer_id, "direct connection by hole punching"),
+                Ok(_) => {
+                    info!(peer = %remote_peer_id, "direct connection by hole punching");
+                    // Requests take turns over a peer's connections: with the relayed one
+                    // open, half the content would still cross the relay.
+                    for id in self.relayed_conns.remove(&remote_peer_id).unwrap_or_default() {
+                        self.swarm.close_connection(id);
+                    }
+                }
                 Err(e) => {
                     info!(peer = %remote_peer_id, error = %e, "hole punching failed; staying relayed")
                 }
@@ -1262,18 +1376,39 @@ impl Driver {
                             .msg
                             .send_response(channel, MsgResponse::Received);
                     }
-                    request_response::Message::Response { .. } => {}
+                    request_response::Message::Response { request_id, .. } => {
+                        self.unsent.delivered(request_id);
+                    }
                 }
             }
             BehaviourEvent::Msg(request_response::Event::OutboundFailure {
-                peer, error, ..
+                peer,
+                error,
+                request_id,
+                ..
             }) => {
                 debug!(%peer, %error, "message not delivered");
-                // No way to reach it directly (a node behind NAT): dial it through the relays
-                // this node knows, where it may hold a reservation; the next message then
-                // finds the connection (and hole punching may make it direct).
-                if matches!(error, request_response::OutboundFailure::DialFailure) {
-                    self.dial_through_relays(peer);
+                let frame = self.unsent.delivered(request_id);
+                match error {
+                    // No way to reach it directly (a node behind NAT): dial it through the
+                    // relays this node knows, where it may hold a reservation, and send the
+                    // message once connected (hole punching may then make it direct).
+                    request_response::OutboundFailure::DialFailure => {
+                        if let Some(f) = frame {
+                            self.unsent.park(peer, f, tokio::time::Instant::now());
+                        }
+                        self.dial_through_relays(peer);
+                    }
+                    // The connection it went on closed (a relayed one given up for a direct
+                    // one): again on another, once.
+                    request_response::OutboundFailure::ConnectionClosed
+                        if self.swarm.is_connected(&peer) =>
+                    {
+                        if let Some(f) = frame {
+                            self.swarm.behaviour_mut().msg.send_request(&peer, f);
+                        }
+                    }
+                    _ => {}
                 }
             }
             BehaviourEvent::Content(request_response::Event::Message { peer, message, .. }) => {
@@ -1289,12 +1424,24 @@ impl Driver {
                 }
             }
             BehaviourEvent::Content(request_response::Event::OutboundFailure {
+                peer,
                 request_id,
                 error,
                 ..
             }) => {
                 if let Some(reply) = self.pending_content.remove(&request_id) {
-                    let _ = reply.send(Err(error.to_string()));
+                    // Caught on a connection that closed while another to the peer stays open
+                    // (a relayed one given up for a direct one): not the peer's failure, so
+                    // ask again at once, as after a busy answer.
+                    let answer =
+                        if matches!(error, request_response::OutboundFailure::ConnectionClosed)
+                            && self.swarm.is_connected(&peer)
+                        {
+                            Ok(ContentResponse::Busy)
+                        } else {
+                            Err(error.to_string())
+                        };
+                    let _ = reply.send(answer);
                 }
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
