@@ -298,3 +298,29 @@ fn a_test_that_passes_on_a_retry_is_flaky_and_one_that_never_passes_fails_the_ru
     assert_eq!(broken.matches("<rerunFailure").count(), 2, "{xml}");
     assert_eq!(cases(&xml).values().copied().max(), Some(1), "each test once: {xml}");
 }
+
+#[test]
+fn shipped_python_bytecode_is_used_on_the_worker_not_compiled_again() {
+    let s = Scratch::new();
+    let python = Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !python {
+        eprintln!("skipped: python3 is not installed (scripts/lib/common.sh installs it)");
+        return;
+    }
+    s.write("job/pkg/__init__.py", b"", 0o644);
+    s.write("job/pkg/mod.py", b"VALUE = 42\n", 0o644);
+    // Timestamp-based caches, as an import or py_compile leaves them in a checkout.
+    let compiled = Command::new("python3")
+        .args(["-m", "py_compile", "pkg/__init__.py", "pkg/mod.py"])
+        .current_dir(s.path("job"))
+        .env_remove("SOURCE_DATE_EPOCH")
+        .status()
+        .expect("run py_compile");
+    assert!(compiled.success());
+    let m = mesh(&s);
+    // The shard passes only if CPython loads the shipped cache rather than finding it stale.
+    let check = "log=$TMPDIR/import.log; python3 -v -c 'import pkg.mod' > $log 2>&1; cat $log; \
+                 grep -q 'code object from .*mod.cpython' $log && ! grep -q 'bytecode is stale' $log";
+    let (code, out, err) = submit(&m, &s, &["--runner", "none", "--", "sh", "-c", check]);
+    assert_eq!(code, 0, "{out}\n{err}");
+}
