@@ -302,7 +302,8 @@ fn a_test_that_passes_on_a_retry_is_flaky_and_one_that_never_passes_fails_the_ru
 #[test]
 fn shipped_python_bytecode_is_used_on_the_worker_not_compiled_again() {
     let s = Scratch::new();
-    let python = Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
+    let python =
+        Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success());
     if !python {
         eprintln!("skipped: python3 is not installed (scripts/lib/common.sh installs it)");
         return;

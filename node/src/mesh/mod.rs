@@ -1402,6 +1402,7 @@ impl Driver {
                     // The connection it went on closed (a relayed one given up for a direct
                     // one): again on another, once.
                     request_response::OutboundFailure::ConnectionClosed
+                    | request_response::OutboundFailure::Io(_)
                         if self.swarm.is_connected(&peer) =>
                     {
                         if let Some(f) = frame {
@@ -1433,14 +1434,16 @@ impl Driver {
                     // Caught on a connection that closed while another to the peer stays open
                     // (a relayed one given up for a direct one): not the peer's failure, so
                     // ask again at once, as after a busy answer.
-                    let answer =
-                        if matches!(error, request_response::OutboundFailure::ConnectionClosed)
-                            && self.swarm.is_connected(&peer)
-                        {
-                            Ok(ContentResponse::Busy)
-                        } else {
-                            Err(error.to_string())
-                        };
+                    let caught = matches!(
+                        error,
+                        request_response::OutboundFailure::ConnectionClosed
+                            | request_response::OutboundFailure::Io(_)
+                    );
+                    let answer = if caught && self.swarm.is_connected(&peer) {
+                        Ok(ContentResponse::Busy)
+                    } else {
+                        Err(error.to_string())
+                    };
                     let _ = reply.send(answer);
                 }
             }
