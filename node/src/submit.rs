@@ -61,7 +61,7 @@ pub struct SubmitArgs {
     pub list_command: Option<String>,
     /// With a runner: run the tests that failed again, up to N times (at most 5). A test that
     /// passes on a retry is FLAKY: the run still passes (unless --flaky-fail), and the merged
-    /// JUnit records the failures as <flakyFailure>.
+    /// JUnit records the failures as flakyFailure elements.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub retries: u8,
     /// With --retries: a run whose only failures were flaky exits 1, not 0.
