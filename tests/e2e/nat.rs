@@ -305,22 +305,8 @@ fn job_across_with(
             reservations(n).contains(&relay.peer_id).then_some(())
         });
     }
-    let input: Vec<u8> =
-        (0..8u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    s.write("job/input.bin", &input, 0o644);
-    s.write("job/run.sh", b"#!/bin/sh\nsha1sum input.bin\n", 0o755);
-    let out = submitter
-        .grid(["submit", "--input", ".", "--shards", "2", "--json", "--", "./run.sh"])
-        .current_dir(s.path("job"))
-        .output()
-        .expect("run grid submit");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(out.status.code(), Some(0), "{v}");
-    for sh in v["shards"].as_array().expect("shards") {
-        assert_eq!(sh["state"], "COMPLETED", "{v}");
-        assert_eq!(sh["node"], worker.peer_id.as_str(), "{v}");
-    }
+    write_job(&s, 8);
+    run_job(&submitter, &worker, &s, 2);
     let to_submitter =
         peers_json(&worker).into_iter().find(|p| p["peer"] == submitter.peer_id.as_str());
     let kind = to_submitter
@@ -334,6 +320,32 @@ fn job_across_with(
         .filter_map(|a| a.as_str().map(String::from))
         .collect();
     Some(Across { kind, addresses })
+}
+
+/// A job in `job/`: an input of `mib` MiB and a command that hashes it.
+fn write_job(s: &Scratch, mib: u32) {
+    let input: Vec<u8> =
+        (0..mib << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    s.write("job/input.bin", &input, 0o644);
+    s.write("job/run.sh", b"#!/bin/sh\nsha1sum input.bin\n", 0o755);
+}
+
+/// Submits the job of `job/` on `submitter` in `shards` shards; asserts every shard completed
+/// on `worker`.
+fn run_job(submitter: &NodeProc, worker: &NodeProc, s: &Scratch, shards: u32) {
+    let shards = shards.to_string();
+    let out = submitter
+        .grid(["submit", "--input", ".", "--shards", &shards, "--json", "--", "./run.sh"])
+        .current_dir(s.path("job"))
+        .output()
+        .expect("run grid submit");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    for sh in v["shards"].as_array().expect("shards") {
+        assert_eq!(sh["state"], "COMPLETED", "{v}");
+        assert_eq!(sh["node"], worker.peer_id.as_str(), "{v}");
+    }
 }
 
 fn reachability(node: &NodeProc) -> String {
@@ -518,26 +530,12 @@ fn bench_job(placement: Placement, mib: u32, label: &str) -> Option<Timed> {
             });
         }
     }
-    let input: Vec<u8> =
-        (0..mib << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    s.write("job/input.bin", &input, 0o644);
-    s.write("job/run.sh", b"#!/bin/sh\nsha1sum input.bin\n", 0o755);
+    write_job(&s, mib);
     let before = interface_bytes(lab.public());
     let start = Instant::now();
-    let out = submitter
-        .grid(["submit", "--input", ".", "--shards", "4", "--json", "--", "./run.sh"])
-        .current_dir(s.path("job"))
-        .output()
-        .expect("run grid submit");
+    run_job(&submitter, &worker, &s, 4);
     let secs = start.elapsed().as_secs_f64();
     let relay_bytes = interface_bytes(lab.public()) - before;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    assert_eq!(out.status.code(), Some(0), "{v}");
-    for sh in v["shards"].as_array().expect("shards") {
-        assert_eq!(sh["state"], "COMPLETED", "{v}");
-        assert_eq!(sh["node"], worker.peer_id.as_str(), "{v}");
-    }
     let kind = peers_json(&worker)
         .into_iter()
         .find(|p| p["peer"] == submitter.peer_id.as_str())
