@@ -343,6 +343,8 @@ enum Command {
     Status(oneshot::Sender<MeshStatus>),
     ReportBad(PeerId),
     Dial(Multiaddr),
+    /// A peer whose last (relayed) connection closed a moment ago: gone unless it is back.
+    MaybeGone(PeerId),
     Served {
         channel: ResponseChannel<ContentResponse>,
         response: ContentResponse,
@@ -692,6 +694,9 @@ struct Driver {
     unsent: Unsent,
 }
 
+/// How long after its last connection (a relayed one) closed a peer counts as gone, unless a
+/// connection to it opens meanwhile (hole punching's direct one, typically).
+pub const RELAYED_GONE_GRACE: Duration = Duration::from_secs(2);
 /// Bytes of sent messages kept until their peer confirms them, at most.
 pub const MAX_UNCONFIRMED_BYTES: usize = 16 << 20;
 /// Messages kept for a peer that could not be dialed, until a connection to it opens.
@@ -802,6 +807,12 @@ impl Driver {
                 _ = redial.tick() => {
                     self.retry_reservations();
                     self.unsent.expire(tokio::time::Instant::now());
+                    let waiting: Vec<PeerId> = self.unsent.parked.keys().copied().collect();
+                    for p in waiting {
+                        if self.swarm.is_connected(&p) {
+                            self.flush_unsent(p);
+                        }
+                    }
                     let freed = crate::payload::release_idle_buffers();
                     if freed > 0 {
                         debug!(freed, "block buffers released after an idle spell");
@@ -878,6 +889,11 @@ impl Driver {
                     warn!(%addr, error = %e, "cannot dial");
                 }
             }
+            Command::MaybeGone(peer) => {
+                if !self.swarm.is_connected(&peer) {
+                    self.peer_gone(peer);
+                }
+            }
             Command::Served { channel, response } => {
                 if let ContentResponse::Found(b) = &response {
                     self.served_blocks += 1;
@@ -885,6 +901,22 @@ impl Driver {
                 }
                 let _ = self.swarm.behaviour_mut().content.send_response(channel, response);
             }
+        }
+    }
+
+    /// The last connection to `peer` is closed: forget what is known of it, and say so.
+    fn peer_gone(&mut self, peer: PeerId) {
+        self.addresses.remove(&peer);
+        self.agents.remove(&peer);
+        if self.inbound.try_send(MeshEvent::PeerGone(peer)).is_err() {
+            warn!(%peer, "event queue full; a disconnect was not reported");
+        }
+    }
+
+    /// Sends the frames parked for `peer`.
+    fn flush_unsent(&mut self, peer: PeerId) {
+        for frame in self.unsent.take(&peer) {
+            self.send_msg(peer, frame);
         }
     }
 
@@ -1165,9 +1197,7 @@ impl Driver {
                         ids.push(connection_id);
                     }
                 }
-                for frame in self.unsent.take(&peer_id) {
-                    self.send_msg(peer_id, frame);
-                }
+                self.flush_unsent(peer_id);
                 if num_established.get() == 1
                     && self.inbound.try_send(MeshEvent::PeerConnected(peer_id)).is_err()
                 {
@@ -1195,15 +1225,24 @@ impl Driver {
                         self.relayed_conns.remove(&peer_id);
                     }
                 }
+                if num_established > 0 {
+                    self.flush_unsent(peer_id);
+                }
                 debug!(peer = %peer_id, ?cause, num_established, "connection closed");
-                if num_established == 0 {
-                    self.addresses.remove(&peer_id);
-                    self.agents.remove(&peer_id);
-                    if self.inbound.try_send(MeshEvent::PeerGone(peer_id)).is_err() {
-                        warn!(peer = %peer_id, "event queue full; a disconnect was not reported");
-                    }
-                } else if let Some(known) = self.addresses.get_mut(&peer_id) {
+                if let Some(known) = self.addresses.get_mut(&peer_id) {
                     known.retain(|a| a != endpoint.get_remote_address());
+                }
+                if num_established == 0 && endpoint.is_relayed() {
+                    // A relayed connection closes as hole punching replaces it, sometimes just
+                    // before the direct one is counted here: gone only if still gone shortly.
+                    if let Some(tx) = self.self_tx.upgrade() {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(RELAYED_GONE_GRACE).await;
+                            let _ = tx.send(Command::MaybeGone(peer_id)).await;
+                        });
+                    }
+                } else if num_established == 0 {
+                    self.peer_gone(peer_id);
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -1400,13 +1439,17 @@ impl Driver {
                         self.dial_through_relays(peer);
                     }
                     // The connection it went on closed (a relayed one given up for a direct
-                    // one): again on another, once.
+                    // one): again on another, once that one is gone (a stream fails before
+                    // its closing connection does, and a request sent now could take it).
                     request_response::OutboundFailure::ConnectionClosed
                     | request_response::OutboundFailure::Io(_)
                         if self.swarm.is_connected(&peer) =>
                     {
                         if let Some(f) = frame {
-                            self.swarm.behaviour_mut().msg.send_request(&peer, f);
+                            self.unsent.park(peer, f, tokio::time::Instant::now());
+                        }
+                        if matches!(error, request_response::OutboundFailure::ConnectionClosed) {
+                            self.flush_unsent(peer);
                         }
                     }
                     _ => {}
