@@ -837,12 +837,7 @@ fn finish(
         if s.passed || s.state == ShardState::Canceled {
             continue;
         }
-        let text = match s.log {
-            Some(log) => control::cat(dir, log)
-                .map(|t| tail(&t, 20))
-                .unwrap_or_else(|e| format!("(log {log} unavailable: {e:#})\n")),
-            None => String::new(),
-        };
+        let text = s.log.map_or_else(String::new, |log| log_tail(dir, log));
         if !text.is_empty() || s.error.is_some() {
             tails.insert(s.shard, text);
         }
@@ -944,11 +939,7 @@ fn retry_summary(dir: &Path, r: &Retried, code: u8) -> String {
         for (i, a) in r.attempts.iter().enumerate() {
             let Some(shard) = a.lists.iter().position(|l| l.contains(t)) else { continue };
             let Some(s) = a.view.shards.get(shard) else { continue };
-            let tail_text = s.log.map_or_else(String::new, |log| {
-                control::cat(dir, log)
-                    .map(|t| tail(&t, 20))
-                    .unwrap_or_else(|e| format!("(log {log} unavailable: {e:#})\n"))
-            });
+            let tail_text = s.log.map_or_else(String::new, |log| log_tail(dir, log));
             let _ = writeln!(o, "  --- attempt {} (shard {shard}, {}) ---", i + 1, s.state);
             for line in tail_text.lines() {
                 let _ = writeln!(o, "  {line}");
@@ -1091,6 +1082,13 @@ fn summary(
         let _ = writeln!(o, "merged {n} JUnit files into {}", p.display());
     }
     o
+}
+
+/// The last 20 lines of a stored log, or why it cannot be read.
+fn log_tail(dir: &Path, log: ContentId) -> String {
+    control::cat(dir, log)
+        .map(|t| tail(&t, 20))
+        .unwrap_or_else(|e| format!("(log {log} unavailable: {e:#})\n"))
 }
 
 fn tail(text: &str, lines: usize) -> String {

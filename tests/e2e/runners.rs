@@ -325,3 +325,34 @@ fn shipped_python_bytecode_is_used_on_the_worker_not_compiled_again() {
     let (code, out, err) = submit(&m, &s, &["--runner", "none", "--", "sh", "-c", check]);
     assert_eq!(code, 0, "{out}\n{err}");
 }
+
+#[test]
+fn a_runner_of_its_own_reads_its_tests_from_the_file_grid_test_list_names() {
+    let s = Scratch::new();
+    // A "runner" that runs the tests its list names, one line each, and fails unless it was
+    // given exactly one of the three (so every shard got its own).
+    let run = b"#!/bin/sh\nset -e\ntest \"$(wc -l < \"$GRID_TEST_LIST\")\" -eq 1\n\
+                while read -r t; do echo \"ran $t\"; done < \"$GRID_TEST_LIST\"\n";
+    s.write("job/run.sh", run, 0o755);
+    let m = mesh(&s);
+    let (code, out, err) = submit(
+        &m,
+        &s,
+        &[
+            "--runner",
+            "list",
+            "--list-command",
+            "printf 'alpha\\nbeta\\ngamma\\n'",
+            "--shards",
+            "3",
+            "--",
+            "./run.sh",
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("list: listed 3 tests"), "{err}");
+    // Without --runner list, --list-command is a usage error.
+    let (code, _, err) = submit(&m, &s, &["--list-command", "true", "--", "./run.sh"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--list-command goes with --runner list"), "{err}");
+}

@@ -778,6 +778,11 @@ pub fn is_relayed(a: &Multiaddr) -> bool {
     a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2pCircuit))
 }
 
+/// Whether an address is QUIC without a relay.
+fn is_direct_quic(a: &Multiaddr) -> bool {
+    !is_relayed(a) && a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+}
+
 impl Driver {
     async fn run(mut self) {
         match self.store.recent_manifests(MAX_PROVIDED_AT_START) {
@@ -1077,10 +1082,7 @@ impl Driver {
     /// relay then tells this node the UDP address its router maps it to, and hole punching has
     /// a QUIC address to try where routers pass no TCP between the homes.
     fn seen_over_quic(&mut self, relay: PeerId) {
-        let over_quic = |a: &Multiaddr| {
-            !is_relayed(a) && a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
-        };
-        if self.addresses.get(&relay).is_some_and(|a| a.iter().any(over_quic)) {
+        if self.addresses.get(&relay).is_some_and(|a| a.iter().any(is_direct_quic)) {
             return;
         }
         let Some(addr) = self.relay_quic.get(&relay).cloned() else { return };
@@ -1295,12 +1297,7 @@ impl Driver {
                             || self.relay_peers.contains_key(&peer_id)
                         {
                             self.relay_peers.insert(peer_id, addr.clone());
-                            let quic = info.listen_addrs.iter().find(|a| {
-                                !is_relayed(a)
-                                    && a.iter()
-                                        .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
-                            });
-                            if let Some(q) = quic {
+                            if let Some(q) = info.listen_addrs.iter().find(|a| is_direct_quic(a)) {
                                 self.relay_quic.insert(peer_id, q.clone());
                             }
                         }

@@ -92,14 +92,14 @@ pub fn list(
     list_command: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
     let mut c = match runner {
-        Runner::Gtest => {
+        Runner::Gtest | Runner::Pytest => {
+            let listing: &[&str] = if runner == Runner::Gtest {
+                &["--gtest_list_tests"]
+            } else {
+                &["--collect-only", "-q", "-p", "no:cacheprovider"]
+            };
             let mut c = Command::new(program(&spec.command, dir));
-            c.args(&spec.args).arg("--gtest_list_tests");
-            c
-        }
-        Runner::Pytest => {
-            let mut c = Command::new(program(&spec.command, dir));
-            c.args(&spec.args).args(["--collect-only", "-q", "-p", "no:cacheprovider"]);
+            c.args(&spec.args).args(listing);
             c
         }
         Runner::List => {
