@@ -206,6 +206,41 @@ pub struct ShardView {
     /// When its process started, in Unix milliseconds.
     #[serde(default)]
     pub started_at_ms: Option<u64>,
+    /// Earlier tries that failed and were run again (`grid submit --retries` without a
+    /// runner), oldest first. A shard that passed with tries here is flaky.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tries: Vec<TryView>,
+}
+
+/// A failed try of a shard that was run again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TryView {
+    /// The attempt number of its result.
+    pub attempt: u32,
+    /// The node that ran it.
+    #[serde(with = "text")]
+    pub node: PeerId,
+    /// How it ended: COMPLETED (see the exit code) or TIMED_OUT.
+    #[serde(with = "state_name")]
+    pub state: ShardState,
+    /// Its exit code.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// Its run time, in milliseconds.
+    pub duration_ms: u64,
+    /// Its captured log's content id.
+    #[serde(default, with = "text::option")]
+    pub log: Option<ContentId>,
+    /// Its outputs tree's content id.
+    #[serde(default, with = "text::option")]
+    pub outputs: Option<ContentId>,
+}
+
+impl ShardView {
+    /// Whether the shard passed after failing a try: flaky.
+    pub fn flaky(&self) -> bool {
+        self.passed && !self.tries.is_empty()
+    }
 }
 
 impl ShardView {
@@ -226,6 +261,7 @@ impl ShardView {
             phase: None,
             granted_at_ms: None,
             started_at_ms: None,
+            tries: Vec::new(),
         }
     }
 
@@ -332,6 +368,27 @@ pub fn view(s: &Submitter) -> JobView {
                     .map(|b| b.error.clone())
                     .or_else(|| st.as_ref().and_then(|x| x.last_error.clone())),
                 passed: state == ShardState::Completed && body.and_then(|b| b.exit_code) == Some(0),
+                tries: st.as_ref().map_or_else(Vec::new, |x| {
+                    x.tries
+                        .iter()
+                        .filter_map(|r| {
+                            let b = &r.body;
+                            Some(TryView {
+                                attempt: b.attempt,
+                                node: r.claimed_signer()?,
+                                state: if b.state == RunState::TimedOut {
+                                    ShardState::TimedOut
+                                } else {
+                                    ShardState::Completed
+                                },
+                                exit_code: b.exit_code,
+                                duration_ms: b.duration.as_millis() as u64,
+                                log: b.log,
+                                outputs: b.outputs,
+                            })
+                        })
+                        .collect()
+                }),
             }
         })
         .collect();

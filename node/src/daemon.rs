@@ -247,7 +247,9 @@ pub async fn run(
         }
     }
     let mut mesh_config = opts.mesh.clone();
-    mesh_config.dimensions = Some(opts.engine.dimensions.clone());
+    // Only a node that runs shards has dimensions to offer: a relay or a submitter with no
+    // slots must not count as a node that would claim.
+    mesh_config.dimensions = (opts.engine.slots > 0).then(|| opts.engine.dimensions.clone());
     let live = Arc::new(LiveLogs::default());
     let (mesh, mut inbound, mesh_task) =
         mesh::start(keypair.clone(), store.clone(), live.clone(), mesh_config)?;

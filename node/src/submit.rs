@@ -20,7 +20,7 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use grid_protocol::content::ContentId;
 use grid_protocol::dims::POOL;
-use grid_protocol::job::{JobRequest, JobSpec, Scheduling};
+use grid_protocol::job::{JobRequest, JobSpec, MAX_RETRIES, Scheduling};
 use grid_protocol::output::ShardState;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -59,9 +59,10 @@ pub struct SubmitArgs {
     /// sh -c in the job's working directory of the packed tree).
     #[arg(long, value_name = "CMD")]
     pub list_command: Option<String>,
-    /// With a runner: run the tests that failed again, up to N times (at most 5). A test that
-    /// passes on a retry is FLAKY: the run still passes (unless --flaky-fail), and the merged
-    /// JUnit records the failures as flakyFailure elements.
+    /// Run what failed again, up to N times (at most 5), on another node where one matches:
+    /// with a runner, the tests that failed; without one, the shards that failed. A test (or
+    /// shard) that passes on a retry is FLAKY: the run still passes (unless --flaky-fail), and
+    /// the merged JUnit records the failures as flakyFailure elements.
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub retries: u8,
     /// With --retries: a run whose only failures were flaky exits 1, not 0.
@@ -250,6 +251,11 @@ fn request(
     let mut scheduling = Scheduling::with_redundancy(args.redundancy);
     scheduling.priority = args.priority;
     scheduling.wait_for_capacity = !args.no_wait;
+    // Without a runner, the submitter runs failed shards again itself; with one, `grid submit`
+    // runs the failed tests as new jobs (see `retry_failed`).
+    if suite.is_none() {
+        scheduling.retries = args.retries;
+    }
     let mut req = JobRequest::new(spec);
     req.scheduling = scheduling;
     req.name = args.name.clone().unwrap_or_else(|| argv.join(" "));
@@ -518,17 +524,11 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
             "--detach needs a grid-node to keep the job: it cannot be used with --bootstrap",
         ));
     }
+    if args.retries > MAX_RETRIES {
+        return Err(usage(format!("--retries {}: at most {MAX_RETRIES}", args.retries)));
+    }
     let node = NodeAccess::open(data_dir, &args.bootstrap)?;
     let (req, suite) = request(&node.dir, data_dir, &args)?;
-    if args.retries > retry::MAX_RETRIES {
-        return Err(usage(format!("--retries {}: at most {}", args.retries, retry::MAX_RETRIES)));
-    }
-    if args.retries > 0 && suite.is_none() {
-        return Err(usage(
-            "--retries re-runs failed tests, so it needs a runner whose tests grid splits \
-             (--runner gtest|pytest|list)",
-        ));
-    }
     if args.flaky_fail && args.retries == 0 {
         return Err(usage("--flaky-fail goes with --retries N"));
     }
@@ -552,14 +552,19 @@ pub fn submit(data_dir: &Path, args: SubmitArgs) -> anyhow::Result<u8> {
         }
         _ => None,
     };
-    finish(
+    let code = finish(
         &node.dir,
         &final_view,
         args.json,
         args.junit.as_deref(),
         suite.as_ref(),
         retried.as_ref(),
-    )
+    )?;
+    // Shards the submitter ran again (no runner): flaky ones fail the run only when asked.
+    if code == exit::OK && args.flaky_fail && final_view.shards.iter().any(ShardView::flaky) {
+        return Ok(exit::TESTS_FAILED);
+    }
+    Ok(code)
 }
 
 /// What the retries of a job's failed tests came to.
@@ -592,7 +597,16 @@ fn retry_failed(
         if pending.is_empty() {
             break;
         }
-        let req = retry::retry_request(first, &pending, &history, k);
+        let mut req = retry::retry_request(first, &pending, &history, k);
+        // Where they failed, they run only if no other node that matches takes them.
+        let last = &attempts.last().expect("one at least").view;
+        req.scheduling.avoid = last
+            .shards
+            .iter()
+            .filter(|s| !s.passed)
+            .filter_map(|s| s.node)
+            .take(grid_protocol::job::MAX_AVOID)
+            .collect();
         eprintln!(
             "retry {} of {}: {} tests that failed, on {} shards",
             k - 1,
@@ -914,6 +928,7 @@ fn finish(
     if let Some(r) = retried {
         text.push_str(&retry_summary(dir, r, code));
     }
+    text.push_str(&shard_retry_summary(dir, v));
     stdout(&text)?;
     Ok(code)
 }
@@ -958,6 +973,73 @@ fn retry_summary(dir: &Path, r: &Retried, code: u8) -> String {
             _ => "",
         }
     );
+    o
+}
+
+/// What the submitter's retries of failed shards showed (`--retries` without a runner): the
+/// flaky shards, and the log tail of every earlier try of a shard that failed them all.
+fn shard_retry_summary(dir: &Path, v: &JobView) -> String {
+    use std::fmt::Write as _;
+    let retried: Vec<&ShardView> = v.shards.iter().filter(|s| !s.tries.is_empty()).collect();
+    if retried.is_empty() {
+        return String::new();
+    }
+    let flaky = retried.iter().filter(|s| s.flaky()).count();
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "\nretried shards: {}; {flaky} flaky (passed on a retry), {} failed every try",
+        retried.len(),
+        retried.len() - flaky
+    );
+    let node = |p: Option<libp2p::PeerId>| {
+        p.map_or_else(|| "?".to_string(), |p| crate::cli::short_node(&p))
+    };
+    for s in retried.iter().take(MAX_LISTED_TESTS) {
+        let failures: Vec<String> = s
+            .tries
+            .iter()
+            .map(|t| match t.exit_code {
+                Some(c) if t.state == ShardState::Completed => {
+                    format!("exit {c} on {}", crate::cli::short_node(&t.node))
+                }
+                _ => format!("{} on {}", t.state, crate::cli::short_node(&t.node)),
+            })
+            .collect();
+        if s.flaky() {
+            let _ = writeln!(
+                o,
+                "  FLAKY   shard {}  (failed: {}; passed on try {} on {})",
+                s.shard,
+                failures.join(", "),
+                s.tries.len() + 1,
+                node(s.node)
+            );
+            continue;
+        }
+        let _ = writeln!(
+            o,
+            "  FAILED  shard {}  (all {} tries: {}, then {})",
+            s.shard,
+            s.tries.len() + 1,
+            failures.join(", "),
+            s.exit_code.map_or_else(|| s.state.to_string(), |c| format!("exit {c}"))
+        );
+        // The last try's tail is in the table above; the earlier ones are here.
+        for (i, t) in s.tries.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "  --- try {} (attempt {}, {}) ---",
+                i + 1,
+                t.attempt,
+                crate::cli::short_node(&t.node)
+            );
+            let tail_text = t.log.map_or_else(String::new, |log| log_tail(dir, log));
+            for line in tail_text.lines() {
+                let _ = writeln!(o, "  {line}");
+            }
+        }
+    }
     o
 }
 

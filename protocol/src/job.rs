@@ -12,9 +12,10 @@
 //! Everything is bounded and validated here; bytes from the network go through
 //! [`JobSpec::decode`], which accepts only canonical, valid encodings.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use libp2p_identity::PeerId;
 use serde::{Deserialize, Serialize};
 
 use crate::content::{self, ContentId, Kind};
@@ -53,6 +54,10 @@ pub const MAX_REDUNDANCY: u8 = 7;
 pub const MAX_REPLICAS: u8 = 15;
 /// Most lost attempts per shard before it ends.
 pub const MAX_ATTEMPTS: u8 = 16;
+/// Most re-runs of a failed shard ([`Scheduling::retries`]).
+pub const MAX_RETRIES: u8 = 5;
+/// Most nodes [`Scheduling::avoid`] names.
+pub const MAX_AVOID: usize = 64;
 /// Longest time a job may stay pending (7 days).
 pub const MAX_EXPIRATION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Environment variables the worker sets for each shard; a spec may not set them.
@@ -432,6 +437,43 @@ pub struct Scheduling {
     /// `no_resource_after` end as NO_RESOURCE instead of waiting.
     #[serde(rename = "wc")]
     pub wait_for_capacity: bool,
+    /// A shard whose accepted outcome is a failure (a non-zero exit or a timeout) runs again,
+    /// up to this many times, preferring nodes it has not failed on. One that passes on a
+    /// later try ends COMPLETED with its failed tries kept beside it: flaky.
+    #[serde(rename = "rt", default, skip_serializing_if = "is_zero")]
+    pub retries: u8,
+    /// Nodes to give the shards to only when no other matching node takes them: where the
+    /// tests being retried failed before. At most [`MAX_AVOID`].
+    #[serde(rename = "av", default, skip_serializing_if = "BTreeSet::is_empty", with = "peer_set")]
+    pub avoid: BTreeSet<PeerId>,
+}
+
+fn is_zero(n: &u8) -> bool {
+    *n == 0
+}
+
+/// Serde for a set of [`PeerId`]s as a list of their bytes.
+mod peer_set {
+    use std::collections::BTreeSet;
+
+    use libp2p_identity::PeerId;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(
+        set: &BTreeSet<PeerId>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_seq(set.iter().map(|p| serde_bytes::ByteBuf::from(p.to_bytes())))
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeSet<PeerId>, D::Error> {
+        Vec::<serde_bytes::ByteBuf>::deserialize(d)?
+            .iter()
+            .map(|b| PeerId::from_bytes(b).map_err(serde::de::Error::custom))
+            .collect()
+    }
 }
 
 impl Default for Scheduling {
@@ -444,6 +486,8 @@ impl Default for Scheduling {
             priority: 100,
             expiration: Duration::from_secs(3600),
             wait_for_capacity: true,
+            retries: 0,
+            avoid: BTreeSet::new(),
         }
     }
 }
@@ -475,6 +519,12 @@ impl Scheduling {
         }
         if self.expiration.is_zero() || self.expiration > MAX_EXPIRATION {
             return Err(field("expiration", "must be more than 0 and at most 7 days"));
+        }
+        if self.retries > MAX_RETRIES {
+            return Err(field("retries", format!("must be 0 to {MAX_RETRIES}")));
+        }
+        if self.avoid.len() > MAX_AVOID {
+            return Err(field("avoid", format!("at most {MAX_AVOID} nodes")));
         }
         Ok(())
     }

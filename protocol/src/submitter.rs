@@ -132,6 +132,8 @@ pub struct SubmitterStats {
     pub dissents: u64,
     /// Extra replicas added because replicas disagreed.
     pub extra_replicas: u64,
+    /// Failed shards offered again ([`crate::job::Scheduling::retries`]).
+    pub retries: u64,
 }
 
 /// Why [`Submitter::reuse`] refused earlier results.
@@ -257,6 +259,13 @@ struct Shard {
     nodes: BTreeSet<PeerId>,
     /// Nodes that lost an attempt of it.
     failed_on: BTreeSet<PeerId>,
+    /// Nodes whose failing outcome was retried (and the job's [`Scheduling::avoid`]): others
+    /// that match get the shard first.
+    ///
+    /// [`Scheduling::avoid`]: crate::job::Scheduling::avoid
+    failed_by: BTreeSet<PeerId>,
+    /// One result of each earlier try whose failing outcome was retried, oldest first.
+    tries: Vec<SignedResult>,
     /// Counted results.
     votes: Vec<(LeaseRef, SignedResult)>,
     /// The accepted outcome.
@@ -295,6 +304,9 @@ pub struct ShardStatus {
     pub reused: bool,
     /// Why the last attempt a node could not run failed (its `error`), if one did.
     pub last_error: Option<String>,
+    /// Earlier tries whose failing outcome was retried ([`crate::job::Scheduling::retries`]):
+    /// one result of each (its outcome's), oldest first.
+    pub tries: Vec<SignedResult>,
 }
 
 /// The submitter of one job (see the module docs).
@@ -356,6 +368,8 @@ impl Submitter {
             granted: 0,
             nodes: BTreeSet::new(),
             failed_on: BTreeSet::new(),
+            failed_by: request.scheduling.avoid.clone(),
+            tries: Vec::new(),
             votes: Vec::new(),
             accepted: None,
             reused: false,
@@ -591,6 +605,7 @@ impl Submitter {
             accepted: s.accepted,
             reused: s.reused,
             last_error: (!s.last_error.is_empty()).then(|| s.last_error.clone()),
+            tries: s.tries.clone(),
         })
     }
 
@@ -1138,14 +1153,62 @@ impl Submitter {
             if k > 1 && s.nodes.contains(&from) {
                 continue;
             }
-            if s.failed_on.contains(&from)
-                && now < s.pending_since + self.config.same_node_retry_after
-            {
+            let waited = now >= s.pending_since + self.config.same_node_retry_after;
+            if s.failed_on.contains(&from) && !waited {
+                continue;
+            }
+            if s.failed_by.contains(&from) && !waited && self.fits_elsewhere(from, &s.failed_by) {
                 continue;
             }
             picked.push(idx);
         }
         picked
+    }
+
+    /// Whether a live node other than `from`, and none of `avoid`, is known to match the job
+    /// and has not declined it: a retry waits for such a node before it goes back to one the
+    /// shard failed on.
+    fn fits_elsewhere(&self, from: PeerId, avoid: &BTreeSet<PeerId>) -> bool {
+        let req = &self.request.spec.dimensions;
+        self.known_nodes.iter().any(|(p, n)| {
+            *p != from
+                && !avoid.contains(p)
+                && n.declined.is_none()
+                && n.dimensions.as_ref().is_some_and(|d| req.matches(d))
+        })
+    }
+
+    /// Whether shard `idx`'s accepted `outcome` fails and a retry is left: then its votes
+    /// become a try, and it is offered again.
+    fn retry(&mut self, now: Time, idx: usize, outcome: Outcome) -> bool {
+        let failing = match outcome.state {
+            RunState::Completed => outcome.exit_code != Some(0),
+            RunState::TimedOut => true,
+            _ => false,
+        };
+        let done = self.shards[idx].tries.len();
+        if !failing || self.expired || done >= usize::from(self.request.scheduling.retries) {
+            return false;
+        }
+        let k = self.request.scheduling.redundancy;
+        let s = &mut self.shards[idx];
+        let votes = std::mem::take(&mut s.votes);
+        let made: Vec<SignedResult> =
+            votes.into_iter().map(|(_, r)| r).filter(|r| r.body.outcome() == outcome).collect();
+        s.failed_by.extend(made.iter().filter_map(|r| r.claimed_signer()));
+        s.tries.extend(made.into_iter().next());
+        s.target = k;
+        s.pending_since = now;
+        self.stats.retries += 1;
+        // Replicas still running are runs of the shard like any other: their results count
+        // towards the next try.
+        if self.live_replicas(idx) > 0 {
+            self.set_state(idx, ShardState::Running);
+        } else {
+            self.set_state(idx, ShardState::Pending);
+        }
+        self.announce_due = true;
+        true
     }
 
     fn set_state(&mut self, idx: usize, state: ShardState) {
@@ -1243,6 +1306,12 @@ impl Submitter {
         } else {
             quorum::decide(k, s.target, &votes)
         };
+        if let Decision::Accepted { outcome, .. } = decision
+            && self.retry(now, idx, outcome)
+        {
+            return;
+        }
+        let s = &self.shards[idx];
         match decision {
             Decision::Accepted { outcome, .. } => {
                 let dissenters: Vec<PeerId> = s
@@ -1554,6 +1623,153 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn with_retries(shards: u32, retries: u8) -> JobRequest {
+        let mut req = request(shards, 1);
+        req.scheduling.retries = retries;
+        req
+    }
+
+    #[test]
+    fn a_failed_shard_is_retried_on_another_node_and_passes_flaky() {
+        let (a, b) = (node(1), node(2));
+        let mut s = submitter(with_retries(1, 2));
+        s.observe_node(b.id, b.dims.clone());
+        let la = claim(&mut s, 10, &a, 1)[0];
+        let (v, out) = run(&mut s, 20, &a, la, 1);
+        assert_eq!(v, Verdict::Accepted);
+        assert!(!out.iter().any(|o| matches!(o, Output::Persist(Record::Ended { .. }))));
+        assert_eq!(s.shard_states(), [ShardState::Pending], "the failure is retried");
+        assert!(!announcements(&out).is_empty(), "idle nodes hear of the retry at once");
+        // a failed it, and b matches: a waits for b.
+        assert!(claim(&mut s, 30, &a, 1).is_empty());
+        let lb = claim(&mut s, 40, &b, 1)[0];
+        assert_eq!(lb, l(0, 2));
+        run(&mut s, 50, &b, lb, 0);
+        let st = s.shard(0).unwrap();
+        assert_eq!(st.state, ShardState::Completed);
+        assert_eq!(st.accepted.unwrap().exit_code, Some(0));
+        assert_eq!(st.tries.len(), 1);
+        assert_eq!(st.tries[0].body.exit_code, Some(1));
+        assert_eq!(st.tries[0].claimed_signer(), Some(a.id));
+        assert_eq!(s.results(0).count(), 1, "the results are the passing try's");
+        assert_eq!(s.stats().retries, 1);
+        assert!(s.is_finished());
+    }
+
+    #[test]
+    fn a_retry_goes_back_to_the_node_it_failed_on_when_no_other_fits() {
+        let (a, b) = (node(1), node(2));
+        let mut s = submitter(with_retries(1, 1));
+        let mut other = node(3);
+        other.dims = Dimensions::new().with("pool", "gpu").with("os", "Linux");
+        s.observe_node(other.id, other.dims.clone());
+        let la = claim(&mut s, 10, &a, 1)[0];
+        run(&mut s, 20, &a, la, 1);
+        // Nobody else matches: a takes its retry at once.
+        let la2 = claim(&mut s, 30, &a, 1)[0];
+        assert_eq!(la2, l(0, 2));
+        run(&mut s, 40, &a, la2, 1);
+        // Out of retries: the shard fails, with both tries known.
+        let st = s.shard(0).unwrap();
+        assert_eq!(st.state, ShardState::Completed);
+        assert_eq!(st.accepted.unwrap().exit_code, Some(1));
+        assert_eq!(st.tries.len(), 1, "one earlier try beside the accepted one");
+        assert!(s.is_finished());
+
+        // A node that matches but declined does not hold a retry back either.
+        let mut s = submitter(with_retries(1, 1));
+        s.observe_node(b.id, b.dims.clone());
+        let la = claim(&mut s, 10, &a, 1)[0];
+        run(&mut s, 20, &a, la, 1);
+        let (job, submission) = (s.job(), s.submission());
+        s.handle_decline(
+            Time(25),
+            b.id,
+            Decline { job, submission, reason: DeclineReason::Quarantined("disk full".into()) },
+        );
+        drain(&mut s);
+        assert_eq!(claim(&mut s, 30, &a, 1), [l(0, 2)]);
+    }
+
+    #[test]
+    fn a_retry_waits_for_another_node_only_so_long() {
+        let (a, b) = (node(1), node(2));
+        let mut s = submitter(with_retries(1, 1));
+        s.observe_node(b.id, b.dims.clone());
+        let la = claim(&mut s, 10, &a, 1)[0];
+        run(&mut s, 20, &a, la, 1);
+        let wait = SubmitterConfig::default().same_node_retry_after.as_millis() as u64;
+        assert!(claim(&mut s, 20 + wait - 1, &a, 1).is_empty());
+        assert_eq!(claim(&mut s, 20 + wait, &a, 1), [l(0, 2)], "b never came");
+    }
+
+    #[test]
+    fn the_avoided_nodes_get_shards_after_the_others() {
+        let (a, b) = (node(1), node(2));
+        let mut req = request(2, 1);
+        req.scheduling.avoid = [a.id].into();
+        let mut s = submitter(req);
+        s.observe_node(b.id, b.dims.clone());
+        assert!(claim(&mut s, 10, &a, 2).is_empty());
+        assert_eq!(claim(&mut s, 11, &b, 1), [l(0, 1)]);
+        // b is busy, a waited long enough.
+        let wait = SubmitterConfig::default().same_node_retry_after.as_millis() as u64;
+        assert_eq!(claim(&mut s, wait, &a, 2), [l(1, 1)]);
+    }
+
+    #[test]
+    fn passing_and_unrunnable_shards_are_never_retried() {
+        let a = node(1);
+        let mut s = submitter(with_retries(2, 3));
+        let leases = claim(&mut s, 10, &a, 2);
+        run(&mut s, 20, &a, leases[0], 0);
+        let mut r = result(&s, &a, leases[1], 0);
+        r.body.state = RunState::Unrunnable;
+        r.body.exit_code = None;
+        r.body.error = "command not in the tree".into();
+        let r = Signed::sign(&a.key, r.body);
+        report(&mut s, 21, &a, r);
+        assert_eq!(s.shard_states(), [ShardState::Completed, ShardState::Failed]);
+        assert_eq!(s.stats().retries, 0);
+    }
+
+    #[test]
+    fn a_restored_submitter_keeps_the_tries_of_a_retried_shard() {
+        let (a, b) = (node(1), node(2));
+        let mut s =
+            Submitter::new(with_retries(1, 2), key(100), Time(0), SubmitterConfig::default(), 1)
+                .unwrap();
+        s.handle_timeout(Time(0));
+        let mut records = persisted(&drain(&mut s));
+        let mut step = |s: &mut Submitter, now: u64, n: &Node, exit: i32| {
+            s.handle_claim(Time(now), n.id, claim_msg(s, n, 1));
+            let out = drain(s);
+            records.extend(persisted(&out));
+            let lease = out
+                .into_iter()
+                .find_map(|o| match o {
+                    Output::Send { msg: Message::Grant(g), .. } => Some(g.leases[0]),
+                    _ => None,
+                })
+                .unwrap();
+            let (_, out) = run(s, now + 1, n, lease, exit);
+            records.extend(persisted(&out));
+        };
+        step(&mut s, 10, &a, 1);
+        step(&mut s, 20, &a, 1);
+        let r = Submitter::restore(&records, key(100), Time(30), SubmitterConfig::default(), 9)
+            .unwrap();
+        let st = r.shard(0).unwrap();
+        assert_eq!(st.state, ShardState::Pending, "one retry left");
+        assert_eq!(st.tries.len(), 2);
+        let mut r = r;
+        drain(&mut r);
+        let lb = claim(&mut r, 40, &b, 1)[0];
+        assert_eq!(lb, l(0, 3));
+        run(&mut r, 41, &b, lb, 0);
+        assert_eq!(r.shard(0).unwrap().state, ShardState::Completed);
     }
 
     #[test]

@@ -299,6 +299,77 @@ fn a_test_that_passes_on_a_retry_is_flaky_and_one_that_never_passes_fails_the_ru
     assert_eq!(cases(&xml).values().copied().max(), Some(1), "each test once: {xml}");
 }
 
+/// A shard that fails once and passes again (its command knows nothing of grid's runners).
+const ONCE_SH: &str = r#"#!/bin/sh
+# Shard 1 fails the first time it runs, then passes; with ALWAYS set it always fails.
+if [ "$GRID_SHARD_INDEX" = 1 ]; then
+  if [ -n "$ALWAYS" ]; then echo "shard 1 is broken for good"; exit 3; fi
+  if [ ! -e "$MARK" ]; then : > "$MARK"; echo "shard 1 failed its first try"; exit 1; fi
+fi
+echo "shard $GRID_SHARD_INDEX passed"
+"#;
+
+#[test]
+fn failed_shards_of_a_command_grid_cannot_split_run_again_on_another_node() {
+    let s = Scratch::new();
+    s.write("job/once.sh", ONCE_SH.as_bytes(), 0o755);
+    let m = mesh(&s);
+    let mark = s.path("once.mark");
+    let env = format!("MARK={}", mark.display());
+    let run = |extra: &[&str]| {
+        let _ = std::fs::remove_file(&mark);
+        let mut a = vec!["--shards", "2", "--retries", "2", "--env", &env, "--json"];
+        a.extend_from_slice(extra);
+        a.extend(["--", "./once.sh"]);
+        let (code, out, err) = submit(&m, &s, &a);
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}\n{err}"));
+        (code, v, err)
+    };
+
+    // Shard 1 fails, runs again on the other worker, passes: flaky, exit 0.
+    let (code, v, err) = run(&[]);
+    assert_eq!(code, 0, "{v}\n{err}");
+    let shard = &v["shards"][1];
+    assert_eq!(shard["passed"], true, "{v}");
+    let tries = shard["tries"].as_array().unwrap_or_else(|| panic!("no tries: {v}"));
+    assert_eq!(tries.len(), 1, "{v}");
+    assert_eq!(tries[0]["exit_code"], 1, "{v}");
+    assert_ne!(tries[0]["node"], shard["node"], "the retry ran on the other worker: {v}");
+    assert!(v["shards"][0].get("tries").is_none(), "shard 0 passed at once: {v}");
+
+    // With --flaky-fail the same run fails.
+    let (code, v, err) = run(&["--flaky-fail"]);
+    assert_eq!(code, 1, "{v}\n{err}");
+
+    // A shard failing every try fails the run after 2 retries, each try's log kept.
+    let (code, v, err) = run(&["--env", "ALWAYS=1"]);
+    assert_eq!(code, 1, "{v}\n{err}");
+    let shard = &v["shards"][1];
+    assert_eq!((shard["passed"].clone(), shard["exit_code"].clone()), (false.into(), 3.into()));
+    assert_eq!(shard["tries"].as_array().map(Vec::len), Some(2), "{v}");
+
+    // The table says it, with every try's log tail.
+    let _ = std::fs::remove_file(&mark);
+    let (code, out, err) =
+        submit(&m, &s, &["--shards", "2", "--retries", "1", "--env", &env, "--", "./once.sh"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("retried shards: 1; 1 flaky (passed on a retry), 0 failed every try"),
+        "{out}"
+    );
+    assert!(out.contains("FLAKY   shard 1  (failed: exit 1 on"), "{out}");
+    let (code, out, err) = submit(
+        &m,
+        &s,
+        &["--shards", "2", "--retries", "1", "--env", &env, "--env", "ALWAYS=1", "--", "./once.sh"],
+    );
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(out.contains("FAILED  shard 1  (all 2 tries: exit 3 on"), "{out}");
+    assert!(out.contains("--- try 1 (attempt 1,"), "{out}");
+    assert_eq!(out.matches("shard 1 is broken for good").count(), 2, "both tries' tails: {out}");
+}
+
 #[test]
 fn shipped_python_bytecode_is_used_on_the_worker_not_compiled_again() {
     let s = Scratch::new();

@@ -17,9 +17,6 @@ use super::JunitFiles;
 use crate::api::JobView;
 use crate::junit::{Report, TimedCase};
 
-/// Most retries `--retries` allows.
-pub const MAX_RETRIES: u8 = 5;
-
 /// One run of the suite's tests: the first, or a retry.
 #[derive(Debug)]
 pub struct Attempt {
