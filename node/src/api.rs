@@ -591,6 +591,18 @@ pub struct IsolateSummary {
     pub root: PathBuf,
     /// How long packing took, in seconds.
     pub seconds: f64,
+    /// The `.isolate` file's command, as Chromium resolved it: every path in it relative to
+    /// `relative_cwd`. `null` when there is none.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// The directory the command runs from, relative to `root` (`.` for the root itself): the
+    /// directory of the `.isolate` file whose command won.
+    #[serde(default)]
+    pub relative_cwd: String,
+    /// The `.isolate` file's `read_only` (0: writable files, 1: read-only files, 2: read-only
+    /// files and directories); `null` when it gives none.
+    #[serde(default)]
+    pub read_only: Option<u8>,
 }
 
 /// The answer to `show`, and what `grid show` prints: a stored manifest. Its fields are in

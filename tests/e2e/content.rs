@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use grid_tests::{Scratch, snapshot, suite_dir};
+use grid_tests::{NodeProc, Scratch, snapshot, suite_dir};
 
 /// A tree with everything a materializer must restore.
 fn sample_tree(s: &Scratch) {
@@ -93,6 +93,100 @@ fn isolate_reads_chromium_isolate_files() {
     let other = isolate_id(&s.ok(["isolate", "--isolate", iso, "--var", "OS=mac"]));
     let shown: serde_json::Value = serde_json::from_str(&s.ok(["show", &other])).unwrap();
     assert!(shown["files"].as_object().unwrap().contains_key("platform/other.txt"));
+}
+
+#[test]
+fn isolate_reads_old_chromium_trees_as_chromium_did() {
+    // A 2013-style chrome/unit_tests.isolate: pre-2014 keys, and the command in an include in
+    // another directory, run from there.
+    let s = Scratch::new();
+    s.write(
+        "src/chrome/unit_tests.isolate",
+        b"{
+  'includes': ['../base/base.isolate'],
+  'conditions': [
+    ['OS==\"linux\"', {
+      'variables': {
+        'isolate_dependency_tracked': ['<(PRODUCT_DIR)/unit_tests'],
+        'isolate_dependency_untracked': ['test/data/'],
+        'isolate_dependency_touched': ['<(PRODUCT_DIR)/resources.pak'],
+        'read_only': 1,
+      },
+    }],
+  ],
+}",
+        0o644,
+    );
+    s.write(
+        "src/base/base.isolate",
+        b"{
+  'conditions': [
+    ['use_x11==1', {
+      'variables': {
+        'command': ['../testing/xvfb.py', '<(PRODUCT_DIR)', '<(PRODUCT_DIR)/unit_tests',
+                    '--summary=${ISOLATED_OUTDIR}/out.json'],
+        'isolate_dependency_tracked': ['../testing/xvfb.py'],
+      },
+    }],
+  ],
+}",
+        0o644,
+    );
+    s.write("src/out/Release/unit_tests", b"#!/bin/sh\n", 0o755);
+    s.write("src/out/Release/resources.pak", b"", 0o644);
+    s.write("src/chrome/test/data/a.txt", b"a", 0o644);
+    s.write("src/testing/xvfb.py", b"#!/bin/sh\n", 0o755);
+    let out = s.ok([
+        "isolate",
+        "--isolate",
+        "src/chrome/unit_tests.isolate",
+        "--var",
+        "OS=linux",
+        "--var",
+        "use_x11=01",
+        "--var",
+        "PRODUCT_DIR=../out/Release",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["root"].as_str().unwrap(), s.path("src").to_str().unwrap(), "{v}");
+    assert_eq!(v["relative_cwd"], "base", "{v}");
+    assert_eq!(v["read_only"], 1, "{v}");
+    assert_eq!(
+        v["command"],
+        serde_json::json!([
+            "../testing/xvfb.py",
+            "../out/Release",
+            "../out/Release/unit_tests",
+            "--summary=${ISOLATED_OUTDIR}/out.json"
+        ]),
+        "{v}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&s.ok(["show", v["id"].as_str().unwrap()])).unwrap();
+    let files: Vec<&String> = shown["files"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        files,
+        [
+            "chrome/test/data/a.txt",
+            "out/Release/resources.pak",
+            "out/Release/unit_tests",
+            "testing/xvfb.py"
+        ]
+    );
+}
+
+#[test]
+fn isolate_errors_say_failed_to_isolate_once() {
+    let s = Scratch::new();
+    let err = s.fails(["isolate", "--input", "missing.txt"]);
+    assert_eq!(err.matches("failed to isolate").count(), 1, "{err}");
+    // Through a running node too.
+    let node = NodeProc::start(&s.data_dir(), &[]);
+    let out = node.grid(["isolate", "--input", "missing.txt"]).current_dir(s.dir.path()).output();
+    let err = String::from_utf8(out.unwrap().stderr).unwrap();
+    assert!(err.contains("missing.txt: no such file"), "{err}");
+    assert_eq!(err.matches("failed to isolate").count(), 1, "{err}");
 }
 
 #[test]
