@@ -34,8 +34,8 @@ pub struct Resolved {
 /// Plain inputs are relative to the current directory. Paths listed in a `.isolate` file are
 /// relative to its directory. The root is `root` when given, else the current directory for
 /// plain inputs alone, else, as Chromium chose it, the deepest directory holding the directory
-/// the command runs from (see [`isolate::Isolate::isolate_dir`]) and everything the file lists
-/// (and the plain inputs' directories).
+/// the command runs from (see [`isolate::Isolate::isolate_dir`]), everything the file lists,
+/// the directories its path variables name, and the plain inputs' directories.
 pub fn resolve(
     isolate_file: Option<&Path>,
     vars: &BTreeMap<String, String>,
@@ -60,6 +60,9 @@ pub fn resolve(
         let isolate_dir = normalize(&dir.join(&evaluated.isolate_dir));
         default_root = isolate_dir.clone();
         run_dir = Some(isolate_dir);
+        for d in &evaluated.variable_dirs {
+            default_root = common_ancestor(&default_root, &normalize(&dir.join(d)));
+        }
         read_only = evaluated.read_only;
         if let Some(c) = &evaluated.command {
             command = Some((normalize(&dir.join(&c.relative_cwd)), c.args.clone()));

@@ -133,13 +133,23 @@ pub struct Isolate {
     /// Chromium's `isolate_dir`, relative to the root file's directory (`.` for its own): the
     /// directory of the file that gave the command, else of the first `variables` dict (in the
     /// command's order) that lists files, else the root file's. Chromium's tree root is the
-    /// deepest directory holding it and every listed path.
+    /// deepest directory holding it, every listed path and every `variable_dirs` entry.
     pub isolate_dir: String,
+    /// The directories named by a variable that starts a `files` entry or an argument of the
+    /// command (`<(PRODUCT_DIR)/unit_tests`), relative to the root file's directory, sorted.
+    /// Chromium took every path variable into its tree root.
+    pub variable_dirs: Vec<String>,
 }
 
 impl Default for Isolate {
     fn default() -> Self {
-        Isolate { files: Vec::new(), command: None, read_only: None, isolate_dir: ".".into() }
+        Isolate {
+            files: Vec::new(),
+            command: None,
+            read_only: None,
+            isolate_dir: ".".into(),
+            variable_dirs: Vec::new(),
+        }
     }
 }
 
@@ -312,6 +322,7 @@ pub fn evaluate_from(
         evaluations: 0,
         expanded: 0,
         files: BTreeMap::new(),
+        variable_dirs: BTreeSet::new(),
     };
     let mut blocks = ev.file(&root, None)?;
     // Chromium's order (see the module docs); the sort is stable, so dicts of one rank keep
@@ -336,7 +347,8 @@ pub fn evaluate_from(
     };
     let isolate_dir = ev.relative_dir(&dir);
     let files = ev.files.into_iter().map(|(path, is_dir)| FileEntry { path, is_dir }).collect();
-    Ok(Isolate { files, command, read_only, isolate_dir })
+    let variable_dirs = ev.variable_dirs.into_iter().collect();
+    Ok(Isolate { files, command, read_only, isolate_dir, variable_dirs })
 }
 
 /// Chromium's order of two `variables` dicts by the variables each was matched with (sorted
@@ -1173,6 +1185,8 @@ struct Evaluator<'a> {
     expanded: usize,
     /// Path relative to `root_dir` -> is a directory.
     files: BTreeMap<String, bool>,
+    /// See [`Isolate::variable_dirs`].
+    variable_dirs: BTreeSet<String>,
 }
 
 fn shape(file: &str, pos: Pos, message: String) -> IsolateError {
@@ -1565,6 +1579,10 @@ impl Evaluator<'_> {
             let Some(value) = self.vars.get(name) else {
                 return Err(IsolateError::UndefinedVariable { at: at(start), name: name.into() });
             };
+            if start == 0 && !value.starts_with('/') {
+                let dir = self.relative_dir(&normalize(&join(&self.root_dir, value)));
+                self.variable_dirs.insert(dir);
+            }
             let rebased;
             let value = match command_dir {
                 Some(d) if start == 0 && d != self.root_dir && !value.starts_with('/') => {
@@ -2511,6 +2529,7 @@ mod tests {
             ]
         );
         assert_eq!(cmd.relative_cwd, ".");
+        assert_eq!(i.variable_dirs, ["../out/Release"]);
         // A legacy key in a branch not taken is checked and not applied.
         let v = [("OS", "win"), ("PRODUCT_DIR", "o"), ("EXECUTABLE_SUFFIX", ".exe")];
         let i = run(&[("u.isolate", src)], "u.isolate", &v).unwrap();

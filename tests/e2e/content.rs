@@ -176,6 +176,159 @@ fn isolate_reads_old_chromium_trees_as_chromium_did() {
     );
 }
 
+/// A 2013-style tree: chrome/unit_tests.isolate (pre-2014 keys) includes base/base.isolate,
+/// whose conditions give the command.
+fn old_chromium_tree(s: &Scratch) {
+    s.write(
+        "src/chrome/unit_tests.isolate",
+        b"# Copyright (c) 2013 The Chromium Authors. All rights reserved.
+{
+  'includes': ['../base/base.isolate'],
+  'conditions': [
+    ['OS==\"linux\" or OS==\"mac\" or OS==\"win\"', {
+      'variables': {
+        'isolate_dependency_tracked': [
+          '../testing/test_env.py',
+          '<(PRODUCT_DIR)/unit_tests<(EXECUTABLE_SUFFIX)',
+        ],
+        'isolate_dependency_untracked': ['../net/data/', 'test/data/'],
+      },
+    }],
+    ['OS==\"linux\"', {
+      'variables': {
+        'isolate_dependency_tracked': ['../testing/xvfb.py'],
+        'isolate_dependency_touched': ['<(PRODUCT_DIR)/resources.pak'],
+        'read_only': 1,
+      },
+    }],
+    ['OS==\"linux\" and use_x11==1', {
+      'variables': {'isolate_dependency_untracked': ['<(PRODUCT_DIR)/locales/']},
+    }],
+  ],
+}
+",
+        0o644,
+    );
+    s.write(
+        "src/base/base.isolate",
+        b"{
+  'conditions': [
+    ['use_x11==0', {
+      'variables': {
+        'command': [
+          '../testing/test_env.py',
+          '<(PRODUCT_DIR)/unit_tests<(EXECUTABLE_SUFFIX)',
+          '--test-launcher-summary-output=${ISOLATED_OUTDIR}/out.json',
+        ],
+      },
+    }],
+    ['use_x11==1', {
+      'variables': {
+        'command': [
+          '../testing/xvfb.py',
+          '<(PRODUCT_DIR)',
+          '<(PRODUCT_DIR)/unit_tests<(EXECUTABLE_SUFFIX)',
+        ],
+        'read_only': 2,
+      },
+    }],
+    ['OS==\"linux\" or OS==\"mac\"', {'variables': {'files': ['test/']}}],
+    ['OS==\"mac\" or use_x11==1', {'variables': {'files': ['mac_or_x11.txt']}}],
+    ['use_x11==1 or OS==\"mac\"', {'variables': {'files': ['x11_or_mac.txt']}}],
+  ],
+}
+",
+        0o644,
+    );
+    for f in [
+        "out/Release/unit_tests",
+        "out/Release/unit_tests.exe",
+        "out/Release/resources.pak",
+        "out/Release/locales/en-US.pak",
+        "testing/test_env.py",
+        "testing/xvfb.py",
+        "chrome/test/data/a.txt",
+        "base/test/b.txt",
+        "base/mac_or_x11.txt",
+        "base/x11_or_mac.txt",
+        "net/data/c.txt",
+    ] {
+        s.write(&format!("src/{f}"), f.as_bytes(), 0o644);
+    }
+}
+
+#[test]
+fn isolate_resolves_what_chromium_s_isolate_format_resolves() {
+    // Compared with Chromium's own code when it is at hand: GRID_LUCI_PY names a luci-py
+    // client/ directory whose isolate_format.py still knows read_only (before October 2020).
+    let Some(client) = std::env::var_os("GRID_LUCI_PY") else {
+        eprintln!("skipped: set GRID_LUCI_PY to a luci-py client/ directory to compare");
+        return;
+    };
+    let python = std::process::Command::new("python3").arg("--version").output();
+    if !python.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no python3 to run luci-py's isolate_format.py with");
+        return;
+    }
+    let script = suite_dir().parent().unwrap().join("chromium/resolve.py");
+    let s = Scratch::new();
+    old_chromium_tree(&s);
+    let src = s.path("src");
+    for (os, x11, suffix) in [
+        ("linux", "0", ""),
+        ("linux", "01", ""),
+        ("mac", "0", ""),
+        ("win", "0", ".exe"),
+        // android is named by no file: Chromium takes OS as unknown.
+        ("android", "1", ""),
+    ] {
+        let config = serde_json::json!({ "OS": os, "use_x11": x11 }).to_string();
+        let extra = serde_json::json!({ "EXECUTABLE_SUFFIX": suffix }).to_string();
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&client)
+            .args(["chrome/unit_tests.isolate", &config, r#"{"PRODUCT_DIR": "out/Release"}"#])
+            .arg(&extra)
+            .current_dir(&src)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "resolve.py failed: {stderr}");
+        let luci: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+        let ours = s
+            .grid([
+                "isolate",
+                "--isolate",
+                "chrome/unit_tests.isolate",
+                "--var",
+                &format!("OS={os}"),
+                "--var",
+                &format!("use_x11={x11}"),
+                "--var",
+                "PRODUCT_DIR=../out/Release",
+                "--var",
+                &format!("EXECUTABLE_SUFFIX={suffix}"),
+                "--json",
+            ])
+            .current_dir(&src)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&ours.stderr);
+        assert!(ours.status.success(), "{os} {x11}: {stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+        for field in ["command", "read_only", "root", "relative_cwd"] {
+            assert_eq!(v[field], luci[field], "{os} {x11}: {field}: grid {v}, Chromium {luci}");
+        }
+        let shown: serde_json::Value =
+            serde_json::from_str(&s.ok(["show", v["id"].as_str().unwrap()])).unwrap();
+        let files: Vec<&String> = shown["files"].as_object().unwrap().keys().collect();
+        let theirs: Vec<&str> =
+            luci["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+        assert_eq!(files, theirs, "{os} {x11}");
+    }
+}
+
 #[test]
 fn isolate_errors_say_failed_to_isolate_once() {
     let s = Scratch::new();
