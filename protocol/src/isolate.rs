@@ -925,9 +925,18 @@ impl Expr {
     }
 
     /// Whether some values of the variables (each one its file compares the variable with)
-    /// satisfy this condition of Chromium's dialect; `true` past [`MAX_CONDITION_TERMS`].
+    /// satisfy this condition of Chromium's dialect; `true` past [`MAX_CONDITION_TERMS`]
+    /// comparisons or alternatives.
     fn satisfiable(&self) -> bool {
-        self.terms().is_none_or(|t| !t.is_empty())
+        self.comparisons() > MAX_CONDITION_TERMS || self.terms().is_none_or(|t| !t.is_empty())
+    }
+
+    fn comparisons(&self) -> usize {
+        match self {
+            Expr::Any(v) | Expr::All(v) => v.iter().map(Expr::comparisons).sum(),
+            Expr::Not(e) => e.comparisons(),
+            Expr::Compare { .. } => 1,
+        }
     }
 
     /// The consistent alternatives of this condition of Chromium's dialect, `None` when there
@@ -947,17 +956,18 @@ impl Expr {
             Expr::All(v) => {
                 let mut acc: Vec<Term<'_>> = vec![Term::new()];
                 for e in v {
+                    let terms = e.terms()?;
+                    if acc.len().saturating_mul(terms.len()) > MAX_CONDITION_TERMS {
+                        return None;
+                    }
                     let mut next = Vec::new();
-                    for t in e.terms()? {
+                    for t in terms {
                         for a in &acc {
                             let consistent = t.iter().all(|(k, v)| a.get(k).is_none_or(|w| w == v));
                             if consistent {
                                 let mut m = a.clone();
                                 m.extend(t.iter().map(|(k, v)| (*k, *v)));
                                 next.push(m);
-                                if next.len() > MAX_CONDITION_TERMS {
-                                    return None;
-                                }
                             }
                         }
                     }
@@ -2421,6 +2431,15 @@ mod tests {
         let b = "{'includes': ['a'], 'variables': {'command': ['own']}}";
         let i = run(&[("b", b), ("a", a)], "b", &v("0")).unwrap();
         assert_eq!(i.command.unwrap().args, ["own"]);
+        // A condition with too many ways to hold to try them all counts as satisfiable.
+        let many = vec!["(use_x11==0 or use_x11==1)"; 20].join(" and ");
+        let b = format!(
+            "{{'includes': ['a'], 'conditions': [[{many:?}, {{'variables': {{'command': ['b']}}}}]]}}"
+        );
+        let i = run(&[("b", &b), ("a", a)], "b", &v("0")).unwrap();
+        assert_eq!(i.command.unwrap().args, ["b"]);
+        let v2 = [("use_x11", "2"), ("OS", "linux"), ("chromeos", "0")];
+        assert_eq!(run(&[("b", &b), ("a", a)], "b", &v2).unwrap().command, None);
         // Dropped commands of an include's includes too, and the include's own are kept.
         let mid = "{'includes': ['a'], 'variables': {'command': ['mid']}}";
         let i = run(&[("top", "{'includes': ['mid']}"), ("mid", mid), ("a", a)], "top", &v("0"));
@@ -2564,6 +2583,81 @@ mod tests {
         assert_eq!(cmd.relative_cwd, "../../base");
     }
 
+    /// A condition of Chromium's dialect on the variables a, b and c.
+    fn chromium_expr() -> impl Strategy<Value = String> {
+        let leaf = (0usize..3, 0usize..4).prop_map(|(v, l)| {
+            let var = ["a", "b", "c"][v];
+            format!("{var}=={}", ["1", "2", "\"x\"", "\"y\""][l])
+        });
+        leaf.prop_recursive(3, 12, 3, |inner| {
+            (proptest::collection::vec(inner, 2..4), any::<bool>())
+                .prop_map(|(v, and)| format!("({})", v.join(if and { " and " } else { " or " })))
+        })
+    }
+
+    /// The command Chromium's isolate_format.py gives for one file with a global command
+    /// ("global") and one condition per expression (command "c0", "c1", ...), found its way:
+    /// every key its enumeration of the literals makes, sorted as Python sorts their text, and
+    /// the first dict with a command among those the given values match.
+    fn chromium_command(exprs: &[&str], config: &BTreeMap<String, String>) -> Option<String> {
+        let parsed: Vec<Expr> =
+            exprs.iter().map(|e| parse_condition(e).ok().expect("a condition")).collect();
+        let mut literals = BTreeMap::new();
+        parsed.iter().for_each(|e| e.literals(&mut literals));
+        let names: Vec<&String> = literals.keys().collect();
+        let mut keys: Vec<Vec<Option<PyValue>>> = vec![Vec::new()];
+        for n in &names {
+            let choices: Vec<Option<PyValue>> =
+                std::iter::once(None).chain(literals[*n].iter().cloned().map(Some)).collect();
+            keys = keys
+                .into_iter()
+                .flat_map(|k| {
+                    choices.iter().map(move |c| {
+                        let mut k = k.clone();
+                        k.push(c.clone());
+                        k
+                    })
+                })
+                .collect();
+        }
+        let text = |k: &[Option<PyValue>]| {
+            let parts: Vec<String> = k
+                .iter()
+                .map(|v| match v {
+                    None => "None".to_string(),
+                    Some(PyValue::Int(i)) => i.clone(),
+                    Some(PyValue::Str(s)) => format!("'{s}'"),
+                })
+                .collect();
+            if parts.len() == 1 {
+                format!("({},)", parts[0])
+            } else {
+                format!("({})", parts.join(", "))
+            }
+        };
+        keys.sort_by_key(|k| text(k));
+        let typed: BTreeMap<&String, PyValue> =
+            config.iter().map(|(k, v)| (k, PyValue::of_var(v))).collect();
+        for k in &keys {
+            let matches = names
+                .iter()
+                .zip(k)
+                .all(|(n, v)| v.as_ref().is_none_or(|v| typed.get(*n) == Some(v)));
+            if !matches {
+                continue;
+            }
+            if k.iter().all(Option::is_none) {
+                return Some("global".to_string());
+            }
+            let bound =
+                |name: &str| names.iter().position(|n| *n == name).and_then(|i| k[i].clone());
+            if let Some(i) = parsed.iter().position(|e| e.eval(&bound) == Some(true)) {
+                return Some(format!("c{i}"));
+            }
+        }
+        None
+    }
+
     proptest! {
         #[test]
         fn arbitrary_text_never_panics(src in any::<String>()) {
@@ -2586,6 +2680,34 @@ mod tests {
             // Cutting before the final '}' always leaves something unclosed.
             let closed = cut > BASE_UNITTESTS.rfind('}').unwrap_or(0);
             prop_assert!(result.is_err() || closed);
+        }
+
+        #[test]
+        fn chromium_s_command_is_the_one_its_enumeration_finds(
+            exprs in proptest::collection::vec(chromium_expr(), 1..4),
+            values in proptest::collection::vec(0usize..6, 3),
+        ) {
+            let given = ["1", "2", "x", "y", "z", "01"];
+            let config: BTreeMap<String, String> = ["a", "b", "c"]
+                .iter()
+                .zip(&values)
+                .map(|(n, &i)| (n.to_string(), given[i].to_string()))
+                .collect();
+            let conditions: Vec<String> = exprs
+                .iter()
+                .enumerate()
+                .map(|(i, e)| format!("[{e:?}, {{'variables': {{'command': ['c{i}']}}}}]"))
+                .collect();
+            let src = format!(
+                "{{'variables': {{'command': ['global']}}, 'conditions': [{}]}}",
+                conditions.join(", ")
+            );
+            let pairs: Vec<(&str, &str)> =
+                config.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let i = run(&[("t.isolate", &src)], "t.isolate", &pairs).unwrap();
+            let ours = i.command.map(|c| c.args[0].clone());
+            let exprs: Vec<&str> = exprs.iter().map(String::as_str).collect();
+            prop_assert_eq!(ours, chromium_command(&exprs, &config), "{}", src);
         }
 
         #[test]
