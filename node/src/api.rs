@@ -998,6 +998,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn an_isolate_summary_reads_without_the_isolate_fields_and_prints_them() {
+        let id = cid("tree");
+        let old = format!(
+            r#"{{"id":"{id}","files":1,"symlinks":0,"bytes":2,"hashed":1,"root":"/r","seconds":0.5}}"#
+        );
+        let v: IsolateSummary = serde_json::from_str(&old).unwrap();
+        assert_eq!((v.command, v.relative_cwd.as_str(), v.read_only), (None, "", None));
+        let v = IsolateSummary {
+            command: Some(vec!["./t".into()]),
+            relative_cwd: "base".into(),
+            read_only: Some(1),
+            ..v
+        };
+        let printed = serde_json::to_value(&v).unwrap();
+        assert_eq!(printed["command"], serde_json::json!(["./t"]));
+        assert_eq!((&printed["relative_cwd"], &printed["read_only"]), (&"base".into(), &1.into()));
+        assert_eq!(printed["id"], id.to_string());
+    }
+
+    #[test]
     fn a_job_view_round_trips_through_json_in_the_format_grid_has_always_read() {
         let v = sample_job();
         let json = serde_json::to_value(&v).unwrap();

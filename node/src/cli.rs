@@ -181,8 +181,9 @@ struct IsolateArgs {
     /// A file or directory to include (repeatable).
     #[arg(long = "input")]
     inputs: Vec<PathBuf>,
-    /// Directory the tree's paths are relative to (default: the current directory, or the
-    /// directory of the `.isolate` file).
+    /// Directory the tree's paths are relative to (default: the current directory for
+    /// `--input` alone; with `--isolate`, the deepest directory holding what the file lists and
+    /// where its command runs).
     #[arg(long)]
     root: Option<PathBuf>,
     /// Print a JSON summary instead of the bare id.
