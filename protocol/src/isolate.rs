@@ -22,12 +22,14 @@
 //! How Chromium merged what the files and their conditions say (its `isolate_format.py`), and
 //! this module with it:
 //! - Every `variables` dict that applies (a file's global one, and each condition's that holds)
-//!   adds its files. Of the `command`s and `read_only`s that apply, ONE wins: Chromium sorted
-//!   the dicts by the variables their condition was matched with, a dict matched with more of
-//!   the variables (in name order) before one matched with fewer, so a condition's dict comes
-//!   before its file's global one; dicts of the same rank keep the order of the including file,
-//!   its conditions in order, then its includes from the LAST to the first. The first dict with
-//!   a command gives the command; the first with a `read_only` gives it.
+//!   adds its files. Of the `command`s and `read_only`s that apply, ONE wins. Chromium ranked
+//!   each dict by the variables it was matched with: none for a file's global dict, every known
+//!   variable of its file (see below) for a condition's. At the first variable name, in sorted
+//!   order, that one dict was matched with and the other was not, the one matched with it comes
+//!   first; so a condition's dict comes before any global one. Dicts of the same rank
+//!   keep the order of the including file: its own dicts (global, then conditions) in order,
+//!   then its includes' from the LAST include to the first. The first dict with a command gives
+//!   the command; the first with a `read_only` gives it.
 //! - A file that gives a command anywhere (globally, or in any condition that some values of
 //!   its variables satisfy, whatever the values given now) drops every command of the files it
 //!   includes, directly or not.
