@@ -648,6 +648,18 @@ pub struct IsolateSummary {
     pub root: PathBuf,
     /// How long packing took, in seconds.
     pub seconds: f64,
+    /// The `.isolate` file's command, as Chromium resolved it: every path in it relative to
+    /// `relative_cwd`. `null` when there is none.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// The directory the command runs from, relative to `root` (`.` for the root itself): the
+    /// directory of the `.isolate` file whose command won.
+    #[serde(default)]
+    pub relative_cwd: String,
+    /// The `.isolate` file's `read_only` (0: writable files, 1: read-only files, 2: read-only
+    /// files and directories); `null` when it gives none.
+    #[serde(default)]
+    pub read_only: Option<u8>,
 }
 
 /// The answer to `show`, and what `grid show` prints: a stored manifest. Its fields are in
@@ -1040,6 +1052,26 @@ pub(crate) mod tests {
             dissents: 1,
             shards: vec![done, running, timed_out, ShardView::new(3, ShardState::Pending)],
         }
+    }
+
+    #[test]
+    fn an_isolate_summary_reads_without_the_isolate_fields_and_prints_them() {
+        let id = cid("tree");
+        let old = format!(
+            r#"{{"id":"{id}","files":1,"symlinks":0,"bytes":2,"hashed":1,"root":"/r","seconds":0.5}}"#
+        );
+        let v: IsolateSummary = serde_json::from_str(&old).unwrap();
+        assert_eq!((v.command, v.relative_cwd.as_str(), v.read_only), (None, "", None));
+        let v = IsolateSummary {
+            command: Some(vec!["./t".into()]),
+            relative_cwd: "base".into(),
+            read_only: Some(1),
+            ..v
+        };
+        let printed = serde_json::to_value(&v).unwrap();
+        assert_eq!(printed["command"], serde_json::json!(["./t"]));
+        assert_eq!((&printed["relative_cwd"], &printed["read_only"]), (&"base".into(), &1.into()));
+        assert_eq!(printed["id"], id.to_string());
     }
 
     #[test]

@@ -181,8 +181,9 @@ struct IsolateArgs {
     /// A file or directory to include (repeatable).
     #[arg(long = "input")]
     inputs: Vec<PathBuf>,
-    /// Directory the tree's paths are relative to (default: the current directory, or the
-    /// directory of the `.isolate` file).
+    /// Directory the tree's paths are relative to (default: the current directory for
+    /// `--input` alone; with `--isolate`, the deepest directory holding what the file lists and
+    /// where its command runs).
     #[arg(long)]
     root: Option<PathBuf>,
     /// Print a JSON summary instead of the bare id.
@@ -560,19 +561,20 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
         return Err(exit::usage("nothing to isolate: give --isolate FILE and/or --input PATH"));
     }
     let t = Instant::now();
-    let (root, inputs) = crate::isolate_file::resolve_inputs(
+    let resolved = crate::isolate_file::resolve(
         args.isolate.as_deref(),
         &args.vars.into_iter().collect::<BTreeMap<_, _>>(),
         &args.inputs,
         args.root.as_deref(),
     )?;
+    let (root, inputs) = (&resolved.root, &resolved.inputs);
     let packed: pack::Packed = match node_client(g)? {
         Some(dir) => {
             let abs = |p: &Path| {
                 std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))
             };
             let req = control::Request::Isolate {
-                root: abs(&root)?,
+                root: abs(root)?,
                 inputs: inputs.iter().map(|p| abs(p)).collect::<anyhow::Result<_>>()?,
             };
             control::call::<crate::api::IsolateAnswer>(&dir, &req)
@@ -581,7 +583,7 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
         }
         None => {
             let store = open_store(g)?;
-            pack::pack(&store, &root, &inputs).context("failed to isolate")?
+            pack::pack(&store, root, inputs).context("failed to isolate")?
         }
     };
     let elapsed = t.elapsed();
@@ -590,6 +592,9 @@ fn isolate(g: &GlobalArgs, args: IsolateArgs) -> anyhow::Result<()> {
             tree: packed.clone().into(),
             root: root.clone(),
             seconds: elapsed.as_secs_f64(),
+            command: resolved.isolate_command.clone(),
+            relative_cwd: if resolved.cwd.is_empty() { ".".into() } else { resolved.cwd.clone() },
+            read_only: resolved.read_only,
         };
         println!("{}", serde_json::to_string(&v)?);
     } else {

@@ -492,10 +492,10 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Response> {
         }
         Request::Isolate { root, inputs } => {
             let store = node.store.clone();
+            // The pack error names what failed; the client says what it was doing.
             let packed =
                 tokio::task::spawn_blocking(move || crate::pack::pack(&store, &root, &inputs))
-                    .await?
-                    .context("failed to isolate")?;
+                    .await??;
             node.mesh.provide(packed.id).await?;
             Response::Isolate(packed.into())
         }

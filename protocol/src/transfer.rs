@@ -12,7 +12,8 @@
 //!   (drivers list the DHT's providers first). At most [`Limits::window`] requests are in
 //!   flight, and [`Limits::window_per_peer`] to one peer; one item is asked of one peer at a
 //!   time.
-//! - **What an answer means.** [`Response::Corrupt`]: the peer is bad ([`Output::MarkBad`],
+//! - **What an answer means.** [`Response::Corrupt`] (or [`Response::Collision`], which a
+//!   failure names as an attack): the peer is bad ([`Output::MarkBad`],
 //!   once) and is never asked again by this transfer. [`Response::NotFound`]: the peer is not
 //!   asked again for any item of the same [`Item::group`] (a peer lacking one block of a file
 //!   lacks the file). [`Response::Busy`]: the peer is left alone for [`Limits::busy_backoff`].
@@ -150,6 +151,9 @@ pub enum Response {
     Data,
     /// The peer served bytes that did not match the item's id.
     Corrupt,
+    /// The peer served bytes carrying a known SHA-1 collision attack (SHA-1DC found it): corrupt
+    /// data made on purpose. Handled as [`Response::Corrupt`]; a failure names it as an attack.
+    Collision,
     /// The peer does not hold the item.
     NotFound,
     /// The peer is serving too much to take the request now.
@@ -209,6 +213,8 @@ pub struct Failure<P> {
     pub lacked: usize,
     /// Peers that served corrupt data during the transfer, any item.
     pub corrupt: Vec<P>,
+    /// Those of them whose bytes carried a SHA-1 collision attack.
+    pub collision: Vec<P>,
     /// Candidates dropped after [`Limits::max_peer_failures`] failed or unanswered requests.
     pub failing: usize,
     /// `Busy` answers to requests of the item.
@@ -217,17 +223,28 @@ pub struct Failure<P> {
     pub last_error: Option<String>,
 }
 
-impl<P: fmt::Display> fmt::Display for Failure<P> {
+impl<P: fmt::Display + PartialEq> fmt::Display for Failure<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match self.item.kind() {
             Kind::Block => "block",
             Kind::Manifest => "manifest",
         };
         let mut parts = Vec::new();
-        if !self.corrupt.is_empty() {
-            let peers: Vec<String> = self.corrupt.iter().map(ToString::to_string).collect();
+        let names = |peers: Vec<&P>| {
             let noun = if peers.len() == 1 { "peer" } else { "peers" };
-            parts.push(format!("corrupt data from {noun} {}", peers.join(", ")));
+            let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
+            format!("{noun} {}", peers.join(", "))
+        };
+        let corrupt: Vec<&P> =
+            self.corrupt.iter().filter(|p| !self.collision.contains(p)).collect();
+        if !corrupt.is_empty() {
+            parts.push(format!("corrupt data from {}", names(corrupt)));
+        }
+        if !self.collision.is_empty() {
+            parts.push(format!(
+                "a SHA-1 collision attack (bytes made to collide with the id's hash) from {}",
+                names(self.collision.iter().collect())
+            ));
         }
         if self.lacked > 0 {
             parts.push(format!("{} lacked it", self.lacked));
@@ -264,7 +281,7 @@ impl<P: fmt::Display> fmt::Display for Failure<P> {
     }
 }
 
-impl<P: fmt::Debug + fmt::Display> std::error::Error for Failure<P> {}
+impl<P: fmt::Debug + fmt::Display + PartialEq> std::error::Error for Failure<P> {}
 
 /// Counters of one transfer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -351,6 +368,8 @@ pub struct Transfer<P> {
     /// (item, peer) pairs that were tried and did not give the item.
     tried: BTreeSet<(usize, P)>,
     bad: BTreeSet<P>,
+    /// Those of `bad` that served a SHA-1 collision attack.
+    attackers: BTreeSet<P>,
     lookups: u32,
     lookup: Lookup,
     last_error: Option<String>,
@@ -387,6 +406,7 @@ impl<P: Copy + Ord + fmt::Debug> Transfer<P> {
             lacking: BTreeSet::new(),
             tried: BTreeSet::new(),
             bad: BTreeSet::new(),
+            attackers: BTreeSet::new(),
             lookups: 0,
             lookup: Lookup::Idle,
             last_error: None,
@@ -648,7 +668,10 @@ impl<P: Copy + Ord + fmt::Debug> Transfer<P> {
                 }
                 return;
             }
-            Response::Corrupt => {
+            Response::Corrupt | Response::Collision => {
+                if matches!(response, Response::Collision) {
+                    self.attackers.insert(r.peer);
+                }
                 self.stats.corrupt += 1;
                 if self.bad.insert(r.peer) {
                     self.candidates.retain(|p| *p != r.peer);
@@ -732,6 +755,7 @@ impl<P: Copy + Ord + fmt::Debug> Transfer<P> {
             peers: self.peers.len(),
             lacked: self.candidates.iter().filter(|p| self.lacking.contains(&(**p, group))).count(),
             corrupt: self.bad.iter().copied().collect(),
+            collision: self.attackers.iter().copied().collect(),
             failing: self
                 .candidates
                 .iter()
@@ -903,6 +927,40 @@ mod tests {
         assert_eq!(f.gave_up, GaveUp::NoPeerLeft);
         assert_eq!(f.corrupt, [1]);
         assert!(f.to_string().contains("corrupt data from peer 1"), "{f}");
+    }
+
+    #[test]
+    fn a_peer_serving_a_collision_attack_is_bad_and_the_failure_names_the_attack() {
+        let limits = Limits::MANIFEST;
+        let mut t = Transfer::new(Time(0), items(1, 1), [4], limits);
+        let (outs, asked) =
+            run(&mut t, limits, Time(0), MS, |_, _| Some(Response::Collision), Vec::new);
+        assert_eq!(asked.len(), 1);
+        assert!(outs.contains(&Output::MarkBad(4)));
+        assert!(t.is_bad(&4));
+        let f = failure(&outs).expect("failed");
+        assert_eq!(
+            (f.corrupt.as_slice(), f.collision.as_slice()),
+            ([4].as_slice(), [4].as_slice())
+        );
+        let text = f.to_string();
+        assert!(text.contains("a SHA-1 collision attack"), "{text}");
+        assert!(text.contains("from peer 4"), "{text}");
+        assert!(!text.contains("corrupt data from"), "the attack is named, not generic: {text}");
+        // One plain corrupt peer and one attacker: each named for what it did.
+        let limits = Limits::BLOCKS;
+        let mut t = Transfer::new(Time(0), items(1, 1), [1, 2], limits);
+        let (outs, _) = run(
+            &mut t,
+            limits,
+            Time(0),
+            MS,
+            |p, _| Some(if p == 1 { Response::Corrupt } else { Response::Collision }),
+            Vec::new,
+        );
+        let text = failure(&outs).expect("failed").to_string();
+        assert!(text.contains("corrupt data from peer 1;"), "{text}");
+        assert!(text.ends_with("from peer 2"), "{text}");
     }
 
     #[test]
@@ -1125,7 +1183,7 @@ mod tests {
 
     fn act() -> impl Strategy<Value = Act> {
         prop_oneof![
-            6 => (any::<usize>(), 0u8..6, 0u16..40_000)
+            6 => (any::<usize>(), 0u8..7, 0u16..40_000)
                 .prop_map(|(pick, kind, after)| Act::Answer { pick, kind, after }),
             2 => Just(Act::Wait),
             1 => (0u8..8, any::<bool>()).prop_map(|(peer, add)| Act::Peer { peer, add }),
@@ -1153,6 +1211,7 @@ mod tests {
             2 => Response::NotFound,
             3 => Response::Busy,
             4 => Response::Failed("reset".into()),
+            5 => Response::Collision,
             _ => Response::TimedOut,
         }
     }

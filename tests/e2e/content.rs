@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use grid_tests::{Scratch, snapshot, suite_dir};
+use grid_tests::{NodeProc, Scratch, snapshot, suite_dir};
 
 /// A tree with everything a materializer must restore.
 fn sample_tree(s: &Scratch) {
@@ -93,6 +93,253 @@ fn isolate_reads_chromium_isolate_files() {
     let other = isolate_id(&s.ok(["isolate", "--isolate", iso, "--var", "OS=mac"]));
     let shown: serde_json::Value = serde_json::from_str(&s.ok(["show", &other])).unwrap();
     assert!(shown["files"].as_object().unwrap().contains_key("platform/other.txt"));
+}
+
+#[test]
+fn isolate_reads_old_chromium_trees_as_chromium_did() {
+    // A 2013-style chrome/unit_tests.isolate: pre-2014 keys, and the command in an include in
+    // another directory, run from there.
+    let s = Scratch::new();
+    s.write(
+        "src/chrome/unit_tests.isolate",
+        b"{
+  'includes': ['../base/base.isolate'],
+  'conditions': [
+    ['OS==\"linux\"', {
+      'variables': {
+        'isolate_dependency_tracked': ['<(PRODUCT_DIR)/unit_tests'],
+        'isolate_dependency_untracked': ['test/data/'],
+        'isolate_dependency_touched': ['<(PRODUCT_DIR)/resources.pak'],
+        'read_only': 1,
+      },
+    }],
+  ],
+}",
+        0o644,
+    );
+    s.write(
+        "src/base/base.isolate",
+        b"{
+  'conditions': [
+    ['use_x11==1', {
+      'variables': {
+        'command': ['../testing/xvfb.py', '<(PRODUCT_DIR)', '<(PRODUCT_DIR)/unit_tests',
+                    '--summary=${ISOLATED_OUTDIR}/out.json'],
+        'isolate_dependency_tracked': ['../testing/xvfb.py'],
+      },
+    }],
+  ],
+}",
+        0o644,
+    );
+    s.write("src/out/Release/unit_tests", b"#!/bin/sh\n", 0o755);
+    s.write("src/out/Release/resources.pak", b"", 0o644);
+    s.write("src/chrome/test/data/a.txt", b"a", 0o644);
+    s.write("src/testing/xvfb.py", b"#!/bin/sh\n", 0o755);
+    let out = s.ok([
+        "isolate",
+        "--isolate",
+        "src/chrome/unit_tests.isolate",
+        "--var",
+        "OS=linux",
+        "--var",
+        "use_x11=01",
+        "--var",
+        "PRODUCT_DIR=../out/Release",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["root"].as_str().unwrap(), s.path("src").to_str().unwrap(), "{v}");
+    assert_eq!(v["relative_cwd"], "base", "{v}");
+    assert_eq!(v["read_only"], 1, "{v}");
+    assert_eq!(
+        v["command"],
+        serde_json::json!([
+            "../testing/xvfb.py",
+            "../out/Release",
+            "../out/Release/unit_tests",
+            "--summary=${ISOLATED_OUTDIR}/out.json"
+        ]),
+        "{v}"
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&s.ok(["show", v["id"].as_str().unwrap()])).unwrap();
+    let files: Vec<&String> = shown["files"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        files,
+        [
+            "chrome/test/data/a.txt",
+            "out/Release/resources.pak",
+            "out/Release/unit_tests",
+            "testing/xvfb.py"
+        ]
+    );
+}
+
+/// A 2013-style tree: chrome/unit_tests.isolate (pre-2014 keys) includes base/base.isolate,
+/// whose conditions give the command.
+fn old_chromium_tree(s: &Scratch) {
+    s.write(
+        "src/chrome/unit_tests.isolate",
+        b"# Copyright (c) 2013 The Chromium Authors. All rights reserved.
+{
+  'includes': ['../base/base.isolate'],
+  'conditions': [
+    ['OS==\"linux\" or OS==\"mac\" or OS==\"win\"', {
+      'variables': {
+        'isolate_dependency_tracked': [
+          '../testing/test_env.py',
+          '<(PRODUCT_DIR)/unit_tests<(EXECUTABLE_SUFFIX)',
+        ],
+        'isolate_dependency_untracked': ['../net/data/', 'test/data/'],
+      },
+    }],
+    ['OS==\"linux\"', {
+      'variables': {
+        'isolate_dependency_tracked': ['../testing/xvfb.py'],
+        'isolate_dependency_touched': ['<(PRODUCT_DIR)/resources.pak'],
+        'read_only': 1,
+      },
+    }],
+    ['OS==\"linux\" and use_x11==1', {
+      'variables': {'isolate_dependency_untracked': ['<(PRODUCT_DIR)/locales/']},
+    }],
+  ],
+}
+",
+        0o644,
+    );
+    s.write(
+        "src/base/base.isolate",
+        b"{
+  'conditions': [
+    ['use_x11==0', {
+      'variables': {
+        'command': [
+          '../testing/test_env.py',
+          '<(PRODUCT_DIR)/unit_tests<(EXECUTABLE_SUFFIX)',
+          '--test-launcher-summary-output=${ISOLATED_OUTDIR}/out.json',
+        ],
+      },
+    }],
+    ['use_x11==1', {
+      'variables': {
+        'command': [
+          '../testing/xvfb.py',
+          '<(PRODUCT_DIR)',
+          '<(PRODUCT_DIR)/unit_tests<(EXECUTABLE_SUFFIX)',
+        ],
+        'read_only': 2,
+      },
+    }],
+    ['OS==\"linux\" or OS==\"mac\"', {'variables': {'files': ['test/']}}],
+    ['OS==\"mac\" or use_x11==1', {'variables': {'files': ['mac_or_x11.txt']}}],
+    ['use_x11==1 or OS==\"mac\"', {'variables': {'files': ['x11_or_mac.txt']}}],
+  ],
+}
+",
+        0o644,
+    );
+    for f in [
+        "out/Release/unit_tests",
+        "out/Release/unit_tests.exe",
+        "out/Release/resources.pak",
+        "out/Release/locales/en-US.pak",
+        "testing/test_env.py",
+        "testing/xvfb.py",
+        "chrome/test/data/a.txt",
+        "base/test/b.txt",
+        "base/mac_or_x11.txt",
+        "base/x11_or_mac.txt",
+        "net/data/c.txt",
+    ] {
+        s.write(&format!("src/{f}"), f.as_bytes(), 0o644);
+    }
+}
+
+#[test]
+fn isolate_resolves_what_chromium_s_isolate_format_resolves() {
+    // Compared with Chromium's own code when it is at hand: GRID_LUCI_PY names a luci-py
+    // client/ directory whose isolate_format.py still knows read_only (before October 2020).
+    let Some(client) = std::env::var_os("GRID_LUCI_PY") else {
+        eprintln!("skipped: set GRID_LUCI_PY to a luci-py client/ directory to compare");
+        return;
+    };
+    let python = std::process::Command::new("python3").arg("--version").output();
+    if !python.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: no python3 to run luci-py's isolate_format.py with");
+        return;
+    }
+    let script = suite_dir().parent().unwrap().join("chromium/resolve.py");
+    let s = Scratch::new();
+    old_chromium_tree(&s);
+    let src = s.path("src");
+    for (os, x11, suffix) in [
+        ("linux", "0", ""),
+        ("linux", "01", ""),
+        ("mac", "0", ""),
+        ("win", "0", ".exe"),
+        // android is named by no file: Chromium takes OS as unknown.
+        ("android", "1", ""),
+    ] {
+        let config = serde_json::json!({ "OS": os, "use_x11": x11 }).to_string();
+        let extra = serde_json::json!({ "EXECUTABLE_SUFFIX": suffix }).to_string();
+        let out = std::process::Command::new("python3")
+            .arg(&script)
+            .arg(&client)
+            .args(["chrome/unit_tests.isolate", &config, r#"{"PRODUCT_DIR": "out/Release"}"#])
+            .arg(&extra)
+            .current_dir(&src)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "resolve.py failed: {stderr}");
+        let luci: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+
+        let ours = s
+            .grid([
+                "isolate",
+                "--isolate",
+                "chrome/unit_tests.isolate",
+                "--var",
+                &format!("OS={os}"),
+                "--var",
+                &format!("use_x11={x11}"),
+                "--var",
+                "PRODUCT_DIR=../out/Release",
+                "--var",
+                &format!("EXECUTABLE_SUFFIX={suffix}"),
+                "--json",
+            ])
+            .current_dir(&src)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&ours.stderr);
+        assert!(ours.status.success(), "{os} {x11}: {stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&ours.stdout).unwrap();
+        for field in ["command", "read_only", "root", "relative_cwd"] {
+            assert_eq!(v[field], luci[field], "{os} {x11}: {field}: grid {v}, Chromium {luci}");
+        }
+        let shown: serde_json::Value =
+            serde_json::from_str(&s.ok(["show", v["id"].as_str().unwrap()])).unwrap();
+        let files: Vec<&String> = shown["files"].as_object().unwrap().keys().collect();
+        let theirs: Vec<&str> =
+            luci["files"].as_array().unwrap().iter().map(|f| f.as_str().unwrap()).collect();
+        assert_eq!(files, theirs, "{os} {x11}");
+    }
+}
+
+#[test]
+fn isolate_errors_say_failed_to_isolate_once() {
+    let s = Scratch::new();
+    let err = s.fails(["isolate", "--input", "missing.txt"]);
+    assert_eq!(err.matches("failed to isolate").count(), 1, "{err}");
+    // Through a running node too.
+    let node = NodeProc::start(&s.data_dir(), &[]);
+    let out = node.grid(["isolate", "--input", "missing.txt"]).current_dir(s.dir.path()).output();
+    let err = String::from_utf8(out.unwrap().stderr).unwrap();
+    assert!(err.contains("missing.txt: no such file"), "{err}");
+    assert_eq!(err.matches("failed to isolate").count(), 1, "{err}");
 }
 
 #[test]

@@ -435,3 +435,89 @@ fn a_forged_announcement_is_never_relayed_and_a_valid_one_is() {
     assert!(!heard(&c).contains(&forged_job), "the forged announcement was relayed to c");
     assert!(heard(&b).contains(&valid_job));
 }
+
+/// A peer built from stock libp2p parts, as js-libp2p's Kademlia is: a node answers its pings
+/// (`/ipfs/ping/1.0.0`, which it checks before admitting a peer to its routing table), takes a
+/// message that decodes ("received") and refuses a `/grid/msg/1` frame that does not.
+#[test]
+fn a_stock_libp2p_peer_gets_pings_answered_and_an_undecodable_message_refused() {
+    use futures::StreamExt;
+    use grid_node::mesh::codec::{MSG_PROTOCOL, MsgCodec, MsgResponse};
+    use grid_protocol::content;
+    use grid_protocol::message::{Cancel, Message, MessageKind, PROTOCOL_VERSION};
+    use libp2p::request_response::{self, ProtocolSupport};
+    use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+    use libp2p::{Multiaddr, SwarmBuilder, identity, noise, ping, tcp, yamux};
+
+    #[derive(NetworkBehaviour)]
+    struct Stock {
+        ping: ping::Behaviour,
+        msg: request_response::Behaviour<MsgCodec>,
+    }
+
+    let s = Scratch::new();
+    let b = NodeProc::start(&s.path("b"), &["--slots", "0"]);
+    let addr: Multiaddr = b.addrs[0].parse().unwrap();
+    let b_peer: libp2p::PeerId = b.peer_id.parse().unwrap();
+    let valid = Message::Cancel(Cancel {
+        job: content::job_id(b"no such job"),
+        submission: 1,
+        leases: vec![],
+    })
+    .encode();
+    // The right header, a body that is not CBOR of a cancel.
+    let garbage = vec![PROTOCOL_VERSION, MessageKind::Cancel as u8, 0xff, 0x00];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (rtt, answers) = rt.block_on(async move {
+        let mut swarm = SwarmBuilder::with_existing_identity(identity::Keypair::generate_ed25519())
+            .with_tokio()
+            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)
+            .unwrap()
+            .with_behaviour(|_| Stock {
+                ping: ping::Behaviour::new(ping::Config::new()),
+                msg: request_response::Behaviour::with_codec(
+                    MsgCodec,
+                    [(MSG_PROTOCOL, ProtocolSupport::Outbound)],
+                    request_response::Config::default(),
+                ),
+            })
+            .unwrap()
+            .build();
+        swarm.dial(addr).unwrap();
+        let mut sent = Vec::new();
+        let mut answers = Vec::new();
+        let mut rtt = None;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        while rtt.is_none() || answers.len() < 2 {
+            let ev = tokio::time::timeout_at(deadline, swarm.next()).await;
+            let ev = ev.expect("pings and both answers within 30 s").expect("swarm stream");
+            match ev {
+                SwarmEvent::ConnectionEstablished { peer_id, .. } if peer_id == b_peer => {
+                    for f in [&garbage, &valid] {
+                        sent.push(swarm.behaviour_mut().msg.send_request(&b_peer, f.clone()));
+                    }
+                }
+                SwarmEvent::Behaviour(StockEvent::Ping(ping::Event { peer, result, .. }))
+                    if peer == b_peer =>
+                {
+                    rtt = Some(result.expect("the node answers pings"));
+                }
+                SwarmEvent::Behaviour(StockEvent::Msg(request_response::Event::Message {
+                    message: request_response::Message::Response { request_id, response },
+                    ..
+                })) => {
+                    let which = sent.iter().position(|r| *r == request_id).expect("ours");
+                    answers.push((which, response));
+                }
+                SwarmEvent::Behaviour(StockEvent::Msg(
+                    request_response::Event::OutboundFailure { error, .. },
+                )) => panic!("a message was not answered: {error}"),
+                _ => {}
+            }
+        }
+        answers.sort_by_key(|(which, _)| *which);
+        (rtt, answers)
+    });
+    assert!(rtt.is_some_and(|d| d < std::time::Duration::from_secs(5)), "{rtt:?}");
+    assert_eq!(answers, [(0, MsgResponse::Refused), (1, MsgResponse::Received)]);
+}

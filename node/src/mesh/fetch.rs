@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use grid_protocol::content::{self, ContentId};
+use grid_protocol::content::{self, ContentId, VerifyError};
 use grid_protocol::manifest::{self, Manifest};
 use grid_protocol::time::Time;
 use grid_protocol::transfer::{self, Failure, Item, Limits, Response, Transfer};
@@ -98,6 +98,14 @@ pub enum FetchError {
     /// The mesh stopped.
     #[error(transparent)]
     Closed(#[from] Closed),
+}
+
+/// What bytes that failed verification tell the transfer about the peer that served them.
+fn refusal(e: &VerifyError) -> Response {
+    match e {
+        VerifyError::Collision { .. } => Response::Collision,
+        _ => Response::Corrupt,
+    }
 }
 
 fn transfer_message(tree: &ContentId, failure: &Failure<PeerId>) -> String {
@@ -333,13 +341,14 @@ impl Fetch<'_> {
                                 ask(&mesh, peer, req, deadline).await?.and_then(|bytes| {
                                     let bytes = bytes.into_vec();
                                     let decoded = content::verify_manifest(&id, &bytes)
-                                        .map_err(|e| e.to_string())
+                                        .map_err(|e| (refusal(&e), e.to_string()))
                                         .and_then(|()| {
-                                            Manifest::decode(&bytes).map_err(|e| e.to_string())
+                                            Manifest::decode(&bytes)
+                                                .map_err(|e| (Response::Corrupt, e.to_string()))
                                         });
-                                    decoded.map(|m| (bytes, m)).map_err(|e| {
+                                    decoded.map(|m| (bytes, m)).map_err(|(response, e)| {
                                         warn!(%peer, %id, error = %e, "peer served a bad manifest");
-                                        Response::Corrupt
+                                        response
                                     })
                                 });
                             Ok::<_, Closed>((peer, request, checked))
@@ -490,7 +499,7 @@ impl Fetch<'_> {
                             let done = tokio::task::spawn_blocking(move || {
                                 if let Err(e) = content::verify_block(&block, &data) {
                                     warn!(%peer, %block, error = %e, "peer served a corrupt block");
-                                    return Got::Other(Response::Corrupt);
+                                    return Got::Other(refusal(&e));
                                 }
                                 match writer.write_payload(bi, &mut data) {
                                     Ok(()) => Got::Block(data.len() as u64),
@@ -539,5 +548,41 @@ impl Fetch<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use grid_protocol::transfer::GaveUp;
+
+    #[test]
+    fn a_collision_attack_is_told_apart_from_corruption_and_named_with_its_peer() {
+        let block = content::block_id(b"x");
+        assert_eq!(refusal(&VerifyError::Collision { id: block }), Response::Collision);
+        let mismatch = VerifyError::Mismatch { id: block, actual: "00".into() };
+        assert_eq!(refusal(&mismatch), Response::Corrupt);
+        // What `grid fetch` prints when the tree's one provider served an attack.
+        let tree = content::manifest_id(b"tree");
+        let evil = PeerId::random();
+        let failure = Failure {
+            item: block,
+            gave_up: GaveUp::NoPeerLeft,
+            peers: 1,
+            lacked: 0,
+            corrupt: vec![evil],
+            collision: vec![evil],
+            failing: 0,
+            busy: 0,
+            last_error: None,
+        };
+        let text = FetchError::Transfer { tree, failure }.to_string();
+        assert_eq!(
+            text,
+            format!(
+                "tree {tree}: block {block} could not be fetched from its one peer: a SHA-1 \
+                 collision attack (bytes made to collide with the id's hash) from peer {evil}"
+            )
+        );
     }
 }

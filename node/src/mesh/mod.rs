@@ -12,6 +12,8 @@
 //! - request-response `/grid/msg/1` carries claims, grants, heartbeats, results and acks, and
 //!   `/grid/content/1` carries manifests and blocks (see [`codec`]);
 //! - mDNS finds peers on the LAN unless turned off;
+//! - ping (`/ipfs/ping/1.0.0`) answers the liveness check js-libp2p's Kademlia makes of a peer
+//!   before admitting it to its routing table, and measures round trips;
 //! - connection limits cap established and pending connections.
 //!
 //! TCP connections are secured with TLS 1.3 ([`tls`]: AES-GCM where the CPU has AES
@@ -40,11 +42,11 @@ use libp2p::request_response::{self, OutboundRequestId, ProtocolSupport, Respons
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, Swarm, autonat, connection_limits, dcutr, identify, mdns, noise, relay,
-    yamux,
+    Multiaddr, PeerId, Swarm, autonat, connection_limits, dcutr, identify, mdns, noise, ping,
+    relay, yamux,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::store::Store;
 use codec::{
@@ -145,6 +147,7 @@ struct Behaviour {
     relay: Toggle<relay::Behaviour>,
     dcutr: dcutr::Behaviour,
     autonat: autonat::Behaviour,
+    ping: ping::Behaviour,
 }
 
 /// First reachability probe after start: long enough for the first connections to open and
@@ -647,6 +650,7 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
                 relay: want_relay.then(|| relay::Behaviour::new(local, relay_config())).into(),
                 dcutr: dcutr::Behaviour::new(local),
                 autonat: autonat::Behaviour::new(local, autonat_config()),
+                ping: ping::Behaviour::new(ping::Config::new()),
             })
         })
         .map_err(|e| setup(&e))?
@@ -1359,6 +1363,10 @@ impl Driver {
                 self.on_reachability();
             }
             BehaviourEvent::Autonat(e) => debug!(event = ?e, "AutoNAT"),
+            BehaviourEvent::Ping(ping::Event { peer, result, .. }) => match result {
+                Ok(rtt) => trace!(%peer, ?rtt, "ping"),
+                Err(e) => debug!(%peer, error = %e, "ping failed"),
+            },
             BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
                 // Dialed, not put into the DHT: Kademlia takes a peer in once it says it is a
                 // server, at the address dialed.
@@ -1405,15 +1413,27 @@ impl Driver {
             BehaviourEvent::Msg(request_response::Event::Message { peer, message, .. }) => {
                 match message {
                     request_response::Message::Request { request, channel, .. } => {
-                        self.deliver(Inbound { from: peer, frame: request, gossip: false });
-                        let _ = self
-                            .swarm
-                            .behaviour_mut()
-                            .msg
-                            .send_response(channel, MsgResponse::Received);
+                        // Decoded here only to answer truthfully (the node decodes it again
+                        // where it is handled): a frame that is not a message is refused, and
+                        // goes no further.
+                        let status = match grid_protocol::message::decode(&request) {
+                            Ok(_) => {
+                                self.deliver(Inbound { from: peer, frame: request, gossip: false });
+                                MsgResponse::Received
+                            }
+                            Err(e) => {
+                                debug!(%peer, error = %e, "refused a message that does not decode");
+                                MsgResponse::Refused
+                            }
+                        };
+                        let _ = self.swarm.behaviour_mut().msg.send_response(channel, status);
                     }
-                    request_response::Message::Response { request_id, .. } => {
-                        self.unsent.delivered(request_id);
+                    request_response::Message::Response { request_id, response } => {
+                        let frame = self.unsent.delivered(request_id);
+                        if response == MsgResponse::Refused {
+                            let kind = frame.as_deref().and_then(|f| f.get(1)).copied();
+                            warn!(%peer, ?kind, "peer refused a message of ours as undecodable");
+                        }
                     }
                 }
             }
