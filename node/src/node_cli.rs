@@ -93,6 +93,25 @@ struct Args {
     /// Run no job in the sandbox: jobs of submitters this node does not trust are refused.
     #[arg(long)]
     no_sandbox: bool,
+    /// Most CPU each shard may use, in cores (e.g. 0.5, 2), for all its processes together;
+    /// the node then advertises at most this many cores (rounded up). Needs a cgroup per
+    /// shard: the node refuses to start where it cannot make one.
+    #[arg(long, value_name = "CORES", value_parser = parse_cores, help_heading = "Caps per shard")]
+    cpu_limit: Option<u64>,
+    /// Most memory each shard may use (e.g. 512M, 2G), page cache included, with no swap
+    /// beyond it; a shard that needs more is killed and ends as an error saying so. The node
+    /// then advertises at most this memory_gb. Needs a cgroup per shard, as --cpu-limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory, help_heading = "Caps per shard")]
+    memory_limit: Option<u64>,
+    /// Most processes and threads each shard may run at once; a shard reaching it (a fork
+    /// bomb) is stopped and ends as an error saying so. Needs a cgroup per shard, as
+    /// --cpu-limit.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Caps per shard")]
+    pids_limit: Option<u64>,
+    /// Run shards at normal priority. By default their processes run at CPU niceness 10 and
+    /// the lowest best-effort IO priority, so the machine's owner comes first.
+    #[arg(long, help_heading = "Caps per shard")]
+    no_nice: bool,
     #[command(flatten, next_help_heading = "Cache limits")]
     cache: CacheArgs,
     /// Test only: misbehave, to exercise the mesh's defences (only in builds with the
@@ -100,6 +119,38 @@ struct Args {
     #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true, value_parser = parse_fault)]
     fault: Option<Fault>,
+}
+
+/// Parses a CPU cap in cores (`0.5`, `2`, `1.25`) into thousandths of a core.
+fn parse_cores(s: &str) -> Result<u64, String> {
+    let bad = || format!("not a number of cores: {s:?} (e.g. 0.5, 2)");
+    let (whole, frac) = s.trim().split_once('.').unwrap_or((s.trim(), ""));
+    if (whole.is_empty() && frac.is_empty())
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || frac.len() > 3
+    {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
+    let frac: u64 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    let milli = whole.checked_mul(1000).and_then(|w| w.checked_add(frac)).ok_or_else(bad)?;
+    let min = crate::exec::cgroup::MIN_CPU_MILLICORES;
+    if milli < min {
+        return Err(format!("{s:?} is below the smallest CPU cap, 0.01 cores"));
+    }
+    Ok(milli)
+}
+
+/// Smallest memory cap: below it not even a shell starts.
+const MIN_MEMORY_LIMIT: u64 = 8 << 20;
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let b = crate::cli::parse_size(s)?;
+    if b < MIN_MEMORY_LIMIT {
+        return Err(format!("{s:?} is below the smallest memory cap, 8M"));
+    }
+    Ok(b)
 }
 
 #[cfg(feature = "test-hooks")]
@@ -155,7 +206,13 @@ pub fn main() -> ExitCode {
         if !args.listen.is_empty() {
             mesh.listen = args.listen.clone();
         }
-        let mut dimensions = crate::daemon::detect_dimensions();
+        let caps = crate::exec::Caps {
+            cpu_millicores: args.cpu_limit,
+            memory: args.memory_limit,
+            pids: args.pids_limit,
+        };
+        let mut dimensions =
+            crate::daemon::cap_dimensions(crate::daemon::detect_dimensions(), &caps);
         for (k, v) in &args.dimensions {
             if k == POOL {
                 anyhow::bail!("give pools with --pool, not --dimension pool=...");
@@ -183,6 +240,8 @@ pub fn main() -> ExitCode {
         }
         let mut exec = ExecConfig::new(args.runs_dir.clone().unwrap_or_else(|| dir.join("runs")));
         exec.min_free_disk = args.min_free_disk;
+        exec.caps = caps;
+        exec.nice = !args.no_nice;
         if args.no_sandbox {
             exec.sandbox = SandboxPolicy::Disabled;
         }
@@ -244,6 +303,19 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_caps_parse_as_thousandths_of_a_core() {
+        assert_eq!(parse_cores("0.5"), Ok(500));
+        assert_eq!(parse_cores("2"), Ok(2000));
+        assert_eq!(parse_cores("1.25"), Ok(1250));
+        assert_eq!(parse_cores(".75"), Ok(750));
+        for bad in ["", ".", "abc", "-1", "0.0001", "0", "1e3", "99999999999999999999"] {
+            assert!(parse_cores(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_memory("512M"), Ok(512 << 20));
+        assert!(parse_memory("1M").is_err());
+    }
 
     #[test]
     fn help_is_well_formed() {
