@@ -800,6 +800,9 @@ pub fn render_status(v: &NodeStatus, now_ms: u64) -> String {
     if let Some(q) = &w.quarantined {
         let _ = writeln!(o, "quarantined: {q} (this node takes no new shards)");
     }
+    if let Some(p) = &w.paused {
+        let _ = writeln!(o, "{p} (this node takes no new shards; running ones finish)");
+    }
     if v.jobs.is_empty() {
         let _ = writeln!(o, "no jobs submitted from this node");
         return o;
@@ -1073,6 +1076,7 @@ mod tests {
             free_slots,
             running: vec![],
             quarantined: quarantined.map(str::to_string),
+            paused: None,
             heard: vec![],
             started,
             results,

@@ -260,6 +260,16 @@ pub async fn run(
         // A contributor who asked for a cap relies on it: running without would be a lie.
         anyhow::bail!("cannot enforce {}", unenforceable.join("; "));
     }
+    let owner = opts.exec.owner.clone();
+    if owner.idle_only && executor.cgroups().is_none() {
+        let why = executor
+            .cgroup_problems()
+            .next()
+            .map_or_else(|| "cgroups are off".to_string(), |p| p.reason.clone());
+        anyhow::bail!(
+            "--idle-only cannot tell grid's CPU time from the owner's without a cgroup per shard: {why}"
+        );
+    }
     if let Some(cg) = executor.cgroups() {
         let parents: Vec<String> = cg.parents().map(|p| p.display().to_string()).collect();
         info!(v2 = cg.is_v2(), parents = %parents.join(" "), "shards run in cgroups");
@@ -306,6 +316,25 @@ pub async fn run(
         Arc::new(move || health.may_claim()),
     )
     .await?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let gate = Arc::new(Mutex::new(crate::owner::Gate::new(owner.clone(), cores)));
+    if owner.active() {
+        let g = gate.clone();
+        engine.set_pause(Arc::new(move || {
+            let minute = crate::owner::local_minute_of_day();
+            match g.lock().unwrap_or_else(|p| p.into_inner()).pause(minute) {
+                Some(why) => Err(why),
+                None => Ok(()),
+            }
+        }));
+        info!(
+            idle_only = owner.idle_only,
+            schedule = %owner.schedule.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            "claiming only when the owner's rules allow"
+        );
+    }
+    let mut owner_tick = tokio::time::interval(crate::owner::SAMPLE_INTERVAL);
+    owner_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut listening = Vec::new();
     // Every listener's first address, or 2 s.
     for _ in 0..200 {
@@ -362,6 +391,12 @@ pub async fn run(
                 Err(e) => warn!(error = %e, "control socket accept"),
             },
             _ = tokio::time::sleep(wake) => engine.on_timeout().await,
+            _ = owner_tick.tick(), if owner.active() => {
+                if let Some(s) = crate::owner::sample(executor.cgroups()) {
+                    gate.lock().unwrap_or_else(|p| p.into_inner()).observe(s);
+                }
+                engine.recheck().await;
+            }
             event = inbound.recv() => match event {
                 Some(mesh::MeshEvent::Message(m)) => engine.on_inbound(m).await,
                 Some(mesh::MeshEvent::PeerGone(p)) => engine.on_peer_gone(p).await,

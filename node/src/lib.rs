@@ -21,6 +21,7 @@ pub mod junit;
 pub mod live;
 pub mod mesh;
 pub mod node_cli;
+pub mod owner;
 pub mod pack;
 pub mod payload;
 pub mod pyc;

@@ -112,6 +112,23 @@ struct Args {
     /// the lowest best-effort IO priority, so the machine's owner comes first.
     #[arg(long, help_heading = "Caps per shard")]
     no_nice: bool,
+    /// Claim no new shard while this machine is busy with work that is not grid's: more than
+    /// --idle-threshold of its cores, measured over 5 s from /proc/stat minus the CPU time of
+    /// grid's own shards and of the node. Running shards finish. Needs a cgroup per shard.
+    #[arg(long, help_heading = "Yielding to the machine's owner")]
+    idle_only: bool,
+    /// With --idle-only: the share of the machine's cores (0 to 1) others may use before the
+    /// node stops claiming, e.g. 0.25 of 8 cores is 2 cores.
+    #[arg(long, value_name = "FRACTION", value_parser = parse_fraction, default_value = "0.25", help_heading = "Yielding to the machine's owner")]
+    idle_threshold: u64,
+    /// Claim new shards only inside this daily window of local time, e.g. 22:00-07:00 (it may
+    /// cross midnight; repeatable). Running shards finish past its end.
+    #[arg(
+        long = "schedule",
+        value_name = "HH:MM-HH:MM",
+        help_heading = "Yielding to the machine's owner"
+    )]
+    schedule: Vec<crate::owner::Window>,
     #[command(flatten, next_help_heading = "Cache limits")]
     cache: CacheArgs,
     /// Test only: misbehave, to exercise the mesh's defences (only in builds with the
@@ -138,6 +155,22 @@ fn parse_cores(s: &str) -> Result<u64, String> {
     let min = crate::exec::cgroup::MIN_CPU_MILLICORES;
     if milli < min {
         return Err(format!("{s:?} is below the smallest CPU cap, 0.01 cores"));
+    }
+    Ok(milli)
+}
+
+/// Parses a fraction from 0 to 1 into thousandths.
+fn parse_fraction(s: &str) -> Result<u64, String> {
+    let (whole, frac) = s.trim().split_once('.').unwrap_or((s.trim(), ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) || frac.len() > 3 {
+        return Err(format!("not a fraction from 0 to 1: {s:?} (e.g. 0.25)"));
+    }
+    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| s.to_string())? };
+    let frac: u64 = format!("{frac:0<3}").parse().map_err(|_| s.to_string())?;
+    let milli = whole.saturating_mul(1000).saturating_add(frac);
+    if milli > 1000 {
+        return Err(format!("{s:?} is more than 1 (all of the machine's cores)"));
     }
     Ok(milli)
 }
@@ -242,6 +275,11 @@ pub fn main() -> ExitCode {
         exec.min_free_disk = args.min_free_disk;
         exec.caps = caps;
         exec.nice = !args.no_nice;
+        exec.owner = crate::owner::YieldPolicy {
+            idle_only: args.idle_only,
+            idle_threshold_milli: args.idle_threshold,
+            schedule: args.schedule.clone(),
+        };
         if args.no_sandbox {
             exec.sandbox = SandboxPolicy::Disabled;
         }
@@ -314,6 +352,9 @@ mod tests {
             assert!(parse_cores(bad).is_err(), "{bad:?}");
         }
         assert_eq!(parse_memory("512M"), Ok(512 << 20));
+        assert_eq!(parse_fraction("0.25"), Ok(250));
+        assert_eq!(parse_fraction("1"), Ok(1000));
+        assert!(parse_fraction("1.5").is_err() && parse_fraction("x").is_err());
         assert!(parse_memory("1M").is_err());
     }
 

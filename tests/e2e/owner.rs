@@ -141,3 +141,112 @@ fn a_cap_the_machine_cannot_enforce_stops_the_node_at_start_and_no_cap_only_warn
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.matches("no cgroup per shard").count(), 1, "{err}");
 }
+
+/// Cores the whole machine keeps busy over `span`, from /proc/stat.
+fn busy_cores(span: std::time::Duration) -> f64 {
+    let busy = || -> u64 {
+        let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+        let f: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_ascii_whitespace()
+            .skip(1)
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        [0, 1, 2, 5, 6, 7].iter().map(|i| f.get(*i).copied().unwrap_or(0)).sum()
+    };
+    let (b0, t0) = (busy(), std::time::Instant::now());
+    std::thread::sleep(span);
+    // Clock ticks of 10 ms (USER_HZ is 100 on Linux).
+    (busy() - b0) as f64 / 100.0 / t0.elapsed().as_secs_f64()
+}
+
+/// Busy loops standing for the owner's work; killed when dropped.
+struct Load(Vec<std::process::Child>);
+
+impl Load {
+    fn start(n: usize) -> Load {
+        Load(
+            (0..n)
+                .map(|_| {
+                    std::process::Command::new("sh")
+                        .args(["-c", "while :; do :; done"])
+                        .spawn()
+                        .expect("start a busy loop")
+                })
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn an_idle_only_node_claims_nothing_while_its_owner_is_busy_and_claims_once_idle() {
+    if !cgroups_here() {
+        return;
+    }
+    // The node measures honestly: on a machine others already keep busy it must not claim,
+    // and the second half of this test cannot be shown.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let background = busy_cores(std::time::Duration::from_secs(3));
+    if background > 0.5 * cores as f64 {
+        eprintln!(
+            "skipped: this machine is already busy ({background:.2} of {cores} cores in use), \
+             so it would never look idle"
+        );
+        return;
+    }
+    let s = Scratch::new();
+    // A busy loop per core takes the whole machine, well over 0.75 of its cores.
+    let load = Load::start(cores);
+    let (submitter, worker) = pair(&s, &["--idle-only", "--idle-threshold", "0.75"]);
+    grid_tests::wait_for(30, "the worker to see its owner's load", || {
+        let st = worker.json(["status", "--json"]);
+        st["worker"]["paused"]
+            .as_str()
+            .is_some_and(|p| p.contains("the machine is busy"))
+            .then_some(())
+    });
+    let text = worker.ok(["status"]);
+    assert!(text.contains("paused: the machine is busy: "), "{text}");
+    let dir = script(&s, "job", "exit 0");
+    let out = submit(&submitter, &dir, &["--input", ".", "--detach", "--json", "--", "./run.sh"]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", describe(&out)));
+    let job = v["job"].as_str().expect("a job id").to_string();
+    grid_tests::wait_for(20, "the worker to hear the job", || {
+        let st = worker.json(["status", "--json"]);
+        st["worker"]["heard"].as_array()?.iter().any(|j| j == job.as_str()).then_some(())
+    });
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let st = worker.json(["status", "--json"]);
+    assert_eq!(st["worker"]["started"], 0, "nothing claimed while the owner is busy: {st}");
+    let v = submitter.json(["status", &job, "--json"]);
+    assert_eq!(v["shards"][0]["state"], "PENDING", "{v}");
+    drop(load);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let v = submitter.json(["status", &job, "--json"]);
+        if v["shards"][0]["state"] == "COMPLETED" {
+            break;
+        }
+        let st = worker.json(["status", "--json"]);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job did not run once the load ended: {v}\nworker: {st}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let st = worker.json(["status", "--json"]);
+    assert_eq!(st["worker"]["paused"], serde_json::Value::Null, "{st}");
+    assert_eq!(st["worker"]["started"], 1, "{st}");
+}

@@ -184,6 +184,9 @@ pub struct ExecConfig {
     pub cgroups: bool,
     /// Whether shard processes run at [`SHARD_NICE`] and the lowest best-effort IO priority.
     pub nice: bool,
+    /// When the node may start new shards at all (`--idle-only`, `--schedule`); the daemon
+    /// applies it to claims, see [`crate::owner`].
+    pub owner: crate::owner::YieldPolicy,
 }
 
 impl ExecConfig {
@@ -201,6 +204,7 @@ impl ExecConfig {
             caps: Caps::default(),
             cgroups: true,
             nice: true,
+            owner: crate::owner::YieldPolicy::default(),
         }
     }
 }
@@ -410,7 +414,9 @@ impl Executor {
                 Err(problems) => {
                     if !config.caps.any() {
                         let reason = problems.first().map_or("", |p| p.reason.as_str());
-                        tracing::warn!(
+                        // Not a warning: nothing asked for was lost (`grid submit --bootstrap`
+                        // runs a node too, with no slot).
+                        tracing::info!(
                             "no cgroup per shard: {reason}; shards run uncapped, and what a shard                              leaves behind is found through its process tree only"
                         );
                     }
@@ -445,6 +451,11 @@ impl Executor {
     /// daemon refuses to start then). Empty when every cap holds.
     pub fn unenforceable_caps(&self) -> impl Iterator<Item = &Unenforceable> {
         self.cgroup_problems.iter().filter(|p| !p.cap.is_empty())
+    }
+
+    /// Why shards get no cgroup here, if they do not.
+    pub fn cgroup_problems(&self) -> impl Iterator<Item = &Unenforceable> {
+        self.cgroup_problems.iter()
     }
 
     /// The settings.
