@@ -122,8 +122,9 @@ fn a_cap_the_machine_cannot_enforce_stops_the_node_at_start_and_no_cap_only_warn
     assert!(err.contains("error: cannot enforce --memory-limit 512M: cannot create"), "{err}");
     assert!(err.contains("--pids-limit 64: cannot create"), "{err}");
     assert!(err.contains("Read-only file system"), "{err}");
-    // Without a cap the node starts, and says once what it lacks.
+    // Without a cap the node starts, and says once (at info level) what it lacks.
     let mut child = node("")
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
