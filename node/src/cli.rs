@@ -25,7 +25,7 @@ use crate::{control, pack};
 #[derive(Debug, Parser)]
 #[command(
     name = "grid",
-    version,
+    version = crate::VERSION,
     about = "grid: run a test suite across a mesh of machines",
     after_help = crate::exit::HELP,
     max_term_width = 100
@@ -53,7 +53,7 @@ pub struct GlobalArgs {
 }
 
 /// Limits of the local content cache; least recently used content is evicted to keep them.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, PartialEq, Args)]
 pub struct CacheArgs {
     /// Most bytes the cache holds (e.g. 20G, 512M).
     #[arg(long, global = true, value_parser = parse_size, env = "GRID_CACHE_MAX_SIZE")]
