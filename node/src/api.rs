@@ -316,6 +316,9 @@ pub struct WorkerView {
     /// Why this node does not claim, if it does not.
     #[serde(default)]
     pub quarantined: Option<String>,
+    /// Why this node yields to its owner now (`--idle-only`, `--schedule`), if it does.
+    #[serde(default)]
+    pub paused: Option<String>,
     /// The last 16 distinct jobs first heard announced (most recent last).
     #[serde(default)]
     pub heard: Vec<String>,
@@ -1158,6 +1161,7 @@ pub(crate) mod tests {
             free_slots: 1,
             running: vec![],
             quarantined: None,
+            paused: None,
             heard: vec![cid("job").to_string()],
             started: 0,
             results: 0,

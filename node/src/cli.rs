@@ -25,7 +25,7 @@ use crate::{control, pack};
 #[derive(Debug, Parser)]
 #[command(
     name = "grid",
-    version,
+    version = crate::VERSION,
     about = "grid: run a test suite across a mesh of machines",
     after_help = crate::exit::HELP,
     max_term_width = 100
@@ -53,7 +53,7 @@ pub struct GlobalArgs {
 }
 
 /// Limits of the local content cache; least recently used content is evicted to keep them.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, PartialEq, Args)]
 pub struct CacheArgs {
     /// Most bytes the cache holds (e.g. 20G, 512M).
     #[arg(long, global = true, value_parser = parse_size, env = "GRID_CACHE_MAX_SIZE")]
@@ -805,6 +805,9 @@ pub fn render_status(v: &NodeStatus, now_ms: u64) -> String {
     if let Some(q) = &w.quarantined {
         let _ = writeln!(o, "quarantined: {q} (this node takes no new shards)");
     }
+    if let Some(p) = &w.paused {
+        let _ = writeln!(o, "{p} (this node takes no new shards; running ones finish)");
+    }
     if v.jobs.is_empty() {
         let _ = writeln!(o, "no jobs submitted from this node");
         return o;
@@ -1078,6 +1081,7 @@ mod tests {
             free_slots,
             running: vec![],
             quarantined: quarantined.map(str::to_string),
+            paused: None,
             heard: vec![],
             started,
             results,

@@ -81,6 +81,24 @@ pub fn detect_dimensions() -> Dimensions {
     d
 }
 
+/// `dims` with `cores` and `memory_gb` no larger than what a shard may use under `caps`: a
+/// CPU cap of 0.5 makes `cores` 1 (a shard runs on one core's worth of time at most, rounded
+/// up to whole cores), a memory cap of 2G makes `memory_gb` 2 and one under 1G makes it 0.
+pub fn cap_dimensions(mut dims: Dimensions, caps: &crate::exec::Caps) -> Dimensions {
+    let mut lower = |key: &str, cap: u64| {
+        let detected = dims.values(key).filter_map(|v| v.parse::<u64>().ok()).max();
+        let value = detected.map_or(cap, |d| d.min(cap));
+        dims.0.insert(key.to_string(), [value.to_string()].into());
+    };
+    if let Some(m) = caps.cpu_millicores {
+        lower("cores", m.div_ceil(1000).max(1));
+    }
+    if let Some(b) = caps.memory {
+        lower("memory_gb", b >> 30);
+    }
+    dims
+}
+
 type SharedFetch = Shared<BoxFuture<'static, Result<FetchReport, String>>>;
 
 /// Fetches trees from the mesh, one transfer per tree however many ask for it at once.
@@ -236,6 +254,26 @@ pub async fn run(
             format!("failed to open the job database in {}", jobs_dir.display())
         })?);
     let executor = Arc::new(Executor::new(store.clone(), opts.exec.clone()));
+    let unenforceable: Vec<String> =
+        executor.unenforceable_caps().map(|p| format!("{}: {}", p.cap, p.reason)).collect();
+    if !unenforceable.is_empty() {
+        // A contributor who asked for a cap relies on it: running without would be a lie.
+        anyhow::bail!("cannot enforce {}", unenforceable.join("; "));
+    }
+    let owner = opts.exec.owner.clone();
+    if owner.idle_only && executor.cgroups().is_none() {
+        let why = executor
+            .cgroup_problems()
+            .next()
+            .map_or_else(|| "cgroups are off".to_string(), |p| p.reason.clone());
+        anyhow::bail!(
+            "--idle-only cannot tell grid's CPU time from the owner's without a cgroup per shard: {why}"
+        );
+    }
+    if let Some(cg) = executor.cgroups() {
+        let parents: Vec<String> = cg.parents().map(|p| p.display().to_string()).collect();
+        info!(v2 = cg.is_v2(), parents = %parents.join(" "), "shards run in cgroups");
+    }
     let mut engine_config = opts.engine.clone();
     if let SandboxStatus::Unavailable { reason } = executor.sandbox() {
         // Open-pool jobs are then declined (their submitters are told why), not claimed.
@@ -280,6 +318,25 @@ pub async fn run(
         Arc::new(move || health.may_claim()),
     )
     .await?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let gate = Arc::new(Mutex::new(crate::owner::Gate::new(owner.clone(), cores)));
+    if owner.active() {
+        let g = gate.clone();
+        engine.set_pause(Arc::new(move || {
+            let minute = crate::owner::local_minute_of_day();
+            match g.lock().unwrap_or_else(|p| p.into_inner()).pause(minute) {
+                Some(why) => Err(why),
+                None => Ok(()),
+            }
+        }));
+        info!(
+            idle_only = owner.idle_only,
+            schedule = %owner.schedule.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+            "claiming only when the owner's rules allow"
+        );
+    }
+    let mut owner_tick = tokio::time::interval(crate::owner::SAMPLE_INTERVAL);
+    owner_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut listening = Vec::new();
     // Every listener's first address, or 2 s.
     for _ in 0..200 {
@@ -336,6 +393,12 @@ pub async fn run(
                 Err(e) => warn!(error = %e, "control socket accept"),
             },
             _ = tokio::time::sleep(wake) => engine.on_timeout().await,
+            _ = owner_tick.tick(), if owner.active() => {
+                if let Some(s) = crate::owner::sample(executor.cgroups()) {
+                    gate.lock().unwrap_or_else(|p| p.into_inner()).observe(s);
+                }
+                engine.recheck().await;
+            }
             event = inbound.recv() => match event {
                 Some(mesh::MeshEvent::Message(m)) => engine.on_inbound(m).await,
                 Some(mesh::MeshEvent::PeerGone(p)) => engine.on_peer_gone(p).await,
@@ -662,5 +725,28 @@ mod tests {
         // Bytes that are not UTF-8 at all are passed on, not held forever.
         assert_eq!(whole_chars(&[0xff, b'a']), 2);
         assert_eq!(whole_chars(&[0xe2, 0x9c]), 0, "a lone cut character waits too");
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::cap_dimensions;
+    use crate::exec::Caps;
+    use grid_protocol::dims::Dimensions;
+
+    #[test]
+    fn advertised_cores_and_memory_are_what_a_shard_may_use() {
+        let machine =
+            Dimensions::new().with("cores", "8").with("memory_gb", "31").with("os", "Linux");
+        assert_eq!(cap_dimensions(machine.clone(), &Caps::default()), machine);
+        let caps = Caps { cpu_millicores: Some(500), memory: Some(2 << 30), pids: Some(64) };
+        let d = cap_dimensions(machine.clone(), &caps);
+        assert_eq!(d.values("cores").collect::<Vec<_>>(), ["1"], "half a core is one core's worth");
+        assert_eq!(d.values("memory_gb").collect::<Vec<_>>(), ["2"]);
+        assert_eq!(d.values("os").collect::<Vec<_>>(), ["Linux"]);
+        let caps = Caps { cpu_millicores: Some(16_000), memory: Some(256 << 20), pids: None };
+        let d = cap_dimensions(machine, &caps);
+        assert_eq!(d.values("cores").collect::<Vec<_>>(), ["8"], "never more than the machine");
+        assert_eq!(d.values("memory_gb").collect::<Vec<_>>(), ["0"], "under 1 GiB is 0");
     }
 }

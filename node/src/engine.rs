@@ -150,6 +150,10 @@ pub struct Engine {
     running: HashMap<LeaseId, watch::Sender<bool>>,
     finished_tx: mpsc::Sender<Finished>,
     may_claim: Health,
+    /// Whether the owner's rules let the node claim now (`--idle-only`, `--schedule`).
+    pause: Option<Health>,
+    /// What `pause` said last.
+    paused: Option<String>,
     watches: BTreeMap<SubKey, broadcast::Sender<JobView>>,
     dirty: BTreeSet<SubKey>,
     views_sent: Time,
@@ -220,6 +224,8 @@ impl Engine {
             running: HashMap::new(),
             finished_tx,
             may_claim,
+            pause: None,
+            paused: None,
             watches: BTreeMap::new(),
             dirty: BTreeSet::new(),
             views_sent: Time::ZERO,
@@ -275,9 +281,25 @@ impl Engine {
         Some(t.map_or(v, |t| t.min(v)))
     }
 
-    /// The node's health, as the worker must know it before each input.
+    /// The node's health, as the worker must know it before each input. A quarantine is said
+    /// before a pause: it is what the operator must fix.
     fn refresh_health(&mut self, t: Time) {
-        self.node.set_health(t, (self.may_claim)().err());
+        self.paused = self.pause.as_ref().and_then(|p| p().err());
+        let why = (self.may_claim)().err().or_else(|| self.paused.clone());
+        self.node.set_health(t, why);
+    }
+
+    /// Sets the owner's rules (see [`crate::owner`]): while `pause` says `Err(why)`, the node
+    /// claims nothing, and tells submitters `why`. Running shards are not affected.
+    pub fn set_pause(&mut self, pause: Health) {
+        self.pause = Some(pause);
+    }
+
+    /// Asks the health and the owner's rules again, and claims if they now allow it. The
+    /// daemon calls it after each new measurement of the machine.
+    pub async fn recheck(&mut self) {
+        self.refresh_health(now());
+        self.drain().await;
     }
 
     /// Handles deadlines.
@@ -391,7 +413,11 @@ impl Engine {
                     slots: self.slots,
                     free_slots: w.free_slots(),
                     running: w.running().map(|l| l.to_string()).collect(),
-                    quarantined: w.quarantine().map(str::to_string),
+                    quarantined: w
+                        .quarantine()
+                        .filter(|q| self.paused.as_deref() != Some(*q))
+                        .map(str::to_string),
+                    paused: self.paused.clone(),
                     heard: self.node.heard().map(|j| j.to_string()).collect(),
                     started: w.stats().started,
                     results: w.stats().results,

@@ -7,6 +7,11 @@
 
 pub use grid_protocol as proto;
 
+/// The version `grid --version` and `grid-node --version` print: the package's, then the commit
+/// it was built from and that commit's date, `0.1.0 (abc1234 2026-12-01)`, or
+/// `0.1.0 (unknown commit)` for a build outside a git checkout (see `build.rs`).
+pub const VERSION: &str = env!("GRID_VERSION");
+
 pub mod api;
 pub mod cli;
 pub mod control;
@@ -21,6 +26,8 @@ pub mod junit;
 pub mod live;
 pub mod mesh;
 pub mod node_cli;
+pub mod node_config;
+pub mod owner;
 pub mod pack;
 pub mod payload;
 pub mod pyc;

@@ -25,9 +25,14 @@ use crate::mesh::MeshConfig;
 ///
 /// Prints its peer id and the addresses it listens on, then serves until SIGINT or SIGTERM.
 /// Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=grid_node=debug) for more.
-#[derive(Debug, Parser)]
-#[command(name = "grid-node", version, about, max_term_width = 100)]
+#[derive(Debug, PartialEq, Parser)]
+#[command(name = "grid-node", version = crate::VERSION, about, max_term_width = 100)]
 struct Args {
+    /// Read options from this TOML file: keys are the long flags with _ for - (slots = 4,
+    /// memory_limit = "512M", bootstrap = ["/ip4/..."]). Flags and environment variables
+    /// override the file's keys; a repeatable flag given here replaces the file's list.
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     /// Data directory (key pair, content store, control socket). Default: $XDG_DATA_HOME/grid
     /// or ~/.local/share/grid.
     #[arg(long, env = "GRID_DATA_DIR")]
@@ -93,6 +98,42 @@ struct Args {
     /// Run no job in the sandbox: jobs of submitters this node does not trust are refused.
     #[arg(long)]
     no_sandbox: bool,
+    /// Most CPU each shard may use, in cores (e.g. 0.5, 2), for all its processes together;
+    /// the node then advertises at most this many cores (rounded up). Needs a cgroup per
+    /// shard: the node refuses to start where it cannot make one.
+    #[arg(long, value_name = "CORES", value_parser = parse_cores, help_heading = "Caps per shard")]
+    cpu_limit: Option<u64>,
+    /// Most memory each shard may use (e.g. 512M, 2G), page cache included, with no swap
+    /// beyond it; a shard that needs more is killed and ends as an error saying so. The node
+    /// then advertises at most this memory_gb. Needs a cgroup per shard, as --cpu-limit.
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory, help_heading = "Caps per shard")]
+    memory_limit: Option<u64>,
+    /// Most processes and threads each shard may run at once; a shard reaching it (a fork
+    /// bomb) is stopped and ends as an error saying so. Needs a cgroup per shard, as
+    /// --cpu-limit.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..), help_heading = "Caps per shard")]
+    pids_limit: Option<u64>,
+    /// Run shards at normal priority. By default their processes run at CPU niceness 10 and
+    /// the lowest best-effort IO priority, so the machine's owner comes first.
+    #[arg(long, help_heading = "Caps per shard")]
+    no_nice: bool,
+    /// Claim no new shard while this machine is busy with work that is not grid's: more than
+    /// --idle-threshold of its cores, measured over 5 s from /proc/stat minus the CPU time of
+    /// grid's own shards and of the node. Running shards finish. Needs a cgroup per shard.
+    #[arg(long, help_heading = "Yielding to the machine's owner")]
+    idle_only: bool,
+    /// With --idle-only: the share of the machine's cores (0 to 1) others may use before the
+    /// node stops claiming, e.g. 0.25 of 8 cores is 2 cores.
+    #[arg(long, value_name = "FRACTION", value_parser = parse_fraction, default_value = "0.25", help_heading = "Yielding to the machine's owner")]
+    idle_threshold: u64,
+    /// Claim new shards only inside this daily window of local time, e.g. 22:00-07:00 (it may
+    /// cross midnight; repeatable). Running shards finish past its end.
+    #[arg(
+        long = "schedule",
+        value_name = "HH:MM-HH:MM",
+        help_heading = "Yielding to the machine's owner"
+    )]
+    schedule: Vec<crate::owner::Window>,
     #[command(flatten, next_help_heading = "Cache limits")]
     cache: CacheArgs,
     /// Test only: misbehave, to exercise the mesh's defences (only in builds with the
@@ -100,6 +141,92 @@ struct Args {
     #[cfg(feature = "test-hooks")]
     #[arg(long, hide = true, value_parser = parse_fault)]
     fault: Option<Fault>,
+}
+
+/// A command line, or the config file it names, that cannot work.
+#[derive(Debug)]
+enum ParseError {
+    /// The command line (or `--help`, `--version`).
+    Clap(clap::Error),
+    /// The config file.
+    Config(crate::node_config::ConfigError),
+}
+
+/// Parses `grid-node`'s arguments (`argv[0]` first) and the config file `--config` names: the
+/// command line first, then the file's keys for the flags it left to their default (see
+/// [`crate::node_config`] for the precedence).
+fn parse(argv: Vec<std::ffi::OsString>) -> Result<Args, ParseError> {
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
+    let cmd = Args::command();
+    let matches = cmd.clone().try_get_matches_from(argv.iter()).map_err(ParseError::Clap)?;
+    let Some(path) = matches.get_one::<std::path::PathBuf>("config") else {
+        return Args::from_arg_matches(&matches).map_err(ParseError::Clap);
+    };
+    let text = crate::node_config::read(path).map_err(ParseError::Config)?;
+    let entries = crate::node_config::entries(&cmd, path, &text).map_err(ParseError::Config)?;
+    crate::node_config::check(&cmd, path, &entries).map_err(ParseError::Config)?;
+    let mut full: Vec<std::ffi::OsString> = argv.iter().take(1).cloned().collect();
+    for e in &entries {
+        let given = matches!(
+            matches.value_source(&e.id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        );
+        if !given {
+            full.extend(e.args.iter().cloned());
+        }
+    }
+    full.extend(argv.iter().skip(1).cloned());
+    let matches = cmd.try_get_matches_from(full).map_err(ParseError::Clap)?;
+    Args::from_arg_matches(&matches).map_err(ParseError::Clap)
+}
+
+/// Parses a CPU cap in cores (`0.5`, `2`, `1.25`) into thousandths of a core.
+fn parse_cores(s: &str) -> Result<u64, String> {
+    let bad = || format!("not a number of cores: {s:?} (e.g. 0.5, 2)");
+    let (whole, frac) = s.trim().split_once('.').unwrap_or((s.trim(), ""));
+    if (whole.is_empty() && frac.is_empty())
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || frac.len() > 3
+    {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| bad())? };
+    let frac: u64 = format!("{frac:0<3}").parse().map_err(|_| bad())?;
+    let milli = whole.checked_mul(1000).and_then(|w| w.checked_add(frac)).ok_or_else(bad)?;
+    let min = crate::exec::cgroup::MIN_CPU_MILLICORES;
+    if milli < min {
+        return Err(format!("{s:?} is below the smallest CPU cap, 0.01 cores"));
+    }
+    Ok(milli)
+}
+
+/// Parses a fraction from 0 to 1 into thousandths.
+fn parse_fraction(s: &str) -> Result<u64, String> {
+    let (whole, frac) = s.trim().split_once('.').unwrap_or((s.trim(), ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && frac.is_empty()) || !digits(whole) || !digits(frac) || frac.len() > 3 {
+        return Err(format!("not a fraction from 0 to 1: {s:?} (e.g. 0.25)"));
+    }
+    let whole: u64 = if whole.is_empty() { 0 } else { whole.parse().map_err(|_| s.to_string())? };
+    let frac: u64 = format!("{frac:0<3}").parse().map_err(|_| s.to_string())?;
+    let milli = whole.saturating_mul(1000).saturating_add(frac);
+    if milli > 1000 {
+        return Err(format!("{s:?} is more than 1 (all of the machine's cores)"));
+    }
+    Ok(milli)
+}
+
+/// Smallest memory cap: below it not even a shell starts.
+const MIN_MEMORY_LIMIT: u64 = 8 << 20;
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    let b = crate::cli::parse_size(s)?;
+    if b < MIN_MEMORY_LIMIT {
+        return Err(format!("{s:?} is below the smallest memory cap, 8M"));
+    }
+    Ok(b)
 }
 
 #[cfg(feature = "test-hooks")]
@@ -114,9 +241,9 @@ fn parse_fault(s: &str) -> Result<Fault, String> {
 /// Runs `grid-node` and returns its exit code: 0 after a clean shutdown, 2 for a command line
 /// it does not understand, 3 when job records could not be persisted, 1 for any other failure.
 pub fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match parse(std::env::args_os().collect()) {
         Ok(args) => args,
-        Err(e) => {
+        Err(ParseError::Clap(e)) => {
             // Help and version to stdout with exit 0; errors to stderr with exit 2.
             let _ = e.print();
             return ExitCode::from(if e.use_stderr() {
@@ -124,6 +251,10 @@ pub fn main() -> ExitCode {
             } else {
                 crate::exit::OK
             });
+        }
+        Err(ParseError::Config(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(crate::exit::USAGE);
         }
     };
     tracing_subscriber::fmt()
@@ -155,7 +286,13 @@ pub fn main() -> ExitCode {
         if !args.listen.is_empty() {
             mesh.listen = args.listen.clone();
         }
-        let mut dimensions = crate::daemon::detect_dimensions();
+        let caps = crate::exec::Caps {
+            cpu_millicores: args.cpu_limit,
+            memory: args.memory_limit,
+            pids: args.pids_limit,
+        };
+        let mut dimensions =
+            crate::daemon::cap_dimensions(crate::daemon::detect_dimensions(), &caps);
         for (k, v) in &args.dimensions {
             if k == POOL {
                 anyhow::bail!("give pools with --pool, not --dimension pool=...");
@@ -183,6 +320,13 @@ pub fn main() -> ExitCode {
         }
         let mut exec = ExecConfig::new(args.runs_dir.clone().unwrap_or_else(|| dir.join("runs")));
         exec.min_free_disk = args.min_free_disk;
+        exec.caps = caps;
+        exec.nice = !args.no_nice;
+        exec.owner = crate::owner::YieldPolicy {
+            idle_only: args.idle_only,
+            idle_threshold_milli: args.idle_threshold,
+            schedule: args.schedule.clone(),
+        };
         if args.no_sandbox {
             exec.sandbox = SandboxPolicy::Disabled;
         }
@@ -244,6 +388,301 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_caps_parse_as_thousandths_of_a_core() {
+        assert_eq!(parse_cores("0.5"), Ok(500));
+        assert_eq!(parse_cores("2"), Ok(2000));
+        assert_eq!(parse_cores("1.25"), Ok(1250));
+        assert_eq!(parse_cores(".75"), Ok(750));
+        for bad in ["", ".", "abc", "-1", "0.0001", "0", "1e3", "99999999999999999999"] {
+            assert!(parse_cores(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_memory("512M"), Ok(512 << 20));
+        assert_eq!(parse_fraction("0.25"), Ok(250));
+        assert_eq!(parse_fraction("1"), Ok(1000));
+        assert!(parse_fraction("1.5").is_err() && parse_fraction("x").is_err());
+        assert!(parse_memory("1M").is_err());
+    }
+
+    /// The commented example config the package installs as /etc/grid/node.toml.
+    const EXAMPLE: &str =
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/node.toml"));
+
+    fn argv(args: &[&str]) -> Vec<std::ffi::OsString> {
+        std::iter::once("grid-node").chain(args.iter().copied()).map(Into::into).collect()
+    }
+
+    fn config(text: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, text).unwrap();
+        let path = path.to_str().unwrap().to_string();
+        (dir, path)
+    }
+
+    fn parsed(args: &[&str]) -> Args {
+        match parse(argv(args)) {
+            Ok(a) => a,
+            Err(e) => panic!("{args:?}: {e:?}"),
+        }
+    }
+
+    fn config_error(text: &str) -> String {
+        let (_dir, path) = config(text);
+        match parse(argv(&["--config", &path])) {
+            Err(ParseError::Config(e)) => e.to_string().replace(&path, "FILE"),
+            other => panic!("{text:?} gave {other:?}"),
+        }
+    }
+
+    /// The example's key lines (`key = value` or commented `#key = value`), uncommented.
+    fn example_keys() -> Vec<(String, String)> {
+        EXAMPLE
+            .lines()
+            .filter_map(|l| {
+                let l = l.strip_prefix('#').unwrap_or(l);
+                let (k, _) = l.split_once(" = ")?;
+                k.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_')
+                    .then(|| (k.to_string(), l.to_string()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_flag_has_a_config_key_of_a_kind_the_file_can_set_and_the_example_shows_it() {
+        use clap::CommandFactory;
+        let cmd = Args::command();
+        let example: Vec<String> = example_keys().into_iter().map(|(k, _)| k).collect();
+        let mut keys = 0;
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if crate::node_config::NOT_KEYS.contains(&id) {
+                continue;
+            }
+            let key = crate::node_config::key_of(arg)
+                .unwrap_or_else(|| panic!("argument {id} has no long flag, so no config key"));
+            assert!(
+                matches!(
+                    arg.get_action(),
+                    clap::ArgAction::SetTrue | clap::ArgAction::Set | clap::ArgAction::Append
+                ),
+                "--{key}: a config file cannot set an argument of action {:?}",
+                arg.get_action()
+            );
+            if !arg.is_hide_set() {
+                assert!(example.contains(&key), "packaging/node.toml shows no `{key}` key");
+            }
+            keys += 1;
+        }
+        assert!(keys >= 27, "only {keys} keys");
+        for k in &example {
+            assert!(
+                cmd.get_arguments().any(|a| crate::node_config::key_of(a).as_deref() == Some(k)),
+                "packaging/node.toml shows `{k}`, which is no flag"
+            );
+        }
+    }
+
+    #[test]
+    fn the_example_config_parses_with_every_example_uncommented() {
+        let (_d, path) = config(EXAMPLE);
+        let shipped = parsed(&["--config", &path]);
+        assert_eq!(shipped.data_dir.as_deref(), Some(std::path::Path::new("/var/lib/grid")));
+        let all: String = example_keys().into_iter().map(|(_, l)| l + "\n").collect();
+        let (_d, path) = config(&all);
+        let a = parsed(&["--config", &path]);
+        assert_eq!(a.bootstrap.len(), 1);
+        assert_eq!(a.schedule.len(), 2);
+        assert_eq!(a.memory_limit, Some(4 << 30));
+        assert_eq!(a.idle_threshold, 250);
+    }
+
+    #[test]
+    fn a_config_file_and_the_same_flags_give_the_same_options() {
+        let peer = "12D3KooWQrxhncSWNPeKfSNXg3hzkfTiKeyHaRsKuJeZ88mWGZrL";
+        let boot = format!("/ip4/192.0.2.7/tcp/4701/p2p/{peer}");
+        let text = format!(
+            r#"
+data_dir = "/srv/grid"
+listen = ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/udp/1/quic-v1"]
+bootstrap = ["{boot}", "/ip4/192.0.2.8/tcp/4701"]
+no_mdns = true
+external_address = ["/ip4/203.0.113.5/tcp/4701"]
+relay = true
+max_connections = 9
+dimension = ["gpu=none", "zone=b"]
+pool = ["ci", "nightly"]
+slots = 4
+trust = ["{peer}=ci"]
+open = true
+runs_dir = "/srv/runs"
+no_resource_after = 7
+min_free_disk = "3G"
+no_sandbox = false
+cpu_limit = 0.5
+memory_limit = "512M"
+pids_limit = 64
+no_nice = true
+idle_only = true
+idle_threshold = 0.5
+schedule = ["22:00-07:00", "12:00-13:00"]
+cache_max_size = "20G"
+cache_min_free = "2G"
+cache_max_items = 1000
+cache_max_age = "7d"
+"#
+        );
+        let (_d, path) = config(&text);
+        let from_file = parsed(&["--config", &path]);
+        let mut from_flags = parsed(&[
+            "--data-dir",
+            "/srv/grid",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/1",
+            "--listen",
+            "/ip4/127.0.0.1/udp/1/quic-v1",
+            "--bootstrap",
+            &boot,
+            "--bootstrap",
+            "/ip4/192.0.2.8/tcp/4701",
+            "--no-mdns",
+            "--external-address",
+            "/ip4/203.0.113.5/tcp/4701",
+            "--relay",
+            "--max-connections",
+            "9",
+            "--dimension",
+            "gpu=none",
+            "--dimension",
+            "zone=b",
+            "--pool",
+            "ci",
+            "--pool",
+            "nightly",
+            "--slots",
+            "4",
+            "--trust",
+            &format!("{peer}=ci"),
+            "--open",
+            "--runs-dir",
+            "/srv/runs",
+            "--no-resource-after",
+            "7",
+            "--min-free-disk",
+            "3G",
+            "--cpu-limit",
+            "0.5",
+            "--memory-limit",
+            "512M",
+            "--pids-limit",
+            "64",
+            "--no-nice",
+            "--idle-only",
+            "--idle-threshold",
+            "0.5",
+            "--schedule",
+            "22:00-07:00",
+            "--schedule",
+            "12:00-13:00",
+            "--cache-max-size",
+            "20G",
+            "--cache-min-free",
+            "2G",
+            "--cache-max-items",
+            "1000",
+            "--cache-max-age",
+            "7d",
+        ]);
+        assert_eq!(from_file.config.as_deref(), Some(std::path::Path::new(&path)));
+        from_flags.config = from_file.config.clone();
+        assert_eq!(from_file, from_flags);
+        assert_ne!(from_file, parsed(&[]), "the file changed nothing");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_a_repeated_flag_replaces_its_array() {
+        let (_d, path) = config(
+            "slots = 4\npool = [\"a\", \"b\"]\nschedule = [\"22:00-07:00\"]\nno_mdns = true\n",
+        );
+        let a = parsed(&["--slots", "2", "--config", &path, "--pool", "c"]);
+        assert_eq!(a.slots, 2);
+        assert_eq!(a.pools, ["c"]);
+        assert_eq!(a.schedule.len(), 1, "keys the command line leaves alone still count");
+        assert!(a.no_mdns);
+    }
+
+    #[test]
+    fn a_bad_config_names_the_file_line_and_key() {
+        assert_eq!(
+            config_error("slots = 2\n\nmemory-limit = \"1G\"\n"),
+            "FILE:3: unknown key `memory-limit` (did you mean `memory_limit`?)"
+        );
+        assert_eq!(config_error("colour = 1\n"), "FILE:1: unknown key `colour`");
+        assert_eq!(
+            config_error("\nmemory_limit = \"1K\"\n"),
+            "FILE:2: bad value for `memory_limit`: invalid value '1K' for '--memory-limit <SIZE>': \
+             \"1K\" is below the smallest memory cap, 8M"
+        );
+        assert_eq!(
+            config_error("pool = \"ci\"\n"),
+            "FILE:1: bad value for `pool`: expected an array (the flag is repeatable), found \
+             string; e.g. pool = [\"...\"]"
+        );
+        assert_eq!(
+            config_error("bootstrap = [\n  \"/ip4/1.2.3.4/tcp/1\",\n  true,\n]\n"),
+            "FILE:3: bad value for `bootstrap`: expected a string or a number, found boolean"
+        );
+        assert_eq!(
+            config_error("open = \"yes\"\n"),
+            "FILE:1: bad value for `open`: expected true or false, found string"
+        );
+        assert!(config_error("[mesh]\nslots = 1\n").starts_with("FILE:1: unknown key `mesh`"));
+        assert!(config_error("config = \"x\"\n").starts_with("FILE:1: unknown key `config`"));
+        assert!(config_error("slots = [1,\n").starts_with("FILE:1: not valid TOML:"));
+        match parse(argv(&["--config", "/nonexistent/grid.toml"])) {
+            Err(ParseError::Config(e)) => assert!(
+                e.to_string().starts_with("cannot read the config file /nonexistent/grid.toml:"),
+                "{e}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_version_names_the_commit_built() {
+        assert!(
+            crate::VERSION.starts_with(concat!(env!("CARGO_PKG_VERSION"), " (")),
+            "{}",
+            crate::VERSION
+        );
+        let inner = crate::VERSION
+            .strip_prefix(concat!(env!("CARGO_PKG_VERSION"), " ("))
+            .and_then(|r| r.strip_suffix(')'))
+            .unwrap_or_else(|| panic!("{}", crate::VERSION));
+        let head = std::process::Command::new("git")
+            .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        match head {
+            Some(head) => {
+                let (hash, date) = inner.split_once(' ').unwrap_or_else(|| panic!("{inner}"));
+                assert!(hash.len() >= 7 && head.starts_with(hash), "{hash} is not HEAD {head}");
+                let d: Vec<&str> = date.split('-').collect();
+                assert!(
+                    d.len() == 3 && d.iter().all(|p| p.bytes().all(|b| b.is_ascii_digit())),
+                    "not a date: {date}"
+                );
+            }
+            None => assert_eq!(inner, "unknown commit"),
+        }
+        use clap::CommandFactory;
+        let e = Args::command().try_get_matches_from(["grid-node", "--version"]).unwrap_err();
+        assert_eq!(e.render().to_string(), format!("grid-node {}\n", crate::VERSION));
+    }
 
     #[test]
     fn help_is_well_formed() {

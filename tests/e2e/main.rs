@@ -5,5 +5,6 @@ mod content;
 mod jobs;
 mod mesh;
 mod nat;
+mod owner;
 mod relay;
 mod runners;

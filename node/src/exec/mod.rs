@@ -25,6 +25,7 @@
 //! [`Executor::run`] is one attempt, cleaned up completely when it returns or when its future is
 //! dropped.
 
+pub mod cgroup;
 mod log;
 mod process;
 mod sandbox;
@@ -35,6 +36,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -53,6 +55,8 @@ use tokio::time::{Instant, sleep_until};
 use crate::pack::{self, PackError};
 use crate::store::{Session, Store};
 
+pub use cgroup::{Caps, Cgroups, ShardCgroup, Unenforceable};
+pub use process::{SHARD_IO_PRIORITY, SHARD_NICE};
 pub use sandbox::{SANDBOX_OUTPUT_DIR, SANDBOX_PATH, SANDBOX_RUN_DIR};
 
 /// Default cap on the stored log: the last 8 MiB of output are kept.
@@ -81,6 +85,8 @@ pub const LOG_FILE: &str = "log.txt";
 /// How long the log is still read once the process tree is dead (its pipe then ends at once;
 /// this only bounds a pathological case).
 const LOG_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a running shard's cgroup is checked for a broken cap.
+const CGROUP_POLL: Duration = Duration::from_millis(200);
 /// Prefix of run directory names, so stale ones are recognized.
 const RUN_PREFIX: &str = "run-";
 /// Most attempts at a unique run directory name.
@@ -171,6 +177,16 @@ pub struct ExecConfig {
     pub quarantine_cooldown: Duration,
     /// Largest output directory stored.
     pub max_output_bytes: u64,
+    /// Caps on every process of each shard, through a cgroup per shard.
+    pub caps: Caps,
+    /// Whether shards get a cgroup each at all (where the machine allows): needed for
+    /// [`ExecConfig::caps`], and it accounts grid's CPU time and kills what a shard leaves.
+    pub cgroups: bool,
+    /// Whether shard processes run at [`SHARD_NICE`] and the lowest best-effort IO priority.
+    pub nice: bool,
+    /// When the node may start new shards at all (`--idle-only`, `--schedule`); the daemon
+    /// applies it to claims, see [`crate::owner`].
+    pub owner: crate::owner::YieldPolicy,
 }
 
 impl ExecConfig {
@@ -185,6 +201,10 @@ impl ExecConfig {
             max_start_failures: DEFAULT_MAX_START_FAILURES,
             quarantine_cooldown: DEFAULT_QUARANTINE_COOLDOWN,
             max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            caps: Caps::default(),
+            cgroups: true,
+            nice: true,
+            owner: crate::owner::YieldPolicy::default(),
         }
     }
 }
@@ -246,17 +266,21 @@ pub struct Executor {
     store: Arc<Store>,
     config: ExecConfig,
     sandbox: SandboxStatus,
+    cgroups: Option<Cgroups>,
+    cgroup_problems: Vec<Unenforceable>,
     health: Mutex<HealthState>,
     next_run: AtomicU64,
 }
 
 /// How the process ended, from the executor's side.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum End {
     Exited(Option<i32>),
     HardTimeout,
     IoTimeout,
     Canceled,
+    /// A cap of its cgroup was broken: why.
+    Breach(String),
 }
 
 /// A run directory: removed, and its inputs unpinned, when dropped.
@@ -360,10 +384,54 @@ impl Executor {
                 }
             }
         };
+        let (cgroups, cgroup_problems) = if config.cgroups {
+            let key = {
+                let mut h = Sha1::new();
+                h.update(config.runs_dir.as_os_str().as_encoded_bytes());
+                hex::encode(&h.finalize()[..6])
+            };
+            let opened = cgroup::detect()
+                .map_err(|reason| {
+                    let mut v: Vec<Unenforceable> = Vec::new();
+                    let caps = config.caps;
+                    for (set, cap) in [
+                        (caps.cpu_millicores.is_some(), "--cpu-limit"),
+                        (caps.memory.is_some(), "--memory-limit"),
+                        (caps.pids.is_some(), "--pids-limit"),
+                    ] {
+                        if set {
+                            v.push(Unenforceable { cap: cap.into(), reason: reason.clone() });
+                        }
+                    }
+                    if v.is_empty() {
+                        v.push(Unenforceable { cap: String::new(), reason });
+                    }
+                    v
+                })
+                .and_then(|layout| Cgroups::open(&layout, &key, config.caps));
+            match opened {
+                Ok(c) => (Some(c), Vec::new()),
+                Err(problems) => {
+                    if !config.caps.any() {
+                        let reason = problems.first().map_or("", |p| p.reason.as_str());
+                        // Not a warning: nothing asked for was lost (`grid submit --bootstrap`
+                        // runs a node too, with no slot).
+                        tracing::info!(
+                            "no cgroup per shard: {reason}; shards run uncapped, and what a shard                              leaves behind is found through its process tree only"
+                        );
+                    }
+                    (None, problems)
+                }
+            }
+        } else {
+            (None, Vec::new())
+        };
         Executor {
             store,
             config,
             sandbox,
+            cgroups,
+            cgroup_problems,
             health: Mutex::new(HealthState::default()),
             next_run: AtomicU64::new(0),
         }
@@ -372,6 +440,22 @@ impl Executor {
     /// Whether sandboxed shards can run here, and if not why.
     pub fn sandbox(&self) -> &SandboxStatus {
         &self.sandbox
+    }
+
+    /// The cgroups shards run in, when this machine allows them.
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        self.cgroups.as_ref()
+    }
+
+    /// Caps of [`ExecConfig::caps`] this machine cannot enforce, each with the reason (the
+    /// daemon refuses to start then). Empty when every cap holds.
+    pub fn unenforceable_caps(&self) -> impl Iterator<Item = &Unenforceable> {
+        self.cgroup_problems.iter().filter(|p| !p.cap.is_empty())
+    }
+
+    /// Why shards get no cgroup here, if they do not.
+    pub fn cgroup_problems(&self) -> impl Iterator<Item = &Unenforceable> {
+        self.cgroup_problems.iter()
     }
 
     /// The settings.
@@ -508,8 +592,9 @@ impl Executor {
         };
         self.record_start(Ok(()));
         let overhead = setup.elapsed();
-        let Started { run_dir, tree, pipes, start } = started;
-        let mut report = self.supervise(exec, run_dir, tree, pipes, start, live, cancel).await;
+        let Started { run_dir, cgroup, tree, pipes, start } = started;
+        let mut report =
+            self.supervise(exec, run_dir, cgroup, tree, pipes, start, live, cancel).await;
         let outcome = &mut report.outcome;
         outcome.overhead = overhead;
         outcome.error = truncate(std::mem::take(&mut outcome.error), MAX_ERROR_BYTES);
@@ -583,7 +668,17 @@ impl Executor {
                 _ => failed(msg),
             }
         })?;
-        let launch = self.launch(exec, &run_dir, bwrap.as_deref(), &cwd)?;
+        let mut cgroup = match &self.cgroups {
+            Some(c) => {
+                let name = run_dir.path.file_name().and_then(|n| n.to_str()).unwrap_or("run");
+                Some(c.create(name).map_err(|e| failed(format!("cannot set up the cgroup: {e}")))?)
+            }
+            None => None,
+        };
+        let mut launch = self.launch(exec, &run_dir, bwrap.as_deref(), &cwd)?;
+        if let Some(cg) = &cgroup {
+            launch.cgroup_procs = cg.procs().iter().map(|f| f.as_raw_fd()).collect();
+        }
         let program = launch.program.clone();
         let sandboxed = launch.sandboxed;
         let shown = if sandboxed { spec.command.clone() } else { program.display().to_string() };
@@ -609,8 +704,11 @@ impl Executor {
                 _ => failed(format!("cannot start {shown}: {e}")),
             }
         })?;
+        if let Some(cg) = &mut cgroup {
+            cg.close_procs();
+        }
         tracing::debug!(lease = %exec.lease, pid = tree.command_pid(), "shard started");
-        Ok(Started { run_dir, tree, pipes, start: Instant::now() })
+        Ok(Started { run_dir, cgroup, tree, pipes, start: Instant::now() })
     }
 
     fn make_run_dir(&self, lease: &LeaseId) -> Result<RunDir, String> {
@@ -793,6 +891,8 @@ impl Executor {
                 cwd: cwd.to_path_buf(),
                 limits,
                 sandboxed: false,
+                cgroup_procs: Vec::new(),
+                nice: self.config.nice,
             });
         };
         let inner_cwd = if spec.cwd.is_empty() {
@@ -834,6 +934,8 @@ impl Executor {
             cwd: run.path.clone(),
             limits,
             sandboxed: true,
+            cgroup_procs: Vec::new(),
+            nice: self.config.nice,
         })
     }
 
@@ -843,6 +945,7 @@ impl Executor {
         &self,
         exec: &Execution,
         run_dir: RunDir,
+        cgroup: Option<ShardCgroup>,
         mut tree: process::Tree,
         pipes: process::Pipes,
         start: Instant,
@@ -858,6 +961,8 @@ impl Executor {
         let mut last_output = Instant::now();
         let hard = start + spec.hard_timeout;
         let mut status = Box::pin(process::read_status(status));
+        let mut check = tokio::time::interval(CGROUP_POLL);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let end = loop {
             let io_deadline = (!spec.io_timeout.is_zero()).then(|| last_output + spec.io_timeout);
             tokio::select! {
@@ -868,6 +973,11 @@ impl Executor {
                     break End::IoTimeout;
                 }
                 st = &mut status => break End::Exited(st),
+                _ = check.tick(), if cgroup.is_some() => {
+                    if let Some(why) = cgroup.as_ref().and_then(ShardCgroup::breach) {
+                        break End::Breach(why);
+                    }
+                }
                 r = log.read(&mut buf), if log_open => match r {
                     Ok(0) | Err(_) => log_open = false,
                     Ok(n) => {
@@ -878,8 +988,21 @@ impl Executor {
             }
         };
         let mut duration = start.elapsed();
-        // Whatever ended it, nothing of the tree may outlive the run.
-        tree.terminate(spec.grace).await;
+        // A cap broken on the way out (the OOM killer's victim was the command itself) ends
+        // the shard as the breach it is, not as an exit code.
+        let end = match (end, cgroup.as_ref().and_then(ShardCgroup::breach)) {
+            (End::Exited(_), Some(why)) => End::Breach(why),
+            (end, _) => end,
+        };
+        // Whatever ended it, nothing of the tree may outlive the run; a broken cap's shard gets
+        // no grace (it is stopped, not asked).
+        let grace = if matches!(end, End::Breach(_)) { Duration::ZERO } else { spec.grace };
+        tree.terminate(grace).await;
+        if let Some(cg) = &cgroup {
+            // Also what left the process tree (a process that got out of the subreaper's
+            // sight cannot leave the cgroup).
+            cg.kill_all();
+        }
         if !matches!(end, End::Exited(_)) {
             duration = start.elapsed();
         }
@@ -914,6 +1037,7 @@ impl Executor {
             End::Canceled => {
                 (ExecOutcome::ended(RunState::Canceled, "canceled"), Some("canceled".into()))
             }
+            End::Breach(why) => (ExecOutcome::ended(RunState::Error, &why), Some(why)),
         };
         outcome.duration = duration;
         if let Some(note) = note {
@@ -940,6 +1064,7 @@ impl Executor {
                     .inspect_err(|e| tail.push(format!("[grid: {e}]\n").as_bytes()));
             }
             let log = store_log(&store, &session, tail, &run_dir);
+            drop(cgroup);
             drop(run_dir);
             (outputs, log)
         })
@@ -1141,6 +1266,7 @@ fn collect_outputs(
 #[derive(Debug)]
 struct Started {
     run_dir: RunDir,
+    cgroup: Option<ShardCgroup>,
     tree: process::Tree,
     pipes: process::Pipes,
     start: Instant,

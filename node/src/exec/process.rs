@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -55,7 +55,20 @@ pub(crate) struct Launch {
     pub limits: ResourceLimits,
     /// Whether the program is bubblewrap (so its own processes are spared SIGTERM).
     pub sandboxed: bool,
+    /// `cgroup.procs` files of the shard's cgroup, open for writing: the command writes
+    /// itself into each before it execs (see `cgroup.rs`). They must stay open until
+    /// [`spawn`] returns.
+    pub cgroup_procs: Vec<RawFd>,
+    /// Whether the command runs at [`SHARD_NICE`] and the lowest best-effort IO priority.
+    pub nice: bool,
 }
+
+/// The CPU niceness of a shard's processes (unless the node runs with `--no-nice`).
+pub const SHARD_NICE: i32 = 10;
+/// The IO priority of a shard's processes: best-effort class, level 7 of 0-7, the lowest
+/// that still moves when the disk is busy (the idle class may starve a shard into its I/O
+/// timeout on a disk the owner keeps busy).
+pub const SHARD_IO_PRIORITY: i32 = 7;
 
 /// A started process tree.
 #[derive(Debug)]
@@ -96,7 +109,8 @@ pub(crate) async fn spawn(launch: Launch) -> io::Result<(Tree, Pipes)> {
         .stderr(Stdio::from(log_w))
         // Out of the node's group, so a signal to the node's terminal does not reach the tree.
         .process_group(0);
-    helper::install(&mut cmd, status_w.as_raw_fd(), ctl_r.as_raw_fd(), launch.limits);
+    let placement = helper::Placement::new(&launch.cgroup_procs, launch.nice)?;
+    helper::install(&mut cmd, status_w.as_raw_fd(), ctl_r.as_raw_fd(), launch.limits, placement);
     let helper = cmd.spawn()?;
     // Only the helper and the command may hold these ends.
     drop(cmd);
@@ -290,7 +304,30 @@ mod helper {
     use std::io;
     use std::os::fd::RawFd;
 
-    use super::ResourceLimits;
+    use super::{ResourceLimits, SHARD_IO_PRIORITY, SHARD_NICE};
+
+    /// Most cgroup hierarchies a command moves into (v1: memory, cpu, cpuacct, pids).
+    const MAX_CGROUPS: usize = 8;
+
+    /// Where the command puts itself before it execs: cgroups and priorities. Plain data, so
+    /// the child needs no allocation.
+    #[derive(Debug, Clone, Copy)]
+    pub(super) struct Placement {
+        procs: [RawFd; MAX_CGROUPS],
+        n: usize,
+        nice: bool,
+    }
+
+    impl Placement {
+        pub(super) fn new(procs: &[RawFd], nice: bool) -> std::io::Result<Placement> {
+            if procs.len() > MAX_CGROUPS {
+                return Err(io::Error::other("too many cgroup hierarchies"));
+            }
+            let mut p = Placement { procs: [-1; MAX_CGROUPS], n: procs.len(), nice };
+            p.procs[..procs.len()].copy_from_slice(procs);
+            Ok(p)
+        }
+    }
 
     /// Makes the spawned child the helper described in the module docs.
     pub(super) fn install(
@@ -298,10 +335,11 @@ mod helper {
         status_w: RawFd,
         ctl_r: RawFd,
         limits: ResourceLimits,
+        placement: Placement,
     ) {
         // SAFETY: `enter` only makes async-signal-safe calls and does not allocate.
         unsafe {
-            cmd.pre_exec(move || enter(status_w, ctl_r, limits));
+            cmd.pre_exec(move || enter(status_w, ctl_r, limits, placement));
         }
     }
 
@@ -314,7 +352,12 @@ mod helper {
     }
 
     /// Runs in the spawned child. Returns only in the command (which then execs).
-    fn enter(status_w: RawFd, ctl_r: RawFd, limits: ResourceLimits) -> io::Result<()> {
+    fn enter(
+        status_w: RawFd,
+        ctl_r: RawFd,
+        limits: ResourceLimits,
+        placement: Placement,
+    ) -> io::Result<()> {
         // SAFETY: plain system calls on values we own; see the module docs.
         unsafe {
             if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0 {
@@ -336,11 +379,45 @@ mod helper {
                 if libc::getppid() != helper {
                     libc::_exit(127);
                 }
+                // Into the shard's cgroups before anything of the job runs: every process it
+                // starts is born inside them.
+                for &fd in &placement.procs[..placement.n] {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(last_err());
+                    }
+                }
+                if placement.nice {
+                    lower_priority()?;
+                }
                 set_limits(&limits)?;
                 return Ok(());
             }
             run(pid, status_w, ctl_r)
         }
+    }
+
+    /// Niceness [`SHARD_NICE`] (or the node's own, if higher) and the lowest best-effort IO
+    /// priority.
+    unsafe fn lower_priority() -> io::Result<()> {
+        // SAFETY: plain system calls on the calling process.
+        unsafe {
+            // getpriority may return -1 as a value; then the nice level is below ours anyway.
+            if libc::getpriority(libc::PRIO_PROCESS, 0) < SHARD_NICE
+                && libc::setpriority(libc::PRIO_PROCESS, 0, SHARD_NICE) != 0
+            {
+                return Err(last_err());
+            }
+            const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+            const IOPRIO_CLASS_BE: libc::c_long = 2;
+            const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+            let prio =
+                (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | libc::c_long::from(SHARD_IO_PRIORITY);
+            if libc::syscall(libc::SYS_ioprio_set, IOPRIO_WHO_PROCESS, 0 as libc::c_long, prio) != 0
+            {
+                return Err(last_err());
+            }
+        }
+        Ok(())
     }
 
     unsafe fn set_limits(limits: &ResourceLimits) -> io::Result<()> {

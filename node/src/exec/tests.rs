@@ -715,3 +715,171 @@ async fn a_relative_runs_directory_still_runs_commands_from_the_tree() {
     assert_eq!((report.outcome.state, report.outcome.exit_code), (RunState::Completed, Some(0)));
     assert_eq!(fx.log(&report), "from the tree\n");
 }
+
+/// An executor with `caps`, or `None` (and why, printed) where this machine gives no cgroup
+/// per shard: not root, no controller, a read-only cgroup file system.
+fn capped(fx: &Fx, caps: Caps) -> Option<Executor> {
+    let mut c = fx.config();
+    c.caps = caps;
+    let e = Executor::new(fx.store.clone(), c);
+    let why: Vec<String> =
+        e.unenforceable_caps().map(|p| format!("{}: {}", p.cap, p.reason)).collect();
+    if !why.is_empty() || e.cgroups().is_none() {
+        println!("skipped: no cgroup per shard here: {}", why.join("; "));
+        return None;
+    }
+    Some(e)
+}
+
+/// The directories of the one shard cgroup running now below `e`'s parents.
+fn shard_dirs(e: &Executor) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for p in e.cgroups().unwrap().parents() {
+        for d in fs::read_dir(p).unwrap().flatten() {
+            if d.file_type().unwrap().is_dir() {
+                out.push(d.path());
+            }
+        }
+    }
+    out
+}
+
+/// The parent cgroups of `e`, which must be gone once `e` is.
+fn parents(e: &Executor) -> Vec<PathBuf> {
+    e.cgroups().unwrap().parents().map(Path::to_path_buf).collect()
+}
+
+#[tokio::test]
+async fn a_shard_over_its_memory_cap_ends_as_an_error_naming_it_and_the_next_one_runs() {
+    let fx = Fx::new();
+    let caps = Caps { memory: Some(256 << 20), ..Caps::default() };
+    let Some(e) = capped(&fx, caps) else { return };
+    let tree = fx.tree(&[("x", b"x", 0o644)]);
+    for sandbox in modes(&e) {
+        // tail keeps the last 10 lines of a stream without a newline: all of it, 1 GiB.
+        let r =
+            run(&e, &sh(tree, "head -c 1073741824 /dev/zero | tail; echo survived", sandbox)).await;
+        assert_eq!(r.outcome.state, RunState::Error, "sandbox {sandbox}: {:?}", r.outcome);
+        assert!(
+            r.outcome.error.starts_with("memory limit 256M exceeded"),
+            "sandbox {sandbox}: {:?}",
+            r.outcome.error
+        );
+        assert!(fx.log(&r).contains("[grid: memory limit 256M exceeded"), "{}", fx.log(&r));
+        assert!(shard_dirs(&e).is_empty(), "the shard's cgroup is removed");
+        // The same executor serves the next shard, which fits.
+        let r = run(&e, &sh(tree, "head -c 16777216 /dev/zero | tail | wc -c", sandbox)).await;
+        assert_eq!(r.outcome.state, RunState::Completed, "{:?}", r.outcome);
+        assert_eq!(r.outcome.exit_code, Some(0));
+        assert_eq!(fx.log(&r).trim(), "16777216");
+    }
+    let ps = parents(&e);
+    drop(e);
+    assert!(ps.iter().all(|p| !p.exists()), "the node's cgroups go with it: {ps:?}");
+}
+
+#[tokio::test]
+async fn a_cpu_cap_of_half_a_core_holds_over_five_seconds_of_busy_loops() {
+    let fx = Fx::new();
+    let caps = Caps { cpu_millicores: Some(500), ..Caps::default() };
+    let Some(e) = capped(&fx, caps) else { return };
+    let e = Arc::new(e);
+    let tree = fx.tree(&[("x", b"x", 0o644)]);
+    // Two busy loops: uncapped they would take both cores of a two-core machine.
+    let exec = sh(tree, "while :; do :; done & while :; do :; done & sleep 8; kill %1 %2", false);
+    let (_tx, rx) = watch::channel(false);
+    let e2 = e.clone();
+    let task = tokio::spawn(async move { e2.run(&exec, None, rx).await });
+    let usage = |dirs: &[PathBuf]| -> u64 {
+        dirs.iter()
+            .find_map(|d| fs::read_to_string(d.join("cpuacct.usage")).ok())
+            .or_else(|| {
+                dirs.iter().find_map(|d| {
+                    let s = fs::read_to_string(d.join("cpu.stat")).ok()?;
+                    let us: u64 =
+                        s.lines().find_map(|l| l.strip_prefix("usage_usec "))?.parse().ok()?;
+                    Some((us * 1000).to_string())
+                })
+            })
+            .and_then(|s| s.trim().parse().ok())
+            .expect("the shard's CPU time")
+    };
+    let mut dirs = Vec::new();
+    for _ in 0..100 {
+        dirs = shard_dirs(&e);
+        if !dirs.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!dirs.is_empty(), "the shard has a cgroup");
+    // Let the loops start, then measure the cgroup's own CPU time (not wall time, which a
+    // loaded machine stretches) over 5 s of wall clock.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (t0, u0) = (std::time::Instant::now(), usage(&dirs));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (t1, u1) = (std::time::Instant::now(), usage(&dirs));
+    let share = (u1 - u0) as f64 / (t1 - t0).as_nanos() as f64;
+    println!("CPU share of the shard under --cpu-limit 0.5: {share:.3} of a core");
+    assert!(share <= 0.55, "the cap holds: {share:.3} of a core");
+    assert!(share > 0.05, "the loops ran: {share:.3}");
+    let r = task.await.unwrap();
+    assert_eq!(r.outcome.state, RunState::Completed, "{:?}", r.outcome);
+    assert!(shard_dirs(&e).is_empty());
+}
+
+#[tokio::test]
+async fn a_fork_bomb_stops_at_the_process_cap_as_an_error_naming_it() {
+    let fx = Fx::new();
+    let caps = Caps { pids: Some(32), ..Caps::default() };
+    let Some(e) = capped(&fx, caps) else { return };
+    let tree = fx.tree(&[("x", b"x", 0o644)]);
+    for sandbox in modes(&e) {
+        let m = marker();
+        let bomb = format!("b() {{ b | b & }}; b; sleep {m}");
+        let t = std::time::Instant::now();
+        let r = run(&e, &sh(tree, &bomb, sandbox)).await;
+        assert_eq!(r.outcome.state, RunState::Error, "sandbox {sandbox}: {:?}", r.outcome);
+        assert!(
+            r.outcome.error.starts_with("process limit 32 reached"),
+            "sandbox {sandbox}: {:?}",
+            r.outcome.error
+        );
+        assert!(t.elapsed() < Duration::from_secs(30), "stopped at once, not at a timeout");
+        assert!(sleepers(&m).is_empty(), "nothing of the bomb is left");
+        assert!(shard_dirs(&e).is_empty());
+    }
+}
+
+#[tokio::test]
+async fn shard_processes_run_niced_with_the_lowest_io_priority_unless_told_not_to() {
+    let fx = Fx::new();
+    let tree = fx.tree(&[("x", b"x", 0o644)]);
+    // Field 19 of /proc/<pid>/stat is the nice value; ionice prints its own IO class and
+    // level, which it inherited.
+    let script = "cut -d' ' -f19 /proc/self/stat; ionice";
+    let e = fx.executor();
+    let own_nice = fs::read_to_string("/proc/self/stat")
+        .unwrap()
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_ascii_whitespace()
+        .nth(16)
+        .unwrap()
+        .parse::<i32>()
+        .unwrap();
+    for sandbox in modes(&e) {
+        let r = run(&e, &sh(tree, script, sandbox)).await;
+        let log = fx.log(&r);
+        let mut lines = log.lines();
+        assert_eq!(lines.next(), Some(own_nice.max(SHARD_NICE).to_string().as_str()), "{log}");
+        assert_eq!(lines.next(), Some("best-effort: prio 7"), "{log}");
+    }
+    let mut c = fx.config();
+    c.nice = false;
+    let e = Executor::new(fx.store.clone(), c);
+    let r = run(&e, &sh(tree, script, false)).await;
+    let log = fx.log(&r);
+    assert_eq!(log.lines().next(), Some(own_nice.to_string().as_str()), "{log}");
+}
