@@ -16,13 +16,18 @@ struct Mesh {
 }
 
 fn mesh(s: &Scratch) -> Mesh {
+    mesh_of(s, "2")
+}
+
+/// A submitter (no slots) and two trusted workers with `slots` slots each.
+fn mesh_of(s: &Scratch, slots: &str) -> Mesh {
     let submitter = NodeProc::start(&s.path("submitter"), &["--slots", "0"]);
     let boot = submitter.addrs[0].clone();
     let workers: Vec<NodeProc> = (0..2)
         .map(|i| {
             NodeProc::start(
                 &s.path(&format!("worker{i}")),
-                &["--bootstrap", &boot, "--trust", &submitter.peer_id, "--slots", "2"],
+                &["--bootstrap", &boot, "--trust", &submitter.peer_id, "--slots", slots],
             )
         })
         .collect();
@@ -313,7 +318,9 @@ echo "shard $GRID_SHARD_INDEX passed"
 fn failed_shards_of_a_command_grid_cannot_split_run_again_on_another_node() {
     let s = Scratch::new();
     s.write("job/once.sh", ONCE_SH.as_bytes(), 0o755);
-    let m = mesh(&s);
+    // One slot each: the two shards run on the two workers, and the retry of the one that
+    // failed can go to the other.
+    let m = mesh_of(&s, "1");
     let mark = s.path("once.mark");
     let env = format!("MARK={}", mark.display());
     let run = |extra: &[&str]| {
