@@ -409,6 +409,10 @@ mod tests {
     const EXAMPLE: &str =
         include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/node.toml"));
 
+    /// The operations guide, whose table lists every config key.
+    const OPERATIONS: &str =
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md"));
+
     fn argv(args: &[&str]) -> Vec<std::ffi::OsString> {
         std::iter::once("grid-node").chain(args.iter().copied()).map(Into::into).collect()
     }
@@ -473,6 +477,8 @@ mod tests {
             );
             if !arg.is_hide_set() {
                 assert!(example.contains(&key), "packaging/node.toml shows no `{key}` key");
+                let row = format!("| `{key}` | ");
+                assert!(OPERATIONS.contains(&row), "docs/operations.md has no row {row}");
             }
             keys += 1;
         }
