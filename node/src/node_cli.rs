@@ -667,12 +667,18 @@ cache_max_age = "7d"
             .strip_prefix(concat!(env!("CARGO_PKG_VERSION"), " ("))
             .and_then(|r| r.strip_suffix(')'))
             .unwrap_or_else(|| panic!("{}", crate::VERSION));
-        let head = std::process::Command::new("git")
-            .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        // As build.rs decides: a commit only in grid's own checkout.
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(["-C", env!("CARGO_MANIFEST_DIR")])
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .filter(|o| !o.is_empty())
+        };
+        let head = git(&["ls-files", "--full-name", "Cargo.toml"]).and(git(&["rev-parse", "HEAD"]));
         match head {
             Some(head) => {
                 let (hash, date) = inner.split_once(' ').unwrap_or_else(|| panic!("{inner}"));
