@@ -153,8 +153,8 @@ enum ParseError {
 }
 
 /// Parses `grid-node`'s arguments (`argv[0]` first) and the config file `--config` names: the
-/// command line first, then the file's keys for the flags it left to their default (see
-/// [`crate::node_config`] for the precedence).
+/// command line first, then the file's keys for the flags neither it nor the environment set
+/// (see [`crate::node_config`] for the precedence).
 fn parse(argv: Vec<std::ffi::OsString>) -> Result<Args, ParseError> {
     use clap::parser::ValueSource;
     use clap::{CommandFactory, FromArgMatches};
