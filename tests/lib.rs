@@ -197,6 +197,17 @@ impl NodeProc {
         Self::spawn(c, data_dir, env)
     }
 
+    /// As [`NodeProc::start`], running the `grid-node` at `binary` (one a package installed,
+    /// say) rather than the one built beside the tests.
+    pub fn start_binary(binary: &Path, data_dir: &Path, extra: &[&str]) -> NodeProc {
+        let mut c = Command::new(binary);
+        c.arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
+            .args(extra);
+        Self::spawn(c, data_dir, &[])
+    }
+
     /// Starts `grid-node` inside a host of a [`nat_lab::NatLab`], listening on the host's lab
     /// address with TCP and QUIC (ports chosen by the system), mDNS off, with extra arguments.
     /// `grid` commands reach it as usual: its control socket is in `data_dir`.

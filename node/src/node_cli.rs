@@ -153,8 +153,8 @@ enum ParseError {
 }
 
 /// Parses `grid-node`'s arguments (`argv[0]` first) and the config file `--config` names: the
-/// command line first, then the file's keys for the flags it left to their default (see
-/// [`crate::node_config`] for the precedence).
+/// command line first, then the file's keys for the flags neither it nor the environment set
+/// (see [`crate::node_config`] for the precedence).
 fn parse(argv: Vec<std::ffi::OsString>) -> Result<Args, ParseError> {
     use clap::parser::ValueSource;
     use clap::{CommandFactory, FromArgMatches};
@@ -409,6 +409,10 @@ mod tests {
     const EXAMPLE: &str =
         include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/node.toml"));
 
+    /// The operations guide, whose table lists every config key.
+    const OPERATIONS: &str =
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md"));
+
     fn argv(args: &[&str]) -> Vec<std::ffi::OsString> {
         std::iter::once("grid-node").chain(args.iter().copied()).map(Into::into).collect()
     }
@@ -473,6 +477,8 @@ mod tests {
             );
             if !arg.is_hide_set() {
                 assert!(example.contains(&key), "packaging/node.toml shows no `{key}` key");
+                let row = format!("| `{key}` | ");
+                assert!(OPERATIONS.contains(&row), "docs/operations.md has no row {row}");
             }
             keys += 1;
         }
@@ -661,12 +667,18 @@ cache_max_age = "7d"
             .strip_prefix(concat!(env!("CARGO_PKG_VERSION"), " ("))
             .and_then(|r| r.strip_suffix(')'))
             .unwrap_or_else(|| panic!("{}", crate::VERSION));
-        let head = std::process::Command::new("git")
-            .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "HEAD"])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        // As build.rs decides: a commit only in grid's own checkout.
+        let git = |args: &[&str]| {
+            std::process::Command::new("git")
+                .args(["-C", env!("CARGO_MANIFEST_DIR")])
+                .args(args)
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+                .filter(|o| !o.is_empty())
+        };
+        let head = git(&["ls-files", "--full-name", "Cargo.toml"]).and(git(&["rev-parse", "HEAD"]));
         match head {
             Some(head) => {
                 let (hash, date) = inner.split_once(' ').unwrap_or_else(|| panic!("{inner}"));

@@ -6,5 +6,6 @@ mod jobs;
 mod mesh;
 mod nat;
 mod owner;
+mod package;
 mod relay;
 mod runners;
