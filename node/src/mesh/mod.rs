@@ -348,6 +348,8 @@ enum Command {
     Dial(Multiaddr),
     /// A peer whose last (relayed) connection closed a moment ago: gone unless it is back.
     MaybeGone(PeerId),
+    /// [`PROVIDERS_GRACE`] has passed since a provider lookup found its first providers.
+    ProvidersFound(kad::QueryId),
     Served {
         channel: ResponseChannel<ContentResponse>,
         response: ContentResponse,
@@ -701,6 +703,10 @@ struct Driver {
 /// How long after its last connection (a relayed one) closed a peer counts as gone, unless a
 /// connection to it opens meanwhile (hole punching's direct one, typically).
 pub const RELAYED_GONE_GRACE: Duration = Duration::from_secs(2);
+/// How long a provider lookup goes on collecting after its first providers are found. The
+/// rest of the lookup may be dials to peers that cannot be reached (a NATed node the DHT
+/// still names) that would each hold it up for the dial timeout.
+pub const PROVIDERS_GRACE: Duration = Duration::from_millis(300);
 /// Bytes of sent messages kept until their peer confirms them, at most.
 pub const MAX_UNCONFIRMED_BYTES: usize = 16 << 20;
 /// Messages kept for a peer that could not be dialed, until a connection to it opens.
@@ -898,6 +904,7 @@ impl Driver {
                     warn!(%addr, error = %e, "cannot dial");
                 }
             }
+            Command::ProvidersFound(id) => self.answer_providers(id),
             Command::MaybeGone(peer) => {
                 if !self.swarm.is_connected(&peer) {
                     self.peer_gone(peer);
@@ -1516,25 +1523,44 @@ impl Driver {
                 if let Some((found, _)) = self.pending_providers.get_mut(&id)
                     && let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = res
                 {
+                    let first = found.is_empty();
                     found.extend(providers.into_iter().take(MAX_PROVIDERS));
+                    // The first providers: the answer goes out shortly, whatever the rest of
+                    // the lookup still waits for.
+                    if first
+                        && !found.is_empty()
+                        && let Some(tx) = self.self_tx.upgrade()
+                    {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(PROVIDERS_GRACE).await;
+                            let _ = tx.send(Command::ProvidersFound(id)).await;
+                        });
+                    }
                 }
                 let done = step.last
                     || self
                         .pending_providers
                         .get(&id)
                         .is_some_and(|(f, _)| f.len() >= MAX_PROVIDERS);
-                if done && let Some((found, reply)) = self.pending_providers.remove(&id) {
-                    if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
-                        q.finish();
-                    }
-                    let mut found: Vec<PeerId> = found.into_iter().collect();
-                    found.sort();
-                    found.truncate(MAX_PROVIDERS);
-                    let _ = reply.send(found);
+                if done {
+                    self.answer_providers(id);
                 }
             }
             _ => {}
         }
+    }
+
+    /// Answers the provider lookup `id` with what it found so far and ends it (nothing if it
+    /// was answered already).
+    fn answer_providers(&mut self, id: kad::QueryId) {
+        let Some((found, reply)) = self.pending_providers.remove(&id) else { return };
+        if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+            q.finish();
+        }
+        let mut found: Vec<PeerId> = found.into_iter().collect();
+        found.sort();
+        found.truncate(MAX_PROVIDERS);
+        let _ = reply.send(found);
     }
 
     fn deliver(&mut self, msg: Inbound) {
