@@ -406,3 +406,31 @@ fn a_materialization_that_fails_leaves_the_output_as_it_was() {
     store.materialize(&id, &fresh).unwrap();
     assert_eq!(fs::read(fresh.join("d3/f150")).unwrap(), b"file 150");
 }
+
+/// A store written before manifests became DAG-CBOR (version 2) holds version-1 manifests:
+/// they stay readable, materializable and kept by verify, under their old ids.
+#[test]
+fn version_1_manifests_a_store_holds_stay_readable_and_survive_verify() {
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    let s = store.session();
+    let f = fx.write("run", b"#!/bin/sh\necho ok\n", 0o755);
+    let stored = store.put_file(&f, &s).unwrap();
+    let mut old = Manifest::new();
+    old.version = grid_protocol::manifest::MANIFEST_VERSION_1;
+    old.entries.insert(
+        "run".into(),
+        Entry::File { size: stored.size, executable: true, blocks: stored.blocks.clone() },
+    );
+    let old_id = store.put_manifest(&old, &s).unwrap();
+    let mut new = old.clone();
+    new.version = grid_protocol::manifest::MANIFEST_VERSION;
+    let new_id = store.put_manifest(&new, &s).unwrap();
+    assert_ne!(old_id, new_id, "the two encodings are two documents");
+    assert_eq!(store.manifest(&old_id).unwrap(), old);
+    let r = store.verify().unwrap();
+    assert_eq!((r.manifests_ok, r.manifests_dropped.len()), (2, 0), "{r:?}");
+    let out = fx.src.parent().unwrap().join("out-v1");
+    store.materialize(&old_id, &out).unwrap();
+    assert_eq!(fs::read(out.join("run")).unwrap(), b"#!/bin/sh\necho ok\n");
+}

@@ -26,7 +26,7 @@ pub const BLOCK_SIZE: usize = 1 << 20;
 
 /// Multicodec of a block of file content.
 pub const CODEC_RAW: u64 = 0x55;
-/// Multicodec of a manifest (canonical CBOR).
+/// Multicodec of a manifest and of a job spec: DAG-CBOR (see [`crate::dagcbor`]).
 pub const CODEC_DAG_CBOR: u64 = 0x71;
 /// Multihash code of SHA-1.
 pub const HASH_SHA1: u64 = 0x11;
@@ -222,10 +222,10 @@ pub fn manifest_id(bytes: &[u8]) -> ContentId {
     ContentId::from_digest(Kind::Manifest, HashAlg::Sha1, &digest)
 }
 
-/// The id of a job: the CID of its spec's canonical CBOR (see [`crate::job::JobSpec::id`]).
+/// The id of a job: the CID of its spec's DAG-CBOR (see [`crate::job::JobSpec::id`]).
 ///
 /// It is hashed exactly like a manifest (codec dag-cbor, SHA-1), so it is a [`Kind::Manifest`]
-/// id: both name canonical CBOR documents. Which document it names is known from where the id
+/// id: both name DAG-CBOR documents. Which document it names is known from where the id
 /// is used, never from the id itself.
 pub fn job_id(spec_bytes: &[u8]) -> ContentId {
     manifest_id(spec_bytes)

@@ -3,9 +3,12 @@
 //!
 //! A [`JobSpec`] is everything that changes what runs: command, args, env, cwd, the input tree's
 //! manifest id, shard count, required dimensions, timeouts, the idempotent flag and the declared
-//! outputs. Its canonical CBOR encoding is hashed into the job id ([`JobSpec::id`], a CID with the
-//! dag-cbor codec, see [`crate::content::job_id`]): two submissions of the same spec have the same
-//! id, which is what lets an idempotent job reuse an earlier result. [`Scheduling`] (redundancy,
+//! outputs. Its canonical encoding, DAG-CBOR ([`crate::dagcbor`]) from version 2, is hashed into
+//! the job id ([`JobSpec::id`], a CID with the dag-cbor codec, see [`crate::content::job_id`]):
+//! two submissions of the same spec have the same id, which is what lets an idempotent job reuse
+//! an earlier result. A version-1 spec (stored by an earlier grid, or granted by one) was CBOR of
+//! another shape under the same codec; it is still read and re-encoded as it was, so its id does
+//! not change, and nothing writes one anew. [`Scheduling`] (redundancy,
 //! attempts, priority, expiry) and the labels of a [`JobRequest`] (name, tags) change when and
 //! where it runs, or what people call it, so they stay out of the id.
 //!
@@ -22,8 +25,10 @@ use crate::content::{self, ContentId, Kind};
 use crate::dims::{DimensionError, Requirements};
 use crate::manifest::validate_path;
 
-/// The job spec format version this code writes and reads.
-pub const JOB_SPEC_VERSION: u32 = 1;
+/// The job spec format version this code writes: DAG-CBOR.
+pub const JOB_SPEC_VERSION: u32 = 2;
+/// The first job spec format, still read (see the module docs).
+pub const JOB_SPEC_VERSION_1: u32 = 1;
 /// Largest encoded spec, in bytes.
 pub const MAX_SPEC_BYTES: usize = 256 << 10;
 /// Most shards in one job.
@@ -92,7 +97,8 @@ pub(crate) fn is_false(b: &bool) -> bool {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// Format version, [`JOB_SPEC_VERSION`].
+    /// Format version: [`JOB_SPEC_VERSION`], or [`JOB_SPEC_VERSION_1`] for a spec from before
+    /// it (which then encodes as it was).
     #[serde(rename = "v")]
     pub version: u32,
     /// The program, relative to the run dir (or a name looked up in PATH).
@@ -201,7 +207,10 @@ pub enum JobError {
     #[error("job spec is not canonically encoded")]
     NotCanonical,
     /// A version this code does not read.
-    #[error("job spec version {0} is not supported (this grid reads version {JOB_SPEC_VERSION})")]
+    #[error(
+        "job spec version {0} is not supported (this grid reads versions {JOB_SPEC_VERSION_1} \
+         and {JOB_SPEC_VERSION}; a newer grid wrote it)"
+    )]
     Version(u32),
     /// An invalid field, named.
     #[error("job spec field {field}: {reason}")]
@@ -251,9 +260,13 @@ impl JobSpec {
         }
     }
 
-    /// The canonical encoding.
+    /// The canonical encoding: DAG-CBOR, or the first format for a version-1 spec.
     pub fn encode(&self) -> Vec<u8> {
-        serde_cbor::to_vec(self).expect("a job spec always encodes")
+        if self.version == JOB_SPEC_VERSION_1 {
+            serde_cbor::to_vec(self).expect("a job spec always encodes")
+        } else {
+            crate::dagcbor::to_vec(self).expect("a job spec always encodes")
+        }
     }
 
     /// The job id: the CID (dag-cbor, SHA-1) of the canonical encoding.
@@ -266,8 +279,15 @@ impl JobSpec {
         if bytes.len() > MAX_SPEC_BYTES {
             return Err(JobError::TooLarge(bytes.len()));
         }
-        let spec: JobSpec =
-            serde_cbor::from_slice(bytes).map_err(|e| JobError::Decode(e.to_string()))?;
+        // Both versions parse as CBOR maps; version 1 has no links, so the same tree reads it.
+        let tree = crate::dagcbor::parse(bytes).map_err(JobError::Decode)?;
+        if let Some(v) = crate::dagcbor::uint_field(&tree, "v")
+            && v != u64::from(JOB_SPEC_VERSION)
+            && v != u64::from(JOB_SPEC_VERSION_1)
+        {
+            return Err(JobError::Version(u32::try_from(v).unwrap_or(u32::MAX)));
+        }
+        let spec: JobSpec = crate::dagcbor::from_value(tree).map_err(JobError::Decode)?;
         spec.validate()?;
         if spec.encode() != bytes {
             return Err(JobError::NotCanonical);
@@ -277,7 +297,7 @@ impl JobSpec {
 
     /// Checks every field against the limits of this module.
     pub fn validate(&self) -> Result<(), JobError> {
-        if self.version != JOB_SPEC_VERSION {
+        if self.version != JOB_SPEC_VERSION && self.version != JOB_SPEC_VERSION_1 {
             return Err(JobError::Version(self.version));
         }
         if self.command.is_empty() || self.command.len() > MAX_COMMAND_BYTES {
@@ -627,6 +647,71 @@ pub(crate) mod tests {
         let bytes = serde_cbor::to_vec(&loose).unwrap();
         assert_eq!(JobSpec::decode(&bytes).unwrap_err(), JobError::NotCanonical);
     }
+
+    /// A spec using every field, for the golden bytes.
+    fn full() -> JobSpec {
+        let mut s = spec();
+        s.cwd = "src".into();
+        s.io_timeout = Duration::from_secs(60);
+        s.idempotent = true;
+        s.outputs = vec!["out".into()];
+        s.writable = vec!["db".into()];
+        s.runner = Some(Runner::Gtest);
+        s.tests = (0..4).map(|i| vec![format!("Suite.T{i}")]).collect();
+        s
+    }
+
+    #[test]
+    fn golden_bytes_pin_the_encoding() {
+        let s = full();
+        assert_eq!(hex::encode(s.encode()), GOLDEN_V2, "the encoding of job specs changed");
+        assert_eq!(s.id().to_string(), GOLDEN_V2_ID, "job ids changed");
+        assert_eq!(JobSpec::decode(&hex::decode(GOLDEN_V2).unwrap()).unwrap(), s);
+    }
+
+    #[test]
+    fn a_version_1_spec_still_reads_and_keeps_its_id() {
+        let bytes = hex::decode(GOLDEN_V1).unwrap();
+        let s = JobSpec::decode(&bytes).unwrap();
+        assert_eq!(s.version, JOB_SPEC_VERSION_1);
+        assert_eq!(JobSpec { version: JOB_SPEC_VERSION, ..s.clone() }, full());
+        assert_eq!(s.encode(), bytes, "re-encoded as it was");
+        assert_eq!(s.id().to_string(), GOLDEN_V1_ID);
+        let mut v3 = full();
+        v3.version = 3;
+        let err = JobSpec::decode(&v3.encode()).unwrap_err();
+        assert_eq!(err, JobError::Version(3));
+        assert!(err.to_string().contains("reads versions 1 and 2"), "{err}");
+    }
+
+    /// [`full`] in version 2, DAG-CBOR: one-letter keys first, bytewise, then two-letter ones.
+    const GOLDEN_V2: &str = concat!(
+        "b0",                                                             // 16 fields
+        "616181702d2d67746573745f66696c7465723d2a",                       // a: ["--gtest_filter=*"]
+        "61636b2e2f72756e5f7465737473",                                   // c: "./run_tests"
+        "6164a2626f7381654c696e757864706f6f6c81626369", // d: {os: [Linux], pool: [ci]}
+        "6165a1644c414e476143",                         // e: {LANG: C}
+        "6169f5",                                       // i: true
+        "616dd82a5819000171111480655da8d80aaaf92ce5357e7828dc09adb00993", // m: link
+        "616e04",                                       // n: 4
+        "616f81636f7574",                               // o: [out]
+        "6172656774657374",                             // r: "gtest"
+        "617484816853756974652e5430816853756974652e5431", // t: [[Suite.T0], [Suite.T1],
+        "816853756974652e5432816853756974652e5433",     //     [Suite.T2], [Suite.T3]]
+        "617602",                                       // v: 2
+        "6177637372636274671975306274681a0036ee8062746919ea60", // w: src, tg, th, ti
+        "62777281626462",                               // wr: [db]
+    );
+    const GOLDEN_V2_ID: &str = "bafyrcfdow2nwnjezhejyrmlt3gggqu75ehqnela";
+    /// [`full`] as version 1 wrote it: fields in declaration order, the id a byte string.
+    const GOLDEN_V1: &str = concat!(
+        "b061760161636b2e2f72756e5f7465737473616181702d2d67746573745f66696c7465723d2a6165a1644c",
+        "414e476143617763737263616d58180171111480655da8d80aaaf92ce5357e7828dc09adb00993616e0461",
+        "64a2626f7381654c696e757864706f6f6c816263696274681a0036ee8062746919ea606274671975306169",
+        "f5616f81636f7574627772816264626172656774657374617484816853756974652e5430816853756974",
+        "652e5431816853756974652e5432816853756974652e5433",
+    );
+    const GOLDEN_V1_ID: &str = "bafyrcfbk74ipln5m4szvf6lqawpheahrftz736i";
 
     #[test]
     fn invalid_fields_are_named() {

@@ -3,6 +3,7 @@
 //! This crate owns everything the real node and the simulator must agree on, and the one
 //! implementation of grid's coordination logic both of them drive:
 //! - [`content`] and [`manifest`]: content ids, their verification, the tree manifest;
+//! - [`dagcbor`]: the DAG-CBOR encoding of manifests and job specs, the documents named by ids;
 //! - [`isolate`]: the Chromium `.isolate` source format that says which files a test needs;
 //! - [`job`]: job specs (the job id is the CID of the run-affecting part) and scheduling;
 //! - [`dims`]: node dimensions, job requirements, matching and its explanation;
@@ -42,6 +43,7 @@
 
 pub mod balance;
 pub mod content;
+pub mod dagcbor;
 pub mod dims;
 pub mod expand;
 pub mod isolate;

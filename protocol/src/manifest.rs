@@ -1,10 +1,16 @@
-//! The manifest: grid's `.isolated`, a canonical CBOR description of a tree of files.
+//! The manifest: grid's `.isolated`, a DAG-CBOR description of a tree of files.
 //!
 //! A manifest maps relative paths (with `/` separators) to entries: a regular file (size,
 //! executable bit, block ids) or a symbolic link (its target). It may include other manifests by
 //! id. The encoding is canonical: [`Manifest::encode`] of the same tree always gives the same
 //! bytes, and [`Manifest::decode`] accepts only bytes that re-encode to themselves, so one tree
 //! has exactly one id.
+//!
+//! Version 2, the one written, is genuine DAG-CBOR ([`crate::dagcbor`]), so the `dag-cbor`
+//! codec of its id is true and any DAG-CBOR implementation reads it and computes the same id.
+//! Version 1 was CBOR of another shape (fields in declaration order, paths sorted bytewise,
+//! ids as plain byte strings) under the same codec: it is still read, and re-encoded as it
+//! was, so the trees and jobs stores already hold keep their ids; nothing writes it anew.
 //!
 //! Decoding validates everything a materializer relies on: paths are relative and normalized,
 //! no entry sits beneath a file or a link, links stay inside the tree, sizes match block counts,
@@ -16,8 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::content::{self, BLOCK_SIZE, ContentId, Kind};
 
-/// The manifest format version this code writes and reads.
-pub const MANIFEST_VERSION: u32 = 1;
+/// The manifest format version this code writes: DAG-CBOR.
+pub const MANIFEST_VERSION: u32 = 2;
+/// The first manifest format, still read (see the module docs).
+pub const MANIFEST_VERSION_1: u32 = 1;
 /// Largest encoded manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 64 << 20;
 /// Most entries in one manifest.
@@ -100,7 +108,8 @@ impl From<Entry> for EntryRepr {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
-    /// Format version, [`MANIFEST_VERSION`].
+    /// Format version: [`MANIFEST_VERSION`], or [`MANIFEST_VERSION_1`] for a manifest read
+    /// from before it (which then encodes as it was).
     #[serde(rename = "v")]
     pub version: u32,
     /// Path -> entry, sorted by path bytes.
@@ -124,7 +133,10 @@ pub enum ManifestError {
     #[error("manifest is not canonically encoded (the same tree must always give the same bytes)")]
     NotCanonical,
     /// A version this code does not read.
-    #[error("manifest version {0} is not supported (this grid reads version {MANIFEST_VERSION})")]
+    #[error(
+        "manifest version {0} is not supported (this grid reads versions {MANIFEST_VERSION_1} \
+         and {MANIFEST_VERSION}; a newer grid wrote it)"
+    )]
     Version(u32),
     /// More than [`MAX_ENTRIES`] entries.
     #[error("manifest has {0} entries; the limit is {MAX_ENTRIES}")]
@@ -195,9 +207,13 @@ impl Manifest {
         Manifest { version: MANIFEST_VERSION, entries: BTreeMap::new(), includes: Vec::new() }
     }
 
-    /// The canonical encoding.
+    /// The canonical encoding: DAG-CBOR, or the first format for a version-1 manifest.
     pub fn encode(&self) -> Vec<u8> {
-        serde_cbor::to_vec(self).expect("a manifest always encodes")
+        if self.version == MANIFEST_VERSION_1 {
+            serde_cbor::to_vec(self).expect("a manifest always encodes")
+        } else {
+            crate::dagcbor::to_vec(self).expect("a manifest always encodes")
+        }
     }
 
     /// The manifest's id: the CID of its canonical encoding.
@@ -210,11 +226,15 @@ impl Manifest {
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(ManifestError::TooLarge(bytes.len()));
         }
-        let m: Manifest =
-            serde_cbor::from_slice(bytes).map_err(|e| ManifestError::Decode(e.to_string()))?;
-        if m.version != MANIFEST_VERSION {
-            return Err(ManifestError::Version(m.version));
+        // Both versions parse as CBOR maps; version 1 has no links, so the same tree reads it.
+        let tree = crate::dagcbor::parse(bytes).map_err(ManifestError::Decode)?;
+        if let Some(v) = crate::dagcbor::uint_field(&tree, "v")
+            && v != u64::from(MANIFEST_VERSION)
+            && v != u64::from(MANIFEST_VERSION_1)
+        {
+            return Err(ManifestError::Version(u32::try_from(v).unwrap_or(u32::MAX)));
         }
+        let m: Manifest = crate::dagcbor::from_value(tree).map_err(ManifestError::Decode)?;
         m.validate()?;
         if m.encode() != bytes {
             return Err(ManifestError::NotCanonical);
@@ -224,7 +244,7 @@ impl Manifest {
 
     /// Checks every rule a materializer relies on (see the module docs).
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.version != MANIFEST_VERSION {
+        if self.version != MANIFEST_VERSION && self.version != MANIFEST_VERSION_1 {
             return Err(ManifestError::Version(self.version));
         }
         if self.entries.len() > MAX_ENTRIES {
@@ -467,9 +487,93 @@ mod tests {
         let err = Manifest::decode(&bytes).unwrap_err();
         assert!(matches!(&err, ManifestError::Decode(s) if s.contains("unknown field")), "{err}");
         let mut m2 = m.clone();
-        m2.version = 2;
-        assert_eq!(Manifest::decode(&m2.encode()).unwrap_err(), ManifestError::Version(2));
+        m2.version = 3;
+        let err = Manifest::decode(&m2.encode()).unwrap_err();
+        assert_eq!(err, ManifestError::Version(3));
+        assert!(err.to_string().contains("reads versions 1 and 2"), "{err}");
     }
+
+    /// One small tree of every entry shape, with an include.
+    fn golden() -> Manifest {
+        let mut m = Manifest::new();
+        m.entries.insert("run.sh".into(), file(b"#!/bin/sh\necho ok\n", true));
+        m.entries.insert("data/a".into(), file(b"", false));
+        m.entries.insert("ln".into(), Entry::Symlink { target: "run.sh".into() });
+        m.includes.push(content::manifest_id(b"base"));
+        m
+    }
+
+    #[test]
+    fn golden_bytes_pin_the_encoding() {
+        // DAG-CBOR: keys by length then bytes ("f" "i" "v"; "ln" "data/a" "run.sh"; "b" "s"
+        // "x"), ids as tag-42 links with the 0x00 prefix.
+        let m = golden();
+        let hex = hex::encode(m.encode());
+        assert_eq!(hex, GOLDEN_V2, "the encoding of manifests changed");
+        assert_eq!(m.id().to_string(), GOLDEN_V2_ID);
+        assert_eq!(Manifest::decode(&hex::decode(GOLDEN_V2).unwrap()).unwrap(), m);
+    }
+
+    #[test]
+    fn a_version_1_manifest_still_reads_and_keeps_its_id() {
+        let bytes = hex::decode(GOLDEN_V1).unwrap();
+        let m = Manifest::decode(&bytes).unwrap();
+        assert_eq!(m.version, MANIFEST_VERSION_1);
+        assert_eq!(m.entries, golden().entries);
+        assert_eq!(m.includes, golden().includes);
+        assert_eq!(m.encode(), bytes, "re-encoded as it was");
+        assert_eq!(m.id().to_string(), GOLDEN_V1_ID);
+        // The same tree in the version-2 encoding is another document with another id.
+        assert_ne!(golden().id(), m.id());
+        // Version-1 bytes labelled version 2 are refused, not read as either.
+        let mut relabelled = m.clone();
+        relabelled.version = MANIFEST_VERSION;
+        let v1_shape = serde_cbor::to_vec(&relabelled).unwrap();
+        assert!(Manifest::decode(&v1_shape).is_err());
+    }
+
+    #[test]
+    fn non_canonical_dag_cbor_is_refused() {
+        let m = golden();
+        let good = m.encode();
+        // Declaration order (v, f, i), everything else as DAG-CBOR: the key order is wrong.
+        let mut loose = hex::decode("a3617602").unwrap();
+        loose.extend(hex::decode("6166").unwrap());
+        loose.extend(crate::dagcbor::to_vec(&m.entries).unwrap());
+        loose.extend(hex::decode("6169").unwrap());
+        loose.extend(crate::dagcbor::to_vec(&m.includes).unwrap());
+        assert_eq!(loose.len(), good.len());
+        assert_ne!(loose, good);
+        assert_eq!(Manifest::decode(&loose).unwrap_err(), ManifestError::NotCanonical);
+        // A non-shortest integer: the version as a one-byte-argument integer (0x18 0x02).
+        let mut long_int = good.clone();
+        let at = long_int.len() - 1;
+        assert_eq!(long_int[at], 0x02, "the version is the last field");
+        long_int.splice(at.., [0x18, 0x02]);
+        assert_eq!(Manifest::decode(&long_int).unwrap_err(), ManifestError::NotCanonical);
+    }
+
+    /// [`golden`] in version 2, DAG-CBOR.
+    const GOLDEN_V2: &str = concat!(
+        "a3",
+        "6166a3",                                                           // "f": 3 entries
+        "626c6ea1616c6672756e2e7368",                                       // "ln": {"l": "run.sh"}
+        "66646174612f61a1617300",                                           // "data/a": {"s": 0}
+        "6672756e2e7368a3",                                                 // "run.sh": {
+        "616281d82a581900015511146899932257a582a8a0e358aed9a0adbbfee79dda", // "b": [link]
+        "6173126178f5",                                                     // "s": 18, "x": true }
+        "616981d82a581900017111141405df66cbe219b0bf6355bc3d60361a8376b6b4", // "i": [link]
+        "617602",                                                           // "v": 2
+    );
+    const GOLDEN_V2_ID: &str = "bafyrcfbm7pfzggbired2rsm5q5nwzunnwftdsrq";
+    /// [`golden`] as version 1 wrote it: declaration order, paths bytewise, ids as bytes.
+    const GOLDEN_V1: &str = concat!(
+        "a3617601",
+        "6166a366646174612f61a1617300626c6ea1616c6672756e2e73686672756e2e7368a36173126178f5616281",
+        "5818015511146899932257a582a8a0e358aed9a0adbbfee79dda",
+        "6169815818017111141405df66cbe219b0bf6355bc3d60361a8376b6b4",
+    );
+    const GOLDEN_V1_ID: &str = "bafyrcfdrlg2xv3uuuqr24irgbew6anxeny6y6wi";
 
     fn with(path: &str, e: Entry) -> Result<(), ManifestError> {
         let mut m = Manifest::new();

@@ -662,6 +662,100 @@ pub(crate) mod tests {
         ]
     }
 
+    /// The frame of each of [`samples`], in [`MessageKind::ALL`] order: a change to any encoding
+    /// shows here first.
+    const GOLDEN_FRAMES: [(MessageKind, &str); 10] = [
+        (
+            MessageKind::Announce,
+            concat!(
+                "0201a36162ab617601616a58180171111471aa0b48d96517669d7b61ef938cecb09af9f5b8617509",
+                "617103616d58180171111480655da8d80aaaf92ce5357e7828dc09adb009936164a2626f7381654c",
+                "696e757864706f6f6c81626369616e04616f026170186461630161781a000f4240616b5824080112",
+                "208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c61735840f6e832",
+                "e317f4d3f9d6d37c4756f01d92477055bc4228b075d9a7304d17533210b7d3c906773edd59da885b",
+                "121bde54af3ee8791547161a193d9ffd3c46b6d80c",
+            ),
+        ),
+        (
+            MessageKind::Claim,
+            concat!(
+                "0202a5616a5818017111142eda8ad1632af052b0c74d6fcab6058b3a79cf25617509616304616e02",
+                "6164a164706f6f6c81626369",
+            ),
+        ),
+        (
+            MessageKind::Grant,
+            concat!(
+                "0203a6616a58180171111471aa0b48d96517669d7b61ef938cecb09af9f5b86175096163046173a9",
+                "61760261636b2e2f72756e5f7465737473616181702d2d67746573745f66696c7465723d2a6165a1",
+                "644c414e476143616d58180171111480655da8d80aaaf92ce5357e7828dc09adb00993616e046164",
+                "a2626f7381654c696e757864706f6f6c816263696274681a0036ee80627467197530616c81a26169",
+                "01616102617419ea60",
+            ),
+        ),
+        (
+            MessageKind::Refuse,
+            concat!(
+                "0204a4616a5818017111142eda8ad1632af052b0c74d6fcab6058b3a79cf256175096163046172a1",
+                "686d69736d61746368a3616b64706f6f6c617781626369616880",
+            ),
+        ),
+        (
+            MessageKind::Heartbeat,
+            concat!(
+                "0205a4616a5818017111142eda8ad1632af052b0c74d6fcab6058b3a79cf25617509616c81a26169",
+                "01616102617281a2616901616102",
+            ),
+        ),
+        (
+            MessageKind::HeartbeatReply,
+            concat!(
+                "0206a5616a5818017111142eda8ad1632af052b0c74d6fcab6058b3a79cf25617509617281a26169",
+                "01616102617880617419ea60",
+            ),
+        ),
+        (
+            MessageKind::Result,
+            concat!(
+                "0207a36162ac617601616a5818017111142eda8ad1632af052b0c74d6fcab6058b3a79cf25617507",
+                "616901616101627374626f6b6178006264721905dc626f76146166192710616c5818015511147bab",
+                "c233de26ab19ead1b9c278128d5c434910ee6164a2626f7381654c696e757864706f6f6c81626369",
+                "616b5824080112208139770ea87d175f56a35466c34c7ecccb8d8a91b4ee37a25df60f5b8fc9b394",
+                "617358403af0fc033ba4e37b96c14c8bec09c1e2836b6391bfe8965cc802e905ba393a857af2950f",
+                "1d749e9b258a09f5a1f852651706c245da82fcb4c82ad974ac022400",
+            ),
+        ),
+        (
+            MessageKind::Ack,
+            concat!(
+                "0208a4616a5818017111142eda8ad1632af052b0c74d6fcab6058b3a79cf25617509616ca2616901",
+                "6161026172a1626e6f676e6f6c65617365",
+            ),
+        ),
+        (
+            MessageKind::Cancel,
+            "0209a2616a5818017111142eda8ad1632af052b0c74d6fcab6058b3a79cf25617509",
+        ),
+        (
+            MessageKind::Decline,
+            concat!(
+                "020aa3616a5818017111142eda8ad1632af052b0c74d6fcab6058b3a79cf256175096172a16b7175",
+                "6172616e74696e6564686c6f77206469736b",
+            ),
+        ),
+    ];
+
+    #[test]
+    fn golden_frames_pin_every_kind() {
+        let msgs = samples();
+        assert_eq!(msgs.len(), GOLDEN_FRAMES.len());
+        for (m, (kind, hex)) in msgs.iter().zip(GOLDEN_FRAMES) {
+            assert_eq!(m.kind(), kind);
+            assert_eq!(hex::encode(m.encode()), hex, "the {kind:?} frame changed");
+            assert_eq!(&decode(&hex::decode(hex).unwrap()).unwrap(), m);
+        }
+    }
+
     #[test]
     fn every_kind_round_trips_within_its_limit() {
         let msgs = samples();

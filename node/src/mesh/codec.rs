@@ -318,6 +318,61 @@ mod tests {
         assert!(err.is_err());
     }
 
+    #[test]
+    fn golden_bytes_pin_every_request_and_response_kind() {
+        let key = libp2p::identity::Keypair::ed25519_from_bytes([1; 32]).unwrap();
+        let lease = LeaseId {
+            submitter: key.public().to_peer_id(),
+            job: grid_protocol::content::job_id(b"j"),
+            submission: 3,
+            lease: grid_protocol::message::LeaseRef { shard: 1, attempt: 2 },
+        };
+        let requests = [
+            (
+                ContentRequest::Manifest(grid_protocol::content::manifest_id(b"tree")),
+                "00000019 01 0171111480655da8d80aaaf92ce5357e7828dc09adb00993",
+            ),
+            (
+                ContentRequest::Block(block_id(b"x")),
+                "00000019 02 0155111411f6ad8ec52a2984abaafd7c3b516503785c2072",
+            ),
+            (
+                ContentRequest::LiveLog { lease, offset: 77 },
+                concat!(
+                    "0000005c 03 000000000000004d a4",
+                    " 6170 58260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c",
+                    " 616a 5818017111145c2dd944dde9e08881bef0894fe7b22a5c9c4b06",
+                    " 6175 03 616c a2616901616102",
+                ),
+            ),
+        ];
+        for (req, hex) in requests {
+            let mut buf = Vec::new();
+            block_on(ContentCodec.write_request(&CONTENT_PROTOCOL, &mut buf, req)).unwrap();
+            assert_eq!(hex::encode(&buf), hex.replace(' ', ""), "{req:?}");
+        }
+        let responses = [
+            (ContentResponse::Found(b"abc".to_vec().into()), "00000004 00 616263"),
+            (ContentResponse::NotFound, "00000001 01"),
+            (ContentResponse::Busy, "00000001 02"),
+        ];
+        for (res, hex) in responses {
+            let mut buf = Vec::new();
+            block_on(ContentCodec.write_response(&CONTENT_PROTOCOL, &mut buf, res.clone()))
+                .unwrap();
+            assert_eq!(hex::encode(&buf), hex.replace(' ', ""), "{res:?}");
+        }
+        for (res, hex) in
+            [(MsgResponse::Received, "0000000100"), (MsgResponse::Refused, "0000000101")]
+        {
+            let mut buf = Vec::new();
+            block_on(MsgCodec.write_response(&MSG_PROTOCOL, &mut buf, res)).unwrap();
+            assert_eq!(hex::encode(&buf), hex, "{res:?}");
+            let back = block_on(MsgCodec.read_response(&MSG_PROTOCOL, &mut &buf[..])).unwrap();
+            assert_eq!(back, res);
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {

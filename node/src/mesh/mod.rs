@@ -1438,8 +1438,12 @@ impl Driver {
                     request_response::Message::Response { request_id, response } => {
                         let frame = self.unsent.delivered(request_id);
                         if response == MsgResponse::Refused {
-                            let kind = frame.as_deref().and_then(|f| f.get(1)).copied();
-                            warn!(%peer, ?kind, "peer refused a message of ours as undecodable");
+                            let kind = frame
+                                .as_deref()
+                                .and_then(|f| f.get(1))
+                                .and_then(|b| grid_protocol::message::MessageKind::from_byte(*b))
+                                .map_or_else(|| "unknown".to_string(), |k| format!("{k:?}"));
+                            warn!(%peer, %kind, "peer refused a message of ours as undecodable");
                         }
                     }
                 }
