@@ -977,7 +977,11 @@ impl Worker {
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, c)| {
-                    let (used, held, w) = standing[&c.2.submitter];
+                    let (used, held, w) = standing.get(&c.2.submitter).copied().unwrap_or((
+                        0,
+                        0,
+                        fair::DEFAULT_WEIGHT,
+                    ));
                     (c.0, Standing::new(used, held, w), c.1, c.2)
                 })
                 .map(|(i, _)| i)
