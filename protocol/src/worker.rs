@@ -1902,5 +1902,72 @@ mod tests {
                 proptest::prop_assert!(w.unacknowledged().count() <= 3);
             }
         }
+
+        /// With several trusted submitters, weights and priorities, the fair choice never claims
+        /// more than the free slots in one go, never runs more than the slots, and never asks
+        /// to be woken in the past.
+        #[test]
+        fn the_fair_choice_stays_within_the_slots(
+            ops in proptest::collection::vec(
+                (0u8..4, 0usize..3, 0usize..3, proptest::bool::ANY, 1u64..20_000),
+                1..120,
+            ),
+            weights in proptest::collection::vec(1u32..5, 3),
+        ) {
+            let keys = [submitter(), key(52), key(53)];
+            let peers: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+            let trust = peers.iter().fold(TrustPolicy::default(), |t, p| t.trust(*p));
+            let shares = peers
+                .iter()
+                .zip(&weights)
+                .map(|(p, w)| (*p, NonZeroU32::new(*w).unwrap()))
+                .collect();
+            let config = WorkerConfig { slots: 3, shares, ..WorkerConfig::default() };
+            let mut w = Worker::new(key(1), dims(), trust, config, 9).unwrap();
+            let specs: Vec<JobSpec> = (0..3).map(|i| spec(&format!("./j{i}"), 4)).collect();
+            let (mut now, mut seq, mut attempt) = (0u64, 0u64, 0u32);
+            let mut last_claim: BTreeMap<(usize, usize), u64> = BTreeMap::new();
+            for (kind, sub, job, urgent, ms) in ops {
+                match kind {
+                    0 => {
+                        seq += 1;
+                        let prio = if urgent { 10 } else { 100 };
+                        let a = ann(&specs[job], seq, prio, now);
+                        let _ = w.handle_announcement(Time(now), Signed::sign(&keys[sub], a));
+                    }
+                    1 => {
+                        let id = last_claim.get(&(sub, job)).copied().unwrap_or(0);
+                        let mut g = grant(&specs[job], id, &[0, 1, 2]);
+                        for l in &mut g.leases {
+                            attempt += 1;
+                            l.attempt = attempt;
+                        }
+                        let _ = w.handle_grant(Time(now), peers[sub], g);
+                    }
+                    2 => {
+                        let running: Vec<LeaseId> = w.running().copied().collect();
+                        if let Some(id) = running.get(job % running.len().max(1)) {
+                            w.execution_finished(Time(now), *id, ExecOutcome::exited(0, Duration::ZERO));
+                        }
+                    }
+                    _ => {
+                        now += ms;
+                        w.handle_timeout(Time(now));
+                        proptest::prop_assert!(w.poll_timeout().is_none_or(|t| t > Time(now)), "would spin");
+                    }
+                }
+                let claimed: u32 = claims_to(&drain(&mut w))
+                    .into_iter()
+                    .map(|(to, c)| {
+                        let sub = peers.iter().position(|p| *p == to).unwrap();
+                        let job = specs.iter().position(|s| s.id() == c.job).unwrap();
+                        last_claim.insert((sub, job), c.claim_id);
+                        c.slots
+                    })
+                    .sum();
+                proptest::prop_assert!(claimed <= 3, "{claimed} slots claimed at once");
+                proptest::prop_assert!(w.running().count() <= 3);
+            }
+        }
     }
 }
