@@ -10,6 +10,7 @@
 //! - [`record`]: signed announcements and signed results;
 //! - [`message`]: the messages between submitters and workers and their wire codec;
 //! - [`quorum`]: the redundancy rule;
+//! - [`fair`]: how a worker shares its slots between the submitters whose jobs wait;
 //! - [`submitter`] and [`worker`]: the two state machines, in the manner of quinn-proto;
 //! - [`node`]: one node's worker and submitted jobs tied together, as grid-node, the simulator
 //!   and the tests drive them;
@@ -46,6 +47,7 @@ pub mod content;
 pub mod dagcbor;
 pub mod dims;
 pub mod expand;
+pub mod fair;
 pub mod isolate;
 pub mod job;
 pub mod manifest;

@@ -1,7 +1,8 @@
 //! The worker: one node's side of every job it sees.
 //!
 //! A [`Worker`] receives announcements, keeps the ones its [`TrustPolicy`] and its dimensions
-//! accept, decides what to claim with its free slots (priority first, then age), starts the
+//! accept, decides what to claim with its free slots (priority first, then fair shares between
+//! submitters, [`crate::fair`], then age), starts the
 //! executions of the leases it is granted, heartbeats them to their submitters, kills what a
 //! submitter cancels or revokes, and signs each result with the node's key and keeps it (an
 //! [`Record::Outbox`] record) until the submitter acknowledges it, resending with backoff.
@@ -15,6 +16,7 @@
 //! [`Output::KillExecution`]. A node's worker is held and driven by [`crate::node::Node`].
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use libp2p_identity::{Keypair, PeerId};
 
 use crate::content::ContentId;
 use crate::dims::{DimensionError, Dimensions, Mismatch, Requirements};
+use crate::fair::{self, Standing, Usage};
 use crate::message::{
     Ack, Cancel, Claim, Decline, DeclineReason, Grant, Heartbeat, HeartbeatReply, LeaseRef,
     MAX_DECLINE_TEXT, MAX_LEASE_REFS, MAX_LEASES_PER_GRANT, Message, Refusal, RefuseReason,
@@ -104,6 +107,19 @@ pub struct WorkerConfig {
     /// Whether this node can run sandboxed shards (open-pool jobs). Without a sandbox, such
     /// jobs are declined ([`DeclineReason::NoSandbox`]) instead of claimed.
     pub sandbox: bool,
+    /// Weights of submitters (BOINC's resource share): between jobs of the same priority, a
+    /// submitter of weight 3 gets three times the slot time of one of weight 1 when both have
+    /// jobs waiting. Unlisted submitters weigh [`fair::DEFAULT_WEIGHT`] (1). Parse `--share`
+    /// values with [`fair::parse_share`].
+    pub shares: BTreeMap<PeerId, NonZeroU32>,
+    /// Half-life of the slot time a submitter is remembered to have used here (default
+    /// [`fair::DEFAULT_HALF_LIFE`], 10 min).
+    pub share_half_life: Duration,
+    /// Test only: choose between waiting jobs by priority, then age, ignoring submitters (as
+    /// before fair shares), so a simulation can show what fair shares change. Exists only with
+    /// the `test-hooks` feature, which the simulator enables and a node's build never does.
+    #[cfg(feature = "test-hooks")]
+    pub without_fair_shares: bool,
 }
 
 impl Default for WorkerConfig {
@@ -119,6 +135,10 @@ impl Default for WorkerConfig {
             max_jobs: 1024,
             max_outbox: 4096,
             sandbox: true,
+            shares: BTreeMap::new(),
+            share_half_life: fair::DEFAULT_HALF_LIFE,
+            #[cfg(feature = "test-hooks")]
+            without_fair_shares: false,
         }
     }
 }
@@ -217,6 +237,8 @@ struct Running {
     killing: bool,
     /// The driver said its process started ([`Worker::execution_started`]).
     started: bool,
+    /// When it was granted: its slot time is charged to its submitter from here.
+    since: Time,
 }
 
 #[derive(Debug, Clone)]
@@ -247,6 +269,8 @@ pub struct Worker {
     quarantine: Option<String>,
     /// Jobs this node fits but declined lately: the reason said and when.
     declined: BTreeMap<JobKey, (DeclineReason, Time)>,
+    /// Slot time each submitter's finished executions used here lately (fair shares).
+    usage: Usage,
     /// The latest `now` seen, so [`Worker::poll_timeout`] never returns a past deadline that
     /// [`Worker::handle_timeout`] would not clear.
     now: Time,
@@ -270,7 +294,6 @@ impl Worker {
             me,
             dimensions,
             trust,
-            config,
             rng: Rng::new(seed),
             jobs: BTreeMap::new(),
             running: BTreeMap::new(),
@@ -281,6 +304,8 @@ impl Worker {
             stats: WorkerStats::default(),
             quarantine: None,
             declined: BTreeMap::new(),
+            usage: Usage::new(config.share_half_life),
+            config,
             now: Time::ZERO,
         })
     }
@@ -424,6 +449,7 @@ impl Worker {
         let busy: BTreeSet<JobKey> = self.running.keys().map(key_of).collect();
         self.jobs.retain(|k, j| now < j.last_seen + ttl || busy.contains(k) || j.claim.is_some());
         self.declined.retain(|_, (_, at)| now < *at + DECLINE_REFRESH + ttl);
+        self.usage.forget_idle(now);
         self.schedule(now);
     }
 
@@ -646,7 +672,7 @@ impl Worker {
                 continue;
             }
             free -= 1;
-            self.running.insert(id, Running { killing: false, started: false });
+            self.running.insert(id, Running { killing: false, started: false, since: now });
             self.stats.started += 1;
             self.outputs.push_back(Output::StartExecution(Execution {
                 lease: id,
@@ -718,9 +744,11 @@ impl Worker {
     /// does not run.
     pub fn execution_finished(&mut self, now: Time, lease: LeaseId, outcome: ExecOutcome) -> bool {
         self.now = self.now.max(now);
-        if self.running.remove(&lease).is_none() {
+        let Some(run) = self.running.remove(&lease) else {
             return false;
-        }
+        };
+        let used = now.as_millis().saturating_sub(run.since.as_millis());
+        self.usage.charge(now, lease.submitter, used);
         let body = ShardResult {
             version: RESULT_VERSION,
             job: lease.job,
@@ -882,7 +910,23 @@ impl Worker {
             && j.refused_at_seq.is_none_or(|s| j.ann.seq > s)
     }
 
-    /// Claims with the free slots: most urgent priority first, then the oldest job.
+    /// Whether waiting jobs are chosen with fair shares (always, but in a test-only comparison).
+    #[cfg(feature = "test-hooks")]
+    fn fair_shares(&self) -> bool {
+        !self.config.without_fair_shares
+    }
+
+    /// Whether waiting jobs are chosen with fair shares: always, without the `test-hooks`
+    /// feature.
+    #[cfg(not(feature = "test-hooks"))]
+    fn fair_shares(&self) -> bool {
+        true
+    }
+
+    /// Claims with the free slots: the most urgent priority first; among jobs of one priority,
+    /// the submitter that used the least slot time here lately for its weight
+    /// ([`crate::fair`]); then the oldest job. While several submitters have jobs waiting at
+    /// that priority, one claim takes at most its submitter's part of the free slots.
     fn schedule(&mut self, now: Time) {
         let mut free = self.free_slots();
         if free == 0 || self.quarantine.is_some() {
@@ -895,35 +939,102 @@ impl Worker {
             .map(|(k, j)| (j.ann.priority, j.ann.created, *k))
             .collect();
         candidates.sort();
-        for (_, _, key) in candidates {
-            if free == 0 {
-                break;
+        let one_submitter = candidates.windows(2).all(|w| w[0].2.submitter == w[1].2.submitter);
+        if one_submitter || !self.fair_shares() {
+            for (_, _, key) in candidates {
+                if free == 0 {
+                    break;
+                }
+                free -= self.claim(now, key, free);
             }
-            let j = self.jobs.get_mut(&key).expect("listed");
-            let slots = free.min(j.ann.open).min(MAX_LEASES_PER_GRANT);
-            self.claim_seq += 1;
-            let id = self.claim_seq;
-            j.claim = Some(PendingClaim {
-                id,
-                slots,
-                deadline: now + self.config.claim_timeout,
-                seq: j.ann.seq,
-            });
-            j.refused_at_seq = None;
-            free -= slots;
-            self.declined.remove(&key);
-            self.stats.claims += 1;
-            self.outputs.push_back(Output::Send {
-                to: key.submitter,
-                msg: Message::Claim(Claim {
-                    job: key.job,
-                    submission: key.submission,
-                    claim_id: id,
-                    slots,
-                    dimensions: self.dimensions.clone(),
-                }),
+            return;
+        }
+        // Per submitter with a job waiting: slot-ms used lately (its running shards so far
+        // included), slots held now (running or claimed), and its weight.
+        let mut standing: BTreeMap<PeerId, (u64, u32, NonZeroU32)> = BTreeMap::new();
+        for (_, _, k) in &candidates {
+            standing.entry(k.submitter).or_insert_with(|| {
+                let weight = fair::weight(&self.config.shares, &k.submitter);
+                (self.usage.used(now, &k.submitter), 0, weight)
             });
         }
+        for (id, r) in &self.running {
+            if let Some(s) = standing.get_mut(&id.submitter) {
+                s.0 = s.0.saturating_add(now.as_millis().saturating_sub(r.since.as_millis()));
+                s.1 = s.1.saturating_add(1);
+            }
+        }
+        for (k, j) in &self.jobs {
+            if let (Some(c), Some(s)) = (&j.claim, standing.get_mut(&k.submitter)) {
+                s.1 = s.1.saturating_add(c.slots);
+            }
+        }
+        let weight = |standing: &BTreeMap<PeerId, (u64, u32, NonZeroU32)>, p: &PeerId| {
+            standing.get(p).map_or(fair::DEFAULT_WEIGHT, |s| s.2)
+        };
+        while free > 0 {
+            let Some(best) = candidates
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, c)| {
+                    let (used, held, w) = standing.get(&c.2.submitter).copied().unwrap_or((
+                        0,
+                        0,
+                        fair::DEFAULT_WEIGHT,
+                    ));
+                    (c.0, Standing::new(used, held, w), c.1, c.2)
+                })
+                .map(|(i, _)| i)
+            else {
+                break;
+            };
+            let (priority, _, key) = candidates.remove(best);
+            // The submitters competing at this priority: this one and those with jobs left.
+            let mut rivals: BTreeSet<PeerId> =
+                candidates.iter().filter(|c| c.0 == priority).map(|c| c.2.submitter).collect();
+            rivals.insert(key.submitter);
+            let total: u64 = rivals.iter().map(|p| u64::from(weight(&standing, p).get())).sum();
+            let cap = fair::fair_cap(free, weight(&standing, &key.submitter), total);
+            let slots = self.claim(now, key, cap);
+            free -= slots;
+            if let Some(s) = standing.get_mut(&key.submitter) {
+                s.1 = s.1.saturating_add(slots);
+            }
+        }
+    }
+
+    /// Claims job `key` for up to `most` slots (and no more than it has open, nor
+    /// [`MAX_LEASES_PER_GRANT`]); returns the slots reserved.
+    fn claim(&mut self, now: Time, key: JobKey, most: u32) -> u32 {
+        let Some(j) = self.jobs.get_mut(&key) else {
+            return 0;
+        };
+        let slots = most.min(j.ann.open).min(MAX_LEASES_PER_GRANT);
+        if slots == 0 {
+            return 0;
+        }
+        self.claim_seq += 1;
+        let id = self.claim_seq;
+        j.claim = Some(PendingClaim {
+            id,
+            slots,
+            deadline: now + self.config.claim_timeout,
+            seq: j.ann.seq,
+        });
+        j.refused_at_seq = None;
+        self.declined.remove(&key);
+        self.stats.claims += 1;
+        self.outputs.push_back(Output::Send {
+            to: key.submitter,
+            msg: Message::Claim(Claim {
+                job: key.job,
+                submission: key.submission,
+                claim_id: id,
+                slots,
+                dimensions: self.dimensions.clone(),
+            }),
+        });
+        slots
     }
 }
 
@@ -1503,6 +1614,167 @@ mod tests {
         assert_eq!(w.poll_timeout(), None);
     }
 
+    /// The claims in `out`, with the submitter each goes to.
+    fn claims_to(out: &[Output]) -> Vec<(PeerId, Claim)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Send { to, msg: Message::Claim(c) } => Some((*to, c.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A one-slot worker serving `jobs` (a submitter's key, its job, how long each of its
+    /// shards runs, ms) for `rounds` shards, one after another: each claim is granted one
+    /// shard, which runs its time. Returns the slot-ms each submitter got and the submitter
+    /// of each shard in turn.
+    fn serve(
+        config: WorkerConfig,
+        jobs: &[(Keypair, JobSpec, u64)],
+        rounds: usize,
+    ) -> (BTreeMap<PeerId, u64>, Vec<PeerId>) {
+        let trust = jobs
+            .iter()
+            .fold(TrustPolicy::default(), |t, (k, _, _)| t.trust(k.public().to_peer_id()));
+        let mut w =
+            Worker::new(key(1), dims(), trust, WorkerConfig { slots: 1, ..config }, 9).unwrap();
+        w.set_quarantine(Time(0), Some("setting up".into()));
+        for (k, s, _) in jobs {
+            w.handle_announcement(Time(0), Signed::sign(k, ann(s, 1, 100, 0))).unwrap();
+        }
+        w.set_quarantine(Time(0), None);
+        let (mut now, mut attempt) = (0u64, 0u32);
+        let (mut used, mut order) = (BTreeMap::new(), Vec::new());
+        for _ in 0..rounds {
+            let out = drain(&mut w);
+            let [(to, ref c)] = claims_to(&out)[..] else { panic!("one claim expected: {out:?}") };
+            let (_, s, ms) = jobs.iter().find(|(k, _, _)| k.public().to_peer_id() == to).unwrap();
+            attempt += 1;
+            let mut g = grant(s, c.claim_id, &[0]);
+            g.leases[0].attempt = attempt;
+            w.handle_grant(Time(now), to, g).unwrap();
+            drain(&mut w);
+            let lease = *w.running().next().unwrap();
+            now += ms;
+            *used.entry(to).or_insert(0) += ms;
+            order.push(to);
+            assert!(w.execution_finished(
+                Time(now),
+                lease,
+                ExecOutcome::exited(0, Duration::from_millis(*ms))
+            ));
+            w.handle_ack(
+                Time(now),
+                to,
+                Ack { job: s.id(), submission: 5, lease: lease.lease, verdict: Verdict::Accepted },
+            );
+        }
+        (used, order)
+    }
+
+    #[test]
+    fn a_flood_from_one_submitter_does_not_starve_another() {
+        // A's 50 jobs were announced first and are older; B's one job arrives while A's shard
+        // runs. The freed slot goes to B, not to A's next job (oldest first would wait for all 50).
+        let (a, b) = (submitter(), key(52));
+        let mut w = Worker::new(
+            key(1),
+            dims(),
+            TrustPolicy::default().trust(sub_id()).trust(b.public().to_peer_id()),
+            WorkerConfig::default(),
+            9,
+        )
+        .unwrap();
+        let flood: Vec<JobSpec> = (0..50).map(|i| spec(&format!("./a{i}"), 1)).collect();
+        for (i, s) in flood.iter().enumerate() {
+            w.handle_announcement(Time(0), Signed::sign(&a, ann(s, 1, 100, i as u64))).unwrap();
+        }
+        let c = claims(&drain(&mut w))[0].clone();
+        assert_eq!(c.job, flood[0].id());
+        w.handle_grant(Time(10), sub_id(), grant(&flood[0], c.claim_id, &[0])).unwrap();
+        let lone = spec("./b", 1);
+        w.handle_announcement(Time(60_000), Signed::sign(&b, ann(&lone, 1, 100, 60_000))).unwrap();
+        drain(&mut w);
+        let lease = *w.running().next().unwrap();
+        w.execution_finished(Time(90_000), lease, ExecOutcome::exited(0, Duration::ZERO));
+        let next = claims_to(&drain(&mut w));
+        assert_eq!(next.len(), 1);
+        assert_eq!((next[0].0, next[0].1.job), (b.public().to_peer_id(), lone.id()));
+    }
+
+    #[test]
+    fn priority_comes_before_fairness() {
+        // A used the slot for a long time, but its job is more urgent: it goes first.
+        let (a, b) = (submitter(), key(52));
+        let mut w = Worker::new(
+            key(1),
+            dims(),
+            TrustPolicy::default().trust(sub_id()).trust(b.public().to_peer_id()),
+            WorkerConfig::default(),
+            9,
+        )
+        .unwrap();
+        let first = spec("./a0", 1);
+        w.handle_announcement(Time(0), Signed::sign(&a, ann(&first, 1, 100, 0))).unwrap();
+        let c = claims(&drain(&mut w))[0].claim_id;
+        w.handle_grant(Time(0), sub_id(), grant(&first, c, &[0])).unwrap();
+        let (urgent, routine) = (spec("./a1", 1), spec("./b", 1));
+        w.handle_announcement(Time(1), Signed::sign(&a, ann(&urgent, 1, 10, 1))).unwrap();
+        w.handle_announcement(Time(1), Signed::sign(&b, ann(&routine, 1, 100, 0))).unwrap();
+        drain(&mut w);
+        let lease = *w.running().next().unwrap();
+        w.execution_finished(Time(600_000), lease, ExecOutcome::exited(0, Duration::ZERO));
+        assert_eq!(claims(&drain(&mut w))[0].job, urgent.id());
+    }
+
+    #[test]
+    fn weights_give_proportional_slot_time() {
+        let (a, b) = (submitter(), key(52));
+        let shares = [(b.public().to_peer_id(), NonZeroU32::new(3).unwrap())].into();
+        let config = WorkerConfig { shares, ..WorkerConfig::default() };
+        let jobs = [(a, spec("./a", 1000), 1000), (b.clone(), spec("./b", 1000), 1000)];
+        let (used, _) = serve(config, &jobs, 400);
+        let share_b = used[&b.public().to_peer_id()] as f64 / 400_000.0;
+        assert!((0.70..=0.80).contains(&share_b), "{share_b}");
+    }
+
+    #[test]
+    fn long_shards_count_more_than_short_ones() {
+        // Fairness is in slot time, not in turns: A's shards run ten times longer, so A gets
+        // about a tenth of the turns and about half the time.
+        let (a, b) = (submitter(), key(52));
+        let jobs = [(a.clone(), spec("./a", 1000), 10_000), (b, spec("./b", 1000), 1_000)];
+        let (used, order) = serve(WorkerConfig::default(), &jobs, 440);
+        let total: u64 = used.values().sum();
+        let share_a = used[&a.public().to_peer_id()] as f64 / total as f64;
+        assert!((0.40..=0.60).contains(&share_a), "{share_a}");
+        let turns_a = order.iter().filter(|p| **p == a.public().to_peer_id()).count();
+        assert!((20..=60).contains(&turns_a), "{turns_a}");
+        // Never a long run of one submitter while the other waits.
+        let longest_b_run =
+            order.split(|p| *p == a.public().to_peer_id()).map(<[PeerId]>::len).max().unwrap_or(0);
+        assert!(longest_b_run <= 12, "{longest_b_run}");
+    }
+
+    #[test]
+    fn free_slots_claimed_at_once_are_split_between_submitters() {
+        let (a, b) = (submitter(), key(52));
+        let trust = TrustPolicy::default().trust(sub_id()).trust(b.public().to_peer_id());
+        let config = WorkerConfig { slots: 4, ..WorkerConfig::default() };
+        let mut w = Worker::new(key(1), dims(), trust, config, 9).unwrap();
+        w.set_quarantine(Time(0), Some("starting".into()));
+        w.handle_announcement(Time(0), Signed::sign(&a, ann(&spec("./a", 10), 1, 100, 0))).unwrap();
+        w.handle_announcement(Time(0), Signed::sign(&b, ann(&spec("./b", 10), 1, 100, 5))).unwrap();
+        drain(&mut w);
+        w.set_quarantine(Time(1), None);
+        let mut got: Vec<(PeerId, u32)> =
+            claims_to(&drain(&mut w)).into_iter().map(|(p, c)| (p, c.slots)).collect();
+        got.sort();
+        let mut want = vec![(sub_id(), 2), (b.public().to_peer_id(), 2)];
+        want.sort();
+        assert_eq!(got, want);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Announce { job: u8, open: u32, ended: bool, trusted: bool },
@@ -1628,6 +1900,73 @@ mod tests {
                 }
                 proptest::prop_assert!(w.running().count() <= 2);
                 proptest::prop_assert!(w.unacknowledged().count() <= 3);
+            }
+        }
+
+        /// With several trusted submitters, weights and priorities, the fair choice never claims
+        /// more than the free slots in one go, never runs more than the slots, and never asks
+        /// to be woken in the past.
+        #[test]
+        fn the_fair_choice_stays_within_the_slots(
+            ops in proptest::collection::vec(
+                (0u8..4, 0usize..3, 0usize..3, proptest::bool::ANY, 1u64..20_000),
+                1..120,
+            ),
+            weights in proptest::collection::vec(1u32..5, 3),
+        ) {
+            let keys = [submitter(), key(52), key(53)];
+            let peers: Vec<PeerId> = keys.iter().map(|k| k.public().to_peer_id()).collect();
+            let trust = peers.iter().fold(TrustPolicy::default(), |t, p| t.trust(*p));
+            let shares = peers
+                .iter()
+                .zip(&weights)
+                .map(|(p, w)| (*p, NonZeroU32::new(*w).unwrap()))
+                .collect();
+            let config = WorkerConfig { slots: 3, shares, ..WorkerConfig::default() };
+            let mut w = Worker::new(key(1), dims(), trust, config, 9).unwrap();
+            let specs: Vec<JobSpec> = (0..3).map(|i| spec(&format!("./j{i}"), 4)).collect();
+            let (mut now, mut seq, mut attempt) = (0u64, 0u64, 0u32);
+            let mut last_claim: BTreeMap<(usize, usize), u64> = BTreeMap::new();
+            for (kind, sub, job, urgent, ms) in ops {
+                match kind {
+                    0 => {
+                        seq += 1;
+                        let prio = if urgent { 10 } else { 100 };
+                        let a = ann(&specs[job], seq, prio, now);
+                        let _ = w.handle_announcement(Time(now), Signed::sign(&keys[sub], a));
+                    }
+                    1 => {
+                        let id = last_claim.get(&(sub, job)).copied().unwrap_or(0);
+                        let mut g = grant(&specs[job], id, &[0, 1, 2]);
+                        for l in &mut g.leases {
+                            attempt += 1;
+                            l.attempt = attempt;
+                        }
+                        let _ = w.handle_grant(Time(now), peers[sub], g);
+                    }
+                    2 => {
+                        let running: Vec<LeaseId> = w.running().copied().collect();
+                        if let Some(id) = running.get(job % running.len().max(1)) {
+                            w.execution_finished(Time(now), *id, ExecOutcome::exited(0, Duration::ZERO));
+                        }
+                    }
+                    _ => {
+                        now += ms;
+                        w.handle_timeout(Time(now));
+                        proptest::prop_assert!(w.poll_timeout().is_none_or(|t| t > Time(now)), "would spin");
+                    }
+                }
+                let claimed: u32 = claims_to(&drain(&mut w))
+                    .into_iter()
+                    .map(|(to, c)| {
+                        let sub = peers.iter().position(|p| *p == to).unwrap();
+                        let job = specs.iter().position(|s| s.id() == c.job).unwrap();
+                        last_claim.insert((sub, job), c.claim_id);
+                        c.slots
+                    })
+                    .sum();
+                proptest::prop_assert!(claimed <= 3, "{claimed} slots claimed at once");
+                proptest::prop_assert!(w.running().count() <= 3);
             }
         }
     }

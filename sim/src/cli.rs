@@ -1,4 +1,4 @@
-//! The command line: `grid-sim run`, `grid-sim sweep`, `grid-sim check`.
+//! The command line: `grid-sim run`, `grid-sim sweep`, `grid-sim check`, `grid-sim shares`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -66,6 +66,22 @@ pub enum Command {
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
     },
+    /// Measure fair shares: run one workload group's jobs alone (the other groups submitting
+    /// nothing), among the other groups' jobs, and among them with fair shares off; print the
+    /// group's completion each way and every group's throughput as JSON.
+    Shares {
+        /// The scenario file (TOML), with `[[workload.group]]` tables.
+        scenario: PathBuf,
+        /// The group whose jobs are measured.
+        #[arg(long)]
+        group: String,
+        /// The seed (default: the scenario's).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Also write the JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Run each seed twice and compare the trace hashes (the determinism check).
     Check {
         /// The scenario file (TOML).
@@ -89,6 +105,7 @@ pub fn main(cli: Cli) -> ExitCode {
             sweep(&scenario, sizes, seeds, seed, &out_dir)
         }
         Command::Check { scenario, seeds, seed } => check(&scenario, seed, seeds),
+        Command::Shares { scenario, group, seed, out } => shares(&scenario, &group, seed, out),
     }
 }
 
@@ -164,6 +181,35 @@ fn run(
         return ExitCode::from(EXIT_USAGE);
     }
     code
+}
+
+fn shares(path: &Path, group: &str, seed: Option<u64>, out: Option<PathBuf>) -> ExitCode {
+    let sc = match load(path) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
+    let seed = seed.unwrap_or(sc.seed);
+    let c = match crate::shares::contention(&sc, seed, group) {
+        Ok(c) => c,
+        Err(e @ crate::shares::ContentionError::NoGroup(_)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        Err(e) => {
+            eprintln!("FAILED: {e}");
+            eprintln!("replay: {}", replay_hint(path, seed, None));
+            return ExitCode::from(EXIT_VIOLATION);
+        }
+    };
+    let json = serde_json::to_string_pretty(&c).expect("comparisons serialize");
+    println!("{json}");
+    if let Some(o) = out
+        && let Err(e) = std::fs::write(&o, json + "\n")
+    {
+        eprintln!("error: failed to write {}: {e}", o.display());
+        return ExitCode::from(EXIT_USAGE);
+    }
+    ExitCode::SUCCESS
 }
 
 /// Two trace hashes of one seed, or why a run failed.

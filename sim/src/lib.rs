@@ -37,6 +37,7 @@ pub mod metrics;
 pub mod net;
 pub mod plot;
 pub mod scenario;
+pub mod shares;
 pub mod transfer;
 pub mod workload;
 pub mod world;

@@ -115,6 +115,9 @@ pub struct Report {
     /// Executions that ran on the node that submitted their job.
     #[serde(default)]
     pub own_executions: u64,
+    /// Per `[[workload.group]]` of the scenario, in its order: what its submitter's jobs did.
+    #[serde(default)]
+    pub groups: Vec<GroupReport>,
     /// The first broken invariant, if any.
     pub violation: Option<String>,
     /// Wall-clock seconds of the run (filled by the command line).
@@ -123,6 +126,29 @@ pub struct Report {
     pub speedup: Option<f64>,
     /// Peak resident memory, MiB (filled by the command line).
     pub peak_rss_mib: Option<f64>,
+}
+
+/// What the jobs of one `[[workload.group]]` did: its submitter's completion times and
+/// throughput.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GroupReport {
+    /// The group's name.
+    pub name: String,
+    /// Jobs submitted.
+    pub jobs: u32,
+    /// Jobs whose every shard is final.
+    pub jobs_finished: u32,
+    /// Completion time of its finished jobs (arrival to every shard final), s.
+    pub completion_s: Percentiles,
+    /// Its first job's arrival, s.
+    pub first_arrival_s: f64,
+    /// When its last finished job finished, s.
+    pub last_finish_s: Option<f64>,
+    /// Shards of its jobs that are final.
+    pub shards_final: u64,
+    /// Throughput: final shards per minute, from its first arrival to its last job's end (or
+    /// to the end of the run while some are unfinished).
+    pub shards_per_min: f64,
 }
 
 /// Counters bumped during a run.

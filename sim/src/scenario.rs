@@ -253,20 +253,60 @@ pub enum Arrival {
     },
 }
 
+/// Jobs of one submitting node from a given time: a `[[workload.group]]` table. With any
+/// groups, they are the jobs, and `workload.jobs`, `start` and `arrival` are not used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    /// Its name in the report.
+    pub name: String,
+    /// The submitting node, counted over the clients, then the worker submitters (0 is the
+    /// first client).
+    pub submitter: u32,
+    /// Jobs submitted.
+    pub jobs: u32,
+    /// When the first arrives, s.
+    pub at: f64,
+    /// How they arrive (default: all at `at`).
+    #[serde(default = "at_once")]
+    pub arrival: Arrival,
+    /// The weight every worker gives this submitter (`WorkerConfig::shares`; default 1).
+    #[serde(default = "one")]
+    pub share: u32,
+}
+
+fn at_once() -> Arrival {
+    Arrival::AtOnce
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Most jobs per group, and most groups: a job's draws are keyed by (group, index), packed
+/// in 32 bits.
+pub const MAX_GROUP_JOBS: u32 = 1 << 20;
+/// Most groups.
+pub const MAX_GROUPS: usize = 1 << 11;
+
 /// The jobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Workload {
-    /// Jobs submitted.
+    /// Jobs submitted (without groups).
     pub jobs: u32,
     /// Shards per job.
     pub shards: u32,
     /// Redundancy k.
     pub redundancy: u8,
-    /// When the first job arrives, s.
+    /// When the first job arrives, s (without groups).
     pub start: f64,
-    /// How the jobs arrive.
+    /// How the jobs arrive (without groups).
     pub arrival: Arrival,
+    /// Jobs by submitting node and time (`[[workload.group]]`); when given, they replace
+    /// `jobs`, `start` and `arrival`, and each job goes to its group's submitter.
+    #[serde(rename = "group")]
+    pub groups: Vec<Group>,
     /// Shard run time.
     pub duration: Dist,
     /// Input tree size, MiB.
@@ -287,6 +327,7 @@ impl Default for Workload {
             redundancy: 1,
             start: 1.0,
             arrival: Arrival::Fixed { interval: 30.0 },
+            groups: Vec::new(),
             duration: Dist::Uniform { min: 30.0, max: 90.0 },
             input_mib: 20.0,
             hard_timeout: 600.0,
@@ -415,6 +456,10 @@ pub struct Run {
     /// Test only: a deliberate submitter bug (`skip-signature-check`, `count-late-results`,
     /// `ignore-live-replicas`, `first-vote-wins`).
     pub planted_bug: Option<String>,
+    /// Workers share their slots fairly between submitters (the protocol's behaviour). Off
+    /// (test only, for comparison): they take jobs by priority, then age, whoever submitted
+    /// them.
+    pub fair_shares: bool,
 }
 
 impl Default for Run {
@@ -428,6 +473,7 @@ impl Default for Run {
             announce_interval: 30.0,
             announcement_ttl: 120.0,
             planted_bug: None,
+            fair_shares: true,
         }
     }
 }
@@ -511,10 +557,51 @@ impl Scenario {
         if self.gossip.mesh_degree < 2 {
             return bad("gossip.mesh_degree must be at least 2");
         }
+        let submitting = p.clients + p.worker_submitters;
+        let groups = &self.workload.groups;
+        if groups.len() > MAX_GROUPS {
+            return bad("at most 2048 workload groups");
+        }
+        for (i, g) in groups.iter().enumerate() {
+            if g.submitter >= submitting {
+                return bad("workload.group.submitter must name a client or a worker submitter");
+            }
+            if g.jobs > MAX_GROUP_JOBS {
+                return bad("workload.group.jobs must be at most 1048576");
+            }
+            if g.share == 0 || g.share > grid_protocol::fair::MAX_WEIGHT {
+                return bad("workload.group.share must be 1 to 1000000");
+            }
+            if !g.at.is_finite() || g.at < 0.0 {
+                return bad("workload.group.at must be a time, s");
+            }
+            if groups[..i].iter().any(|o| o.name == g.name) {
+                return bad("workload.group names must differ");
+            }
+            if groups[..i].iter().any(|o| o.submitter == g.submitter && o.share != g.share) {
+                return bad("groups of one submitter must give it the same share");
+            }
+        }
         if let Some(bug) = &self.run.planted_bug {
             crate::planted_bug(bug).map_err(ScenarioError::Invalid)?;
         }
         Ok(())
+    }
+
+    /// The same scenario with only the group named `name` submitting (the others submit no
+    /// job; its own jobs are the same jobs at the same times), or `None` if there is no such
+    /// group.
+    pub fn only_group(&self, name: &str) -> Option<Scenario> {
+        let mut s = self.clone();
+        let mut found = false;
+        for g in &mut s.workload.groups {
+            if g.name == name {
+                found = true;
+            } else {
+                g.jobs = 0;
+            }
+        }
+        found.then_some(s)
     }
 
     /// The same scenario with `nodes` workers (for sweeps).
@@ -548,6 +635,29 @@ mod tests {
         assert!(Scenario::parse("[workload]\njobz = 3\n").is_err());
         assert!(Scenario::parse("[run]\nplanted_bug = \"nope\"\n").is_err());
         assert!(Scenario::parse("[population]\nnodes = 0\n").is_err());
+    }
+
+    #[test]
+    fn groups_parse_and_are_checked() {
+        let two = "[[workload.group]]\nname = \"flood\"\nsubmitter = 0\njobs = 200\nat = 0\n[[workload.group]]\nname = \"lone\"\nsubmitter = 1\njobs = 1\nat = 60\nshare = 2\n";
+        let sc = Scenario::parse(two).unwrap();
+        assert_eq!(sc.workload.groups.len(), 2);
+        assert_eq!(sc.workload.groups[0].arrival, Arrival::AtOnce);
+        assert_eq!((sc.workload.groups[0].share, sc.workload.groups[1].share), (1, 2));
+        assert!(sc.run.fair_shares);
+        let lone = sc.only_group("lone").unwrap();
+        let jobs: Vec<u32> = lone.workload.groups.iter().map(|g| g.jobs).collect();
+        assert_eq!(jobs, vec![0, 1]);
+        assert!(sc.only_group("nope").is_none());
+        // Only 2 clients: submitter 2 does not exist.
+        assert!(Scenario::parse(&two.replace("submitter = 1", "submitter = 2")).is_err());
+        assert!(Scenario::parse(&two.replace("share = 2", "share = 0")).is_err());
+        assert!(Scenario::parse(&two.replace("\"lone\"", "\"flood\"")).is_err());
+        assert!(Scenario::parse(&two.replace("submitter = 1", "submitter = 0")).is_err());
+        assert!(Scenario::parse(&two.replace("at = 60", "at = -1")).is_err());
+        assert!(
+            Scenario::parse(&two.replace("jobz", "x").replace("jobs = 1\n", "jobz = 1\n")).is_err()
+        );
     }
 
     #[test]

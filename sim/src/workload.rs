@@ -46,15 +46,66 @@ pub fn arrivals(w: &Workload, master: u64) -> Vec<u64> {
     (0..w.jobs)
         .map(|i| {
             if i > 0 {
-                t += match w.arrival {
-                    Arrival::AtOnce => 0.0,
-                    Arrival::Fixed { interval } => interval,
-                    Arrival::Poisson { mean } => -mean * (1.0 - unit(&mut rng)).ln(),
-                };
+                t += gap(&w.arrival, &mut rng);
             }
             ms(t)
         })
         .collect()
+}
+
+/// One job of the workload: when it arrives, which submitting node submits it (an index over
+/// the clients, then the worker submitters; `None`: round robin by job), its group, and the key
+/// of its draws (its tree, command, shard run times and outcomes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planned {
+    /// Arrival, ms.
+    pub at: u64,
+    /// The submitting node, if its group names one.
+    pub submitter: Option<u32>,
+    /// Its group (an index into `workload.groups`).
+    pub group: Option<usize>,
+    /// The key of its draws: its index without groups; (group << 20) | index in the group with
+    /// them, so a job draws the same whatever other groups there are.
+    pub draw: u32,
+}
+
+/// Every job of the workload, in order of arrival (ties: by group, then index).
+pub fn plan(w: &Workload, master: u64) -> Vec<Planned> {
+    if w.groups.is_empty() {
+        return arrivals(w, master)
+            .into_iter()
+            .enumerate()
+            .map(|(i, at)| Planned { at, submitter: None, group: None, draw: i as u32 })
+            .collect();
+    }
+    let mut jobs = Vec::new();
+    for (g, group) in w.groups.iter().enumerate() {
+        let mut rng = stream(master, Stream::Workload, (1 << 63) | g as u64);
+        let mut t = group.at;
+        for i in 0..group.jobs {
+            if i > 0 {
+                t += gap(&group.arrival, &mut rng);
+            }
+            let draw = ((g as u32) << 20) | i;
+            jobs.push(Planned {
+                at: ms(t),
+                submitter: Some(group.submitter),
+                group: Some(g),
+                draw,
+            });
+        }
+    }
+    jobs.sort_by_key(|p| (p.at, p.draw));
+    jobs
+}
+
+/// The gap before the next arrival, s.
+fn gap(a: &Arrival, rng: &mut Rng) -> f64 {
+    match *a {
+        Arrival::AtOnce => 0.0,
+        Arrival::Fixed { interval } => interval,
+        Arrival::Poisson { mean } => -mean * (1.0 - unit(rng)).ln(),
+    }
 }
 
 /// What an honest node observes when it runs a shard.
@@ -146,6 +197,40 @@ mod tests {
         assert_eq!(a, arrivals(&w, 5));
         assert!(a.windows(2).all(|p| p[0] <= p[1]));
         assert_eq!(a[0], 1000);
+    }
+
+    #[test]
+    fn groups_plan_their_jobs_apart_from_each_other() {
+        let group = |name: &str, submitter, jobs, at| crate::scenario::Group {
+            name: name.into(),
+            submitter,
+            jobs,
+            at,
+            arrival: Arrival::Fixed { interval: 2.0 },
+            share: 1,
+        };
+        let w = Workload {
+            groups: vec![group("flood", 0, 3, 0.0), group("lone", 1, 1, 3.0)],
+            ..Workload::default()
+        };
+        let p = plan(&w, 1);
+        let at: Vec<(u64, Option<u32>)> = p.iter().map(|j| (j.at, j.submitter)).collect();
+        assert_eq!(at, vec![(0, Some(0)), (2000, Some(0)), (3000, Some(1)), (4000, Some(0))]);
+        // Without the flood (its group submits nothing) the lone job is the same job.
+        let alone = Workload {
+            groups: vec![group("flood", 0, 0, 0.0), group("lone", 1, 1, 3.0)],
+            ..w.clone()
+        };
+        let lone = p.iter().find(|j| j.group == Some(1)).unwrap();
+        assert_eq!(plan(&alone, 1), vec![*lone]);
+        assert_eq!(
+            request(&w, &[], 1, lone.draw).spec.id(),
+            request(&alone, &[], 1, lone.draw).spec.id()
+        );
+        // Without groups: the old arrivals, round robin.
+        let old = plan(&Workload::default(), 1);
+        assert_eq!(old.iter().map(|j| j.at).collect::<Vec<_>>(), arrivals(&Workload::default(), 1));
+        assert!(old.iter().all(|j| j.submitter.is_none() && j.group.is_none()));
     }
 
     #[test]

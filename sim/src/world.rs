@@ -17,6 +17,7 @@
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
+use std::num::NonZeroU32;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -37,7 +38,9 @@ use crate::dht::Dht;
 use crate::faults::{self, Fault};
 use crate::gossip::{Mesh, Spread};
 use crate::invariants::{Checker, Violation};
-use crate::metrics::{Counters, GOSSIP_SAMPLE, MAX_GOSSIP_SAMPLES, Percentiles, Report};
+use crate::metrics::{
+    Counters, GOSSIP_SAMPLE, GroupReport, MAX_GOSSIP_SAMPLES, Percentiles, Report,
+};
 use crate::net::{Cut, Net};
 use crate::scenario::Scenario;
 use crate::transfer::{Links, Next, Path};
@@ -175,6 +178,10 @@ struct Exec {
 #[derive(Debug)]
 struct JobRun {
     client: u32,
+    /// Its group in the scenario, if it has groups.
+    group: Option<usize>,
+    /// The key of its draws ([`workload::Planned::draw`]).
+    draw: u32,
     arrival: u64,
     /// Its submission, once submitted.
     key: Option<SubKey>,
@@ -377,14 +384,26 @@ impl World {
             planted_bug: planted,
             ..SubmitterConfig::default()
         };
+        let plan = workload::plan(&sc.workload, seed);
+        let submitters: Vec<u32> = (workers..total).chain(0..p.worker_submitters).collect();
+        let shares = sc
+            .workload
+            .groups
+            .iter()
+            .filter_map(|g| {
+                let node = *submitters.get(g.submitter as usize)?;
+                Some((nodes[node as usize].peer, NonZeroU32::new(g.share)?))
+            })
+            .filter(|(_, w)| *w != grid_protocol::fair::DEFAULT_WEIGHT)
+            .collect();
         let worker_cfg = WorkerConfig {
             slots: p.slots.max(1),
             announcement_ttl: secs(sc.run.announcement_ttl),
             heartbeat_interval: secs(sc.run.lease_ttl / 3.0),
+            shares,
+            without_fair_shares: !sc.run.fair_shares,
             ..WorkerConfig::default()
         };
-        let arrivals = workload::arrivals(&sc.workload, seed);
-        let submitters: Vec<u32> = (workers..total).chain(0..p.worker_submitters).collect();
         let trust =
             submitters.iter().fold(TrustPolicy::default(), |t, &i| t.trust(nodes[i as usize].peer));
         let mut w = World {
@@ -418,7 +437,7 @@ impl World {
             rng_faults: stream(seed, Stream::Faults, 0),
             rng_dht: stream(seed, Stream::Dht, 0),
             counters: Counters::new(total as usize),
-            checker: Checker::new(std::iter::repeat_n(sc.workload.shards, arrivals.len())),
+            checker: Checker::new(std::iter::repeat_n(sc.workload.shards, plan.len())),
             trace: mix(seed),
             events: 0,
             faults_over: false,
@@ -431,15 +450,22 @@ impl World {
             progress_every: 0,
         };
         // Jobs (their submitters start at arrival).
-        for (j, &at) in arrivals.iter().enumerate() {
+        for (j, job) in plan.iter().enumerate() {
             let j = j as u32;
-            let req = workload::request(&sc.workload, &sc.population.classes, seed, j);
+            let at = job.at;
+            let req = workload::request(&sc.workload, &sc.population.classes, seed, job.draw);
             let ideal = (0..sc.workload.shards)
-                .map(|s| workload::truth(&sc.workload, seed, j, s).duration)
+                .map(|s| workload::truth(&sc.workload, seed, job.draw, s).duration)
                 .max()
                 .unwrap_or(0);
+            let client = match job.submitter {
+                Some(s) => w.submitters[s as usize % w.submitters.len()],
+                None => w.submitters[j as usize % w.submitters.len()],
+            };
             w.jobs.push(JobRun {
-                client: w.submitters[j as usize % w.submitters.len()],
+                client,
+                group: job.group,
+                draw: job.draw,
                 arrival: at,
                 key: None,
                 finished: None,
@@ -465,7 +491,7 @@ impl World {
         if w.until != NEVER {
             w.push(w.until, Ev::FaultsEnd);
         }
-        let last = arrivals.last().copied().unwrap_or(0);
+        let last = plan.iter().map(|p| p.at).max().unwrap_or(0);
         let base = if w.until == NEVER { last } else { w.until.max(last) };
         w.push(base + ms(sc.run.liveness_bound), Ev::Deadline);
         w
@@ -960,7 +986,8 @@ impl World {
         {
             self.counters.recovered.push((self.now - t) as f64);
         }
-        let t = workload::truth(&self.sc.workload, self.seed, j, shard);
+        let draw = self.jobs[j as usize].draw;
+        let t = workload::truth(&self.sc.workload, self.seed, draw, shard);
         let truth = Outcome { state: RunState::Completed, exit_code: Some(t.exit), outputs: None };
         let r =
             self.checker.state(Time(self.now), j, shard, state, accepted, &votes, &replicas, truth);
@@ -975,7 +1002,8 @@ impl World {
             return;
         }
         let sc = &self.sc;
-        let req = workload::request(&sc.workload, &sc.population.classes, self.seed, j);
+        let draw = self.jobs[j as usize].draw;
+        let req = workload::request(&sc.workload, &sc.population.classes, self.seed, draw);
         self.job_ids.insert(req.spec.id(), j);
         let t = self.local(client);
         let n = &mut self.nodes[client as usize];
@@ -1165,7 +1193,8 @@ impl World {
         if !node.behavior.executes() {
             return;
         }
-        let truth = workload::truth(&self.sc.workload, self.seed, j, shard);
+        let draw = self.jobs[j as usize].draw;
+        let truth = workload::truth(&self.sc.workload, self.seed, draw, shard);
         let x = Exec {
             node: i,
             incarnation: node.incarnation,
@@ -1332,11 +1361,15 @@ impl World {
         let mut overhead = Vec::new();
         let mut states: BTreeMap<String, u64> = BTreeMap::new();
         let mut dissents = 0;
+        let mut groups: Vec<GroupTally> = vec![GroupTally::default(); sc.workload.groups.len()];
         for (j, job) in self.jobs.iter().enumerate() {
             let (st, stats) = match self.submitter_of(j as u32) {
                 Some(s) => (s.shard_states(), s.stats().clone()),
                 None => (job.states.clone(), job.stats.clone()),
             };
+            if let Some(g) = job.group.and_then(|g| groups.get_mut(g)) {
+                g.add(job, st.iter().filter(|s| s.is_final()).count() as u64);
+            }
             for s in st {
                 *states.entry(s.name().to_string()).or_default() += 1;
             }
@@ -1392,10 +1425,62 @@ impl World {
             verifications: c.verifications + self.checker.verified,
             restored_submissions: c.restored,
             own_executions: c.own_executions,
+            groups: sc
+                .workload
+                .groups
+                .iter()
+                .zip(groups)
+                .map(|(g, t)| t.report(&g.name, self.now))
+                .collect(),
             violation: self.violation.as_ref().map(|v| v.to_string()),
             wall_s: None,
             speedup: None,
             peak_rss_mib: None,
+        }
+    }
+}
+
+/// What a group's jobs did, gathered for its [`GroupReport`].
+#[derive(Debug, Clone, Default)]
+struct GroupTally {
+    jobs: u32,
+    finished: u32,
+    completion: Vec<f64>,
+    first_arrival: Option<u64>,
+    last_finish: Option<u64>,
+    shards_final: u64,
+}
+
+impl GroupTally {
+    fn add(&mut self, job: &JobRun, shards_final: u64) {
+        self.jobs += 1;
+        self.shards_final += shards_final;
+        self.first_arrival = Some(self.first_arrival.map_or(job.arrival, |a| a.min(job.arrival)));
+        if let Some(f) = job.finished {
+            self.finished += 1;
+            self.completion.push(f.saturating_sub(job.arrival) as f64 / 1000.0);
+            self.last_finish = Some(self.last_finish.map_or(f, |l| l.max(f)));
+        }
+    }
+
+    fn report(self, name: &str, now: u64) -> GroupReport {
+        let first = self.first_arrival.unwrap_or(0);
+        // Until its last job finished, or until now while some still run.
+        let end = if self.finished == self.jobs { self.last_finish.unwrap_or(now) } else { now };
+        let span_s = end.saturating_sub(first) as f64 / 1000.0;
+        GroupReport {
+            name: name.to_string(),
+            jobs: self.jobs,
+            jobs_finished: self.finished,
+            completion_s: Percentiles::of(self.completion),
+            first_arrival_s: first as f64 / 1000.0,
+            last_finish_s: self.last_finish.map(|f| f as f64 / 1000.0),
+            shards_final: self.shards_final,
+            shards_per_min: if span_s > 0.0 {
+                self.shards_final as f64 * 60.0 / span_s
+            } else {
+                0.0
+            },
         }
     }
 }
