@@ -80,6 +80,10 @@ struct Args {
     /// to some pools (repeatable). This node's own jobs are always trusted.
     #[arg(long = "trust", value_name = "PEER_ID[=POOLS]")]
     trust: Vec<String>,
+    /// A submitter's share of this node's slot time while others' jobs also wait here:
+    /// PEER_ID=WEIGHT, 1 to 1000000; a submitter not named weighs 1 (repeatable).
+    #[arg(long = "share", value_name = "PEER_ID=WEIGHT", value_parser = parse_share)]
+    share: Vec<(libp2p::PeerId, std::num::NonZeroU32)>,
     /// Run anyone's jobs in this node's pools, inside the sandbox only.
     #[arg(long)]
     open: bool,
@@ -334,7 +338,11 @@ pub fn main() -> ExitCode {
             dimensions,
             trust,
             slots: args.slots,
-            worker: Default::default(),
+            // The last share given for a submitter counts.
+            worker: grid_protocol::worker::WorkerConfig {
+                shares: args.share.iter().copied().collect(),
+                ..Default::default()
+            },
             submitter: SubmitterConfig {
                 no_resource_after: Duration::from_secs(args.no_resource_after),
                 ..Default::default()
@@ -383,6 +391,11 @@ async fn shutdown_signal() {
         _ = int.recv() => {},
         _ = term.recv() => {},
     }
+}
+
+/// `--share PEER_ID=WEIGHT`.
+fn parse_share(s: &str) -> Result<(libp2p::PeerId, std::num::NonZeroU32), String> {
+    grid_protocol::fair::parse_share(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -522,6 +535,7 @@ dimension = ["gpu=none", "zone=b"]
 pool = ["ci", "nightly"]
 slots = 4
 trust = ["{peer}=ci"]
+share = ["{peer}=3"]
 open = true
 runs_dir = "/srv/runs"
 no_resource_after = 7
@@ -571,6 +585,8 @@ cache_max_age = "7d"
             "4",
             "--trust",
             &format!("{peer}=ci"),
+            "--share",
+            &format!("{peer}=3"),
             "--open",
             "--runs-dir",
             "/srv/runs",
