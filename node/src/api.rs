@@ -512,6 +512,10 @@ pub struct PeerView {
     /// Its agent string, once identified.
     #[serde(default)]
     pub agent: Option<String>,
+    /// The dimensions it gave, once identified (a grid node that runs shards; `slots` among
+    /// them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dimensions: BTreeMap<String, Vec<String>>,
     /// Whether it served bad data.
     #[serde(default)]
     pub bad: bool,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use grid_protocol::dims::POOL;
+use grid_protocol::dims::{POOL, SLOTS};
 use grid_protocol::submitter::SubmitterConfig;
 use grid_protocol::worker::TrustPolicy;
 use libp2p::Multiaddr;
@@ -301,7 +301,13 @@ pub fn main() -> ExitCode {
             if k == POOL {
                 anyhow::bail!("give pools with --pool, not --dimension pool=...");
             }
+            if k == SLOTS {
+                anyhow::bail!("give the slot count with --slots, not --dimension slots=...");
+            }
             dimensions = dimensions.with(k, v);
+        }
+        if args.slots > 0 {
+            dimensions = dimensions.with(SLOTS, &args.slots.to_string());
         }
         let pools =
             if args.pools.is_empty() { vec!["default".to_string()] } else { args.pools.clone() };

@@ -47,9 +47,11 @@ pub struct SubmitArgs {
     #[arg(long, value_parser = crate::cli::parse_tree_id)]
     pub tree: Option<ContentId>,
     /// Number of shards; each runs the command with its index in GRID_SHARD_INDEX and
-    /// GTEST_SHARD_INDEX, or (with a runner) its share of the suite's tests.
-    #[arg(long, default_value_t = 1)]
-    pub shards: u32,
+    /// GTEST_SHARD_INDEX, or (with a runner) its share of the suite's tests. `auto`: one per
+    /// slot of the connected nodes that match, and with a runner no more than the recorded
+    /// durations make worth it.
+    #[arg(long, default_value = "1", value_parser = parse_shards, value_name = "N|auto")]
+    pub shards: Shards,
     /// Split the suite by test rather than leave the split to the command: grid lists the
     /// tests here and gives each shard its own list, balanced by the durations recorded on
     /// earlier runs. Detected when obvious (a pytest command; a googletest binary of the tree).
@@ -138,6 +140,48 @@ pub struct SubmitArgs {
     pub command: Vec<String>,
 }
 
+/// `grid submit --shards`: a count, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shards {
+    /// Sized to the slots that match (see [`grid_protocol::balance::auto_shards`]).
+    Auto,
+    /// This many.
+    Count(u32),
+}
+
+fn parse_shards(s: &str) -> Result<Shards, String> {
+    if s == "auto" {
+        return Ok(Shards::Auto);
+    }
+    s.parse()
+        .map(Shards::Count)
+        .map_err(|_| format!("{s:?} is neither a number of shards nor `auto`"))
+}
+
+/// The slots of the connected nodes (this one included) whose dimensions match `req`, from the
+/// slot counts they advertise.
+fn matching_slots(dir: &Path, req: &grid_protocol::dims::Requirements) -> anyhow::Result<u32> {
+    use grid_protocol::dims::{Dimensions, SLOTS};
+    let slots_of = |d: &Dimensions| -> u32 {
+        if !req.matches(d) {
+            return 0;
+        }
+        d.values(SLOTS).next().and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let mut total: u32 = 0;
+    let dims = |m: std::collections::BTreeMap<String, Vec<String>>| {
+        Dimensions(m.into_iter().map(|(k, v)| (k, v.into_iter().collect())).collect())
+    };
+    for p in control::peers(dir)? {
+        total = total.saturating_add(slots_of(&dims(p.dimensions)));
+    }
+    let me = control::status(dir)?.worker;
+    if me.slots > 0 {
+        total = total.saturating_add(slots_of(&dims(me.dimensions)));
+    }
+    Ok(total)
+}
+
 /// Options of the commands that show a job's results.
 #[derive(Debug, Args)]
 pub struct ResultArgs {
@@ -213,7 +257,10 @@ fn request(
     writable.sort();
     writable.dedup();
     spec.writable = writable;
-    spec.shards = args.shards;
+    spec.shards = match args.shards {
+        Shards::Count(n) => n,
+        Shards::Auto => 1,
+    };
     spec.hard_timeout = Duration::from_secs(args.timeout);
     spec.io_timeout = Duration::from_secs(args.io_timeout);
     spec.grace = Duration::from_secs(args.grace);
@@ -224,13 +271,27 @@ fn request(
         let values: Vec<&str> = v.split('|').collect();
         spec.dimensions = spec.dimensions.with(k, &values);
     }
+    let auto = match args.shards {
+        Shards::Count(_) => None,
+        Shards::Auto => {
+            let slots = matching_slots(dir, &spec.dimensions)?;
+            if slots == 0 {
+                return Err(usage(
+                    "--shards auto: no connected node that matches the job has slots; give \
+                     --shards N to wait for nodes to join",
+                ));
+            }
+            spec.shards = slots;
+            Some(slots)
+        }
+    };
     let chosen = runner::choose(args.runner, command, rest, packed_from.as_deref());
     if args.list_command.is_some() && chosen != Some(grid_protocol::job::Runner::List) {
         return Err(usage("--list-command goes with --runner list"));
     }
     let suite = match (chosen, &packed_from) {
         (Some(r), Some(root)) => {
-            match runner::apply(&mut spec, r, root, data_dir, args.list_command.as_deref()) {
+            match runner::apply(&mut spec, r, root, data_dir, args.list_command.as_deref(), auto) {
                 Ok(suite) => Some(suite),
                 // Detected, not asked for: run the command as it is.
                 Err(e) if args.runner.is_none() => {
@@ -248,6 +309,9 @@ fn request(
         }
         _ => None,
     };
+    if let (Some(slots), None) = (auto, &suite) {
+        eprintln!("--shards auto: {slots} shards, one per matching slot");
+    }
     let mut scheduling = Scheduling::with_redundancy(args.redundancy);
     scheduling.priority = args.priority;
     scheduling.wait_for_capacity = !args.no_wait;

@@ -39,6 +39,53 @@ impl Plan {
     }
 }
 
+/// Shortest expected time of a shard [`auto_shards`] plans for, in seconds: below it, a shard's
+/// fixed costs (a grant, fetching the tree, starting the process) outweigh what splitting saves.
+pub const MIN_AUTO_SHARD_SECONDS: f64 = 2.0;
+
+/// How many shards to split `tests` into when `slots` matching slots are free (`grid submit
+/// --shards auto`): one per slot, but no more than make the job faster. With recorded durations
+/// the job cannot end before its longest test, so more than `total / longest` shards gain
+/// nothing, and none is planned shorter than [`MIN_AUTO_SHARD_SECONDS`]; without records, one
+/// shard per slot. Never more shards than tests, never fewer than one.
+///
+/// ```
+/// use std::collections::BTreeMap;
+/// use grid_protocol::balance::auto_shards;
+///
+/// let tests: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+/// // 10 tests of 4 s and 16 slots: 10 shards, one test each.
+/// let history = tests.iter().map(|t| (t.clone(), 4.0)).collect();
+/// assert_eq!(auto_shards(16, &tests, &history), 10);
+/// // One test of 20 s and nine of 1 s: a shard beside the long one holds the rest; 29 s in all
+/// // over 20 s at best, so 2 shards.
+/// let mut history: BTreeMap<String, f64> = tests.iter().map(|t| (t.clone(), 1.0)).collect();
+/// history.insert("t0".into(), 20.0);
+/// assert_eq!(auto_shards(16, &tests, &history), 2);
+/// // Nothing recorded: one per slot, up to one per test.
+/// assert_eq!(auto_shards(4, &tests, &BTreeMap::new()), 4);
+/// ```
+pub fn auto_shards(slots: u32, tests: &[String], history: &BTreeMap<String, f64>) -> u32 {
+    let most = slots.min(u32::try_from(tests.len()).unwrap_or(u32::MAX)).max(1);
+    let p = plan(tests, history, 1);
+    if p.known == 0 {
+        return most;
+    }
+    let total = p.expected[0];
+    let mut known: Vec<f64> = tests
+        .iter()
+        .filter_map(|t| history.get(t).copied())
+        .filter(|d| d.is_finite() && *d >= 0.0)
+        .collect();
+    known.sort_by(f64::total_cmp);
+    let longest = known.last().copied().unwrap_or(0.0).max(MIN_AUTO_SHARD_SECONDS);
+    let useful = (total / longest).ceil();
+    if !useful.is_finite() || useful < 1.0 {
+        return 1;
+    }
+    most.min(useful as u32).max(1)
+}
+
 /// Splits `tests` into `shards` lists (some may be empty when there are fewer tests than
 /// shards), by the durations in `history` (seconds, by test name).
 pub fn plan(tests: &[String], history: &BTreeMap<String, f64>, shards: u32) -> Plan {

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 
 /// The required key naming the pool, the unit of trust and capacity.
 pub const POOL: &str = "pool";
+/// The key a node gives its slot count under (shards it runs at once), so a submitter can size
+/// a job to the slots that match (`grid submit --shards auto`). The node sets it; it cannot be
+/// given with `--dimension`.
+pub const SLOTS: &str = "slots";
 /// The keys whose values form a node's platform class (see [`Dimensions::platform_class`]).
 pub const PLATFORM_KEYS: [&str; 2] = ["os", "cpu"];
 /// Most keys in a node's dimensions or a job's requirements.

@@ -152,6 +152,14 @@ fn a_googletest_suite_is_split_by_test_and_balanced_by_the_durations_of_its_last
     let seen = cases(&std::fs::read_to_string(&junit).unwrap());
     assert_eq!(seen, want);
 
+    // --shards auto: 4 slots match, but the suite takes about 1.6 s, most of it one test: more
+    // than one shard would not end it sooner.
+    let (code, out, err) =
+        submit(&m, &s, &["--shards", "auto", "--junit", junit_arg, "--", "./suite"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("--shards auto: 1 shards for 4 matching slots"), "{err}");
+    assert_eq!(cases(&std::fs::read_to_string(&junit).unwrap()), want);
+
     // Without a runner, googletest shards itself, and `${GRID_OUTPUT_DIR}` in an argument is
     // expanded on the worker: the reports land in the outputs and merge.
     let (code, out, err) = submit(
@@ -375,6 +383,31 @@ fn failed_shards_of_a_command_grid_cannot_split_run_again_on_another_node() {
     assert!(out.contains("FAILED  shard 1  (all 2 tries: exit 3 on"), "{out}");
     assert!(out.contains("--- try 1 (attempt 1,"), "{out}");
     assert_eq!(out.matches("shard 1 is broken for good").count(), 2, "both tries' tails: {out}");
+}
+
+#[test]
+fn shards_auto_takes_one_shard_per_matching_slot_and_refuses_when_none_matches() {
+    let s = Scratch::new();
+    s.write("job/once.sh", ONCE_SH.as_bytes(), 0o755);
+    let m = mesh(&s);
+    let mark = s.path("once.mark");
+    std::fs::write(&mark, b"").unwrap();
+    let env = format!("MARK={}", mark.display());
+    let (code, out, err) =
+        submit(&m, &s, &["--shards", "auto", "--env", &env, "--json", "--", "./once.sh"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(err.contains("--shards auto: 4 shards, one per matching slot"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["shards"].as_array().map(Vec::len), Some(4), "{v}");
+
+    // No connected node has the dimension: nothing to size the job by.
+    let (code, out, err) =
+        submit(&m, &s, &["--shards", "auto", "--dimension", "gpu=yes", "--", "./once.sh"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert!(
+        err.contains("--shards auto: no connected node that matches the job has slots"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -514,6 +514,7 @@ pub fn start(
         pending_providers: HashMap::new(),
         bad: BTreeMap::new(),
         agents: HashMap::new(),
+        peer_dims: HashMap::new(),
         addresses: HashMap::new(),
         served_blocks: 0,
         served_bytes: 0,
@@ -677,6 +678,8 @@ struct Driver {
     pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
     bad: BTreeMap<PeerId, u64>,
     agents: HashMap<PeerId, String>,
+    /// The dimensions connected grid nodes gave in their agent strings.
+    peer_dims: HashMap<PeerId, grid_protocol::dims::Dimensions>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     served_blocks: u64,
     served_bytes: u64,
@@ -924,6 +927,7 @@ impl Driver {
     fn peer_gone(&mut self, peer: PeerId) {
         self.addresses.remove(&peer);
         self.agents.remove(&peer);
+        self.peer_dims.remove(&peer);
         if self.inbound.try_send(MeshEvent::PeerGone(peer)).is_err() {
             warn!(%peer, "event queue full; a disconnect was not reported");
         }
@@ -976,6 +980,13 @@ impl Driver {
                     .map(|a| a.iter().map(|a| a.to_string()).collect())
                     .unwrap_or_default(),
                 agent: self.agents.get(p).cloned(),
+                dimensions: self
+                    .peer_dims
+                    .get(p)
+                    .map(|d| {
+                        d.0.iter().map(|(k, v)| (k.clone(), v.iter().cloned().collect())).collect()
+                    })
+                    .unwrap_or_default(),
                 bad: self.bad.contains_key(p),
                 gossip_score: self.swarm.behaviour().gossip.peer_score(p),
                 relayed: self
@@ -1327,7 +1338,8 @@ impl Driver {
                         self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
-                if let Some(dims) = parse_agent(&info.agent_version)
+                let dims = parse_agent(&info.agent_version);
+                if let Some(dims) = dims.clone()
                     && self.inbound.try_send(MeshEvent::PeerDimensions(peer_id, dims)).is_err()
                 {
                     debug!(peer = %peer_id, "event queue full; dimensions not reported");
@@ -1335,6 +1347,10 @@ impl Driver {
                 if self.swarm.is_connected(&peer_id) {
                     let short = info.agent_version.split(' ').next().unwrap_or_default();
                     self.agents.insert(peer_id, short.to_string());
+                    match dims {
+                        Some(d) => self.peer_dims.insert(peer_id, d),
+                        None => self.peer_dims.remove(&peer_id),
+                    };
                 }
             }
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {

@@ -338,6 +338,7 @@ pub fn apply(
     packed_from: &Path,
     data_dir: &Path,
     list_command: Option<&str>,
+    auto: Option<u32>,
 ) -> anyhow::Result<Suite> {
     let dir =
         if spec.cwd.is_empty() { packed_from.to_path_buf() } else { packed_from.join(&spec.cwd) };
@@ -346,7 +347,13 @@ pub fn apply(
     let listed_in = started.elapsed();
     let history = history_path(data_dir, runner, spec);
     let recorded = load_history(&history);
-    let shards = spec.shards.min(u32::try_from(tests.len()).unwrap_or(u32::MAX)).max(1);
+    let shards = match auto {
+        Some(slots) => grid_protocol::balance::auto_shards(slots, &tests, &recorded),
+        None => spec.shards.min(u32::try_from(tests.len()).unwrap_or(u32::MAX)).max(1),
+    };
+    if let Some(slots) = auto {
+        eprintln!("--shards auto: {shards} shards for {slots} matching slots");
+    }
     let plan = grid_protocol::balance::plan(&tests, &recorded, shards);
     let how = if plan.known == 0 {
         "no durations recorded yet: round robin".to_string()
