@@ -404,6 +404,7 @@ pub async fn run(
                 Some(mesh::MeshEvent::PeerGone(p)) => engine.on_peer_gone(p).await,
                 Some(mesh::MeshEvent::PeerConnected(p)) => engine.on_peer_connected(p).await,
                 Some(mesh::MeshEvent::PeerDimensions(p, d)) => engine.on_peer_dimensions(p, d).await,
+                Some(mesh::MeshEvent::PeerSubscribed(topic)) => engine.on_peer_subscribed(&topic).await,
                 None => break,
             },
         }

@@ -325,6 +325,12 @@ impl Engine {
         self.drain().await;
     }
 
+    /// A peer subscribed to a gossip topic: this node's jobs announced there go out again.
+    pub async fn on_peer_subscribed(&mut self, topic: &str) {
+        self.node.peer_subscribed(now(), topic);
+        self.drain().await;
+    }
+
     /// A peer connected: results waiting for it (a submitter that restarted) go out now.
     pub async fn on_peer_connected(&mut self, peer: PeerId) {
         self.node.peer_connected(now(), peer);

@@ -525,6 +525,19 @@ impl Node {
         self.pump(now);
     }
 
+    /// A peer subscribed to a gossip topic: the jobs announced there go out again to it now
+    /// (see [`Submitter::reannounce`]).
+    pub fn peer_subscribed(&mut self, now: Time, topic: &str) {
+        let keys: Vec<SubKey> = self.jobs.keys().copied().collect();
+        for key in keys {
+            if let Some(s) = self.jobs.get_mut(&key) {
+                s.reannounce(now, topic);
+            }
+            self.touched.insert(key);
+        }
+        self.pump(now);
+    }
+
     /// The last connection to `peer` closed: its leases are lost now, not at their deadlines.
     pub fn peer_gone(&mut self, now: Time, peer: PeerId) {
         self.peer_dims.remove(&peer);

@@ -43,6 +43,9 @@ use crate::quorum::{self, Decision};
 use crate::record::{ANNOUNCEMENT_VERSION, Announcement, Outcome, RunState, Signed, SignedResult};
 use crate::time::{Rng, Time, millis};
 
+/// Shortest time between two announcements of a job asked for by nodes subscribing
+/// ([`Submitter::reannounce`]).
+pub const MIN_REANNOUNCE: Duration = Duration::from_secs(1);
 /// Most nodes whose dimensions a submitter remembers for [`Submitter::pending_reason`].
 pub const MAX_KNOWN_NODES: usize = 256;
 
@@ -327,6 +330,8 @@ pub struct Submitter {
     outputs: VecDeque<Output>,
     seq: u64,
     next_announce: Time,
+    /// When the last announcement went out (`Time::ZERO`: none yet).
+    last_announce: Time,
     announce_due: bool,
     ended: bool,
     expired: bool,
@@ -392,6 +397,7 @@ impl Submitter {
             outputs: VecDeque::new(),
             seq: 0,
             next_announce: now,
+            last_announce: Time::ZERO,
             announce_due: false,
             ended: false,
             expired: false,
@@ -713,6 +719,24 @@ impl Submitter {
         self.catch_up(now);
         if !self.ended && now >= self.next_announce {
             self.announce_due = true;
+        }
+        self.flush(now);
+    }
+
+    /// A node began listening on `topic` (a gossip subscription): if it is this job's, the job
+    /// is announced again now rather than at the next period, so a node that joins just after
+    /// the submission hears of it at once. At most one such announcement per
+    /// [`MIN_REANNOUNCE`]; a later one is put off until then.
+    pub fn reannounce(&mut self, now: Time, topic: &str) {
+        self.catch_up(now);
+        if self.ended || topic != announce_topic(self.request.spec.dimensions.pool()) {
+            return;
+        }
+        let allowed = self.last_announce + MIN_REANNOUNCE;
+        if now >= allowed {
+            self.announce_due = true;
+        } else {
+            self.next_announce = self.next_announce.min(allowed);
         }
         self.flush(now);
     }
@@ -1439,6 +1463,7 @@ impl Submitter {
     }
 
     fn announce(&mut self, now: Time) {
+        self.last_announce = now;
         self.seq += 1;
         let spec = &self.request.spec;
         let ann = Announcement {
@@ -1770,6 +1795,27 @@ mod tests {
         assert_eq!(lb, l(0, 3));
         run(&mut r, 41, &b, lb, 0);
         assert_eq!(r.shard(0).unwrap().state, ShardState::Completed);
+    }
+
+    #[test]
+    fn a_node_subscribing_to_the_job_s_topic_hears_it_at_once_but_not_in_a_flood() {
+        let mut s = submitter(request(1, 1));
+        // Announced at 0; a subscription 5 s later gets a new announcement at once.
+        s.reannounce(Time(5_000), "grid/jobs/v1/ci");
+        assert_eq!(announcements(&drain(&mut s)).len(), 1);
+        // Another within a second waits until the second is over.
+        s.reannounce(Time(5_300), "grid/jobs/v1/ci");
+        assert!(announcements(&drain(&mut s)).is_empty());
+        assert_eq!(s.poll_timeout(), Some(Time(6_000)));
+        s.handle_timeout(Time(6_000));
+        assert_eq!(announcements(&drain(&mut s)).len(), 1);
+        // Another pool's topic, or an ended job: nothing.
+        s.reannounce(Time(9_000), "grid/jobs/v1/gpu");
+        assert!(drain(&mut s).is_empty());
+        s.cancel(Time(9_500));
+        drain(&mut s);
+        s.reannounce(Time(12_000), "grid/jobs/v1/ci");
+        assert!(drain(&mut s).is_empty());
     }
 
     #[test]

@@ -247,6 +247,8 @@ pub enum MeshEvent {
     PeerConnected(PeerId),
     /// A peer said what dimensions it has.
     PeerDimensions(PeerId, grid_protocol::dims::Dimensions),
+    /// A peer subscribed to a gossip topic (this node's jobs there are announced again).
+    PeerSubscribed(String),
 }
 
 /// Prefix of the identify agent string of grid nodes.
@@ -1402,6 +1404,11 @@ impl Driver {
                     let opts =
                         libp2p::swarm::dial_opts::DialOpts::peer_id(peer).addresses(addrs).build();
                     let _ = self.swarm.dial(opts);
+                }
+            }
+            BehaviourEvent::Gossip(gossipsub::Event::Subscribed { peer_id, topic }) => {
+                if self.inbound.try_send(MeshEvent::PeerSubscribed(topic.into_string())).is_err() {
+                    debug!(peer = %peer_id, "event queue full; subscription not reported");
                 }
             }
             BehaviourEvent::Gossip(gossipsub::Event::Message {
