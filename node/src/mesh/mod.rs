@@ -1406,10 +1406,13 @@ impl Driver {
                     let _ = self.swarm.dial(opts);
                 }
             }
-            BehaviourEvent::Gossip(gossipsub::Event::Subscribed { peer_id, topic }) => {
-                if self.inbound.try_send(MeshEvent::PeerSubscribed(topic.into_string())).is_err() {
-                    debug!(peer = %peer_id, "event queue full; subscription not reported");
-                }
+            BehaviourEvent::Gossip(gossipsub::Event::Subscribed { peer_id, topic })
+                if self
+                    .inbound
+                    .try_send(MeshEvent::PeerSubscribed(topic.as_str().to_string()))
+                    .is_err() =>
+            {
+                debug!(peer = %peer_id, "event queue full; subscription not reported");
             }
             BehaviourEvent::Gossip(gossipsub::Event::Message {
                 propagation_source,
