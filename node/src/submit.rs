@@ -182,6 +182,40 @@ fn matching_slots(dir: &Path, req: &grid_protocol::dims::Requirements) -> anyhow
     Ok(total)
 }
 
+/// Runs a suite's listing command as a one-shard job of `base`'s tree, platform and working
+/// directory, on whichever matching node claims it; returns its log and exit code.
+fn list_on_worker(
+    dir: &Path,
+    base: &JobSpec,
+    program: &str,
+    args: &[String],
+) -> anyhow::Result<(String, Option<i32>)> {
+    let mut spec = base.clone();
+    program.clone_into(&mut spec.command);
+    spec.args = args.to_vec();
+    spec.shards = 1;
+    spec.runner = None;
+    spec.tests = Vec::new();
+    spec.outputs = Vec::new();
+    spec.idempotent = false;
+    spec.hard_timeout = spec.hard_timeout.min(runner::LIST_TIMEOUT);
+    let mut req = JobRequest::new(spec);
+    req.name = "listing the tests".into();
+    let submit = Request::Submit { request: Box::new(req), watch: true, force: true };
+    let v = follow(dir, &submit, 1, true, None)?;
+    let shard = v.shards.first().context("the listing job has no shard")?;
+    if shard.state != ShardState::Completed {
+        bail!(
+            "the listing job {} ended {}{}",
+            v.job,
+            shard.state,
+            shard.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
+    let log = shard.log.context("the listing job's shard kept no log")?;
+    Ok((control::cat(dir, log)?, shard.exit_code))
+}
+
 /// Options of the commands that show a job's results.
 #[derive(Debug, Args)]
 pub struct ResultArgs {
@@ -289,9 +323,20 @@ fn request(
     if args.list_command.is_some() && chosen != Some(grid_protocol::job::Runner::List) {
         return Err(usage("--list-command goes with --runner list"));
     }
+    // A binary of another platform than this machine's is listed where it can run.
+    let local = crate::daemon::detect_dimensions();
+    let elsewhere = spec
+        .dimensions
+        .unmet(&local)
+        .any(|k| grid_protocol::dims::PLATFORM_KEYS.contains(&k));
+    let base = spec.clone();
+    let on_worker = |program: &str, args: &[String]| list_on_worker(dir, &base, program, args);
+    let lister =
+        if elsewhere { runner::Lister::Worker(&on_worker) } else { runner::Lister::Here };
     let suite = match (chosen, &packed_from) {
         (Some(r), Some(root)) => {
-            match runner::apply(&mut spec, r, root, data_dir, args.list_command.as_deref(), auto) {
+            let list_command = args.list_command.as_deref();
+            match runner::apply(&mut spec, r, root, data_dir, list_command, auto, lister) {
                 Ok(suite) => Some(suite),
                 // Detected, not asked for: run the command as it is.
                 Err(e) if args.runner.is_none() => {

@@ -425,6 +425,51 @@ fn shards_auto_takes_one_shard_per_matching_slot_and_refuses_when_none_matches()
 }
 
 #[test]
+fn a_suite_for_another_platform_is_listed_on_a_worker_of_that_platform() {
+    let s = Scratch::new();
+    if gtest_suite(&s).is_none() {
+        return;
+    }
+    // The workers offer an operating system this machine does not: a job asking for it cannot
+    // list its tests here.
+    let submitter = NodeProc::start(&s.path("submitter"), &["--slots", "0"]);
+    let boot = submitter.addrs[0].clone();
+    let workers: Vec<NodeProc> = (0..2)
+        .map(|i| {
+            NodeProc::start(
+                &s.path(&format!("worker{i}")),
+                &["--bootstrap", &boot, "--trust", &submitter.peer_id, "--dimension", "os=Plan9"],
+            )
+        })
+        .collect();
+    submitter.wait_connected(2);
+    let m = Mesh { submitter, _workers: workers };
+    let junit = s.path("merged.xml");
+    let (code, out, err) = submit(
+        &m,
+        &s,
+        &[
+            "--shards",
+            "2",
+            "--dimension",
+            "os=Plan9",
+            "--junit",
+            junit.to_str().unwrap(),
+            "--",
+            "./suite",
+        ],
+    );
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("gtest: listed 13 tests on a worker (the job's platform is not this machine's)"),
+        "{err}"
+    );
+    let seen = cases(&std::fs::read_to_string(&junit).unwrap());
+    assert_eq!(seen.len(), 13, "{seen:?}");
+    assert!(seen.values().all(|n| *n == 1), "every test once: {seen:?}");
+}
+
+#[test]
 fn shipped_python_bytecode_is_used_on_the_worker_not_compiled_again() {
     let s = Scratch::new();
     let python =

@@ -83,51 +83,76 @@ pub fn choose(
     bytes.windows(needle.len()).any(|w| w == needle).then_some(Runner::Gtest)
 }
 
-/// Lists the tests of `spec`'s command, run in `dir` (the directory the tree was packed from,
-/// joined with the job's working directory), the way `runner` lists them.
+/// Where a suite's tests are listed.
+#[derive(Clone, Copy)]
+pub enum Lister<'a> {
+    /// Here, in the directory the tree was packed from.
+    Here,
+    /// As a one-shard job on a node that matches (this machine is not of the job's platform):
+    /// given the program and its arguments, returns the shard's log (stdout and stderr) and
+    /// its exit code.
+    Worker(&'a dyn Fn(&str, &[String]) -> anyhow::Result<(String, Option<i32>)>),
+}
+
+/// Lists the suite's tests by running its listing command in `dir` (or on a worker).
 pub fn list(
     runner: Runner,
     spec: &JobSpec,
     dir: &Path,
     list_command: Option<&str>,
+    lister: Lister<'_>,
 ) -> anyhow::Result<Vec<String>> {
-    let mut c = match runner {
+    let (program_name, args): (String, Vec<String>) = match runner {
         Runner::Gtest | Runner::Pytest => {
             let listing: &[&str] = if runner == Runner::Gtest {
                 &["--gtest_list_tests"]
             } else {
                 &["--collect-only", "-q", "-p", "no:cacheprovider"]
             };
-            let mut c = Command::new(program(&spec.command, dir));
-            c.args(&spec.args).args(listing);
-            c
+            let mut args = spec.args.clone();
+            args.extend(listing.iter().map(|a| a.to_string()));
+            (spec.command.clone(), args)
         }
         Runner::List => {
             let Some(cmd) = list_command else {
                 return Err(usage("--runner list needs --list-command CMD (one test per line)"));
             };
-            let mut c = Command::new("sh");
-            c.args(["-c", cmd]);
-            c
+            ("sh".to_string(), vec!["-c".to_string(), cmd.to_string()])
         }
     };
-    c.current_dir(dir)
-        .envs(&spec.env)
-        .env_remove("GTEST_SHARD_INDEX")
-        .env_remove("GTEST_TOTAL_SHARDS")
-        .env_remove("GTEST_FILTER")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let shown = format!("{:?}", c.get_program());
-    let out = run_bounded(c).with_context(|| {
-        format!(
-            "cannot list the tests with {shown} in {}; give --runner none to run the \
-                 command as it is in each shard",
-            dir.display()
-        )
-    })?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (shown, stdout, code, errors) = match lister {
+        Lister::Here => {
+            let mut c = Command::new(if runner == Runner::List {
+                PathBuf::from(&program_name)
+            } else {
+                program(&program_name, dir)
+            });
+            c.args(&args)
+                .current_dir(dir)
+                .envs(&spec.env)
+                .env_remove("GTEST_SHARD_INDEX")
+                .env_remove("GTEST_TOTAL_SHARDS")
+                .env_remove("GTEST_FILTER")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            let shown = format!("{:?} in {}", c.get_program(), dir.display());
+            let out = run_bounded(c).with_context(|| {
+                format!(
+                    "cannot list the tests with {shown}; give --runner none to run the command \
+                     as it is in each shard"
+                )
+            })?;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            (shown, stdout, out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+        Lister::Worker(run) => {
+            let shown = format!("{program_name:?} on a worker");
+            let (log, code) = run(&program_name, &args)
+                .with_context(|| format!("cannot list the tests with {shown}"))?;
+            (shown, log.clone(), code, log)
+        }
+    };
     let tests = match runner {
         Runner::Gtest => parse_gtest_list(&stdout),
         Runner::Pytest => parse_pytest_collect(&stdout),
@@ -136,19 +161,17 @@ pub fn list(
         }
     };
     // pytest exits 5 when it collects nothing: the "found none" below says that better.
-    let nothing_collected = runner == Runner::Pytest && out.status.code() == Some(5);
-    if !(out.status.success() || nothing_collected) {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let tail: Vec<&str> = err.lines().rev().take(5).collect();
+    let nothing_collected = runner == Runner::Pytest && code == Some(5);
+    if !(code == Some(0) || nothing_collected) {
+        let tail: Vec<&str> = errors.lines().rev().take(5).collect();
         bail!(
-            "listing the tests ({shown} in {}) failed with {}: {}",
-            dir.display(),
-            out.status,
+            "listing the tests ({shown}) failed with {}: {}",
+            code.map_or_else(|| "no exit code".to_string(), |c| format!("exit code {c}")),
             tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
         );
     }
     if tests.is_empty() {
-        bail!("listing the tests ({shown} in {}) found none", dir.display());
+        bail!("listing the tests ({shown}) found none");
     }
     if tests.len() > MAX_LISTED {
         bail!("the suite lists {} tests; grid splits at most {MAX_LISTED}", tests.len());
@@ -339,11 +362,12 @@ pub fn apply(
     data_dir: &Path,
     list_command: Option<&str>,
     auto: Option<u32>,
+    lister: Lister<'_>,
 ) -> anyhow::Result<Suite> {
     let dir =
         if spec.cwd.is_empty() { packed_from.to_path_buf() } else { packed_from.join(&spec.cwd) };
     let started = Instant::now();
-    let tests = list(runner, spec, &dir, list_command)?;
+    let tests = list(runner, spec, &dir, list_command, lister)?;
     let listed_in = started.elapsed();
     let history = history_path(data_dir, runner, spec);
     let recorded = load_history(&history);
@@ -364,8 +388,12 @@ pub fn apply(
             plan.longest()
         )
     };
+    let place = match lister {
+        Lister::Here => "",
+        Lister::Worker(_) => " on a worker (the job's platform is not this machine's)",
+    };
     eprintln!(
-        "{runner}: listed {} tests in {:.1} s; {shards} shards, {how}",
+        "{runner}: listed {} tests{place} in {:.1} s; {shards} shards, {how}",
         tests.len(),
         listed_in.as_secs_f64()
     );
