@@ -65,7 +65,11 @@ function follow(path, handlers) {
   src.onopen = () => setLive(true, "live");
   src.onerror = () => setLive(false, src.readyState === EventSource.CLOSED ? "disconnected" : "reconnecting");
   for (const [name, f] of Object.entries(handlers)) {
-    src.addEventListener(name, (e) => f(JSON.parse(e.data), src));
+    src.addEventListener(name, (e) => {
+      let data = e.data;
+      try { data = JSON.parse(e.data); } catch (_) { /* plain text */ }
+      f(data, src);
+    });
   }
   return src;
 }
@@ -94,7 +98,7 @@ function nodePage(app) {
         ["dimensions", Object.entries(w.dimensions).map(([k, v]) => k + "=" + v.join(",")).join("  ")],
       ];
       const quarantine = w.quarantined ? el("p", { class: "warn" }, "Quarantined: " + w.quarantined) : null;
-      me.replaceChildren(el("h1", {}, "This node"), quarantine, table(["", ""], rows));
+      me.replaceChildren(...[el("h1", {}, "This node"), quarantine, table(["", ""], rows)].filter((x) => x !== null));
       here.replaceChildren(el("h2", {}, "Shards running here (" + w.running.length + ")"),
         w.running.length ? el("ul", {}, ...w.running.map((r) => el("li", { class: "mono" }, r)))
           : el("p", { class: "muted" }, "none"));
@@ -181,14 +185,14 @@ function jobPage(app, job) {
       counts[k] = (counts[k] || 0) + 1;
     }
     const state = v.finished ? "finished" : "running";
-    head.replaceChildren(
+    head.replaceChildren(...[
       el("h1", {}, v.name || "job"),
       el("p", { class: "mono" }, v.job + " (submission " + v.submission + ")"),
       el("p", { class: "summary" }, el("span", {}, state),
         ...Object.entries(counts).map(([k, n]) => el("span", {}, n + " " + k.replace("_", " ")))),
       v.pending_reason ? el("p", { class: "warn", id: "pending-reason" }, "Pending: " + v.pending_reason) : null,
       v.finished ? el("a", { class: "button", href: withToken("/api/jobs/" + v.job + "/junit.xml", params), download: v.job + ".xml" }, "Download merged JUnit") : null,
-    );
+    ].filter((x) => x !== null));
     for (const s of v.shards) {
       let c = cells.get(s.shard);
       if (!c) {
