@@ -188,7 +188,41 @@ fn an_explicit_address_in_use_stops_the_node_but_the_default_one_does_not() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot serve the status page on {taken}")), "{err}");
+    // The default address taken (here, or by whatever holds it already): the node starts,
+    // without a page.
+    let _hold = std::net::TcpListener::bind(DEFAULT_ADDR);
+    let mut third = std::process::Command::new(grid_tests::bin("grid-node"))
+        .args(["--data-dir", s.path("third").to_str().unwrap(), "--no-mdns"])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines: Vec<String> = {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(third.stdout.take().unwrap());
+        let mut lines = Vec::new();
+        for l in out.lines().map_while(Result::ok) {
+            let done = l == "ready";
+            lines.push(l);
+            if done {
+                break;
+            }
+        }
+        lines
+    };
+    let _ = third.kill();
+    let mut err = String::new();
+    third.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    let _ = third.wait();
+    assert_eq!(lines.last().map(String::as_str), Some("ready"), "{lines:?}\n{err}");
+    assert!(!lines.iter().any(|l| l.starts_with("http:")), "{lines:?}");
+    assert_eq!(err.matches("no status page").count(), 1, "said once: {err}");
 }
+
+/// `grid-node`'s default page address.
+const DEFAULT_ADDR: &str = "127.0.0.1:4780";
 
 // --- A real browser ---
 

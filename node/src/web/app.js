@@ -235,6 +235,10 @@ function jobPage(app, job) {
     }
   }
 
+  // Running shards' times move on between events.
+  setInterval(() => {
+    if (view && !view.finished && view.shards.some((x) => x.state === "RUNNING")) render(view);
+  }, 1000);
   follow("/api/jobs/" + job + "/events" + (submission ? "?submission=" + encodeURIComponent(submission) : ""), {
     job: (v) => render(v),
     end: (_, src) => { src.close(); setLive(false, "finished"); },
