@@ -112,8 +112,12 @@ fn the_page_s_api_answers_what_grid_status_json_prints() {
     let s = Scratch::new();
     let (n, url) = node(&s, &["--slots", "2"]);
     let addr = host_port(&url);
-    let (job, mut submit) =
-        submit(&s, &n, "2", "echo out-of-shard-$GRID_SHARD_INDEX; printf '<b>x</b>'");
+    // Each shard writes a JUnit file; shard 1's names a failing test (its exit is still 0).
+    let body = "echo out-of-shard-$GRID_SHARD_INDEX; printf '<b>x</b>'\n\
+        f=''; [ $GRID_SHARD_INDEX = 1 ] && f='<failure message=\"boom\"/>'\n\
+        echo \"<testsuite name=\\\"s$GRID_SHARD_INDEX\\\"><testcase classname=\\\"S\\\" \
+        name=\\\"t$GRID_SHARD_INDEX\\\">$f</testcase></testsuite>\" > $GRID_OUTPUT_DIR/r.xml";
+    let (job, mut submit) = submit(&s, &n, "2", body);
     let cli_job = wait_finished(&n, &job);
     assert!(submit.wait().unwrap().success());
     let api_job = get(&addr, &format!("/api/jobs/{job}"), &[]);
@@ -135,6 +139,16 @@ fn the_page_s_api_answers_what_grid_status_json_prints() {
     assert_eq!(log.header("content-type"), Some("text/plain; charset=utf-8"));
     assert_eq!(log.header("x-content-type-options"), Some("nosniff"));
     assert!(log.body.contains("out-of-shard-1") && log.body.contains("<b>x</b>"), "{}", log.body);
+    // The failed tests of the finished job, and its JUnit files merged.
+    let tests = get(&addr, &format!("/api/jobs/{job}/tests"), &[]).json();
+    assert_eq!(tests["files"], 2, "{tests}");
+    assert_eq!(
+        tests["failed"],
+        serde_json::json!([{"shard": 1, "name": "S.t1", "kind": "failure", "message": "boom"}])
+    );
+    let junit = get(&addr, &format!("/api/jobs/{job}/junit.xml"), &[]);
+    assert_eq!(junit.header("content-type"), Some("application/xml"));
+    assert_eq!(junit.body.matches("<testsuite ").count(), 2, "{}", junit.body);
     // An unknown job is a 404 with the control socket's refusal; a bad id a 400.
     // Another id of the same form: one character changed.
     let mut other = job.clone().into_bytes();
