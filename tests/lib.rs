@@ -170,6 +170,9 @@ pub struct NodeProc {
     pub peer_id: String,
     /// Its listen addresses (with `/p2p/<id>`).
     pub addrs: Vec<String>,
+    /// Its status page (`http://127.0.0.1:PORT/`, with `?token=` when it needs one), if it
+    /// serves one.
+    pub http: Option<String>,
 }
 
 impl NodeProc {
@@ -193,7 +196,13 @@ impl NodeProc {
         env: &[(&str, &str)],
     ) -> NodeProc {
         let mut c = Command::new(bin("grid-node"));
-        c.arg("--data-dir").arg(data_dir).args(["--listen", listen, "--no-mdns"]).args(extra);
+        c.arg("--data-dir").arg(data_dir).args(["--listen", listen, "--no-mdns"]);
+        // Many nodes run at once: each serves its page on a port of its own, unless the test
+        // says where.
+        if !extra.iter().any(|a| a.starts_with("--http") || *a == "--no-http") {
+            c.args(["--http", "127.0.0.1:0"]);
+        }
+        c.args(extra);
         Self::spawn(c, data_dir, env)
     }
 
@@ -236,13 +245,15 @@ impl NodeProc {
             .expect("start grid-node");
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = std::io::BufReader::new(stdout).lines();
-        let (mut peer_id, mut addrs) = (String::new(), Vec::new());
+        let (mut peer_id, mut addrs, mut http) = (String::new(), Vec::new(), None);
         for line in lines.by_ref() {
             let line = line.expect("read grid-node stdout");
             if let Some(p) = line.strip_prefix("peer id: ") {
                 peer_id = p.to_string();
             } else if let Some(a) = line.strip_prefix("listening on ") {
                 addrs.push(a.to_string());
+            } else if let Some(u) = line.strip_prefix("http: ") {
+                http = Some(u.to_string());
             } else if line == "ready" {
                 break;
             }
@@ -250,7 +261,7 @@ impl NodeProc {
         assert!(!peer_id.is_empty() && !addrs.is_empty(), "grid-node did not start");
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        NodeProc { child, data_dir: data_dir.to_path_buf(), peer_id, addrs }
+        NodeProc { child, data_dir: data_dir.to_path_buf(), peer_id, addrs, http }
     }
 
     /// A `grid` command talking to this node.

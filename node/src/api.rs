@@ -472,13 +472,22 @@ impl std::fmt::Display for Reachability {
     }
 }
 
-/// The size of the content store.
+/// The size of the content store, and the limits it is kept to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreView {
     /// Bytes of objects and manifests.
     pub bytes: u64,
     /// Objects plus manifests.
     pub items: u64,
+    /// Most bytes kept (`--cache-max-bytes`), if limited.
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+    /// Most items kept, if limited.
+    #[serde(default)]
+    pub max_items: Option<u64>,
+    /// Least free space left on the store's file system, if set.
+    #[serde(default)]
+    pub min_free_bytes: Option<u64>,
 }
 
 /// The answer to `status`: the node's mesh, store and worker.
@@ -1173,7 +1182,13 @@ pub(crate) mod tests {
         let status = NodeStatus {
             status: StatusAnswer {
                 mesh: MeshView { peer: peer(1).to_string(), ..MeshView::default() },
-                store: StoreView { bytes: 0, items: 0 },
+                store: StoreView {
+                    bytes: 0,
+                    items: 0,
+                    max_bytes: None,
+                    max_items: None,
+                    min_free_bytes: None,
+                },
                 worker,
             },
             jobs: vec![sample_job()],

@@ -1070,7 +1070,13 @@ mod tests {
                     served_bytes: 2222,
                     ..MeshView::default()
                 },
-                store: StoreView { items: 16, bytes: 2222 },
+                store: StoreView {
+                    items: 16,
+                    bytes: 2222,
+                    max_bytes: None,
+                    max_items: None,
+                    min_free_bytes: None,
+                },
                 worker,
             },
             jobs,

@@ -207,13 +207,14 @@ async fn fetch_failed(mesh: &MeshHandle, exec: &Execution, e: &str) -> ExecOutco
     ExecOutcome::ended(RunState::Error, &format!("cannot fetch the inputs {id}: {e}"))
 }
 
-/// What the control handlers share.
-struct Node {
-    store: Arc<Store>,
-    mesh: MeshHandle,
-    fetcher: Arc<Fetcher>,
-    engine: mpsc::Sender<EngineCommand>,
-    live: Arc<LiveLogs>,
+/// What the control handlers (and the status page's) share.
+pub(crate) struct Node {
+    pub(crate) store: Arc<Store>,
+    pub(crate) mesh: MeshHandle,
+    pub(crate) fetcher: Arc<Fetcher>,
+    pub(crate) engine: mpsc::Sender<EngineCommand>,
+    pub(crate) live: Arc<LiveLogs>,
+    pub(crate) limits: Limits,
 }
 
 /// The node stopped because a job record could not be persisted (a full or failing disk):
@@ -229,11 +230,29 @@ pub struct Started {
     pub peer_id: libp2p::PeerId,
     /// Full listen addresses (with `/p2p/<id>`).
     pub listening: Vec<String>,
+    /// The status page's address (with its token when one is needed), if it is served.
+    pub http: Option<String>,
+    /// Whether the page's token was generated at start (so whoever started the node must be
+    /// told it).
+    pub http_token_generated: bool,
 }
 
-/// Runs the node until `shutdown` resolves. `on_start` is called once the node listens.
+/// Runs the node until `shutdown` resolves, with no status page. `on_start` is called once the
+/// node listens.
 pub async fn run(
     opts: NodeOptions,
+    keypair: Keypair,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_start: impl FnOnce(&Started),
+) -> anyhow::Result<()> {
+    let no_page = crate::web::HttpOptions { addr: None, explicit: false, token: None };
+    run_serving(opts, no_page, keypair, shutdown, on_start).await
+}
+
+/// As [`run`], serving the status page as `http` says ([`crate::web`]).
+pub async fn run_serving(
+    opts: NodeOptions,
+    http: crate::web::HttpOptions,
     keypair: Keypair,
     shutdown: impl std::future::Future<Output = ()>,
     on_start: impl FnOnce(&Started),
@@ -243,9 +262,11 @@ pub async fn run(
         .with_context(|| format!("cannot create data directory {}", dir.display()))?;
     let socket = control::socket_path(dir);
     let listener = bind_control(&socket)?;
+    // Before anything slow: an address that cannot be served stops the node at once.
+    let page = crate::web::bind(&http)?;
     let store_dir = dir.join("store");
     let store =
-        Arc::new(Store::open(&store_dir, opts.limits).with_context(|| {
+        Arc::new(Store::open(&store_dir, opts.limits.clone()).with_context(|| {
             format!("failed to open the content store in {}", store_dir.display())
         })?);
     let jobs_dir = dir.join("jobs");
@@ -347,9 +368,17 @@ pub async fn run(
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    on_start(&Started { peer_id: mesh.local_peer_id(), listening });
     let (engine_tx, mut engine_rx) = mpsc::channel(crate::engine::ENGINE_QUEUE);
-    let node = Arc::new(Node { store, mesh, fetcher, engine: engine_tx, live });
+    let peer_id = mesh.local_peer_id();
+    let limits = opts.limits.clone();
+    let node = Arc::new(Node { store, mesh, fetcher, engine: engine_tx, live, limits });
+    let http = page.as_ref().map(crate::web::Bound::url);
+    let http_token_generated = page.as_ref().is_some_and(crate::web::Bound::generated_token);
+    if http_token_generated && let Some(url) = &http {
+        warn!(%url, "the status page listens beyond loopback: its requests need this generated token (set one with --http-token)");
+    }
+    let page = page.map(|b| crate::web::serve(b, node.clone()));
+    on_start(&Started { peer_id, listening, http, http_token_generated });
     let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
     tokio::pin!(shutdown);
     loop {
@@ -414,6 +443,9 @@ pub async fn run(
     // Give the mesh a moment to deliver the last results.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let _ = std::fs::remove_file(&socket);
+    if let Some(page) = page {
+        page.abort();
+    }
     drop(node);
     mesh_task.abort();
     Ok(())
@@ -513,7 +545,7 @@ async fn watch_job(
     write_line(write, &control::ok_line(&last)).await
 }
 
-async fn ask<T>(
+pub(crate) async fn ask<T>(
     engine: &mpsc::Sender<EngineCommand>,
     make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> EngineCommand,
 ) -> anyhow::Result<T> {
@@ -527,7 +559,8 @@ fn unknown_job(job: ContentId) -> anyhow::Error {
     NodeError::new(ErrorKind::UnknownJob, format!("this node has no job {job}")).into()
 }
 
-async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Response> {
+/// Answers one control request: the socket's answer, and the status page's.
+pub(crate) async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Response> {
     Ok(match req {
         Request::Status => {
             let mesh = node.mesh.status().await?;
@@ -535,7 +568,13 @@ async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Response> {
             let worker = ask(&node.engine, EngineCommand::Worker).await?;
             Response::Status(StatusAnswer {
                 mesh,
-                store: StoreView { bytes: t.bytes, items: t.items },
+                store: StoreView {
+                    bytes: t.bytes,
+                    items: t.items,
+                    max_bytes: node.limits.max_bytes,
+                    max_items: node.limits.max_items,
+                    min_free_bytes: node.limits.min_free_bytes,
+                },
                 worker,
             })
         }

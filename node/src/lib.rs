@@ -33,3 +33,4 @@ pub mod payload;
 pub mod pyc;
 pub mod store;
 pub mod submit;
+pub mod web;

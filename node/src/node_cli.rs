@@ -138,6 +138,25 @@ struct Args {
         help_heading = "Yielding to the machine's owner"
     )]
     schedule: Vec<crate::owner::Window>,
+    /// Serve the status page (this node, its peers and jobs, live) and its JSON API at this
+    /// address [default: 127.0.0.1:4780; when that is taken, the node runs without a page].
+    /// Beyond loopback every request needs the --http-token.
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_http", help_heading = "Status page")]
+    http: Option<std::net::SocketAddr>,
+    /// Serve no status page.
+    #[arg(long, help_heading = "Status page")]
+    no_http: bool,
+    /// The token the status page's requests must carry (Authorization: Bearer TOKEN, or
+    /// ?token=TOKEN), on any address. Without one, a page beyond loopback makes one up and
+    /// prints it at start.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "GRID_HTTP_TOKEN",
+        hide_env_values = true,
+        help_heading = "Status page"
+    )]
+    http_token: Option<String>,
     #[command(flatten, next_help_heading = "Cache limits")]
     cache: CacheArgs,
     /// Test only: misbehave, to exercise the mesh's defences (only in builds with the
@@ -356,11 +375,32 @@ pub fn main() -> ExitCode {
         };
         let opts =
             NodeOptions { data_dir: dir.clone(), mesh, limits: args.cache.limits(), engine, exec };
+        if args.http_token.as_deref().is_some_and(|t| t.is_empty() || t.len() > 256) {
+            anyhow::bail!("--http-token: give 1 to 256 characters");
+        }
+        let http =
+            crate::web::HttpOptions {
+                addr: if args.no_http {
+                    None
+                } else {
+                    Some(args.http.unwrap_or_else(|| {
+                        crate::web::DEFAULT_ADDR.parse().expect("a socket address")
+                    }))
+                },
+                explicit: args.http.is_some(),
+                token: args.http_token.clone(),
+            };
         let rt = tokio::runtime::Runtime::new()?;
-        rt.block_on(daemon::run(opts, key, shutdown_signal(), |s| {
+        rt.block_on(daemon::run_serving(opts, http, key, shutdown_signal(), |s| {
             let mut text = format!("peer id: {}\ndata directory: {}\n", s.peer_id, dir.display());
             for a in &s.listening {
                 text.push_str(&format!("listening on {a}\n"));
+            }
+            if let Some(url) = &s.http {
+                text.push_str(&format!("http: {url}\n"));
+                if s.http_token_generated {
+                    text.push_str("http token: generated for this run (in the address above)\n");
+                }
             }
             text.push_str("ready\n");
             // Only for whoever started the node; a reader that went away (`grid-node | head -1`)

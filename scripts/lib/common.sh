@@ -7,7 +7,8 @@ GRID_REPO=$(pwd)
 # Installs the Debian packages the build and the tests need, when missing.
 # rocksdb's build needs clang and libclang; the sandbox tests need bubblewrap; the NAT lab
 # needs iproute2, iptables and procps (as root); the runner tests need googletest, g++ and pytest;
-# the benchmarks compare against socat and use hyperfine; the DAG-CBOR check needs python3-venv.
+# the benchmarks compare against socat and use hyperfine; the DAG-CBOR check needs python3-venv;
+# the status page's test needs chromium.
 grid_ensure_packages() {
   local missing=()
   command -v clang >/dev/null 2>&1 || missing+=(clang)
@@ -31,6 +32,8 @@ grid_ensure_packages() {
   # The DAG-CBOR interoperability test (protocol/tests/dag_cbor_interop.rs) pip-installs the
   # Python dag-cbor package into a virtual environment of its own.
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+  # The status page's end-to-end test watches a job's page in headless Chromium.
+  command -v chromium >/dev/null 2>&1 || missing+=(chromium)
   if [ ${#missing[@]} -gt 0 ]; then
     local sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

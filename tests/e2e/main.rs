@@ -9,3 +9,4 @@ mod owner;
 mod package;
 mod relay;
 mod runners;
+mod web;
