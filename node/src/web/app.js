@@ -116,8 +116,10 @@ function nodePage(app) {
     },
     peers: (list) => {
       peers.replaceChildren(el("h2", {}, "Peers (" + list.length + ")"),
-        list.length ? table(["peer", "agent", "link", "dht", "addresses"], list.map((p) => [
-          el("span", { class: "mono" }, p.peer), p.agent || "", p.relayed ? "relayed" : "direct",
+        list.length ? table(["peer", "agent", "dimensions", "link", "dht", "addresses"], list.map((p) => [
+          el("span", { class: "mono" }, p.peer), p.agent || "",
+          Object.entries(p.dimensions || {}).map(([k, v]) => k + "=" + v.join(",")).join("  "),
+          p.relayed ? "relayed" : "direct",
           p.dht_server ? "server" : "client", el("span", { class: "mono" }, p.addresses.join(" ")),
         ])) : el("p", { class: "muted" }, "none"));
     },
