@@ -325,14 +325,11 @@ fn request(
     }
     // A binary of another platform than this machine's is listed where it can run.
     let local = crate::daemon::detect_dimensions();
-    let elsewhere = spec
-        .dimensions
-        .unmet(&local)
-        .any(|k| grid_protocol::dims::PLATFORM_KEYS.contains(&k));
+    let elsewhere =
+        spec.dimensions.unmet(&local).any(|k| grid_protocol::dims::PLATFORM_KEYS.contains(&k));
     let base = spec.clone();
     let on_worker = |program: &str, args: &[String]| list_on_worker(dir, &base, program, args);
-    let lister =
-        if elsewhere { runner::Lister::Worker(&on_worker) } else { runner::Lister::Here };
+    let lister = if elsewhere { runner::Lister::Worker(&on_worker) } else { runner::Lister::Here };
     let suite = match (chosen, &packed_from) {
         (Some(r), Some(root)) => {
             let list_command = args.list_command.as_deref();

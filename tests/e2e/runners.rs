@@ -461,7 +461,9 @@ fn a_suite_for_another_platform_is_listed_on_a_worker_of_that_platform() {
     );
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(
-        err.contains("gtest: listed 13 tests on a worker (the job's platform is not this machine's)"),
+        err.contains(
+            "gtest: listed 13 tests on a worker (the job's platform is not this machine's)"
+        ),
         "{err}"
     );
     let seen = cases(&std::fs::read_to_string(&junit).unwrap());
