@@ -94,6 +94,15 @@ pub enum Lister<'a> {
     Worker(&'a dyn Fn(&str, &[String]) -> anyhow::Result<(String, Option<i32>)>),
 }
 
+impl std::fmt::Debug for Lister<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Lister::Here => "Here",
+            Lister::Worker(_) => "Worker",
+        })
+    }
+}
+
 /// Lists the suite's tests by running its listing command in `dir` (or on a worker).
 pub fn list(
     runner: Runner,
