@@ -324,6 +324,11 @@ impl Incoming {
         }
     }
 
+    /// Whether block `index` has been written (and recorded with [`Incoming::mark_written`]).
+    pub fn is_written(&self, index: usize) -> bool {
+        self.received.get(index).copied().unwrap_or(false)
+    }
+
     /// Records that block `index` was written by a [`BlockWriter`].
     pub fn mark_written(&mut self, index: usize) {
         if let Some(r) = self.received.get_mut(index)
@@ -356,6 +361,11 @@ pub struct BlockWriter {
 }
 
 impl BlockWriter {
+    /// The length block `index` of the file has.
+    pub fn block_len(&self, index: usize) -> usize {
+        manifest::block_len(self.size, index as u64)
+    }
+
     /// Writes block `index`, whose bytes the caller has verified against its id.
     pub fn write(&self, index: usize, data: &[u8]) -> Result<(), StoreError> {
         use std::os::unix::fs::FileExt;
@@ -1161,6 +1171,52 @@ impl Store {
         };
         use std::os::unix::fs::FileExt;
         f.read_exact_at(&mut buf, loc.offset).map_err(io_err("read", &path))?;
+        Ok(Some(buf))
+    }
+
+    /// Reads several blocks' bytes, one after the other in the order of `ids`, to serve them to
+    /// a peer in one answer: `None` when one of them is not here or together they are over
+    /// `max_bytes` (checked from the index, before anything is read).
+    pub fn read_blocks(
+        &self,
+        ids: &[ContentId],
+        max_bytes: u64,
+    ) -> Result<Option<Payload>, StoreError> {
+        let keys: Vec<Vec<u8>> = ids.iter().map(|id| id.to_bytes()).collect();
+        let found = self.db.batched_multi_get_cf(cf(&self.db, CF_BLOCKS), keys.iter(), false);
+        let mut locs = Vec::with_capacity(ids.len());
+        let mut total = 0u64;
+        for (id, got) in ids.iter().zip(found) {
+            let Some(b) = got? else { return Ok(None) };
+            let loc = BlockLoc::decode(&b).ok_or_else(|| StoreError::Corrupt {
+                what: format!("block {id}"),
+                detail: format!("location record of {} bytes", b.len()),
+            })?;
+            total += u64::from(loc.len);
+            if total > max_bytes {
+                return Ok(None);
+            }
+            locs.push(loc);
+        }
+        let mut buf = Payload::for_reading(total as usize);
+        let mut at = 0usize;
+        // Consecutive blocks of one object (a file's) share its open file.
+        let mut open: Option<([u8; 20], File)> = None;
+        for loc in locs {
+            use std::os::unix::fs::FileExt;
+            let path = self.object_path(&loc.object);
+            if open.as_ref().is_none_or(|(k, _)| *k != loc.object) {
+                match File::open(&path) {
+                    Ok(f) => open = Some((loc.object, f)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(io_err("open", &path)(e)),
+                }
+            }
+            let (_, f) = open.as_ref().expect("opened above");
+            let end = at + loc.len as usize;
+            f.read_exact_at(&mut buf[at..end], loc.offset).map_err(io_err("read", &path))?;
+            at = end;
+        }
         Ok(Some(buf))
     }
 
