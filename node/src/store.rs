@@ -917,6 +917,23 @@ impl Store {
             });
         }
         self.reserve(size)?;
+        self.incoming_reserved(size, executable, blocks)
+    }
+
+    /// [`Store::incoming`] for a file whose room the caller has made already, with
+    /// [`Store::reserve_files`] for several files at once (one eviction check, not one a file).
+    pub fn incoming_reserved(
+        &self,
+        size: u64,
+        executable: bool,
+        blocks: Vec<ContentId>,
+    ) -> Result<Incoming, StoreError> {
+        if content::block_count(size) != blocks.len() as u64 {
+            return Err(StoreError::Corrupt {
+                what: "incoming file".into(),
+                detail: format!("{} bytes cannot be {} blocks", size, blocks.len()),
+            });
+        }
         let objects = self.root.join("objects");
         let (staged, direct) =
             Staged::create_for(self, size).map_err(io_err("create in", &objects))?;
@@ -941,6 +958,70 @@ impl Store {
         // Direct writes pad the last block to the disk's alignment.
         inc.staged.file.set_len(inc.size).map_err(io_err("size", &inc.staged.shown))?;
         self.commit_object(inc.staged, &inc.blocks, inc.size, inc.executable, session)
+    }
+
+    /// [`Store::finish_incoming`] for several files: each is named as there, and all of them
+    /// are indexed in one RocksDB write (one write-ahead log append instead of one a file).
+    /// A crash in between leaves named files no index entry points to, which
+    /// [`Store::verify`] removes, as after a crash between naming and indexing one file.
+    pub fn finish_incoming_many(
+        &self,
+        incs: Vec<Incoming>,
+        session: &Session,
+    ) -> Result<(), StoreError> {
+        let mut named = Vec::with_capacity(incs.len());
+        for inc in incs {
+            if inc.missing_count != 0 {
+                return Err(StoreError::Corrupt {
+                    what: format!("incoming file {}", inc.staged.shown.display()),
+                    detail: format!(
+                        "{} of {} blocks not received",
+                        inc.missing_count,
+                        inc.blocks.len()
+                    ),
+                });
+            }
+            inc.staged.file.set_len(inc.size).map_err(io_err("size", &inc.staged.shown))?;
+            let key = object_key(&inc.blocks, inc.executable);
+            session.add_object(key);
+            if self.object_meta(&key)?.is_some() {
+                drop(inc.staged);
+                self.touch(ITEM_OBJECT, &key)?;
+                continue;
+            }
+            let mode = if inc.executable { 0o555 } else { 0o444 };
+            inc.staged.persist(&self.object_path(&key), mode)?;
+            named.push((key, inc.blocks, inc.size, inc.executable));
+        }
+        if named.is_empty() {
+            return Ok(());
+        }
+        let now = (self.clock)();
+        let mut batch = WriteBatch::default();
+        let mut totals = self.totals.lock().expect("totals lock");
+        let mut new = *totals;
+        let mut seen = HashSet::new();
+        for (key, blocks, size, executable) in named {
+            // Twice in this batch, or committed by another thread meanwhile.
+            if !seen.insert(key) || self.object_meta(&key)?.is_some() {
+                continue;
+            }
+            let meta = ObjectMeta { size, executable, blocks, last_use: now };
+            batch.put_cf(cf(&self.db, CF_LRU), lru_key(now, ITEM_OBJECT, &key), []);
+            let mut offset = 0u64;
+            for (i, b) in meta.blocks.iter().enumerate() {
+                let len = manifest::block_len(size, i as u64) as u32;
+                let loc = BlockLoc { object: key, offset, len };
+                batch.put_cf(cf(&self.db, CF_BLOCKS), b.to_bytes(), loc.encode());
+                offset += len as u64;
+            }
+            batch.put_cf(cf(&self.db, CF_OBJECTS), key, encode(&meta));
+            new = Totals { bytes: new.bytes + size, items: new.items + 1 };
+        }
+        batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
+        self.db.write(batch)?;
+        *totals = new;
+        Ok(())
     }
 
     /// The blocks a tree needs that this store does not hold, by file: for each distinct missing
@@ -1504,6 +1585,11 @@ impl Store {
     /// Makes room for `incoming` more bytes (and one more item) within the limits.
     pub fn reserve(&self, incoming: u64) -> Result<EvictReport, StoreError> {
         self.evict_for(incoming, 1)
+    }
+
+    /// Makes room for `files` more items of `bytes` together within the limits.
+    pub fn reserve_files(&self, bytes: u64, files: u64) -> Result<EvictReport, StoreError> {
+        self.evict_for(bytes, files)
     }
 
     /// Drops content that breaks a limit now (age included), least recently used first.

@@ -23,7 +23,8 @@
 //!    created in the store when its first block is asked for; every request's blocks are
 //!    verified and written at their offsets on the blocking pool, at most twice as many
 //!    requests at once as there are cores; a complete file is handed to one task that names
-//!    and indexes it, off this loop. A peer that served
+//!    it and indexes it, together with the other files waiting then (one index write for
+//!    them all), off this loop. A peer that served
 //!    a corrupt block is reported to the mesh, which never asks it for content again, and is
 //!    named in the [`FetchReport`].
 //! 5. The manifest is stored after every object it names, then provided in the DHT, so a
@@ -157,7 +158,8 @@ struct Fetch<'a> {
     report: FetchReport,
 }
 
-/// Received files waiting for the task that names and indexes them.
+/// Received files waiting for the task that names and indexes them; also the most it indexes
+/// in one write.
 const FINISH_QUEUE: usize = 64;
 
 /// One missing file of a transfer.
@@ -172,9 +174,14 @@ enum FileSlot {
 
 impl FileSlot {
     /// The file being received, created on first use; `None` once it is complete.
-    fn open(&mut self, store: &Store) -> Result<Option<&Incoming>, StoreError> {
+    fn open(&mut self, store: &Store, reserved: bool) -> Result<Option<&Incoming>, StoreError> {
         if let FileSlot::Waiting { size, executable, blocks } = self {
-            let inc = store.incoming(*size, *executable, std::mem::take(blocks))?;
+            let blocks = std::mem::take(blocks);
+            let inc = if reserved {
+                store.incoming_reserved(*size, *executable, blocks)?
+            } else {
+                store.incoming(*size, *executable, blocks)?
+            };
             *self = FileSlot::Open(inc);
         }
         Ok(match self {
@@ -509,8 +516,15 @@ impl Fetch<'_> {
         let finisher = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
             let mut n = 0;
             while let Some(inc) = finish_rx.blocking_recv() {
-                store.finish_incoming(inc, &session)?;
-                n += 1;
+                // Whatever else is waiting is indexed in the same write.
+                let mut batch = vec![inc];
+                while batch.len() < FINISH_QUEUE
+                    && let Ok(inc) = finish_rx.try_recv()
+                {
+                    batch.push(inc);
+                }
+                n += batch.len() as u64;
+                store.finish_incoming_many(batch, &session)?;
             }
             Ok(n)
         });
@@ -581,11 +595,27 @@ impl Fetch<'_> {
                         return Err(FetchError::Transfer { tree: id, failure });
                     }
                 };
+                // Room for the files this request starts, made once for all of them.
+                let mut starting = (0u64, 0u64);
+                let mut last = None;
+                for p in runs[item].clone() {
+                    let fi = places[p].0;
+                    if let FileSlot::Waiting { size, .. } = &files[fi]
+                        && last != Some(fi)
+                    {
+                        starting = (starting.0 + size, starting.1 + 1);
+                        last = Some(fi);
+                    }
+                }
+                let reserved = starting.1 > 1;
+                if reserved {
+                    self.store.reserve_files(starting.0, starting.1)?;
+                }
                 // The blocks still to write, each with its writer.
                 let mut wanted = Vec::new();
                 for p in runs[item].clone() {
                     let (fi, bi) = places[p];
-                    if let Some(inc) = files[fi].open(self.store)?
+                    if let Some(inc) = files[fi].open(self.store, reserved)?
                         && !inc.is_written(bi)
                     {
                         wanted.push(Wanted {
