@@ -34,7 +34,9 @@
 //! How grid uses it: `grid-node` (`node/src/mesh/fetch.rs`) runs one transfer per manifest
 //! (a single item with [`Limits::MANIFEST`]: the candidates in order, the first that serves
 //! bytes matching the id wins, and no lookups, so a tree nobody has fails at once) and one for
-//! the missing blocks of a tree's files ([`Limits::BLOCKS`], a group per file). The simulator
+//! the missing blocks of a tree's files ([`Limits::BLOCKS`], a group per file), whose items are
+//! the requests [`batch`] plans: one per large block, one per run of small ones (the blocks of
+//! small files, many to a request, bounded in count and bytes). The simulator
 //! (`sim/src/transfer.rs`) drives the same machine with the same limits over its modelled
 //! links. Both take their numbers from the constants here, the only definition of them.
 //!
