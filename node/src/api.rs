@@ -552,6 +552,9 @@ pub struct FetchAnswer {
     pub files: u64,
     /// Blocks received (verified).
     pub blocks: u64,
+    /// Requests that brought blocks (several small files' blocks come in one).
+    #[serde(default)]
+    pub block_requests: u64,
     /// Bytes received (verified).
     pub bytes: u64,
     /// Bytes received, by peer.
@@ -583,6 +586,7 @@ impl FetchAnswer {
             already_local: report.already_local,
             files: report.files,
             blocks: report.blocks,
+            block_requests: report.block_requests,
             bytes: report.bytes,
             bytes_by_peer: report.bytes_by_peer,
             bad_peers: report.bad_peers,

@@ -257,6 +257,7 @@ fn parse_fault(s: &str) -> Result<Fault, String> {
     match s {
         "corrupt-blocks" => Ok(Fault::CorruptBlocks),
         "lie" => Ok(Fault::Lie),
+        "old-content" => Ok(Fault::OldContent),
         _ => Err(format!("unknown fault {s:?}")),
     }
 }

@@ -324,6 +324,11 @@ impl Incoming {
         }
     }
 
+    /// Whether block `index` has been written (and recorded with [`Incoming::mark_written`]).
+    pub fn is_written(&self, index: usize) -> bool {
+        self.received.get(index).copied().unwrap_or(false)
+    }
+
     /// Records that block `index` was written by a [`BlockWriter`].
     pub fn mark_written(&mut self, index: usize) {
         if let Some(r) = self.received.get_mut(index)
@@ -356,6 +361,11 @@ pub struct BlockWriter {
 }
 
 impl BlockWriter {
+    /// The length block `index` of the file has.
+    pub fn block_len(&self, index: usize) -> usize {
+        manifest::block_len(self.size, index as u64)
+    }
+
     /// Writes block `index`, whose bytes the caller has verified against its id.
     pub fn write(&self, index: usize, data: &[u8]) -> Result<(), StoreError> {
         use std::os::unix::fs::FileExt;
@@ -907,6 +917,23 @@ impl Store {
             });
         }
         self.reserve(size)?;
+        self.incoming_reserved(size, executable, blocks)
+    }
+
+    /// [`Store::incoming`] for a file whose room the caller has made already, with
+    /// [`Store::reserve_files`] for several files at once (one eviction check, not one a file).
+    pub fn incoming_reserved(
+        &self,
+        size: u64,
+        executable: bool,
+        blocks: Vec<ContentId>,
+    ) -> Result<Incoming, StoreError> {
+        if content::block_count(size) != blocks.len() as u64 {
+            return Err(StoreError::Corrupt {
+                what: "incoming file".into(),
+                detail: format!("{} bytes cannot be {} blocks", size, blocks.len()),
+            });
+        }
         let objects = self.root.join("objects");
         let (staged, direct) =
             Staged::create_for(self, size).map_err(io_err("create in", &objects))?;
@@ -931,6 +958,70 @@ impl Store {
         // Direct writes pad the last block to the disk's alignment.
         inc.staged.file.set_len(inc.size).map_err(io_err("size", &inc.staged.shown))?;
         self.commit_object(inc.staged, &inc.blocks, inc.size, inc.executable, session)
+    }
+
+    /// [`Store::finish_incoming`] for several files: each is named as there, and all of them
+    /// are indexed in one RocksDB write (one write-ahead log append instead of one a file).
+    /// A crash in between leaves named files no index entry points to, which
+    /// [`Store::verify`] removes, as after a crash between naming and indexing one file.
+    pub fn finish_incoming_many(
+        &self,
+        incs: Vec<Incoming>,
+        session: &Session,
+    ) -> Result<(), StoreError> {
+        let mut named = Vec::with_capacity(incs.len());
+        for inc in incs {
+            if inc.missing_count != 0 {
+                return Err(StoreError::Corrupt {
+                    what: format!("incoming file {}", inc.staged.shown.display()),
+                    detail: format!(
+                        "{} of {} blocks not received",
+                        inc.missing_count,
+                        inc.blocks.len()
+                    ),
+                });
+            }
+            inc.staged.file.set_len(inc.size).map_err(io_err("size", &inc.staged.shown))?;
+            let key = object_key(&inc.blocks, inc.executable);
+            session.add_object(key);
+            if self.object_meta(&key)?.is_some() {
+                drop(inc.staged);
+                self.touch(ITEM_OBJECT, &key)?;
+                continue;
+            }
+            let mode = if inc.executable { 0o555 } else { 0o444 };
+            inc.staged.persist(&self.object_path(&key), mode)?;
+            named.push((key, inc.blocks, inc.size, inc.executable));
+        }
+        if named.is_empty() {
+            return Ok(());
+        }
+        let now = (self.clock)();
+        let mut batch = WriteBatch::default();
+        let mut totals = self.totals.lock().expect("totals lock");
+        let mut new = *totals;
+        let mut seen = HashSet::new();
+        for (key, blocks, size, executable) in named {
+            // Twice in this batch, or committed by another thread meanwhile.
+            if !seen.insert(key) || self.object_meta(&key)?.is_some() {
+                continue;
+            }
+            let meta = ObjectMeta { size, executable, blocks, last_use: now };
+            batch.put_cf(cf(&self.db, CF_LRU), lru_key(now, ITEM_OBJECT, &key), []);
+            let mut offset = 0u64;
+            for (i, b) in meta.blocks.iter().enumerate() {
+                let len = manifest::block_len(size, i as u64) as u32;
+                let loc = BlockLoc { object: key, offset, len };
+                batch.put_cf(cf(&self.db, CF_BLOCKS), b.to_bytes(), loc.encode());
+                offset += len as u64;
+            }
+            batch.put_cf(cf(&self.db, CF_OBJECTS), key, encode(&meta));
+            new = Totals { bytes: new.bytes + size, items: new.items + 1 };
+        }
+        batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
+        self.db.write(batch)?;
+        *totals = new;
+        Ok(())
     }
 
     /// The blocks a tree needs that this store does not hold, by file: for each distinct missing
@@ -1161,6 +1252,52 @@ impl Store {
         };
         use std::os::unix::fs::FileExt;
         f.read_exact_at(&mut buf, loc.offset).map_err(io_err("read", &path))?;
+        Ok(Some(buf))
+    }
+
+    /// Reads several blocks' bytes, one after the other in the order of `ids`, to serve them to
+    /// a peer in one answer: `None` when one of them is not here or together they are over
+    /// `max_bytes` (checked from the index, before anything is read).
+    pub fn read_blocks(
+        &self,
+        ids: &[ContentId],
+        max_bytes: u64,
+    ) -> Result<Option<Payload>, StoreError> {
+        let keys: Vec<Vec<u8>> = ids.iter().map(|id| id.to_bytes()).collect();
+        let found = self.db.batched_multi_get_cf(cf(&self.db, CF_BLOCKS), keys.iter(), false);
+        let mut locs = Vec::with_capacity(ids.len());
+        let mut total = 0u64;
+        for (id, got) in ids.iter().zip(found) {
+            let Some(b) = got? else { return Ok(None) };
+            let loc = BlockLoc::decode(&b).ok_or_else(|| StoreError::Corrupt {
+                what: format!("block {id}"),
+                detail: format!("location record of {} bytes", b.len()),
+            })?;
+            total += u64::from(loc.len);
+            if total > max_bytes {
+                return Ok(None);
+            }
+            locs.push(loc);
+        }
+        let mut buf = Payload::for_reading(total as usize);
+        let mut at = 0usize;
+        // Consecutive blocks of one object (a file's) share its open file.
+        let mut open: Option<([u8; 20], File)> = None;
+        for loc in locs {
+            use std::os::unix::fs::FileExt;
+            let path = self.object_path(&loc.object);
+            if open.as_ref().is_none_or(|(k, _)| *k != loc.object) {
+                match File::open(&path) {
+                    Ok(f) => open = Some((loc.object, f)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(io_err("open", &path)(e)),
+                }
+            }
+            let (_, f) = open.as_ref().expect("opened above");
+            let end = at + loc.len as usize;
+            f.read_exact_at(&mut buf[at..end], loc.offset).map_err(io_err("read", &path))?;
+            at = end;
+        }
         Ok(Some(buf))
     }
 
@@ -1448,6 +1585,11 @@ impl Store {
     /// Makes room for `incoming` more bytes (and one more item) within the limits.
     pub fn reserve(&self, incoming: u64) -> Result<EvictReport, StoreError> {
         self.evict_for(incoming, 1)
+    }
+
+    /// Makes room for `files` more items of `bytes` together within the limits.
+    pub fn reserve_files(&self, bytes: u64, files: u64) -> Result<EvictReport, StoreError> {
+        self.evict_for(bytes, files)
     }
 
     /// Drops content that breaks a limit now (age included), least recently used first.

@@ -434,3 +434,48 @@ fn version_1_manifests_a_store_holds_stay_readable_and_survive_verify() {
     store.materialize(&old_id, &out).unwrap();
     assert_eq!(fs::read(out.join("run")).unwrap(), b"#!/bin/sh\necho ok\n");
 }
+
+#[test]
+fn small_files_received_together_are_indexed_in_one_write_and_served_in_one_read() {
+    use grid_protocol::content::block_ids;
+    let fx = Fixture::new();
+    let store = fx.open(Limits::default());
+    let s = store.session();
+    let files: Vec<Vec<u8>> =
+        (0..5u32).map(|i| (0..100 + i * 37).map(|j| (j * 13 + i) as u8).collect()).collect();
+    // One of them is stored already (a file of the source tree, isolated before).
+    fs::write(fx.src.join("known"), &files[2]).unwrap();
+    store.put_file(&fx.src.join("known"), &s).unwrap();
+    let before = store.totals();
+    store.reserve_files(files.iter().map(|f| f.len() as u64).sum(), 5).unwrap();
+    let mut incs = Vec::new();
+    let mut ids = Vec::new();
+    for data in &files {
+        let blocks = block_ids(data);
+        let mut inc = store.incoming_reserved(data.len() as u64, false, blocks.clone()).unwrap();
+        inc.write_block(0, data).unwrap();
+        ids.extend(blocks);
+        incs.push(inc);
+    }
+    // An incomplete file is refused, and nothing of its batch indexed.
+    let part = store.incoming_reserved(10, false, block_ids(b"0123456789")).unwrap();
+    assert!(matches!(store.finish_incoming_many(vec![part], &s), Err(StoreError::Corrupt { .. })));
+    store.finish_incoming_many(incs, &s).unwrap();
+    let after = store.totals();
+    assert_eq!(after.items, before.items + 4, "the known file is not counted twice");
+    let new_bytes: u64 = files.iter().map(|f| f.len() as u64).sum::<u64>() - files[2].len() as u64;
+    assert_eq!(after.bytes, before.bytes + new_bytes);
+    // All five blocks in one read, in the order asked; none when one is missing or too many
+    // bytes are asked for.
+    let mut asked = ids.clone();
+    asked.reverse();
+    let got = store.read_blocks(&asked, 1 << 20).unwrap().expect("all here");
+    let want: Vec<u8> = files.iter().rev().flatten().copied().collect();
+    assert_eq!(&got[..], &want[..]);
+    let total = want.len() as u64;
+    assert!(store.read_blocks(&asked, total - 1).unwrap().is_none());
+    asked.push(grid_protocol::content::block_id(b"not stored"));
+    assert!(store.read_blocks(&asked, 1 << 20).unwrap().is_none());
+    let report = store.verify().unwrap();
+    assert!(report.objects_dropped.is_empty() && report.orphans_removed == 0, "{report:?}");
+}

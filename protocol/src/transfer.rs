@@ -34,7 +34,9 @@
 //! How grid uses it: `grid-node` (`node/src/mesh/fetch.rs`) runs one transfer per manifest
 //! (a single item with [`Limits::MANIFEST`]: the candidates in order, the first that serves
 //! bytes matching the id wins, and no lookups, so a tree nobody has fails at once) and one for
-//! the missing blocks of a tree's files ([`Limits::BLOCKS`], a group per file). The simulator
+//! the missing blocks of a tree's files ([`Limits::BLOCKS`], a group per file), whose items are
+//! the requests [`batch`] plans: one per large block, one per run of small ones (the blocks of
+//! small files, many to a request, bounded in count and bytes). The simulator
 //! (`sim/src/transfer.rs`) drives the same machine with the same limits over its modelled
 //! links. Both take their numbers from the constants here, the only definition of them.
 //!
@@ -777,6 +779,63 @@ impl<P: Copy + Ord + fmt::Debug> Transfer<P> {
     }
 }
 
+/// Blocks of at most this many bytes may share one request with others (see [`batch`]): the
+/// blocks of small files, where a request per block costs more than its bytes.
+pub const BATCH_BLOCK_MAX: u64 = 64 << 10;
+/// Most bytes one batched request asks for, so that its answer stays a bounded, modest part of
+/// the bytes in flight (a window of them is at most [`WINDOW`] x this).
+pub const BATCH_MAX_BYTES: u64 = 256 << 10;
+/// Most blocks one batched request asks for (bounds the request's size on the wire).
+pub const BATCH_MAX_BLOCKS: usize = 64;
+
+/// One request's worth of items, made by [`batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The items it asks for: indices into the list given to [`batch`], consecutive.
+    pub items: std::ops::Range<usize>,
+    /// What the transfer schedules for it: the first item's id (for messages), the items'
+    /// total size, and the first item's group for a batch of one, or a group of its own for a
+    /// batch of several (a peer lacking a block of a batch lacks that batch, not every file it
+    /// touches).
+    pub item: Item,
+}
+
+/// Groups `items`, in order, into requests: runs of consecutive items of at most
+/// [`BATCH_BLOCK_MAX`] bytes share one, up to [`BATCH_MAX_BLOCKS`] items and
+/// [`BATCH_MAX_BYTES`] bytes; every larger item is a request of its own. The batches cover
+/// every item exactly once, in order. A driver builds its [`Transfer`] from the batches'
+/// [`Batch::item`]s and answers a batch [`Response::Data`] only once every item of it is in.
+pub fn batch(items: &[Item]) -> Vec<Batch> {
+    let mut next_group = items.iter().map(|i| i.group).max().map_or(0, |g| g.saturating_add(1));
+    let mut out: Vec<Batch> = Vec::new();
+    let mut start = 0;
+    while start < items.len() {
+        let first = items[start];
+        let mut end = start + 1;
+        let mut bytes = first.size;
+        if first.size <= BATCH_BLOCK_MAX {
+            while end < items.len()
+                && end - start < BATCH_MAX_BLOCKS
+                && items[end].size <= BATCH_BLOCK_MAX
+                && bytes + items[end].size <= BATCH_MAX_BYTES
+            {
+                bytes += items[end].size;
+                end += 1;
+            }
+        }
+        let group = if end - start == 1 {
+            first.group
+        } else {
+            let g = next_group;
+            next_group = next_group.saturating_add(1);
+            g
+        };
+        out.push(Batch { items: start..end, item: Item { id: first.id, size: bytes, group } });
+        start = end;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1325,6 +1384,75 @@ mod tests {
                 }
             }
             prop_assert!(ended, "the transfer did not end");
+        }
+    }
+
+    #[test]
+    fn small_blocks_share_requests_within_their_bounds_and_large_ones_go_alone() {
+        let sized = |sizes: &[u64]| -> Vec<Item> {
+            sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| Item {
+                    id: block_id(&(i as u64).to_le_bytes()),
+                    size,
+                    group: i as u32,
+                })
+                .collect()
+        };
+        // 4,400 files of 4 KiB: 64 to a request.
+        let small = sized(&[4096; 4400]);
+        let b = batch(&small);
+        assert_eq!(b.len(), 4400usize.div_ceil(BATCH_MAX_BLOCKS));
+        assert_eq!(b[0].items, 0..64);
+        assert_eq!(b[0].item, Item { id: small[0].id, size: 64 * 4096, group: 4400 });
+        assert_eq!(b[1].item.group, 4401);
+        // Bytes bound the run before the count does; a large block breaks it and goes alone,
+        // keeping its file's group.
+        let mixed = sized(&[60 << 10, 60 << 10, 60 << 10, 60 << 10, 60 << 10, 1 << 20, 100]);
+        let b = batch(&mixed);
+        let ranges: Vec<_> = b.iter().map(|b| b.items.clone()).collect();
+        assert_eq!(ranges, vec![0..4, 4..5, 5..6, 6..7]);
+        assert_eq!(b[1].item.group, 4, "a batch of one keeps its file's group");
+        assert_eq!(b[2].item, mixed[5]);
+        assert!(batch(&[]).is_empty());
+    }
+
+    proptest! {
+        /// The batches cover every item once, in order; each stays within its bounds or holds a
+        /// single item; a batch's size is its items' sum; groups of multi-item batches are new.
+        #[test]
+        fn batches_cover_every_item_once_within_bounds(
+            sizes in proptest::collection::vec(
+                prop_oneof![0u64..=BATCH_BLOCK_MAX + 1, 0u64..(2 << 20)], 0..300),
+        ) {
+            let items: Vec<Item> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &size)| Item { id: block_id(&(i as u64).to_le_bytes()), size, group: i as u32 / 3 })
+                .collect();
+            let max_group = items.iter().map(|i| i.group).max();
+            let b = batch(&items);
+            let mut next = 0;
+            let mut groups = BTreeSet::new();
+            for x in &b {
+                prop_assert_eq!(x.items.start, next);
+                prop_assert!(x.items.end > x.items.start);
+                next = x.items.end;
+                let run = &items[x.items.clone()];
+                prop_assert_eq!(x.item.id, run[0].id);
+                prop_assert_eq!(x.item.size, run.iter().map(|i| i.size).sum::<u64>());
+                if run.len() > 1 {
+                    prop_assert!(run.len() <= BATCH_MAX_BLOCKS);
+                    prop_assert!(x.item.size <= BATCH_MAX_BYTES);
+                    prop_assert!(run.iter().all(|i| i.size <= BATCH_BLOCK_MAX));
+                    prop_assert!(max_group.is_some_and(|m| x.item.group > m));
+                    prop_assert!(groups.insert(x.item.group), "a batch group reused");
+                } else {
+                    prop_assert_eq!(x.item.group, run[0].group);
+                }
+            }
+            prop_assert_eq!(next, items.len());
         }
     }
 }

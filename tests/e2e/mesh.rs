@@ -521,3 +521,48 @@ fn a_stock_libp2p_peer_gets_pings_answered_and_an_undecodable_message_refused() 
     assert!(rtt.is_some_and(|d| d < std::time::Duration::from_secs(5)), "{rtt:?}");
     assert_eq!(answers, [(0, MsgResponse::Refused), (1, MsgResponse::Received)]);
 }
+
+/// A tree of `n` small files (1 to 4 KiB), in a few directories.
+fn small_file_tree(s: &Scratch, n: u32) -> std::path::PathBuf {
+    for i in 0..n {
+        let len = 1024 + i.wrapping_mul(2_654_435_761) % 3072;
+        let data: Vec<u8> = (0..len)
+            .map(|j| (j.wrapping_mul(31).wrapping_add(i.wrapping_mul(7)) >> 3) as u8)
+            .collect();
+        s.write(&format!("small/d{}/f{i:04}.py", i % 9), &data, 0o644);
+    }
+    s.path("small")
+}
+
+/// Small files travel several to a request (`/grid/blocks/1`), and a peer that does not speak
+/// that protocol (an older grid) still serves the whole tree, one block a request.
+#[test]
+#[cfg_attr(
+    not(feature = "test-hooks"),
+    ignore = "needs grid-node's test-hooks feature (`grid-node --fault`); scripts/test enables it"
+)]
+fn small_files_come_many_to_a_request_and_old_peers_still_serve_them_one_by_one() {
+    let s = Scratch::new();
+    let tree = small_file_tree(&s, 500);
+    let a = NodeProc::start(&s.path("a"), &[]);
+    let b = NodeProc::start(&s.path("b"), &["--bootstrap", &a.addrs[0]]);
+    b.wait_connected(1);
+    let id = isolate(&a, &tree);
+    let r = fetch(&b, &id, &s.path("out-b"));
+    assert_eq!(snapshot(&s.path("out-b")), snapshot(&tree));
+    assert_eq!(r["blocks"], 500, "{r}");
+    assert_eq!(r["files"], 500, "{r}");
+    let requests = r["block_requests"].as_u64().unwrap();
+    assert!(requests <= 500 / 32, "500 small files took {requests} requests: {r}");
+
+    let old = NodeProc::start(&s.path("old"), &["--fault", "old-content"]);
+    let c = NodeProc::start(&s.path("c"), &["--bootstrap", &old.addrs[0]]);
+    c.wait_connected(1);
+    assert_eq!(isolate(&old, &tree), id);
+    let r = fetch(&c, &id, &s.path("out-c"));
+    assert_eq!(snapshot(&s.path("out-c")), snapshot(&tree));
+    assert_eq!(peers_that_served(&r), std::slice::from_ref(&old.peer_id), "{r}");
+    assert_eq!(r["blocks"], 500, "{r}");
+    assert_eq!(r["block_requests"], 500, "one block a request from the old peer: {r}");
+    assert!(r["bad_peers"].as_array().unwrap().is_empty(), "{r}");
+}

@@ -6,6 +6,11 @@
 //!   without the protocol depending on stream lifetimes.
 //! - `/grid/content/1`: a manifest or block by id; the response carries the bytes, or says the
 //!   peer does not have them or is too busy to serve now.
+//! - `/grid/blocks/1`: several blocks by id in one request (the blocks of small files, see
+//!   [`grid_protocol::transfer::batch`]); the response carries all their bytes, one after the
+//!   other in the order asked, or says the peer lacks one of them or is busy. Same frames and
+//!   codec as `/grid/content/1`; a separate protocol so that a peer that does not know it
+//!   refuses it in the protocol negotiation, and the asker falls back to one block a request.
 //!
 //! Every frame is a big-endian `u32` length and then the bytes. The length is checked against
 //! the protocol's limit before anything is allocated.
@@ -17,6 +22,9 @@ use grid_protocol::content::{BLOCK_SIZE, ContentId};
 use grid_protocol::manifest::MAX_MANIFEST_BYTES;
 use grid_protocol::message::MAX_MESSAGE_BYTES;
 use grid_protocol::output::LeaseId;
+use grid_protocol::transfer::BATCH_MAX_BLOCKS;
+#[cfg(doc)]
+use grid_protocol::transfer::BATCH_MAX_BYTES;
 use libp2p::StreamProtocol;
 
 use crate::payload::Payload;
@@ -25,16 +33,19 @@ use crate::payload::Payload;
 pub const MSG_PROTOCOL: StreamProtocol = StreamProtocol::new("/grid/msg/1");
 /// The content protocol.
 pub const CONTENT_PROTOCOL: StreamProtocol = StreamProtocol::new("/grid/content/1");
+/// The batched blocks protocol.
+pub const BLOCKS_PROTOCOL: StreamProtocol = StreamProtocol::new("/grid/blocks/1");
 
 /// Largest content response: a whole manifest, or a block, plus the status byte.
 pub const MAX_CONTENT_RESPONSE: usize =
     1 + if MAX_MANIFEST_BYTES > BLOCK_SIZE { MAX_MANIFEST_BYTES } else { BLOCK_SIZE };
 
-/// Largest content request.
-pub const MAX_CONTENT_REQUEST: usize = 1024;
+/// Largest content request: [`BATCH_MAX_BLOCKS`] ids of a batch, each behind its length byte,
+/// fit with room to spare.
+pub const MAX_CONTENT_REQUEST: usize = 4096;
 
 /// What a peer asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContentRequest {
     /// A manifest's canonical bytes.
     Manifest(ContentId),
@@ -48,6 +59,9 @@ pub enum ContentRequest {
         /// Offset in the shard's whole output.
         offset: u64,
     },
+    /// Several blocks' bytes, concatenated in this order (1 to [`BATCH_MAX_BLOCKS`] ids, at
+    /// most [`BATCH_MAX_BYTES`] bytes together; a peer refuses more).
+    Blocks(Vec<ContentId>),
 }
 
 impl ContentRequest {
@@ -58,6 +72,10 @@ impl ContentRequest {
             ContentRequest::LiveLog { lease, offset } => {
                 format!("live log of {lease} from {offset}")
             }
+            ContentRequest::Blocks(ids) => match ids.first() {
+                Some(first) => format!("{} blocks from {first}", ids.len()),
+                None => "no blocks".into(),
+            },
         }
     }
 
@@ -75,6 +93,15 @@ impl ContentRequest {
                 serde_cbor::to_writer(&mut v, lease).expect("lease ids always encode");
                 v
             }
+            ContentRequest::Blocks(ids) => {
+                let mut v = vec![4u8];
+                for id in ids {
+                    let b = id.to_bytes();
+                    v.push(b.len() as u8);
+                    v.extend_from_slice(&b);
+                }
+                v
+            }
         }
     }
 
@@ -90,6 +117,25 @@ impl ContentRequest {
                 let lease = serde_cbor::from_slice(lease)
                     .map_err(|e| invalid(&format!("lease id: {e}")))?;
                 Ok(ContentRequest::LiveLog { lease, offset })
+            }
+            4 => {
+                let mut ids = Vec::new();
+                let mut rest = rest;
+                while let Some((&len, tail)) = rest.split_first() {
+                    if ids.len() == BATCH_MAX_BLOCKS || tail.len() < len as usize {
+                        return Err(invalid("batch of blocks over its limit or cut short"));
+                    }
+                    let (id, tail) = tail.split_at(len as usize);
+                    ids.push(
+                        ContentId::from_bytes(id)
+                            .map_err(|e| invalid(&format!("content id: {e}")))?,
+                    );
+                    rest = tail;
+                }
+                if ids.is_empty() {
+                    return Err(invalid("empty batch of blocks"));
+                }
+                Ok(ContentRequest::Blocks(ids))
             }
             t => Err(invalid(&format!("unknown or short content request kind {t}"))),
         }
@@ -290,11 +336,24 @@ mod tests {
             ContentRequest::Manifest(id),
             ContentRequest::Block(id),
             ContentRequest::LiveLog { lease, offset: 77 },
+            ContentRequest::Blocks(vec![id]),
+            ContentRequest::Blocks(
+                (0..BATCH_MAX_BLOCKS as u32).map(|i| block_id(&i.to_be_bytes())).collect(),
+            ),
         ] {
             let mut buf = Vec::new();
-            block_on(ContentCodec.write_request(&CONTENT_PROTOCOL, &mut buf, req)).unwrap();
+            block_on(ContentCodec.write_request(&CONTENT_PROTOCOL, &mut buf, req.clone())).unwrap();
             let got = block_on(ContentCodec.read_request(&CONTENT_PROTOCOL, &mut &buf[..]));
             assert_eq!(got.unwrap(), req);
+        }
+        // A batch over its count, empty, or cut short is refused.
+        let over = ContentRequest::Blocks(
+            (0..=BATCH_MAX_BLOCKS as u32).map(|i| block_id(&i.to_be_bytes())).collect(),
+        );
+        for bad in
+            [over.encode(), vec![4], ContentRequest::Blocks(vec![id]).encode()[..10].to_vec()]
+        {
+            assert!(ContentRequest::decode(&bad).is_err(), "{bad:?}");
         }
         let block: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         for res in [
@@ -337,6 +396,14 @@ mod tests {
                 "00000019 02 0155111411f6ad8ec52a2984abaafd7c3b516503785c2072",
             ),
             (
+                ContentRequest::Blocks(vec![block_id(b"x"), block_id(b"x")]),
+                concat!(
+                    "00000033 04",
+                    " 18 0155111411f6ad8ec52a2984abaafd7c3b516503785c2072",
+                    " 18 0155111411f6ad8ec52a2984abaafd7c3b516503785c2072",
+                ),
+            ),
+            (
                 ContentRequest::LiveLog { lease, offset: 77 },
                 concat!(
                     "0000005c 03 000000000000004d a4",
@@ -348,7 +415,7 @@ mod tests {
         ];
         for (req, hex) in requests {
             let mut buf = Vec::new();
-            block_on(ContentCodec.write_request(&CONTENT_PROTOCOL, &mut buf, req)).unwrap();
+            block_on(ContentCodec.write_request(&CONTENT_PROTOCOL, &mut buf, req.clone())).unwrap();
             assert_eq!(hex::encode(&buf), hex.replace(' ', ""), "{req:?}");
         }
         let responses = [

@@ -17,10 +17,14 @@
 //!    and a tree none of them has fails at once. Includes are fetched the same way, depth
 //!    first.
 //! 4. The missing blocks of the tree's files are one transfer ([`Limits::BLOCKS`], a group per
-//!    file, so a peer lacking a file is not asked for its other blocks). A file is created in
-//!    the store when its first block is asked for; every block is verified and written at its
-//!    offset on the blocking pool, at most twice as many at once as there are cores; a complete
-//!    file is handed to one task that names and indexes it, off this loop. A peer that served
+//!    file, so a peer lacking a file is not asked for its other blocks). Runs of small blocks
+//!    (small files) are batched into one request each ([`transfer::batch`], over
+//!    `/grid/blocks/1`; a peer that does not speak it is asked one block a request). A file is
+//!    created in the store when its first block is asked for; every request's blocks are
+//!    verified and written at their offsets on the blocking pool, at most twice as many
+//!    requests at once as there are cores; a complete file is handed to one task that names
+//!    it and indexes it, together with the other files waiting then (one index write for
+//!    them all), off this loop. A peer that served
 //!    a corrupt block is reported to the mesh, which never asks it for content again, and is
 //!    named in the [`FetchReport`].
 //! 5. The manifest is stored after every object it names, then provided in the DHT, so a
@@ -47,7 +51,7 @@ use tracing::{debug, info, warn};
 use super::codec::{ContentRequest, ContentResponse};
 use super::{Closed, MeshHandle};
 use crate::payload::Payload;
-use crate::store::{Incoming, MAX_INCLUDE_DEPTH, Session, Store, StoreError};
+use crate::store::{BlockWriter, Incoming, MAX_INCLUDE_DEPTH, Session, Store, StoreError};
 
 /// What a fetch did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -60,6 +64,9 @@ pub struct FetchReport {
     pub files: u64,
     /// Blocks received (verified).
     pub blocks: u64,
+    /// Requests that brought blocks: fewer than `blocks` where small files' blocks came several
+    /// to a request.
+    pub block_requests: u64,
     /// Bytes received (verified).
     pub bytes: u64,
     /// Bytes received, by peer.
@@ -151,7 +158,8 @@ struct Fetch<'a> {
     report: FetchReport,
 }
 
-/// Received files waiting for the task that names and indexes them.
+/// Received files waiting for the task that names and indexes them; also the most it indexes
+/// in one write.
 const FINISH_QUEUE: usize = 64;
 
 /// One missing file of a transfer.
@@ -166,9 +174,14 @@ enum FileSlot {
 
 impl FileSlot {
     /// The file being received, created on first use; `None` once it is complete.
-    fn open(&mut self, store: &Store) -> Result<Option<&Incoming>, StoreError> {
+    fn open(&mut self, store: &Store, reserved: bool) -> Result<Option<&Incoming>, StoreError> {
         if let FileSlot::Waiting { size, executable, blocks } = self {
-            let inc = store.incoming(*size, *executable, std::mem::take(blocks))?;
+            let blocks = std::mem::take(blocks);
+            let inc = if reserved {
+                store.incoming_reserved(*size, *executable, blocks)?
+            } else {
+                store.incoming(*size, *executable, blocks)?
+            };
             *self = FileSlot::Open(inc);
         }
         Ok(match self {
@@ -180,8 +193,9 @@ impl FileSlot {
 
 /// A block request's end, as the transfer loop sees it.
 enum Got {
-    /// Verified and written: this many bytes.
-    Block(u64),
+    /// Verified and written: these blocks (indices into the places), of these sizes, in this
+    /// many requests.
+    Blocks(Vec<(usize, u64)>, u64),
     /// Verified, but writing it failed here.
     WriteFailed(StoreError),
     /// Anything else, for the scheduler.
@@ -238,6 +252,96 @@ async fn next_event<T>(
             if wake.is_some() => Ok(None),
         else => Err(FetchError::Stalled(id)),
     }
+}
+
+/// A block a request asks for: its place in the transfer, its index in its file, its id, and
+/// where it goes.
+struct Wanted {
+    place: usize,
+    index: usize,
+    block: ContentId,
+    writer: BlockWriter,
+}
+
+/// The bytes of `wanted`'s blocks from `peer`, one after the other: one request for one block,
+/// one `/grid/blocks/1` request for several, or, from a peer that does not speak it, one
+/// request a block (in turn, so a run costs that peer no more requests at once than one block).
+async fn fetch_run(
+    mesh: &MeshHandle,
+    peer: PeerId,
+    wanted: &[Wanted],
+    single_only: &std::sync::Mutex<HashSet<PeerId>>,
+    deadline: tokio::time::Instant,
+) -> Result<Result<(Vec<Payload>, u64), Response>, Closed> {
+    let single = |w: &Wanted| ContentRequest::Block(w.block);
+    if let [w] = wanted {
+        return Ok(ask(mesh, peer, single(w), deadline).await?.map(|b| (vec![b], 1)));
+    }
+    if !single_only.lock().expect("peer set lock").contains(&peer) {
+        let ids = wanted.iter().map(|w| w.block).collect();
+        match tokio::time::timeout_at(deadline, mesh.blocks(peer, ids)).await {
+            Err(_) => return Ok(Err(Response::TimedOut)),
+            Ok(answer) => match answer? {
+                Ok(Some(response)) => return Ok(classify(Ok(response)).map(|b| (vec![b], 1))),
+                Ok(None) => {
+                    debug!(%peer, "peer does not speak /grid/blocks/1: one block a request");
+                    single_only.lock().expect("peer set lock").insert(peer);
+                }
+                Err(e) => return Ok(Err(Response::Failed(e))),
+            },
+        }
+    }
+    let mut out = Vec::with_capacity(wanted.len());
+    for w in wanted {
+        match ask(mesh, peer, single(w), deadline).await? {
+            Ok(b) => out.push(b),
+            Err(response) => return Ok(Err(response)),
+        }
+    }
+    let requests = out.len() as u64;
+    Ok(Ok((out, requests)))
+}
+
+/// Verifies the bytes of `wanted`'s blocks (as [`fetch_run`] got them: one payload per block,
+/// or all in one) and writes them. Any block that does not match makes the whole answer
+/// corrupt.
+fn write_run(peer: PeerId, wanted: &[Wanted], mut data: Vec<Payload>, requests: u64) -> Got {
+    let mut written = Vec::with_capacity(wanted.len());
+    if data.len() == wanted.len() {
+        for (w, bytes) in wanted.iter().zip(data.iter_mut()) {
+            if let Err(e) = content::verify_block(&w.block, bytes) {
+                warn!(%peer, block = %w.block, error = %e, "peer served a corrupt block");
+                return Got::Other(refusal(&e));
+            }
+            if let Err(e) = w.writer.write_payload(w.index, bytes) {
+                return Got::WriteFailed(e);
+            }
+            written.push((w.place, bytes.len() as u64));
+        }
+        return Got::Blocks(written, requests);
+    }
+    // One answer for several blocks: cut at the lengths the tree says they have.
+    let [all] = data.as_slice() else { return Got::Other(Response::Corrupt) };
+    let expected: usize = wanted.iter().map(|w| w.writer.block_len(w.index)).sum();
+    if all.len() != expected {
+        warn!(%peer, got = all.len(), expected, "peer served a batch of blocks of the wrong size");
+        return Got::Other(Response::Corrupt);
+    }
+    let mut at = 0;
+    for w in wanted {
+        let len = w.writer.block_len(w.index);
+        let bytes = &all[at..at + len];
+        at += len;
+        if let Err(e) = content::verify_block(&w.block, bytes) {
+            warn!(%peer, block = %w.block, error = %e, "peer served a corrupt block");
+            return Got::Other(refusal(&e));
+        }
+        if let Err(e) = w.writer.write(w.index, bytes) {
+            return Got::WriteFailed(e);
+        }
+        written.push((w.place, len as u64));
+    }
+    Got::Blocks(written, requests)
 }
 
 impl Fetch<'_> {
@@ -392,28 +496,39 @@ impl Fetch<'_> {
     ) -> Result<(), FetchError> {
         // Each file is created when its first block is asked for, so requests start at once.
         let mut files: Vec<FileSlot> = Vec::with_capacity(missing.len());
-        let mut items = Vec::new();
+        let mut blocks_items = Vec::new();
         let mut places = Vec::new();
         for (fi, (size, executable, blocks)) in missing.into_iter().enumerate() {
             for (bi, block) in blocks.iter().enumerate() {
                 let len = manifest::block_len(size, bi as u64) as u64;
-                items.push(Item { id: *block, size: len, group: fi as u32 });
+                blocks_items.push(Item { id: *block, size: len, group: fi as u32 });
                 places.push((fi, bi));
             }
             files.push(FileSlot::Waiting { size, executable, blocks });
         }
+        // One request per batch: a run of small blocks, or one block.
+        let batches = transfer::batch(&blocks_items);
+        let items: Vec<Item> = batches.iter().map(|b| b.item).collect();
+        let runs: Vec<std::ops::Range<usize>> = batches.into_iter().map(|b| b.items).collect();
         // Complete files are named and indexed off this loop, in order, by one task.
         let (finish_tx, mut finish_rx) = tokio::sync::mpsc::channel::<Incoming>(FINISH_QUEUE);
         let (store, session) = (self.store.clone(), self.session.clone());
         let finisher = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
             let mut n = 0;
             while let Some(inc) = finish_rx.blocking_recv() {
-                store.finish_incoming(inc, &session)?;
-                n += 1;
+                // Whatever else is waiting is indexed in the same write.
+                let mut batch = vec![inc];
+                while batch.len() < FINISH_QUEUE
+                    && let Ok(inc) = finish_rx.try_recv()
+                {
+                    batch.push(inc);
+                }
+                n += batch.len() as u64;
+                store.finish_incoming_many(batch, &session)?;
             }
             Ok(n)
         });
-        let result = self.transfer(id, &mut files, items, &places, peers, &finish_tx).await;
+        let result = self.transfer(id, &mut files, items, &runs, &places, peers, &finish_tx).await;
         drop(finish_tx);
         let finished = finisher.await.map_err(|e| StoreError::Corrupt {
             what: "finishing received files".into(),
@@ -424,34 +539,40 @@ impl Fetch<'_> {
         Ok(())
     }
 
-    /// Drives the transfer of the missing blocks: `items[i]` is block `places[i].1` of
-    /// `files[places[i].0]`.
+    /// Drives the transfer of the missing blocks: `items[i]` asks for the blocks `runs[i]`,
+    /// block `p` being block `places[p].1` of `files[places[p].0]`.
+    #[expect(clippy::too_many_arguments, reason = "one call site, each argument distinct")]
     async fn transfer(
         &mut self,
         id: ContentId,
         files: &mut [FileSlot],
         items: Vec<Item>,
+        runs: &[std::ops::Range<usize>],
         places: &[(usize, usize)],
         peers: Vec<PeerId>,
         finish: &tokio::sync::mpsc::Sender<Incoming>,
     ) -> Result<(), FetchError> {
         let clock = Clock(Instant::now());
         let mut machine = Transfer::new(clock.now(), items, peers, Limits::BLOCKS);
-        let result = self.blocks(id, &mut machine, clock, files, places, finish).await;
+        let result = self.blocks(id, &mut machine, clock, files, runs, places, finish).await;
         self.report.retries += machine.stats().retries;
         result
     }
 
+    #[expect(clippy::too_many_arguments, reason = "one call site, each argument distinct")]
     async fn blocks(
         &mut self,
         id: ContentId,
         machine: &mut Transfer<PeerId>,
         clock: Clock,
         files: &mut [FileSlot],
+        runs: &[std::ops::Range<usize>],
         places: &[(usize, usize)],
         finish: &tokio::sync::mpsc::Sender<Incoming>,
     ) -> Result<(), FetchError> {
         let mut inflight = FuturesUnordered::new();
+        // Peers found not to speak `/grid/blocks/1`: asked one block a request.
+        let single_only: Arc<std::sync::Mutex<HashSet<PeerId>>> = Arc::default();
         // Verifying and writing is CPU and disk work: as many at once as keeps both busy.
         let workers = std::thread::available_parallelism().map_or(2, |n| n.get() * 2);
         let workers = Arc::new(tokio::sync::Semaphore::new(workers));
@@ -474,37 +595,58 @@ impl Fetch<'_> {
                         return Err(FetchError::Transfer { tree: id, failure });
                     }
                 };
-                let (fi, bi) = places[item];
-                let Some(inc) = files[fi].open(self.store)? else {
-                    // Complete already: the block is here.
+                // Room for the files this request starts, made once for all of them.
+                let mut starting = (0u64, 0u64);
+                let mut last = None;
+                for p in runs[item].clone() {
+                    let fi = places[p].0;
+                    if let FileSlot::Waiting { size, .. } = &files[fi]
+                        && last != Some(fi)
+                    {
+                        starting = (starting.0 + size, starting.1 + 1);
+                        last = Some(fi);
+                    }
+                }
+                let reserved = starting.1 > 1;
+                if reserved {
+                    self.store.reserve_files(starting.0, starting.1)?;
+                }
+                // The blocks still to write, each with its writer.
+                let mut wanted = Vec::new();
+                for p in runs[item].clone() {
+                    let (fi, bi) = places[p];
+                    if let Some(inc) = files[fi].open(self.store, reserved)?
+                        && !inc.is_written(bi)
+                    {
+                        wanted.push(Wanted {
+                            place: p,
+                            index: bi,
+                            block: inc.blocks()[bi],
+                            writer: inc.writer(),
+                        });
+                    }
+                }
+                if wanted.is_empty() {
+                    // Complete already: the blocks are here.
                     machine.handle_response(clock.now(), peer, request, Response::Data);
                     continue;
-                };
-                let block = inc.blocks()[bi];
-                let writer = inc.writer();
+                }
                 let mesh = self.mesh.clone();
                 let workers = workers.clone();
+                let single_only = single_only.clone();
                 let deadline = clock.instant(deadline);
                 inflight.push(async move {
-                    let got = match ask(&mesh, peer, ContentRequest::Block(block), deadline).await?
-                    {
+                    let got = match fetch_run(&mesh, peer, &wanted, &single_only, deadline).await? {
                         Err(response) => Got::Other(response),
-                        Ok(mut data) => {
-                            // Verified and written on the blocking pool, several at once. A
-                            // write still running when the scheduler gives up on the request
-                            // writes the same verified bytes its retry will.
+                        Ok((data, requests)) => {
+                            // Verified and written on the blocking pool, several requests at
+                            // once. A write still running when the scheduler gives up on the
+                            // request writes the same verified bytes its retry will.
                             let Ok(_worker) = workers.acquire_owned().await else {
                                 return Err(Closed);
                             };
                             let done = tokio::task::spawn_blocking(move || {
-                                if let Err(e) = content::verify_block(&block, &data) {
-                                    warn!(%peer, %block, error = %e, "peer served a corrupt block");
-                                    return Got::Other(refusal(&e));
-                                }
-                                match writer.write_payload(bi, &mut data) {
-                                    Ok(()) => Got::Block(data.len() as u64),
-                                    Err(e) => Got::WriteFailed(e),
-                                }
+                                write_run(peer, &wanted, data, requests)
                             })
                             .await;
                             done.unwrap_or_else(|e| Got::Other(Response::Failed(e.to_string())))
@@ -518,25 +660,28 @@ impl Fetch<'_> {
                 machine.handle_timeout(clock.now());
                 continue;
             };
-            let (item, peer, request, got) = done?;
+            let (_, peer, request, got) = done?;
             match got {
-                Got::Block(len) => {
+                Got::Blocks(written, requests) => {
                     if !machine.handle_response(clock.now(), peer, request, Response::Data) {
                         continue;
                     }
-                    let (fi, bi) = places[item];
-                    let FileSlot::Open(inc) = &mut files[fi] else { continue };
-                    inc.mark_written(bi);
-                    self.report.blocks += 1;
-                    self.report.bytes += len;
-                    *self.report.bytes_by_peer.entry(peer.to_string()).or_default() += len;
-                    if inc.is_complete()
-                        && let FileSlot::Open(inc) =
-                            std::mem::replace(&mut files[fi], FileSlot::Done)
-                        && finish.send(inc).await.is_err()
-                    {
-                        // The finisher stopped on an error, which the caller reports.
-                        return Ok(());
+                    self.report.block_requests += requests;
+                    for (p, len) in written {
+                        let (fi, bi) = places[p];
+                        let FileSlot::Open(inc) = &mut files[fi] else { continue };
+                        inc.mark_written(bi);
+                        self.report.blocks += 1;
+                        self.report.bytes += len;
+                        *self.report.bytes_by_peer.entry(peer.to_string()).or_default() += len;
+                        if inc.is_complete()
+                            && let FileSlot::Open(inc) =
+                                std::mem::replace(&mut files[fi], FileSlot::Done)
+                            && finish.send(inc).await.is_err()
+                        {
+                            // The finisher stopped on an error, which the caller reports.
+                            return Ok(());
+                        }
                     }
                 }
                 Got::WriteFailed(e) => return Err(e.into()),

@@ -22,7 +22,8 @@
 //! ([`transport`]).
 //!
 //! Serving content reads the store on the blocking pool, at most
-//! [`MeshConfig::serve_concurrency`] requests at once; beyond that a peer is told `Busy`.
+//! [`MeshConfig::serve_concurrency`] requests at once; beyond that a peer is told `Busy`. A
+//! batch of small blocks (`/grid/blocks/1`) is one such request and one read of the index.
 
 pub mod codec;
 pub mod fetch;
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use grid_protocol::content::ContentId;
+use grid_protocol::transfer;
 use libp2p::gossipsub::{self, IdentTopic, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
 use libp2p::kad::{self, store::MemoryStore};
@@ -50,8 +52,8 @@ use tracing::{debug, info, trace, warn};
 
 use crate::store::Store;
 use codec::{
-    CONTENT_PROTOCOL, ContentCodec, ContentRequest, ContentResponse, MSG_PROTOCOL, MsgCodec,
-    MsgResponse,
+    BLOCKS_PROTOCOL, CONTENT_PROTOCOL, ContentCodec, ContentRequest, ContentResponse, MSG_PROTOCOL,
+    MsgCodec, MsgResponse,
 };
 
 /// Capacity of the command channel into the swarm task.
@@ -78,6 +80,8 @@ pub enum Fault {
     CorruptBlocks,
     /// Report every shard's exit code falsely (0 as 1, anything else as 0).
     Lie,
+    /// Serve content as a grid from before `/grid/blocks/1` did: one block a request.
+    OldContent,
 }
 
 /// How the mesh runs.
@@ -142,6 +146,7 @@ struct Behaviour {
     identify: identify::Behaviour,
     msg: request_response::Behaviour<MsgCodec>,
     content: request_response::Behaviour<ContentCodec>,
+    blocks: request_response::Behaviour<ContentCodec>,
     mdns: Toggle<mdns::tokio::Behaviour>,
     relay_client: relay::client::Behaviour,
     relay: Toggle<relay::Behaviour>,
@@ -355,6 +360,13 @@ enum Command {
     Served {
         channel: ResponseChannel<ContentResponse>,
         response: ContentResponse,
+        /// Asked over `/grid/blocks/1` (answered there), not `/grid/content/1`.
+        batch: bool,
+    },
+    Blocks {
+        peer: PeerId,
+        ids: Vec<ContentId>,
+        reply: oneshot::Sender<Result<Option<ContentResponse>, String>>,
     },
 }
 
@@ -401,6 +413,17 @@ impl MeshHandle {
         req: ContentRequest,
     ) -> Result<Result<ContentResponse, String>, Closed> {
         self.ask(|reply| Command::Content { peer, req, reply }).await
+    }
+
+    /// Asks `peer` for several blocks in one request (`/grid/blocks/1`); `Ok(None)` when the
+    /// peer does not speak that protocol (ask it one block a request). The bytes are not
+    /// verified.
+    pub async fn blocks(
+        &self,
+        peer: PeerId,
+        ids: Vec<ContentId>,
+    ) -> Result<Result<Option<ContentResponse>, String>, Closed> {
+        self.ask(|reply| Command::Blocks { peer, ids, reply }).await
     }
 
     /// Looks up the providers of `id` in the DHT (at most [`MAX_PROVIDERS`]).
@@ -513,6 +536,7 @@ pub fn start(
         serving: Arc::new(Semaphore::new(config.serve_concurrency)),
         config,
         pending_content: HashMap::new(),
+        pending_blocks: HashMap::new(),
         pending_providers: HashMap::new(),
         bad: BTreeMap::new(),
         agents: HashMap::new(),
@@ -592,6 +616,14 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
     // Bootstrapping is driven here: once the routing table has a first peer, then every five
     // minutes.
     kad_config.set_periodic_bootstrap_interval(None);
+    #[cfg(feature = "test-hooks")]
+    let blocks_support = if config.fault == Some(Fault::OldContent) {
+        ProtocolSupport::Outbound
+    } else {
+        ProtocolSupport::Full
+    };
+    #[cfg(not(feature = "test-hooks"))]
+    let blocks_support = ProtocolSupport::Full;
     let request_config = request_response::Config::default()
         .with_request_timeout(config.request_timeout)
         .with_max_concurrent_streams(256);
@@ -648,6 +680,11 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
                 content: request_response::Behaviour::with_codec(
                     ContentCodec,
                     [(CONTENT_PROTOCOL, ProtocolSupport::Full)],
+                    request_config.clone(),
+                ),
+                blocks: request_response::Behaviour::with_codec(
+                    ContentCodec,
+                    [(BLOCKS_PROTOCOL, blocks_support)],
                     request_config,
                 ),
                 mdns: mdns.into(),
@@ -677,6 +714,8 @@ struct Driver {
     serving: Arc<Semaphore>,
     config: Arc<MeshConfig>,
     pending_content: HashMap<OutboundRequestId, oneshot::Sender<Result<ContentResponse, String>>>,
+    pending_blocks:
+        HashMap<OutboundRequestId, oneshot::Sender<Result<Option<ContentResponse>, String>>>,
     pending_providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
     bad: BTreeMap<PeerId, u64>,
     agents: HashMap<PeerId, String>,
@@ -915,12 +954,23 @@ impl Driver {
                     self.peer_gone(peer);
                 }
             }
-            Command::Served { channel, response } => {
+            Command::Served { channel, response, batch } => {
                 if let ContentResponse::Found(b) = &response {
                     self.served_blocks += 1;
                     self.served_bytes += b.len() as u64;
                 }
-                let _ = self.swarm.behaviour_mut().content.send_response(channel, response);
+                let b = self.swarm.behaviour_mut();
+                let _ = if batch { &mut b.blocks } else { &mut b.content }
+                    .send_response(channel, response);
+            }
+            Command::Blocks { peer, ids, reply } => {
+                if self.bad.contains_key(&peer) {
+                    let _ = reply.send(Err(format!("peer {peer} served bad data before")));
+                    return;
+                }
+                let req = ContentRequest::Blocks(ids);
+                let id = self.swarm.behaviour_mut().blocks.send_request(&peer, req);
+                self.pending_blocks.insert(id, reply);
             }
         }
     }
@@ -1509,10 +1559,44 @@ impl Driver {
                     _ => {}
                 }
             }
+            BehaviourEvent::Blocks(request_response::Event::Message { peer, message, .. }) => {
+                match message {
+                    request_response::Message::Request { request, channel, .. } => {
+                        self.serve(peer, request, channel, true)
+                    }
+                    request_response::Message::Response { request_id, response } => {
+                        if let Some(reply) = self.pending_blocks.remove(&request_id) {
+                            let _ = reply.send(Ok(Some(response)));
+                        }
+                    }
+                }
+            }
+            BehaviourEvent::Blocks(request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            }) => {
+                if let Some(reply) = self.pending_blocks.remove(&request_id) {
+                    // As for `/grid/content/1` below; a peer that does not know the protocol
+                    // (an older grid) is asked one block a request instead.
+                    let answer = match error {
+                        request_response::OutboundFailure::UnsupportedProtocols => Ok(None),
+                        request_response::OutboundFailure::ConnectionClosed
+                        | request_response::OutboundFailure::Io(_)
+                            if self.swarm.is_connected(&peer) =>
+                        {
+                            Ok(Some(ContentResponse::Busy))
+                        }
+                        e => Err(e.to_string()),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
             BehaviourEvent::Content(request_response::Event::Message { peer, message, .. }) => {
                 match message {
                     request_response::Message::Request { request, channel, .. } => {
-                        self.serve(peer, request, channel)
+                        self.serve(peer, request, channel, false)
                     }
                     request_response::Message::Response { request_id, response } => {
                         if let Some(reply) = self.pending_content.remove(&request_id) {
@@ -1607,11 +1691,13 @@ impl Driver {
         peer: PeerId,
         req: ContentRequest,
         channel: ResponseChannel<ContentResponse>,
+        batch: bool,
     ) {
         let Ok(permit) = self.serving.clone().try_acquire_owned() else {
             self.served_busy += 1;
-            let _ =
-                self.swarm.behaviour_mut().content.send_response(channel, ContentResponse::Busy);
+            let b = self.swarm.behaviour_mut();
+            let _ = if batch { &mut b.blocks } else { &mut b.content }
+                .send_response(channel, ContentResponse::Busy);
             return;
         };
         if let ContentRequest::LiveLog { lease, offset } = req {
@@ -1624,7 +1710,9 @@ impl Driver {
                 None => ContentResponse::NotFound,
             };
             drop(permit);
-            let _ = self.swarm.behaviour_mut().content.send_response(channel, response);
+            let b = self.swarm.behaviour_mut();
+            let _ =
+                if batch { &mut b.blocks } else { &mut b.content }.send_response(channel, response);
             return;
         }
         let store = self.store.clone();
@@ -1634,17 +1722,16 @@ impl Driver {
         #[cfg(not(feature = "test-hooks"))]
         let corrupt = false;
         tokio::task::spawn_blocking(move || {
-            let found = match req {
-                ContentRequest::Manifest(id) => {
-                    store.manifest_bytes(&id).map(|b| b.map(Into::into))
-                }
-                ContentRequest::Block(id) => store.read_block(&id),
+            let found = match &req {
+                ContentRequest::Manifest(id) => store.manifest_bytes(id).map(|b| b.map(Into::into)),
+                ContentRequest::Block(id) => store.read_block(id),
                 ContentRequest::LiveLog { .. } => Ok(None),
+                ContentRequest::Blocks(ids) => store.read_blocks(ids, transfer::BATCH_MAX_BYTES),
             };
             let response = match found {
                 Ok(Some(mut b)) => {
                     if corrupt
-                        && matches!(req, ContentRequest::Block(_))
+                        && matches!(req, ContentRequest::Block(_) | ContentRequest::Blocks(_))
                         && let Some(x) = b.first_mut()
                     {
                         *x ^= 0x55;
@@ -1660,7 +1747,7 @@ impl Driver {
             if let Some(tx) = back.upgrade() {
                 // At most `serve_concurrency` of these are in flight, so this waits only while
                 // the swarm task is busy.
-                let _ = tx.blocking_send(Command::Served { channel, response });
+                let _ = tx.blocking_send(Command::Served { channel, response, batch });
             }
             drop(permit);
         });
