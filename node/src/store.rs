@@ -312,6 +312,22 @@ impl Incoming {
         self.missing_count == 0
     }
 
+    /// Checks that every block was received and cuts the file to its size (direct writes pad
+    /// the last block to the disk's alignment).
+    fn complete(&self) -> Result<(), StoreError> {
+        if self.missing_count != 0 {
+            return Err(StoreError::Corrupt {
+                what: format!("incoming file {}", self.staged.shown.display()),
+                detail: format!(
+                    "{} of {} blocks not received",
+                    self.missing_count,
+                    self.blocks.len()
+                ),
+            });
+        }
+        self.staged.file.set_len(self.size).map_err(io_err("size", &self.staged.shown))
+    }
+
     /// A writer of this file's blocks that can be sent to another thread; record each block it
     /// wrote with [`Incoming::mark_written`].
     pub fn writer(&self) -> BlockWriter {
@@ -945,18 +961,7 @@ impl Store {
 
     /// Moves a completely received file into the store and indexes it.
     pub fn finish_incoming(&self, inc: Incoming, session: &Session) -> Result<(), StoreError> {
-        if inc.missing_count != 0 {
-            return Err(StoreError::Corrupt {
-                what: format!("incoming file {}", inc.staged.shown.display()),
-                detail: format!(
-                    "{} of {} blocks not received",
-                    inc.missing_count,
-                    inc.blocks.len()
-                ),
-            });
-        }
-        // Direct writes pad the last block to the disk's alignment.
-        inc.staged.file.set_len(inc.size).map_err(io_err("size", &inc.staged.shown))?;
+        inc.complete()?;
         self.commit_object(inc.staged, &inc.blocks, inc.size, inc.executable, session)
     }
 
@@ -971,17 +976,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut named = Vec::with_capacity(incs.len());
         for inc in incs {
-            if inc.missing_count != 0 {
-                return Err(StoreError::Corrupt {
-                    what: format!("incoming file {}", inc.staged.shown.display()),
-                    detail: format!(
-                        "{} of {} blocks not received",
-                        inc.missing_count,
-                        inc.blocks.len()
-                    ),
-                });
-            }
-            inc.staged.file.set_len(inc.size).map_err(io_err("size", &inc.staged.shown))?;
+            inc.complete()?;
             let key = object_key(&inc.blocks, inc.executable);
             session.add_object(key);
             if self.object_meta(&key)?.is_some() {

@@ -21,14 +21,18 @@ fn mesh(s: &Scratch) -> Mesh {
 
 /// A submitter (no slots) and two trusted workers with `slots` slots each.
 fn mesh_of(s: &Scratch, slots: &str) -> Mesh {
+    mesh_with(s, &["--slots", slots])
+}
+
+/// A submitter (no slots) and two trusted workers, each started with `extra` arguments too.
+fn mesh_with(s: &Scratch, extra: &[&str]) -> Mesh {
     let submitter = NodeProc::start(&s.path("submitter"), &["--slots", "0"]);
     let boot = submitter.addrs[0].clone();
     let workers: Vec<NodeProc> = (0..2)
         .map(|i| {
-            NodeProc::start(
-                &s.path(&format!("worker{i}")),
-                &["--bootstrap", &boot, "--trust", &submitter.peer_id, "--slots", slots],
-            )
+            let mut args = vec!["--bootstrap", boot.as_str(), "--trust", &submitter.peer_id];
+            args.extend_from_slice(extra);
+            NodeProc::start(&s.path(&format!("worker{i}")), &args)
         })
         .collect();
     submitter.wait_connected(2);
@@ -432,18 +436,7 @@ fn a_suite_for_another_platform_is_listed_on_a_worker_of_that_platform() {
     }
     // The workers offer an operating system this machine does not: a job asking for it cannot
     // list its tests here.
-    let submitter = NodeProc::start(&s.path("submitter"), &["--slots", "0"]);
-    let boot = submitter.addrs[0].clone();
-    let workers: Vec<NodeProc> = (0..2)
-        .map(|i| {
-            NodeProc::start(
-                &s.path(&format!("worker{i}")),
-                &["--bootstrap", &boot, "--trust", &submitter.peer_id, "--dimension", "os=Plan9"],
-            )
-        })
-        .collect();
-    submitter.wait_connected(2);
-    let m = Mesh { submitter, _workers: workers };
+    let m = mesh_with(&s, &["--dimension", "os=Plan9"]);
     let junit = s.path("merged.xml");
     let (code, out, err) = submit(
         &m,

@@ -91,8 +91,11 @@ pub enum Lister<'a> {
     /// As a one-shard job on a node that matches (this machine is not of the job's platform):
     /// given the program and its arguments, returns the shard's log (stdout and stderr) and
     /// its exit code.
-    Worker(&'a dyn Fn(&str, &[String]) -> anyhow::Result<(String, Option<i32>)>),
+    Worker(&'a ListOnWorker<'a>),
 }
+
+/// Runs a listing command (program, arguments) as a job; answers its log and exit code.
+pub type ListOnWorker<'a> = dyn Fn(&str, &[String]) -> anyhow::Result<(String, Option<i32>)> + 'a;
 
 impl std::fmt::Debug for Lister<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
