@@ -2,7 +2,7 @@
 //! its jobs, updated live, and the JSON API it is drawn from (`/api/...`).
 //!
 //! Every answer of the API is built by the code that answers the control socket
-//! ([`daemon::handle`]) and is the type `grid` prints with `--json`: `/api/status` is what
+//! (`daemon::handle`) and is the type `grid` prints with `--json`: `/api/status` is what
 //! `grid status --json` prints, `/api/jobs/JOB` what `grid status JOB --json` prints, so the
 //! page, the CLI and scripts cannot disagree. The API only reads: nothing here submits or
 //! cancels. The page is one HTML file, one script and one style sheet compiled into the binary;

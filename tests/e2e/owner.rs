@@ -199,7 +199,9 @@ fn an_idle_only_node_claims_nothing_while_its_owner_is_busy_and_claims_once_idle
     // and the second half of this test cannot be shown.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let background = busy_cores(std::time::Duration::from_secs(3));
-    if background > 0.5 * cores as f64 {
+    // Other tests running beside this one load the machine too: the node must still see it
+    // idle (below 0.9 of its cores) once this test's own load ends.
+    if background > 0.7 * cores as f64 {
         eprintln!(
             "skipped: this machine is already busy ({background:.2} of {cores} cores in use), \
              so it would never look idle"
@@ -207,9 +209,9 @@ fn an_idle_only_node_claims_nothing_while_its_owner_is_busy_and_claims_once_idle
         return;
     }
     let s = Scratch::new();
-    // A busy loop per core takes the whole machine, well over 0.75 of its cores.
+    // A busy loop per core takes the whole machine, over 0.9 of its cores.
     let load = Load::start(cores);
-    let (submitter, worker) = pair(&s, &["--idle-only", "--idle-threshold", "0.75"]);
+    let (submitter, worker) = pair(&s, &["--idle-only", "--idle-threshold", "0.9"]);
     grid_tests::wait_for(30, "the worker to see its owner's load", || {
         let st = worker.json(["status", "--json"]);
         st["worker"]["paused"]
