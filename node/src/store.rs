@@ -287,6 +287,17 @@ impl Drop for Session {
     }
 }
 
+/// Whether `blocks` can be the blocks of a file of `size` bytes.
+fn block_count_fits(size: u64, blocks: &[ContentId]) -> Result<(), StoreError> {
+    if content::block_count(size) != blocks.len() as u64 {
+        return Err(StoreError::Corrupt {
+            what: "incoming file".into(),
+            detail: format!("{} bytes cannot be {} blocks", size, blocks.len()),
+        });
+    }
+    Ok(())
+}
+
 /// A file being received from peers (see [`Store::incoming`]).
 ///
 /// Dropping it unfinished removes the temporary file.
@@ -926,12 +937,7 @@ impl Store {
         executable: bool,
         blocks: Vec<ContentId>,
     ) -> Result<Incoming, StoreError> {
-        if content::block_count(size) != blocks.len() as u64 {
-            return Err(StoreError::Corrupt {
-                what: "incoming file".into(),
-                detail: format!("{} bytes cannot be {} blocks", size, blocks.len()),
-            });
-        }
+        block_count_fits(size, &blocks)?;
         self.reserve(size)?;
         self.incoming_reserved(size, executable, blocks)
     }
@@ -944,12 +950,7 @@ impl Store {
         executable: bool,
         blocks: Vec<ContentId>,
     ) -> Result<Incoming, StoreError> {
-        if content::block_count(size) != blocks.len() as u64 {
-            return Err(StoreError::Corrupt {
-                what: "incoming file".into(),
-                detail: format!("{} bytes cannot be {} blocks", size, blocks.len()),
-            });
-        }
+        block_count_fits(size, &blocks)?;
         let objects = self.root.join("objects");
         let (staged, direct) =
             Staged::create_for(self, size).map_err(io_err("create in", &objects))?;
