@@ -5,20 +5,11 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use grid_tests::{NodeProc, Scratch, wait_for};
+use grid_tests::{NodeProc, Scratch, describe, wait_for};
 use serde_json::Value;
 
 fn submit(node: &NodeProc, args: &[&str]) -> Output {
     node.grid(["submit"]).args(args).output().expect("run grid submit")
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// A submitting node (no slots) and `workers` one-slot workers that trust it, each started

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::process::Output;
 
-use grid_tests::{NodeProc, Scratch, free_port, suite_dir, wait_for};
+use grid_tests::{NodeProc, Scratch, describe, free_port, suite_dir, wait_for};
 use serde_json::Value;
 
 /// A submitting node and `n` workers that trust it, all connected.
@@ -44,15 +44,6 @@ fn submit(node: &NodeProc, dir: &std::path::Path, args: &[&str]) -> Output {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        stdout(o),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn json_of(o: &Output) -> Value {

@@ -4,7 +4,7 @@
 
 use std::process::Output;
 
-use grid_tests::{NodeProc, Scratch};
+use grid_tests::{NodeProc, Scratch, describe};
 
 /// Whether real cgroups can be made here; prints why not.
 fn cgroups_here() -> bool {
@@ -40,15 +40,6 @@ fn script(s: &Scratch, name: &str, body: &str) -> std::path::PathBuf {
 
 fn submit(node: &NodeProc, dir: &std::path::Path, args: &[&str]) -> Output {
     node.grid(["submit"]).args(args).current_dir(dir).output().expect("run grid submit")
-}
-
-fn describe(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The cgroup directories of the node whose data directory is `data_dir`: the executor names
