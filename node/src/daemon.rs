@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use grid_protocol::content::ContentId;
+use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -112,6 +113,15 @@ pub struct Fetcher {
 impl Fetcher {
     /// Makes the tree `id` complete in the store.
     pub async fn fetch(self: &Arc<Self>, id: ContentId) -> Result<FetchReport, String> {
+        self.fetch_from(id, Vec::new()).await
+    }
+
+    /// As [`Fetcher::fetch`], asking `hints` first (see [`fetch_tree`]).
+    pub async fn fetch_from(
+        self: &Arc<Self>,
+        id: ContentId,
+        hints: Vec<PeerId>,
+    ) -> Result<FetchReport, String> {
         let shared = {
             let mut fetches = self.fetches.lock().expect("fetches lock");
             fetches
@@ -119,8 +129,9 @@ impl Fetcher {
                 .or_insert_with(|| {
                     let me = self.clone();
                     async move {
-                        let r =
-                            fetch_tree(&me.mesh, &me.store, id).await.map_err(|e| e.to_string());
+                        let r = fetch_tree(&me.mesh, &me.store, id, &hints)
+                            .await
+                            .map_err(|e| e.to_string());
                         me.fetches.lock().expect("fetches lock").remove(&id);
                         r
                     }
@@ -154,7 +165,10 @@ impl Runner for ShardRunner {
         let lie = self.lie;
         async move {
             let t = std::time::Instant::now();
-            if let Err(e) = fetcher.fetch(exec.spec.manifest).await {
+            // The submitter holds the inputs (it announced them): asked first, it spares the
+            // shard a DHT lookup, which on a busy mesh takes longer than a short shard runs.
+            let hints = vec![exec.lease.submitter];
+            if let Err(e) = fetcher.fetch_from(exec.spec.manifest, hints).await {
                 let mut o = fetch_failed(&fetcher.mesh, &exec, &e).await;
                 o.overhead = t.elapsed();
                 return o;
@@ -175,8 +189,10 @@ impl Runner for ShardRunner {
             let _ = drain.await;
             live.close(&lease);
             report.outcome.overhead += fetched;
-            // Logs and outputs are trees: provide them so the submitter can fetch them.
-            for id in [report.outcome.log, report.outcome.outputs].into_iter().flatten() {
+            // Outputs are trees others may want: provide them. A log is fetched only from the
+            // node that ran the shard (the result names it), so the DHT is not told: a provider
+            // record is a DHT query, and a node that runs many short shards would make one each.
+            if let Some(id) = report.outcome.outputs {
                 let _ = fetcher.mesh.provide(id).await;
             }
             if lie && let Some(code) = report.outcome.exit_code.as_mut() {
@@ -227,7 +243,7 @@ pub struct RecordsLost(pub String);
 #[derive(Debug)]
 pub struct Started {
     /// The peer id.
-    pub peer_id: libp2p::PeerId,
+    pub peer_id: PeerId,
     /// Full listen addresses (with `/p2p/<id>`).
     pub listening: Vec<String>,
     /// The status page's address (with its token when one is needed), if it is served.
@@ -580,7 +596,8 @@ pub(crate) async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Res
         }
         Request::Peers => Response::Peers(node.mesh.peers().await?),
         Request::Fetch { id, out } => {
-            let report = node.fetcher.fetch(id).await.map_err(anyhow::Error::msg)?;
+            let hints = ask(&node.engine, |reply| EngineCommand::Producers { id, reply }).await?;
+            let report = node.fetcher.fetch_from(id, hints).await.map_err(anyhow::Error::msg)?;
             let materialized = match out {
                 Some(out) => {
                     let store = node.store.clone();
@@ -689,7 +706,8 @@ pub(crate) async fn handle(node: &Arc<Node>, req: Request) -> anyhow::Result<Res
             Response::Tail(TailAnswer::Running(output))
         }
         Request::Cat { id } => {
-            node.fetcher.fetch(id).await.map_err(anyhow::Error::msg)?;
+            let hints = ask(&node.engine, |reply| EngineCommand::Producers { id, reply }).await?;
+            node.fetcher.fetch_from(id, hints).await.map_err(anyhow::Error::msg)?;
             let store = node.store.clone();
             let bytes =
                 tokio::task::spawn_blocking(move || read_single_file(&store, &id)).await??;

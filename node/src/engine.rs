@@ -95,6 +95,14 @@ pub enum EngineCommand {
     },
     /// The worker side's state.
     Worker(oneshot::Sender<WorkerView>),
+    /// The nodes whose results name the tree `id` as their log or outputs: the nodes that
+    /// hold it (logs are not announced in the DHT, so they are fetched from these).
+    Producers {
+        /// The tree.
+        id: ContentId,
+        /// The answer.
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     /// Who runs a shard of the newest submission of a job now: its lease and node.
     Holder {
         /// The job.
@@ -164,6 +172,8 @@ pub struct Engine {
 
 /// Shortest time between two progress views of one job sent to its watchers.
 pub const VIEW_INTERVAL: Duration = Duration::from_millis(100);
+/// Most nodes [`EngineCommand::Producers`] answers (the replicas of one shard, at most).
+pub const MAX_PRODUCERS: usize = 16;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -281,6 +291,32 @@ impl Engine {
         Some(t.map_or(v, |t| t.min(v)))
     }
 
+    /// The nodes whose results name `id` as their log or outputs (see
+    /// [`EngineCommand::Producers`]), at most [`MAX_PRODUCERS`].
+    fn producers(&self, id: ContentId) -> Vec<PeerId> {
+        let mut out = Vec::new();
+        for (_, s) in self.node.submissions() {
+            for i in 0..s.request().spec.shards {
+                let names =
+                    |r: &&SignedResult| r.body.log == Some(id) || r.body.outputs == Some(id);
+                let Some(st) = s.shard(i) else { continue };
+                for r in s.results(i).chain(st.tries.iter()).filter(names) {
+                    let node = st
+                        .attempts
+                        .iter()
+                        .find(|(l, _, _)| l.shard == r.body.shard && l.attempt == r.body.attempt);
+                    if let Some((_, n, _)) = node
+                        && !out.contains(n)
+                        && out.len() < MAX_PRODUCERS
+                    {
+                        out.push(*n);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// The node's health, as the worker must know it before each input. A quarantine is said
     /// before a pause: it is what the operator must fix.
     fn refresh_health(&mut self, t: Time) {
@@ -347,8 +383,12 @@ impl Engine {
     pub async fn on_inbound(&mut self, m: Inbound) {
         let t = now();
         self.refresh_health(t);
+        let last_heard = self.node.heard().last().copied();
         if let Err(e) = self.node.handle_frame(t, m.from, m.gossip, &m.frame) {
             debug!(from = %m.from, "{e}");
+        }
+        if let Some(job) = self.node.heard().last().filter(|j| Some(**j) != last_heard) {
+            info!(%job, from = %m.from, "job heard");
         }
         self.drain().await;
     }
@@ -401,6 +441,9 @@ impl Engine {
             }
             EngineCommand::Cancel { job, reply } => {
                 let _ = reply.send(self.node.cancel(t, &job));
+            }
+            EngineCommand::Producers { id, reply } => {
+                let _ = reply.send(self.producers(id));
             }
             EngineCommand::Holder { job, shard, reply } => {
                 let _ = reply.send(self.node.holder(&job, shard));

@@ -568,7 +568,8 @@ async fn junit_reports(
     for s in &v.shards {
         let Some(out) = s.outputs else { continue };
         let shard = s.shard;
-        match tokio::time::timeout(JUNIT_FETCH_TIMEOUT, node.fetcher.fetch(out)).await {
+        let fetch = node.fetcher.fetch_from(out, s.node.into_iter().collect());
+        match tokio::time::timeout(JUNIT_FETCH_TIMEOUT, fetch).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 notes.push(format!("the outputs of shard {shard} could not be fetched: {e}"));

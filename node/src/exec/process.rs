@@ -37,6 +37,9 @@ const MAX_KILL_PASSES: u32 = 1000;
 const KILL_PASS_PAUSE: Duration = Duration::from_millis(10);
 /// How often the tree is checked while it has its grace period.
 const GRACE_POLL: Duration = Duration::from_millis(50);
+/// How long a run's end waits for the helper to exit on its own before it looks for what the
+/// command left behind.
+const HELPER_SETTLE: Duration = Duration::from_millis(20);
 /// How long the helper may take to exit once its tree is gone.
 const HELPER_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -185,8 +188,52 @@ fn parse_stat(stat: &str) -> Option<(String, char, i32)> {
     Some((comm, state, ppid))
 }
 
-/// Every process below `root`, found by walking `/proc`.
+/// Every process below `root`: from the kernel's list of each process's children
+/// (`/proc/PID/task/TID/children`), or, where the kernel keeps none, by reading every process
+/// of `/proc`. The first costs a few reads for a small tree; the second a read per process on
+/// the machine, which on a busy node is most of what ending a shard costs.
 pub(crate) fn descendants(root: i32) -> Vec<Member> {
+    static CHILDREN_LISTS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let listed = *CHILDREN_LISTS.get_or_init(|| {
+        let me = std::process::id();
+        std::path::Path::new(&format!("/proc/{me}/task/{me}/children")).exists()
+    });
+    if listed { descendants_listed(root) } else { descendants_scanned(root) }
+}
+
+/// The children of `pid`, as its threads' `children` files list them.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for t in tasks.flatten() {
+        let Ok(list) = std::fs::read_to_string(t.path().join("children")) else { continue };
+        out.extend(list.split_ascii_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+    }
+    out
+}
+
+fn descendants_listed(root: i32) -> Vec<Member> {
+    let mut out = Vec::new();
+    let mut frontier = vec![(root, 0u32)];
+    while let Some((pid, depth)) = frontier.pop() {
+        for child in children_of(pid) {
+            // A process may be gone between the listing and the read: skip it.
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            let Some((comm, state, ppid)) = parse_stat(&stat) else { continue };
+            // Listed, then gone and its pid taken by another: not ours.
+            if ppid != pid || out.iter().any(|m: &Member| m.pid == child) {
+                continue;
+            }
+            frontier.push((child, depth + 1));
+            out.push(Member { pid: child, depth: depth + 1, comm, zombie: state == 'Z' });
+        }
+    }
+    out
+}
+
+fn descendants_scanned(root: i32) -> Vec<Member> {
     let mut children: HashMap<i32, Vec<(i32, String, bool)>> = HashMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     for e in dir.flatten() {
@@ -246,8 +293,25 @@ impl Tree {
         descendants(self.helper_pid).iter().all(|m| m.zombie)
     }
 
+    /// Whether the helper has exited, waiting up to `wait` for it. It exits on its own only
+    /// once no process is left below it, so then there is nothing to signal (and its pid may
+    /// be another's already).
+    async fn helper_exited(&mut self, wait: Duration) -> bool {
+        if matches!(self.helper.try_wait(), Ok(Some(_))) {
+            return true;
+        }
+        !wait.is_zero() && matches!(tokio::time::timeout(wait, self.helper.wait()).await, Ok(Ok(_)))
+    }
+
     /// SIGTERM to the tree, up to `grace` for it to end, then SIGKILL to whatever is left.
     pub(crate) async fn terminate(&mut self, grace: Duration) {
+        // The usual end: the command exited and left nothing behind, so the helper is on its
+        // way out too.
+        if self.helper_exited(HELPER_SETTLE).await {
+            self.ctl = None;
+            self.done = true;
+            return;
+        }
         if self.signal(Signal::SIGTERM, true) > 0 {
             let deadline = Instant::now() + grace;
             while Instant::now() < deadline && !self.is_empty() {
@@ -259,6 +323,11 @@ impl Tree {
 
     /// SIGKILLs the whole tree until nothing is left, then lets the helper go.
     pub(crate) async fn kill(&mut self) {
+        if self.helper_exited(Duration::ZERO).await {
+            self.ctl = None;
+            self.done = true;
+            return;
+        }
         let mut passes = 0;
         while self.signal(Signal::SIGKILL, false) > 0 {
             passes += 1;

@@ -119,17 +119,22 @@ fn transfer_message(tree: &ContentId, failure: &Failure<PeerId>) -> String {
     if failure.item == *tree { failure.to_string() } else { format!("tree {tree}: {failure}") }
 }
 
-/// Fetches the tree `id` into `store` from the mesh.
+/// Fetches the tree `id` into `store` from the mesh. `hints` are peers known to hold it (the
+/// node that produced a shard's log, say): they are asked first, before the DHT's providers.
 pub async fn fetch_tree(
     mesh: &MeshHandle,
     store: &Arc<Store>,
     id: ContentId,
+    hints: &[PeerId],
 ) -> Result<FetchReport, FetchError> {
     let start = Instant::now();
     let mut f = Fetch {
         mesh,
         store,
         session: Arc::new(store.session()),
+        hints,
+        hints_tried: false,
+        skipped_dht: false,
         bad: BTreeSet::new(),
         report: FetchReport { id: id.to_string(), ..Default::default() },
     };
@@ -154,6 +159,10 @@ struct Fetch<'a> {
     mesh: &'a MeshHandle,
     store: &'a Arc<Store>,
     session: Arc<Session>,
+    hints: &'a [PeerId],
+    hints_tried: bool,
+    /// Whether the last [`Fetch::candidates`] stood the hints in for the DHT.
+    skipped_dht: bool,
     bad: BTreeSet<PeerId>,
     report: FetchReport,
 }
@@ -362,7 +371,15 @@ impl Fetch<'_> {
             }
             None => {
                 providers = self.candidates(id).await?;
-                self.manifest(id, &providers).await?
+                match self.manifest(id, &providers).await {
+                    Ok(got) => got,
+                    // The hints and connected peers lacked it: the DHT may know who has it.
+                    Err(_) if self.skipped_dht => {
+                        providers = self.candidates(id).await?;
+                        self.manifest(id, &providers).await?
+                    }
+                    Err(e) => return Err(e),
+                }
             }
         };
         let mut fetched = false;
@@ -383,14 +400,22 @@ impl Fetch<'_> {
         Ok(fetched || self.report.bytes > 0)
     }
 
-    /// DHT providers first, then connected peers; never this node or a bad peer.
+    /// The hints, then DHT providers, then connected peers; never this node or a bad peer.
+    /// The first time, hints stand in for the DHT lookup; when they are asked again (they
+    /// failed), the DHT is asked too.
     async fn candidates(&mut self, id: ContentId) -> Result<Vec<PeerId>, FetchError> {
         let me = self.mesh.local_peer_id();
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        let providers = self.mesh.find_providers(id).await?;
+        self.skipped_dht = !self.hints.is_empty() && !self.hints_tried;
+        let providers = if self.skipped_dht {
+            self.hints_tried = true;
+            Vec::new()
+        } else {
+            self.mesh.find_providers(id).await?
+        };
         let connected = self.mesh.connected().await?;
-        for p in providers.into_iter().chain(connected) {
+        for p in self.hints.iter().copied().chain(providers).chain(connected) {
             if p != me && !self.bad.contains(&p) && seen.insert(p) {
                 out.push(p);
             }
