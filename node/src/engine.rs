@@ -382,6 +382,7 @@ impl Engine {
     /// Handles a message from the mesh.
     pub async fn on_inbound(&mut self, m: Inbound) {
         let t = now();
+        tracing::trace!(from = %m.from, gossip = m.gossip, bytes = m.frame.len(), "inbound");
         self.refresh_health(t);
         let last_heard = self.node.heard().last().copied();
         if let Err(e) = self.node.handle_frame(t, m.from, m.gossip, &m.frame) {

@@ -391,7 +391,11 @@ pub fn main() -> ExitCode {
                 explicit: args.http.is_some(),
                 token: args.http_token.clone(),
             };
-        let rt = tokio::runtime::Runtime::new()?;
+        // One thread runs every task: a node waits on the network and its shards, and what
+        // takes CPU (hashing, writing trees, the store) runs on blocking threads. A second
+        // scheduler thread would cost a wake-up across threads for most events.
+        let rt =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         rt.block_on(daemon::run_serving(opts, http, key, shutdown_signal(), |s| {
             let mut text = format!("peer id: {}\ndata directory: {}\n", s.peer_id, dir.display());
             for a in &s.listening {

@@ -9,4 +9,5 @@ mod owner;
 mod package;
 mod relay;
 mod runners;
+mod scale;
 mod web;

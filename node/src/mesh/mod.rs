@@ -169,6 +169,11 @@ pub const AUTONAT_DIAL_BACKS_PER_SECOND: usize = 16;
 /// AutoNAT (v1): peers dial this node back at the addresses it asks about, and it dials back
 /// theirs. Private address ranges count (`only_global_ips: false`): LAN meshes and labs use
 /// them, and a dial-back only ever goes to the IP address the asking peer is seen at.
+/// How often a node pings each connected peer (it answers pings whenever asked). Every ping
+/// wakes both ends, and an idle node may be connected to hundreds of peers (libp2p's default
+/// is 15 s).
+pub const PING_INTERVAL: Duration = Duration::from_secs(60);
+
 fn autonat_config() -> autonat::Config {
     autonat::Config {
         timeout: Duration::from_secs(10),
@@ -692,7 +697,7 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
                 relay: want_relay.then(|| relay::Behaviour::new(local, relay_config())).into(),
                 dcutr: dcutr::Behaviour::new(local),
                 autonat: autonat::Behaviour::new(local, autonat_config()),
-                ping: ping::Behaviour::new(ping::Config::new()),
+                ping: ping::Behaviour::new(ping::Config::new().with_interval(PING_INTERVAL)),
             })
         })
         .map_err(|e| setup(&e))?
