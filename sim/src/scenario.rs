@@ -133,8 +133,10 @@ pub struct Region {
 pub struct Network {
     /// Regions.
     pub regions: Vec<Region>,
-    /// One-way latency in ms between regions (`latency_ms[a][b]`), square.
-    pub latency_ms: Vec<Vec<u32>>,
+    /// One-way latency in ms between regions (`latency_ms[a][b]`), square. Fractions are
+    /// allowed (loopback is about 0.2 ms); the clock counts whole ms, so a message's whole
+    /// delay (latency, jitter, size over bandwidth) is rounded up to the next ms.
+    pub latency_ms: Vec<Vec<f64>>,
     /// Up to this many ms added per link (fixed per link) and per message (drawn each time).
     pub jitter_ms: u32,
     /// Fraction of direct messages lost.
@@ -152,7 +154,11 @@ impl Default for Network {
                 Region { name: "us".into(), weight: 2 },
                 Region { name: "asia".into(), weight: 1 },
             ],
-            latency_ms: vec![vec![5, 45, 120], vec![45, 5, 90], vec![120, 90, 10]],
+            latency_ms: vec![
+                vec![5.0, 45.0, 120.0],
+                vec![45.0, 5.0, 90.0],
+                vec![120.0, 90.0, 10.0],
+            ],
             jitter_ms: 5,
             loss: 0.0,
             codec: true,
@@ -524,6 +530,10 @@ impl Scenario {
         if self.network.latency_ms.iter().any(|r| r.len() != n) {
             return bad("network.latency_ms must be square");
         }
+        let time = |x: f64| x.is_finite() && (0.0..=3_600_000.0).contains(&x);
+        if !self.network.latency_ms.iter().flatten().all(|&x| time(x)) {
+            return bad("network.latency_ms must be times in ms, 0 or more");
+        }
         let p = &self.population;
         if p.nodes == 0 || p.clients + p.worker_submitters == 0 {
             return bad(
@@ -658,6 +668,14 @@ mod tests {
         assert!(
             Scenario::parse(&two.replace("jobz", "x").replace("jobs = 1\n", "jobz = 1\n")).is_err()
         );
+    }
+
+    #[test]
+    fn latencies_may_be_fractions_of_a_ms_and_must_be_times() {
+        let one = "[network]\nregions = [{ name = \"l\", weight = 1 }]\nlatency_ms = [[0.2]]\n";
+        assert_eq!(Scenario::parse(one).unwrap().network.latency_ms, vec![vec![0.2]]);
+        assert!(Scenario::parse(&one.replace("0.2", "-1")).is_err());
+        assert!(Scenario::parse(&one.replace("0.2", "nan")).is_err());
     }
 
     #[test]
