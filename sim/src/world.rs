@@ -196,8 +196,10 @@ struct JobRun {
     ideal: u64,
     manifest: ContentId,
     max_replicas: u8,
-    /// The last states and stats seen (for the report while its node is down).
+    /// The last states, shards passed and stats seen (for the report while its node is
+    /// down).
     states: Vec<ShardState>,
+    passed: u64,
     stats: SubmitterStats,
     /// Per shard, its attempts that ended without an outcome, when its node went down (no
     /// attempt is granted or lost while it is down).
@@ -299,6 +301,16 @@ pub fn run_with_progress(sc: &Scenario, seed: u64, every: u64) -> Result<Report,
         None => Ok(report),
         Some(violation) => Err(Box::new(Failure { seed, violation, report: Box::new(report) })),
     }
+}
+
+/// A job's shards accepted as passed: the process exited with code 0.
+fn shards_passed(s: &Submitter) -> u64 {
+    let passed = |x: u32| {
+        s.shard(x)
+            .and_then(|st| st.accepted)
+            .is_some_and(|o| o.state == RunState::Completed && o.exit_code == Some(0))
+    };
+    (0..s.request().spec.shards).filter(|&x| passed(x)).count() as u64
 }
 
 /// A shard's attempts that ended without an outcome.
@@ -481,6 +493,7 @@ impl World {
                 manifest: req.spec.manifest,
                 max_replicas: req.scheduling.max_replicas,
                 states: Vec::new(),
+                passed: 0,
                 stats: SubmitterStats::default(),
                 lost: Vec::new(),
             });
@@ -712,6 +725,7 @@ impl World {
                         shards.map(|x| s.shard(x).map_or(0, |st| lost_attempts(&st))).collect();
                     let job = &mut self.jobs[j as usize];
                     job.states = s.shard_states();
+                    job.passed = shards_passed(s);
                     job.stats = s.stats().clone();
                     job.lost = lost;
                 }
@@ -1389,11 +1403,18 @@ impl World {
         let mut overhead = Vec::new();
         let mut states: BTreeMap<String, u64> = BTreeMap::new();
         let mut dissents = 0;
+        let mut passed = 0;
         let mut groups: Vec<GroupTally> = vec![GroupTally::default(); sc.workload.groups.len()];
         for (j, job) in self.jobs.iter().enumerate() {
             let (st, stats) = match self.submitter_of(j as u32) {
-                Some(s) => (s.shard_states(), s.stats().clone()),
-                None => (job.states.clone(), job.stats.clone()),
+                Some(s) => {
+                    passed += shards_passed(s);
+                    (s.shard_states(), s.stats().clone())
+                }
+                None => {
+                    passed += job.passed;
+                    (job.states.clone(), job.stats.clone())
+                }
             };
             if let Some(g) = job.group.and_then(|g| groups.get_mut(g)) {
                 g.add(job, st.iter().filter(|s| s.is_final()).count() as u64);
@@ -1436,6 +1457,7 @@ impl World {
             completion_over_ideal: Percentiles::of(ratio),
             overhead_s: Percentiles::of(overhead),
             shard_states: states,
+            shards_passed: passed,
             messages_per_job,
             bytes_per_node: Percentiles::of(c.bytes.iter().map(|&b| b as f64).collect()),
             executions,
@@ -1531,6 +1553,7 @@ mod tests {
         let r = run(&small(), 1).unwrap();
         assert_eq!(r.jobs_finished, 3);
         assert_eq!(r.shard_states["COMPLETED"], 30);
+        assert!(r.shards_passed > 0 && r.shards_passed <= 30, "{}", r.shards_passed);
         assert_eq!(r.executions, 30);
         assert!(r.completion_s.max < 120.0, "{:?}", r.completion_s);
         assert!(r.messages_per_job["grant"] >= 1.0);
