@@ -80,6 +80,9 @@ pub struct Report {
     pub overhead_s: Percentiles,
     /// Final shard states.
     pub shard_states: BTreeMap<String, u64>,
+    /// Shards accepted as passed (their process exited with code 0).
+    #[serde(default)]
+    pub shards_passed: u64,
     /// Messages per job by type (direct messages by kind; gossip data, duplicates and
     /// control; DHT; block requests).
     pub messages_per_job: BTreeMap<String, f64>,

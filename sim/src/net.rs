@@ -25,7 +25,7 @@ pub struct Net {
     pub region: Vec<u8>,
     /// Per node: link speed in bytes per millisecond.
     pub bytes_per_ms: Vec<f64>,
-    latency: Vec<Vec<u32>>,
+    latency: Vec<Vec<f64>>,
     jitter: u32,
     loss: f64,
     seed: u64,
@@ -48,13 +48,18 @@ impl Net {
     }
 
     /// The fixed one-way latency of the link a-b in ms (symmetric): the region pair's, plus a
-    /// per-link share of the jitter.
+    /// per-link share of the jitter, rounded up to a whole ms.
     pub fn link_ms(&self, a: u32, b: u32) -> u64 {
+        self.link_exact(a, b).ceil() as u64
+    }
+
+    /// [`Net::link_ms`] before rounding.
+    fn link_exact(&self, a: u32, b: u32) -> f64 {
         let (ra, rb) = (self.region[a as usize] as usize, self.region[b as usize] as usize);
-        let base = u64::from(self.latency[ra][rb]);
+        let base = self.latency[ra][rb];
         let (lo, hi) = (a.min(b), a.max(b));
         let j = u64::from(self.jitter.max(1));
-        base + mix(self.seed ^ (u64::from(lo) << 32) ^ u64::from(hi)) % j
+        base + (mix(self.seed ^ (u64::from(lo) << 32) ^ u64::from(hi)) % j) as f64
     }
 
     /// Whether messages from `from` to `to` are cut.
@@ -71,8 +76,10 @@ impl Net {
         }
         let extra = rng.below(u64::from(self.jitter) + 1);
         let bw = self.bytes_per_ms[from as usize].min(self.bytes_per_ms[to as usize]);
-        let wire = (bytes as f64 / bw).ceil() as u64;
-        Some(self.link_ms(from, to) + extra + wire)
+        let wire = bytes as f64 / bw;
+        // Rounded up once, as a whole: with whole-ms latencies this is latency + jitter + the
+        // wire time rounded up; a sub-ms latency (loopback) adds no extra ms of its own.
+        Some((self.link_exact(from, to) + extra as f64 + wire).ceil() as u64)
     }
 
     /// Round-trip time of the link a-b, ms.
@@ -108,6 +115,21 @@ mod tests {
         n.cut.as_mut().unwrap().one_way = true;
         assert!(n.blocked(0, 1) && !n.blocked(1, 0));
         assert!(n.delay(&mut rng, 0, 1, 100).is_none());
+    }
+
+    #[test]
+    fn a_sub_ms_latency_costs_one_ms_in_all() {
+        let cfg = Network {
+            regions: vec![crate::scenario::Region { name: "local".into(), weight: 1 }],
+            latency_ms: vec![vec![0.2]],
+            jitter_ms: 0,
+            ..Network::default()
+        };
+        let n = Net::new(&cfg, vec![0, 0], vec![125_000.0; 2], 9);
+        let mut rng = Rng::new(1);
+        assert_eq!(n.link_ms(0, 1), 1);
+        assert_eq!(n.delay(&mut rng, 0, 1, 300), Some(1));
+        assert_eq!(n.delay(&mut rng, 0, 1, 250_000), Some(3));
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Scenario {
     pub faults: Faults,
     /// Misbehaving nodes.
     pub byzantine: Byzantine,
+    /// Time a real node spends outside the protocol's state machines.
+    pub costs: Costs,
     /// Run limits and checks.
     pub run: Run,
     /// What `grid-sim sweep` varies.
@@ -133,8 +135,10 @@ pub struct Region {
 pub struct Network {
     /// Regions.
     pub regions: Vec<Region>,
-    /// One-way latency in ms between regions (`latency_ms[a][b]`), square.
-    pub latency_ms: Vec<Vec<u32>>,
+    /// One-way latency in ms between regions (`latency_ms[a][b]`), square. Fractions are
+    /// allowed (loopback is about 0.2 ms); the clock counts whole ms, so a message's whole
+    /// delay (latency, jitter, size over bandwidth) is rounded up to the next ms.
+    pub latency_ms: Vec<Vec<f64>>,
     /// Up to this many ms added per link (fixed per link) and per message (drawn each time).
     pub jitter_ms: u32,
     /// Fraction of direct messages lost.
@@ -152,7 +156,11 @@ impl Default for Network {
                 Region { name: "us".into(), weight: 2 },
                 Region { name: "asia".into(), weight: 1 },
             ],
-            latency_ms: vec![vec![5, 45, 120], vec![45, 5, 90], vec![120, 90, 10]],
+            latency_ms: vec![
+                vec![5.0, 45.0, 120.0],
+                vec![45.0, 5.0, 90.0],
+                vec![120.0, 90.0, 10.0],
+            ],
             jitter_ms: 5,
             loss: 0.0,
             codec: true,
@@ -434,6 +442,26 @@ pub struct Byzantine {
     pub sybil_slots: u32,
 }
 
+/// Time a real node spends outside the protocol's state machines, ms: what a measured mesh
+/// shows on top of the protocol's messages and the shards' run time. Every cost defaults to 0
+/// (none), which is how the simulator behaved before they existed. The clock counts whole ms:
+/// a delay is rounded up to the next ms.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Costs {
+    /// Per shard on the worker, from its inputs being in place (fetched, or already cached)
+    /// to the shard's process running: the run directory, the process start. The worker
+    /// reports the start (`execution_started`) at the end of it.
+    pub shard_start_ms: f64,
+    /// Per shard on the worker, from the shard's process ending to its result being sent:
+    /// collecting the outcome, signing, persisting the outbox record.
+    pub shard_end_ms: f64,
+    /// Per shard granted, on the submitting node: the CPU time of its grant decision. A
+    /// node's grants are decided one after another: a grant of n leases keeps the node busy
+    /// for n times this, and nothing it sends leaves before it is done with the grants before.
+    pub grant_ms: f64,
+}
+
 /// Run limits and checks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -523,6 +551,14 @@ impl Scenario {
         }
         if self.network.latency_ms.iter().any(|r| r.len() != n) {
             return bad("network.latency_ms must be square");
+        }
+        let time = |x: f64| x.is_finite() && (0.0..=3_600_000.0).contains(&x);
+        if !self.network.latency_ms.iter().flatten().all(|&x| time(x)) {
+            return bad("network.latency_ms must be times in ms, 0 or more");
+        }
+        let c = &self.costs;
+        if ![c.shard_start_ms, c.shard_end_ms, c.grant_ms].into_iter().all(time) {
+            return bad("costs must be times in ms, 0 or more");
         }
         let p = &self.population;
         if p.nodes == 0 || p.clients + p.worker_submitters == 0 {
@@ -658,6 +694,32 @@ mod tests {
         assert!(
             Scenario::parse(&two.replace("jobz", "x").replace("jobs = 1\n", "jobz = 1\n")).is_err()
         );
+    }
+
+    #[test]
+    fn latencies_may_be_fractions_of_a_ms_and_must_be_times() {
+        let one = "[network]\nregions = [{ name = \"l\", weight = 1 }]\nlatency_ms = [[0.2]]\n";
+        assert_eq!(Scenario::parse(one).unwrap().network.latency_ms, vec![vec![0.2]]);
+        assert!(Scenario::parse(&one.replace("0.2", "-1")).is_err());
+        assert!(Scenario::parse(&one.replace("0.2", "nan")).is_err());
+    }
+
+    #[test]
+    fn costs_default_to_none_and_must_be_times() {
+        assert_eq!(Scenario::parse("").unwrap().costs, Costs::default());
+        assert_eq!(
+            Costs::default(),
+            Costs { shard_start_ms: 0.0, shard_end_ms: 0.0, grant_ms: 0.0 }
+        );
+        let sc =
+            Scenario::parse("[costs]\nshard_start_ms = 40\nshard_end_ms = 10.5\ngrant_ms = 4\n")
+                .unwrap();
+        assert_eq!(
+            (sc.costs.shard_start_ms, sc.costs.shard_end_ms, sc.costs.grant_ms),
+            (40.0, 10.5, 4.0)
+        );
+        assert!(Scenario::parse("[costs]\ngrant_ms = -1\n").is_err());
+        assert!(Scenario::parse("[costs]\nshard_start_s = 1\n").is_err());
     }
 
     #[test]

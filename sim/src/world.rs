@@ -54,6 +54,11 @@ pub const KILL_MS: u64 = 100;
 
 const NEVER: u64 = u64::MAX;
 
+/// A cost of `costs`, ms, in whole ms of the clock (rounded up).
+fn cost(ms: f64) -> u64 {
+    ms.ceil() as u64
+}
+
 #[derive(Debug)]
 enum Payload {
     Bytes(Vec<u8>),
@@ -140,6 +145,8 @@ struct Node {
     running: BTreeMap<LeaseId, u64>,
     /// Nodes that granted this node a lease since it last started.
     leased_from: BTreeSet<u32>,
+    /// Until when its grant decisions keep it busy, ms (`costs.grant_ms`).
+    busy_until: f64,
 }
 
 /// A node's durable records, as `grid-node` keeps them in its job database.
@@ -189,8 +196,10 @@ struct JobRun {
     ideal: u64,
     manifest: ContentId,
     max_replicas: u8,
-    /// The last states and stats seen (for the report while its node is down).
+    /// The last states, shards passed and stats seen (for the report while its node is
+    /// down).
     states: Vec<ShardState>,
+    passed: u64,
     stats: SubmitterStats,
     /// Per shard, its attempts that ended without an outcome, when its node went down (no
     /// attempt is granted or lost while it is down).
@@ -294,6 +303,16 @@ pub fn run_with_progress(sc: &Scenario, seed: u64, every: u64) -> Result<Report,
     }
 }
 
+/// A job's shards accepted as passed: the process exited with code 0.
+fn shards_passed(s: &Submitter) -> u64 {
+    let passed = |x: u32| {
+        s.shard(x)
+            .and_then(|st| st.accepted)
+            .is_some_and(|o| o.state == RunState::Completed && o.exit_code == Some(0))
+    };
+    (0..s.request().spec.shards).filter(|&x| passed(x)).count() as u64
+}
+
 /// A shard's attempts that ended without an outcome.
 fn lost_attempts(st: &grid_protocol::submitter::ShardStatus) -> usize {
     st.attempts
@@ -368,6 +387,7 @@ impl World {
                 cache: VecDeque::new(),
                 running: BTreeMap::new(),
                 leased_from: BTreeSet::new(),
+                busy_until: 0.0,
             });
         }
         let mut mesh_rng = stream(seed, Stream::Mesh, 0);
@@ -473,6 +493,7 @@ impl World {
                 manifest: req.spec.manifest,
                 max_replicas: req.scheduling.max_replicas,
                 states: Vec::new(),
+                passed: 0,
                 stats: SubmitterStats::default(),
                 lost: Vec::new(),
             });
@@ -704,6 +725,7 @@ impl World {
                         shards.map(|x| s.shard(x).map_or(0, |st| lost_attempts(&st))).collect();
                     let job = &mut self.jobs[j as usize];
                     job.states = s.shard_states();
+                    job.passed = shards_passed(s);
                     job.stats = s.stats().clone();
                     job.lost = lost;
                 }
@@ -712,6 +734,7 @@ impl World {
         let n = &mut self.nodes[iu];
         n.incarnation += 1;
         n.timer_at = NEVER;
+        n.busy_until = 0.0;
         let running = std::mem::take(&mut n.running);
         let leased = std::mem::take(&mut n.leased_from);
         let incarnation = n.incarnation;
@@ -1028,6 +1051,7 @@ impl World {
         let bytes = msg.encode();
         let size = bytes.len();
         self.fold(u64::from(msg.kind() as u8) | (size as u64) << 8 | u64::from(to) << 32);
+        let hold = self.hold(from, &msg);
         let Some(delay) = self.net.delay(&mut self.rng_net, from, to, size) else {
             self.counters.count("lost", 1);
             return;
@@ -1035,7 +1059,23 @@ impl World {
         self.counters.bytes(from, to, size as u64);
         let payload =
             if self.sc.network.codec { Payload::Bytes(bytes) } else { Payload::Msg(Box::new(msg)) };
-        self.push(self.now + delay, Ev::Deliver { from, to, payload });
+        self.push(self.now + hold + delay, Ev::Deliver { from, to, payload });
+    }
+
+    /// How long a message `from` sends now waits for the node's grant decisions
+    /// (`costs.grant_ms` per lease granted, one decision after another), ms.
+    fn hold(&mut self, from: u32, msg: &Message) -> u64 {
+        let leases = match msg {
+            Message::Grant(g) => g.leases.len(),
+            _ => 0,
+        };
+        let n = &mut self.nodes[from as usize];
+        let now = self.now as f64;
+        if leases == 0 && n.busy_until <= now {
+            return 0;
+        }
+        n.busy_until = n.busy_until.max(now) + self.sc.costs.grant_ms * leases as f64;
+        (n.busy_until.ceil() as u64).saturating_sub(self.now)
     }
 
     fn deliver(&mut self, from: u32, to: u32, payload: Payload) {
@@ -1227,7 +1267,7 @@ impl World {
         let manifest = self.jobs[j as usize].manifest;
         if !self.links.fetching(id) {
             if self.nodes[i as usize].cache.contains(&manifest) {
-                self.push(self.now, Ev::Run { exec: id });
+                self.push(self.now + cost(self.sc.costs.shard_start_ms), Ev::Run { exec: id });
                 return;
             }
             let size = (self.sc.workload.input_mib * 1_048_576.0) as u64;
@@ -1278,7 +1318,7 @@ impl World {
                     return;
                 }
                 Next::Done => {
-                    self.push(self.now, Ev::Run { exec: id });
+                    self.push(self.now + cost(self.sc.costs.shard_start_ms), Ev::Run { exec: id });
                     return;
                 }
                 Next::Failed(why) => {
@@ -1314,7 +1354,8 @@ impl World {
         if n.slow {
             dur = (dur as f64 * self.sc.population.slow_factor.max(1.0)) as u64;
         }
-        self.push(self.now + dur, Ev::Done { exec: id });
+        // The process ends after `dur`; its result goes out after the end cost.
+        self.push(self.now + dur + cost(self.sc.costs.shard_end_ms), Ev::Done { exec: id });
     }
 
     fn done(&mut self, id: u64) {
@@ -1325,7 +1366,8 @@ impl World {
         } else {
             let (_, exit) = n.behavior.report(x.truth.exit, x.truth.duration);
             let hard = ms(self.sc.workload.hard_timeout);
-            let ran = self.now - x.started;
+            // Until the process ended (the end cost is not the shard's).
+            let ran = (self.now - x.started).saturating_sub(cost(self.sc.costs.shard_end_ms));
             if n.slow && x.truth.duration as f64 * self.sc.population.slow_factor > hard as f64 {
                 let mut o = ExecOutcome::ended(RunState::TimedOut, "");
                 o.duration = std::time::Duration::from_millis(hard);
@@ -1361,11 +1403,18 @@ impl World {
         let mut overhead = Vec::new();
         let mut states: BTreeMap<String, u64> = BTreeMap::new();
         let mut dissents = 0;
+        let mut passed = 0;
         let mut groups: Vec<GroupTally> = vec![GroupTally::default(); sc.workload.groups.len()];
         for (j, job) in self.jobs.iter().enumerate() {
             let (st, stats) = match self.submitter_of(j as u32) {
-                Some(s) => (s.shard_states(), s.stats().clone()),
-                None => (job.states.clone(), job.stats.clone()),
+                Some(s) => {
+                    passed += shards_passed(s);
+                    (s.shard_states(), s.stats().clone())
+                }
+                None => {
+                    passed += job.passed;
+                    (job.states.clone(), job.stats.clone())
+                }
             };
             if let Some(g) = job.group.and_then(|g| groups.get_mut(g)) {
                 g.add(job, st.iter().filter(|s| s.is_final()).count() as u64);
@@ -1408,6 +1457,7 @@ impl World {
             completion_over_ideal: Percentiles::of(ratio),
             overhead_s: Percentiles::of(overhead),
             shard_states: states,
+            shards_passed: passed,
             messages_per_job,
             bytes_per_node: Percentiles::of(c.bytes.iter().map(|&b| b as f64).collect()),
             executions,
@@ -1503,6 +1553,7 @@ mod tests {
         let r = run(&small(), 1).unwrap();
         assert_eq!(r.jobs_finished, 3);
         assert_eq!(r.shard_states["COMPLETED"], 30);
+        assert!(r.shards_passed > 0 && r.shards_passed <= 30, "{}", r.shards_passed);
         assert_eq!(r.executions, 30);
         assert!(r.completion_s.max < 120.0, "{:?}", r.completion_s);
         assert!(r.messages_per_job["grant"] >= 1.0);
@@ -1511,6 +1562,24 @@ mod tests {
         assert!(a > b);
         a.at = 4;
         assert!(a < b);
+    }
+
+    #[test]
+    fn costs_add_to_each_shard_and_grants_are_decided_one_after_another() {
+        let base = Scenario::parse(
+            "[population]\nnodes = 10\nclients = 1\n[network]\nregions = [{ name = \"l\", weight = 1 }]\nlatency_ms = [[0]]\njitter_ms = 0\n[workload]\njobs = 1\nshards = 10\nstart = 0\nduration = { kind = \"fixed\", s = 5 }\ninput_mib = 0.001\n",
+        )
+        .unwrap();
+        let mut costly = base.clone();
+        costly.costs =
+            crate::scenario::Costs { shard_start_ms: 100.0, shard_end_ms: 50.0, grant_ms: 30.0 };
+        let (a, b) = (run(&base, 1).unwrap(), run(&costly, 1).unwrap());
+        assert_eq!((a.shard_states["COMPLETED"], b.shard_states["COMPLETED"]), (10, 10));
+        // One wave: the last of the ten grants leaves after 10 x 30 ms of decisions, then its
+        // shard starts 100 ms late and reports 50 ms late: 450 ms, give or take the whole-ms
+        // rounding of the run without costs.
+        let extra = b.completion_s.max - a.completion_s.max;
+        assert!((0.44..0.47).contains(&extra), "{extra} s");
     }
 
     #[test]
