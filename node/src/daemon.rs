@@ -102,6 +102,18 @@ pub fn cap_dimensions(mut dims: Dimensions, caps: &crate::exec::Caps) -> Dimensi
 
 type SharedFetch = Shared<BoxFuture<'static, Result<FetchReport, String>>>;
 
+/// How often free heap memory is given back to the system ([`crate::memory::trim`]).
+pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A task that ends with the scope that spawned it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Fetches trees from the mesh, one transfer per tree however many ask for it at once.
 #[derive(Debug)]
 pub struct Fetcher {
@@ -396,6 +408,16 @@ pub async fn run_serving(
     let page = page.map(|b| crate::web::serve(b, node.clone()));
     on_start(&Started { peer_id, listening, http, http_token_generated });
     let clients = Arc::new(Semaphore::new(MAX_CLIENTS));
+    // Memory freed after a burst (connections, shards, a transfer) goes back to the system.
+    let trimmer = tokio::spawn(async {
+        let mut tick = tokio::time::interval(TRIM_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
+        }
+    });
+    let _trimmer = AbortOnDrop(trimmer);
     tokio::pin!(shutdown);
     loop {
         let wake = engine

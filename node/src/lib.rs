@@ -24,6 +24,7 @@ pub mod isolate_file;
 pub mod jobdb;
 pub mod junit;
 pub mod live;
+pub mod memory;
 pub mod mesh;
 pub mod node_cli;
 pub mod node_config;

@@ -265,6 +265,7 @@ fn parse_fault(s: &str) -> Result<Fault, String> {
 /// Runs `grid-node` and returns its exit code: 0 after a clean shutdown, 2 for a command line
 /// it does not understand, 3 when job records could not be persisted, 1 for any other failure.
 pub fn main() -> ExitCode {
+    crate::memory::limit_arenas();
     let args = match parse(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(ParseError::Clap(e)) => {
