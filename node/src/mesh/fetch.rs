@@ -19,12 +19,14 @@
 //! 4. The missing blocks of the tree's files are one transfer ([`Limits::BLOCKS`], a group per
 //!    file, so a peer lacking a file is not asked for its other blocks). Runs of small blocks
 //!    (small files) are batched into one request each ([`transfer::batch`], over
-//!    `/grid/blocks/1`; a peer that does not speak it is asked one block a request). A file is
-//!    created in the store when its first block is asked for; every request's blocks are
-//!    verified and written at their offsets on the blocking pool, at most twice as many
-//!    requests at once as there are cores; a complete file is handed to one task that names
-//!    it and indexes it, together with the other files waiting then (one index write for
-//!    them all), off this loop. A peer that served
+//!    `/grid/blocks/1`; a peer that does not speak it is asked one block a request). Every
+//!    request's blocks are verified (all of them before any is written) and written on the
+//!    blocking pool, at most twice as many requests at once as there are cores. A file of one
+//!    block (most files) is created there, with its final mode, written in one go and named;
+//!    a larger file is created when its first block is asked for, its blocks written at their
+//!    offsets, and named once complete. Complete files are handed to one task that indexes
+//!    them, together with the other files waiting then (one index write for them all), off
+//!    this loop. A peer that served
 //!    a corrupt block is reported to the mesh, which never asks it for content again, and is
 //!    named in the [`FetchReport`].
 //! 5. The manifest is stored after every object it names, then provided in the DHT, so a
@@ -787,6 +789,7 @@ impl Fetch<'_> {
                     if machine.handle_response(clock.now(), peer, request, Response::Data) {
                         self.report.block_requests += requests;
                     }
+                    let mut from_peer = 0;
                     for (p, len, named) in written {
                         let (fi, bi) = places[p];
                         let done = match (&mut files[fi], named) {
@@ -810,13 +813,17 @@ impl Fetch<'_> {
                         };
                         self.report.blocks += 1;
                         self.report.bytes += len;
-                        *self.report.bytes_by_peer.entry(peer.to_string()).or_default() += len;
+                        from_peer += len;
                         if let Some(f) = done
                             && finish.send(f).await.is_err()
                         {
                             // The finisher stopped on an error, which the caller reports.
                             return Ok(());
                         }
+                    }
+                    if from_peer > 0 {
+                        *self.report.bytes_by_peer.entry(peer.to_string()).or_default() +=
+                            from_peer;
                     }
                 }
                 Got::WriteFailed(e) => return Err(e.into()),
