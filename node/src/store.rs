@@ -324,7 +324,7 @@ impl Incoming {
     }
 
     /// Checks that every block was received and cuts the file to its size (direct writes pad
-    /// the last block to the disk's alignment).
+    /// the last block to the disk's alignment; buffered ones end where the file does).
     fn complete(&self) -> Result<(), StoreError> {
         if self.missing_count != 0 {
             return Err(StoreError::Corrupt {
@@ -335,6 +335,9 @@ impl Incoming {
                     self.blocks.len()
                 ),
             });
+        }
+        if !self.direct {
+            return Ok(());
         }
         self.staged.file.set_len(self.size).map_err(io_err("size", &self.staged.shown))
     }
@@ -375,6 +378,20 @@ impl Incoming {
         self.mark_written(index);
         Ok(())
     }
+}
+
+/// A received file named in the store, to be indexed (see [`Store::name_incoming`]).
+#[derive(Debug)]
+pub struct Received {
+    key: [u8; 20],
+    blocks: Vec<ContentId>,
+    size: u64,
+    executable: bool,
+}
+
+/// The mode of an object in the store.
+fn object_mode(executable: bool) -> u32 {
+    if executable { 0o555 } else { 0o444 }
 }
 
 /// Writes verified blocks into an [`Incoming`] file, from any thread.
@@ -950,11 +967,24 @@ impl Store {
         executable: bool,
         blocks: Vec<ContentId>,
     ) -> Result<Incoming, StoreError> {
+        let inc = self.incoming_whole(size, executable, blocks)?;
+        inc.staged.file.set_len(size).map_err(io_err("size", &inc.staged.shown))?;
+        Ok(inc)
+    }
+
+    /// [`Store::incoming_reserved`] for a file whose blocks all arrive in one answer, written
+    /// at once: it is created with its final mode and not sized ahead (its writes make it as
+    /// long as it is).
+    pub fn incoming_whole(
+        &self,
+        size: u64,
+        executable: bool,
+        blocks: Vec<ContentId>,
+    ) -> Result<Incoming, StoreError> {
         block_count_fits(size, &blocks)?;
         let objects = self.root.join("objects");
-        let (staged, direct) =
-            Staged::create_for(self, size).map_err(io_err("create in", &objects))?;
-        staged.file.set_len(size).map_err(io_err("size", &staged.shown))?;
+        let (staged, direct) = Staged::create_for(self, size, object_mode(executable))
+            .map_err(io_err("create in", &objects))?;
         let received = vec![false; blocks.len()];
         let missing_count = blocks.len();
         Ok(Incoming { staged, size, executable, blocks, received, missing_count, direct })
@@ -977,19 +1007,27 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut named = Vec::with_capacity(incs.len());
         for inc in incs {
-            inc.complete()?;
-            let key = object_key(&inc.blocks, inc.executable);
-            session.add_object(key);
-            if self.object_meta(&key)?.is_some() {
-                drop(inc.staged);
-                self.touch(ITEM_OBJECT, &key)?;
-                continue;
-            }
-            let mode = if inc.executable { 0o555 } else { 0o444 };
-            inc.staged.persist(&self.object_path(&key), mode)?;
-            named.push((key, inc.blocks, inc.size, inc.executable));
+            named.push(self.name_incoming(inc, session)?);
         }
-        if named.is_empty() {
+        self.index_received(named)
+    }
+
+    /// The first half of [`Store::finish_incoming`]: names a completely received file in
+    /// `objects/` (an identical object already there is kept) and protects it for `session`.
+    /// It is in the store once [`Store::index_received`] has indexed it, with others.
+    pub fn name_incoming(&self, inc: Incoming, session: &Session) -> Result<Received, StoreError> {
+        inc.complete()?;
+        let key = object_key(&inc.blocks, inc.executable);
+        session.add_object(key);
+        inc.staged.persist(&self.object_path(&key), object_mode(inc.executable))?;
+        Ok(Received { key, blocks: inc.blocks, size: inc.size, executable: inc.executable })
+    }
+
+    /// The second half of [`Store::finish_incoming`]: indexes files named by
+    /// [`Store::name_incoming`], all in one RocksDB write. An object indexed already (by
+    /// another fetch) is marked used instead.
+    pub fn index_received(&self, files: Vec<Received>) -> Result<(), StoreError> {
+        if files.is_empty() {
             return Ok(());
         }
         let now = (self.clock)();
@@ -997,9 +1035,19 @@ impl Store {
         let mut totals = self.totals.lock().expect("totals lock");
         let mut new = *totals;
         let mut seen = HashSet::new();
-        for (key, blocks, size, executable) in named {
-            // Twice in this batch, or committed by another thread meanwhile.
-            if !seen.insert(key) || self.object_meta(&key)?.is_some() {
+        let mut known = Vec::new();
+        let metas = self.db.batched_multi_get_cf(
+            cf(&self.db, CF_OBJECTS),
+            files.iter().map(|f| f.key.as_slice()),
+            false,
+        );
+        for (Received { key, blocks, size, executable }, meta) in files.into_iter().zip(metas) {
+            // Twice in this batch, or committed by another thread before.
+            if !seen.insert(key) {
+                continue;
+            }
+            if meta?.is_some() {
+                known.push(key);
                 continue;
             }
             let meta = ObjectMeta { size, executable, blocks, last_use: now };
@@ -1014,9 +1062,15 @@ impl Store {
             batch.put_cf(cf(&self.db, CF_OBJECTS), key, encode(&meta));
             new = Totals { bytes: new.bytes + size, items: new.items + 1 };
         }
-        batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
-        self.db.write(batch)?;
-        *totals = new;
+        if new != *totals {
+            batch.put_cf(cf(&self.db, CF_TOTALS), TOTALS_KEY, encode(&new));
+            self.db.write(batch)?;
+            *totals = new;
+        }
+        drop(totals);
+        for key in known {
+            self.touch(ITEM_OBJECT, &key)?;
+        }
         Ok(())
     }
 
@@ -1865,10 +1919,23 @@ const DIRECT_WRITE_MIN: u64 = 64 << 10;
 #[derive(Debug)]
 struct Staged {
     file: Arc<File>,
+    /// The mode it was created with (before the umask).
+    mode: u32,
     /// The name in `tmp/`, for a named file not yet persisted.
     name: Option<PathBuf>,
     /// Where it is, for messages.
     shown: PathBuf,
+}
+
+/// This process's umask, read once (from `/proc`, since asking the kernel sets it); `None`
+/// when it cannot be read.
+fn umask() -> Option<u32> {
+    static MASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *MASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(line.trim(), 8).ok()
+    })
 }
 
 /// Whether unnamed files can be given a name here (through `/proc/self/fd`).
@@ -1878,18 +1945,21 @@ fn can_link_unnamed() -> bool {
 }
 
 impl Staged {
-    /// A new file in `store`, written with `flags` (e.g. `O_DIRECT`) when given.
-    fn create(store: &Store, flags: i32) -> io::Result<Staged> {
+    /// A new file in `store` of mode `mode`, written with `flags` (e.g. `O_DIRECT`) when given.
+    /// The file is written through its descriptor whatever its mode.
+    fn create(store: &Store, flags: i32, mode: u32) -> io::Result<Staged> {
         use std::os::unix::fs::OpenOptionsExt;
         let objects = store.root.join("objects");
         if can_link_unnamed() {
             match fs::OpenOptions::new()
                 .write(true)
-                .mode(0o600)
+                .mode(mode)
                 .custom_flags(libc::O_TMPFILE | flags)
                 .open(&objects)
             {
-                Ok(file) => return Ok(Staged { file: Arc::new(file), name: None, shown: objects }),
+                Ok(file) => {
+                    return Ok(Staged { file: Arc::new(file), mode, name: None, shown: objects });
+                }
                 // No unnamed files on this file system (or kernel): use a named one.
                 Err(e)
                     if matches!(
@@ -1903,32 +1973,35 @@ impl Staged {
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(mode)
             .custom_flags(flags)
             .open(&path)?;
-        Ok(Staged { file: Arc::new(file), name: Some(path.clone()), shown: path })
+        Ok(Staged { file: Arc::new(file), mode, name: Some(path.clone()), shown: path })
     }
 
     /// A new file for about `size` bytes: written with direct IO from [`DIRECT_WRITE_MIN`] up
     /// where the file system allows (the second value says whether).
-    fn create_for(store: &Store, size: u64) -> io::Result<(Staged, bool)> {
+    fn create_for(store: &Store, size: u64, mode: u32) -> io::Result<(Staged, bool)> {
         if size >= DIRECT_WRITE_MIN {
-            match Staged::create(store, libc::O_DIRECT) {
+            match Staged::create(store, libc::O_DIRECT, mode) {
                 Ok(staged) => return Ok((staged, true)),
                 // A file system without direct IO (tmpfs on older kernels).
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok((Staged::create(store, 0)?, false))
+        Ok((Staged::create(store, 0, mode)?, false))
     }
 
     /// Gives the file its final name `dst`, read-only with `mode`. Another file already there
     /// under that name has the same content (names are content ids), and is kept.
     fn persist(mut self, dst: &Path, mode: u32) -> Result<(), StoreError> {
-        self.file
-            .set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_err("chmod", &self.shown))?;
+        // Created with it already, unless the umask took some of it.
+        if self.mode != mode || umask().is_none_or(|m| mode & m != 0) {
+            self.file
+                .set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(io_err("chmod", &self.shown))?;
+        }
         let name = |s: &Staged| -> io::Result<()> {
             match &s.name {
                 Some(tmp) => fs::rename(tmp, dst),
@@ -1983,7 +2056,7 @@ struct TmpWriter {
 
 impl TmpWriter {
     fn create(store: &Store, size_hint: u64) -> io::Result<TmpWriter> {
-        let (staged, direct) = Staged::create_for(store, size_hint)?;
+        let (staged, direct) = Staged::create_for(store, size_hint, 0o600)?;
         Ok(TmpWriter { staged, direct, written: 0 })
     }
 

@@ -19,12 +19,14 @@
 //! 4. The missing blocks of the tree's files are one transfer ([`Limits::BLOCKS`], a group per
 //!    file, so a peer lacking a file is not asked for its other blocks). Runs of small blocks
 //!    (small files) are batched into one request each ([`transfer::batch`], over
-//!    `/grid/blocks/1`; a peer that does not speak it is asked one block a request). A file is
-//!    created in the store when its first block is asked for; every request's blocks are
-//!    verified and written at their offsets on the blocking pool, at most twice as many
-//!    requests at once as there are cores; a complete file is handed to one task that names
-//!    it and indexes it, together with the other files waiting then (one index write for
-//!    them all), off this loop. A peer that served
+//!    `/grid/blocks/1`; a peer that does not speak it is asked one block a request). Every
+//!    request's blocks are verified (all of them before any is written) and written on the
+//!    blocking pool, at most twice as many requests at once as there are cores. A file of one
+//!    block (most files) is created there, with its final mode, written in one go and named;
+//!    a larger file is created when its first block is asked for, its blocks written at their
+//!    offsets, and named once complete. Complete files are handed to one task that indexes
+//!    them, together with the other files waiting then (one index write for them all), off
+//!    this loop. A peer that served
 //!    a corrupt block is reported to the mesh, which never asks it for content again, and is
 //!    named in the [`FetchReport`].
 //! 5. The manifest is stored after every object it names, then provided in the DHT, so a
@@ -51,7 +53,9 @@ use tracing::{debug, info, warn};
 use super::codec::{ContentRequest, ContentResponse};
 use super::{Closed, MeshHandle};
 use crate::payload::Payload;
-use crate::store::{BlockWriter, Incoming, MAX_INCLUDE_DEPTH, Session, Store, StoreError};
+use crate::store::{
+    BlockWriter, Incoming, MAX_INCLUDE_DEPTH, Received, Session, Store, StoreError,
+};
 
 /// What a fetch did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -167,13 +171,22 @@ struct Fetch<'a> {
     report: FetchReport,
 }
 
-/// Received files waiting for the task that names and indexes them; also the most it indexes
-/// in one write.
+/// Received files waiting for the task that indexes them; also the most it indexes in one
+/// write.
 const FINISH_QUEUE: usize = 64;
+
+/// A received file, for the task that indexes it.
+enum Finished {
+    /// Written block by block, still to be named.
+    Incoming(Incoming),
+    /// Written and named in one go by the task that verified it.
+    Named(Received),
+}
 
 /// One missing file of a transfer.
 enum FileSlot {
-    /// No block asked for yet.
+    /// No block asked for yet, or (a file of one block) asked for but not in yet: such a file
+    /// is created, written and named by the task that verifies its block.
     Waiting { size: u64, executable: bool, blocks: Vec<ContentId> },
     /// Being received.
     Open(Incoming),
@@ -202,9 +215,9 @@ impl FileSlot {
 
 /// A block request's end, as the transfer loop sees it.
 enum Got {
-    /// Verified and written: these blocks (indices into the places), of these sizes, in this
-    /// many requests.
-    Blocks(Vec<(usize, u64)>, u64),
+    /// Verified and written: these blocks (indices into the places), of these sizes, each
+    /// with the file it made (a file of one block, complete and named), in this many requests.
+    Blocks(Vec<(usize, u64, Option<Received>)>, u64),
     /// Verified, but writing it failed here.
     WriteFailed(StoreError),
     /// Anything else, for the scheduler.
@@ -263,13 +276,63 @@ async fn next_event<T>(
     }
 }
 
-/// A block a request asks for: its place in the transfer, its index in its file, its id, and
-/// where it goes.
+/// A block a request asks for: its place in the transfer, its index in its file, its id, its
+/// length, and where it goes.
 struct Wanted {
     place: usize,
     index: usize,
     block: ContentId,
-    writer: BlockWriter,
+    len: usize,
+    dest: Dest,
+}
+
+/// Where a block goes.
+enum Dest {
+    /// Into a file being received block by block.
+    Writer(BlockWriter),
+    /// Into a new file of this one block, made when the block is verified. `reserved`: its
+    /// room was made with the request's other files.
+    File { size: u64, executable: bool, reserved: bool },
+}
+
+/// Where the verifying tasks put what they receive.
+struct Sink {
+    store: Arc<Store>,
+    session: Arc<Session>,
+}
+
+impl Sink {
+    /// Writes the verified `bytes` of `w`; a file it completes is named, and returned.
+    fn write(&self, w: &Wanted, bytes: Bytes<'_>) -> Result<Option<Received>, StoreError> {
+        match &w.dest {
+            Dest::Writer(writer) => {
+                match bytes {
+                    Bytes::Payload(p) => writer.write_payload(w.index, p)?,
+                    Bytes::Slice(b) => writer.write(w.index, b)?,
+                }
+                Ok(None)
+            }
+            Dest::File { size, executable, reserved } => {
+                if !reserved {
+                    self.store.reserve(*size)?;
+                }
+                let mut inc = self.store.incoming_whole(*size, *executable, vec![w.block])?;
+                let writer = inc.writer();
+                match bytes {
+                    Bytes::Payload(p) => writer.write_payload(0, p)?,
+                    Bytes::Slice(b) => writer.write(0, b)?,
+                }
+                inc.mark_written(0);
+                Ok(Some(self.store.name_incoming(inc, &self.session)?))
+            }
+        }
+    }
+}
+
+/// A block's verified bytes: a whole answer, or a part of one.
+enum Bytes<'a> {
+    Payload(&'a mut Payload),
+    Slice(&'a [u8]),
 }
 
 /// The bytes of `wanted`'s blocks from `peer`, one after the other: one request for one block,
@@ -314,41 +377,50 @@ async fn fetch_run(
 /// Verifies the bytes of `wanted`'s blocks (as [`fetch_run`] got them: one payload per block,
 /// or all in one) and writes them. Any block that does not match makes the whole answer
 /// corrupt.
-fn write_run(peer: PeerId, wanted: &[Wanted], mut data: Vec<Payload>, requests: u64) -> Got {
-    let mut written = Vec::with_capacity(wanted.len());
-    if data.len() == wanted.len() {
-        for (w, bytes) in wanted.iter().zip(data.iter_mut()) {
-            if let Err(e) = content::verify_block(&w.block, bytes) {
-                warn!(%peer, block = %w.block, error = %e, "peer served a corrupt block");
-                return Got::Other(refusal(&e));
-            }
-            if let Err(e) = w.writer.write_payload(w.index, bytes) {
-                return Got::WriteFailed(e);
-            }
-            written.push((w.place, bytes.len() as u64));
+fn write_run(
+    sink: &Sink,
+    peer: PeerId,
+    wanted: &[Wanted],
+    mut data: Vec<Payload>,
+    requests: u64,
+) -> Got {
+    let one_each = data.len() == wanted.len();
+    if !one_each {
+        let [all] = data.as_slice() else { return Got::Other(Response::Corrupt) };
+        let expected: usize = wanted.iter().map(|w| w.len).sum();
+        if all.len() != expected {
+            warn!(%peer, got = all.len(), expected, "peer served a batch of blocks of the wrong size");
+            return Got::Other(Response::Corrupt);
         }
-        return Got::Blocks(written, requests);
     }
-    // One answer for several blocks: cut at the lengths the tree says they have.
-    let [all] = data.as_slice() else { return Got::Other(Response::Corrupt) };
-    let expected: usize = wanted.iter().map(|w| w.writer.block_len(w.index)).sum();
-    if all.len() != expected {
-        warn!(%peer, got = all.len(), expected, "peer served a batch of blocks of the wrong size");
-        return Got::Other(Response::Corrupt);
-    }
+    // One answer for several blocks is cut at the lengths the tree says they have. Every
+    // block is checked before any is written: a corrupt answer leaves no file behind.
     let mut at = 0;
-    for w in wanted {
-        let len = w.writer.block_len(w.index);
-        let bytes = &all[at..at + len];
-        at += len;
+    for (i, w) in wanted.iter().enumerate() {
+        let bytes: &[u8] = if one_each {
+            &data[i]
+        } else {
+            at += w.len;
+            &data[0][at - w.len..at]
+        };
         if let Err(e) = content::verify_block(&w.block, bytes) {
             warn!(%peer, block = %w.block, error = %e, "peer served a corrupt block");
             return Got::Other(refusal(&e));
         }
-        if let Err(e) = w.writer.write(w.index, bytes) {
-            return Got::WriteFailed(e);
+    }
+    let mut written = Vec::with_capacity(wanted.len());
+    let mut at = 0;
+    for (i, w) in wanted.iter().enumerate() {
+        let bytes = if one_each {
+            Bytes::Payload(&mut data[i])
+        } else {
+            at += w.len;
+            Bytes::Slice(&data[0][at - w.len..at])
+        };
+        match sink.write(w, bytes) {
+            Ok(named) => written.push((w.place, w.len as u64, named)),
+            Err(e) => return Got::WriteFailed(e),
         }
-        written.push((w.place, len as u64));
     }
     Got::Blocks(written, requests)
 }
@@ -535,21 +607,29 @@ impl Fetch<'_> {
         let batches = transfer::batch(&blocks_items);
         let items: Vec<Item> = batches.iter().map(|b| b.item).collect();
         let runs: Vec<std::ops::Range<usize>> = batches.into_iter().map(|b| b.items).collect();
-        // Complete files are named and indexed off this loop, in order, by one task.
-        let (finish_tx, mut finish_rx) = tokio::sync::mpsc::channel::<Incoming>(FINISH_QUEUE);
+        // Complete files are indexed (and those written block by block named) off this loop,
+        // in order, by one task.
+        let (finish_tx, mut finish_rx) = tokio::sync::mpsc::channel::<Finished>(FINISH_QUEUE);
         let (store, session) = (self.store.clone(), self.session.clone());
         let finisher = tokio::task::spawn_blocking(move || -> Result<u64, StoreError> {
             let mut n = 0;
-            while let Some(inc) = finish_rx.blocking_recv() {
+            while let Some(first) = finish_rx.blocking_recv() {
                 // Whatever else is waiting is indexed in the same write.
-                let mut batch = vec![inc];
+                let mut batch = vec![first];
                 while batch.len() < FINISH_QUEUE
-                    && let Ok(inc) = finish_rx.try_recv()
+                    && let Ok(f) = finish_rx.try_recv()
                 {
-                    batch.push(inc);
+                    batch.push(f);
                 }
                 n += batch.len() as u64;
-                store.finish_incoming_many(batch, &session)?;
+                let mut named = Vec::with_capacity(batch.len());
+                for f in batch {
+                    named.push(match f {
+                        Finished::Named(r) => r,
+                        Finished::Incoming(inc) => store.name_incoming(inc, &session)?,
+                    });
+                }
+                store.index_received(named)?;
             }
             Ok(n)
         });
@@ -575,7 +655,7 @@ impl Fetch<'_> {
         runs: &[std::ops::Range<usize>],
         places: &[(usize, usize)],
         peers: Vec<PeerId>,
-        finish: &tokio::sync::mpsc::Sender<Incoming>,
+        finish: &tokio::sync::mpsc::Sender<Finished>,
     ) -> Result<(), FetchError> {
         let clock = Clock(Instant::now());
         let mut machine = Transfer::new(clock.now(), items, peers, Limits::BLOCKS);
@@ -593,8 +673,9 @@ impl Fetch<'_> {
         files: &mut [FileSlot],
         runs: &[std::ops::Range<usize>],
         places: &[(usize, usize)],
-        finish: &tokio::sync::mpsc::Sender<Incoming>,
+        finish: &tokio::sync::mpsc::Sender<Finished>,
     ) -> Result<(), FetchError> {
+        let sink = Arc::new(Sink { store: self.store.clone(), session: self.session.clone() });
         let mut inflight = FuturesUnordered::new();
         // Peers found not to speak `/grid/blocks/1`: asked one block a request.
         let single_only: Arc<std::sync::Mutex<HashSet<PeerId>>> = Arc::default();
@@ -636,18 +717,32 @@ impl Fetch<'_> {
                 if reserved {
                     self.store.reserve_files(starting.0, starting.1)?;
                 }
-                // The blocks still to write, each with its writer.
+                // The blocks still to write, each with where it goes: a file of one block is
+                // made by the task that verifies it, a larger one here, to be written block
+                // by block.
                 let mut wanted = Vec::new();
                 for p in runs[item].clone() {
                     let (fi, bi) = places[p];
-                    if let Some(inc) = files[fi].open(self.store, reserved)?
+                    if let FileSlot::Waiting { size, executable, blocks } = &files[fi]
+                        && let [block] = blocks.as_slice()
+                    {
+                        wanted.push(Wanted {
+                            place: p,
+                            index: 0,
+                            block: *block,
+                            len: *size as usize,
+                            dest: Dest::File { size: *size, executable: *executable, reserved },
+                        });
+                    } else if let Some(inc) = files[fi].open(self.store, reserved)?
                         && !inc.is_written(bi)
                     {
+                        let writer = inc.writer();
                         wanted.push(Wanted {
                             place: p,
                             index: bi,
                             block: inc.blocks()[bi],
-                            writer: inc.writer(),
+                            len: writer.block_len(bi),
+                            dest: Dest::Writer(writer),
                         });
                     }
                 }
@@ -659,6 +754,7 @@ impl Fetch<'_> {
                 let mesh = self.mesh.clone();
                 let workers = workers.clone();
                 let single_only = single_only.clone();
+                let sink = sink.clone();
                 let deadline = clock.instant(deadline);
                 inflight.push(async move {
                     let got = match fetch_run(&mesh, peer, &wanted, &single_only, deadline).await? {
@@ -671,7 +767,7 @@ impl Fetch<'_> {
                                 return Err(Closed);
                             };
                             let done = tokio::task::spawn_blocking(move || {
-                                write_run(peer, &wanted, data, requests)
+                                write_run(&sink, peer, &wanted, data, requests)
                             })
                             .await;
                             done.unwrap_or_else(|e| Got::Other(Response::Failed(e.to_string())))
@@ -688,25 +784,46 @@ impl Fetch<'_> {
             let (_, peer, request, got) = done?;
             match got {
                 Got::Blocks(written, requests) => {
-                    if !machine.handle_response(clock.now(), peer, request, Response::Data) {
-                        continue;
+                    // An answer the scheduler no longer waits for (it asked again meanwhile)
+                    // still brought verified, written blocks: they count, once.
+                    if machine.handle_response(clock.now(), peer, request, Response::Data) {
+                        self.report.block_requests += requests;
                     }
-                    self.report.block_requests += requests;
-                    for (p, len) in written {
+                    let mut from_peer = 0;
+                    for (p, len, named) in written {
                         let (fi, bi) = places[p];
-                        let FileSlot::Open(inc) = &mut files[fi] else { continue };
-                        inc.mark_written(bi);
+                        let done = match (&mut files[fi], named) {
+                            (FileSlot::Waiting { .. }, Some(received)) => {
+                                files[fi] = FileSlot::Done;
+                                Some(Finished::Named(received))
+                            }
+                            (FileSlot::Open(inc), None) if !inc.is_written(bi) => {
+                                inc.mark_written(bi);
+                                match inc.is_complete() {
+                                    true => match std::mem::replace(&mut files[fi], FileSlot::Done)
+                                    {
+                                        FileSlot::Open(inc) => Some(Finished::Incoming(inc)),
+                                        _ => None,
+                                    },
+                                    false => None,
+                                }
+                            }
+                            // In already, from another answer.
+                            _ => continue,
+                        };
                         self.report.blocks += 1;
                         self.report.bytes += len;
-                        *self.report.bytes_by_peer.entry(peer.to_string()).or_default() += len;
-                        if inc.is_complete()
-                            && let FileSlot::Open(inc) =
-                                std::mem::replace(&mut files[fi], FileSlot::Done)
-                            && finish.send(inc).await.is_err()
+                        from_peer += len;
+                        if let Some(f) = done
+                            && finish.send(f).await.is_err()
                         {
                             // The finisher stopped on an error, which the caller reports.
                             return Ok(());
                         }
+                    }
+                    if from_peer > 0 {
+                        *self.report.bytes_by_peer.entry(peer.to_string()).or_default() +=
+                            from_peer;
                     }
                 }
                 Got::WriteFailed(e) => return Err(e.into()),
