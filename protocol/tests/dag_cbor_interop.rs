@@ -125,7 +125,11 @@ fn an_independent_strict_dag_cbor_decoder_reads_manifests_and_job_specs_and_agre
     legacy.version = MANIFEST_VERSION_1;
     std::fs::write(dir.join("legacy-manifest.bin"), legacy.encode()).unwrap();
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dag_cbor_check.py");
+    // Cargo names the package directory at run time too; the build-time one may be another
+    // checkout's that shared the build cache.
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf(), PathBuf::from);
+    let script = package.join("tests/dag_cbor_check.py");
     let out = Command::new(&py).arg(&script).arg(&dir).output().expect("run the check");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

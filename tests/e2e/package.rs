@@ -9,7 +9,11 @@ use std::process::{Command, Output};
 use grid_tests::{NodeProc, Scratch, bin};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repository root").to_path_buf()
+    // The package directory as Cargo names it at run time: the build-time one may be another
+    // checkout's that shared the build cache.
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf(), PathBuf::from);
+    package.parent().expect("repository root").to_path_buf()
 }
 
 fn have(tool: &str) -> bool {
