@@ -37,38 +37,31 @@ PARTS = [
 ]
 
 
+def depths(text: str):
+    """Each character of `text` with its depth in angle brackets (a bracket counts outside)."""
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch == "<":
+            yield i, ch, depth
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+            yield i, ch, depth
+        else:
+            yield i, ch, depth
+
+
 def function_path(sym: str) -> str:
     """`<A<T> as B>::f` -> `A::f`; generics removed."""
     sym = sym.split(" (")[0]
     if sym.startswith("<") and " as " in sym:
-        depth = 0
-        for i, ch in enumerate(sym):
-            if ch == "<":
-                depth += 1
-            elif ch == ">":
-                depth -= 1
-                if depth == 0:
-                    inner, rest = sym[1:i], sym[i + 1:]
-                    d = 0
-                    for j, c in enumerate(inner):
-                        if c == "<":
-                            d += 1
-                        elif c == ">":
-                            d -= 1
-                        elif d == 0 and inner.startswith(" as ", j):
-                            inner = inner[:j]
-                            break
-                    sym = inner + rest
-                    break
-    out, depth = [], 0
-    for ch in sym:
-        if ch == "<":
-            depth += 1
-        elif ch == ">":
-            depth -= 1
-        elif depth == 0:
-            out.append(ch)
-    return "".join(out).lstrip("&")
+        # The end of the leading `<...>`, then the top-level ` as ` inside it.
+        close = next((i for i, ch, d in depths(sym) if ch == ">" and d == 0), None)
+        if close is not None:
+            inner, rest = sym[1:close], sym[close + 1:]
+            cut = next((i for i, _, d in depths(inner) if d == 0 and inner.startswith(" as ", i)), None)
+            sym = (inner if cut is None else inner[:cut]) + rest
+    return "".join(ch for _, ch, d in depths(sym) if d == 0 and ch not in "<>").lstrip("&")
 
 
 def part_of(frames):
