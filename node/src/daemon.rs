@@ -105,15 +105,6 @@ type SharedFetch = Shared<BoxFuture<'static, Result<FetchReport, String>>>;
 /// How often free heap memory is given back to the system ([`crate::memory::trim`]).
 pub const TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// A task that ends with the scope that spawned it.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Fetches trees from the mesh, one transfer per tree however many ask for it at once.
 #[derive(Debug)]
 pub struct Fetcher {
@@ -417,7 +408,8 @@ pub async fn run_serving(
             let _ = tokio::task::spawn_blocking(crate::memory::trim).await;
         }
     });
-    let _trimmer = AbortOnDrop(trimmer);
+    // It ends with this scope.
+    let _trimmer = tokio_util::task::AbortOnDropHandle::new(trimmer);
     tokio::pin!(shutdown);
     loop {
         let wake = engine

@@ -89,6 +89,9 @@ fn key_of(r: &Record) -> Vec<u8> {
     }
 }
 
+/// The database's block cache (RocksDB's own default is 32 MiB).
+const CACHE_BYTES: usize = 2 << 20;
+
 impl JobDb {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<JobDb, JobDbError> {
@@ -97,6 +100,10 @@ impl JobDb {
         // A small database: keep its memory small too.
         opts.set_write_buffer_size(4 << 20);
         opts.set_max_write_buffer_number(2);
+        let cache = rocksdb::Cache::new_lru_cache(CACHE_BYTES);
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        opts.set_block_based_table_factory(&table);
         opts.set_keep_log_file_num(4);
         Ok(JobDb { db: DB::open(&opts, dir)? })
     }

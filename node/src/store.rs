@@ -48,6 +48,10 @@ const CF_TOTALS: &str = "totals";
 const ALL_CFS: [&str; 7] =
     [CF_OBJECTS, CF_BLOCKS, CF_LRU, CF_MANIFESTS, CF_PINS, CF_STAT, CF_TOTALS];
 const TOTALS_KEY: &[u8] = b"totals";
+/// The index's block cache, shared by its column families.
+pub const INDEX_CACHE_BYTES: usize = 8 << 20;
+/// Most memory the index's write buffers (memtables) take together before the largest is flushed.
+pub const INDEX_WRITE_BUFFER_BYTES: usize = 8 << 20;
 /// Key (in the totals column family) of the count of objects ever dropped.
 const DROPS_KEY: &[u8] = b"drops";
 /// Deepest chain of manifest includes followed.
@@ -619,7 +623,18 @@ impl Store {
         // The index's own log is for errors: at info level RocksDB rewrites ~130 KB of it at
         // every open.
         opts.set_log_level(rocksdb::LogLevel::Warn);
-        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, Options::default()));
+        // The index's memory is bounded whatever the store holds: one block cache for all its
+        // column families (RocksDB would give each its own of 32 MiB) and a budget for all its
+        // write buffers (each would take up to 2 x 64 MiB).
+        let cache = rocksdb::Cache::new_lru_cache(INDEX_CACHE_BYTES);
+        opts.set_db_write_buffer_size(INDEX_WRITE_BUFFER_BYTES);
+        let mut cf_opts = Options::default();
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        cf_opts.set_block_based_table_factory(&table);
+        cf_opts.set_write_buffer_size(INDEX_WRITE_BUFFER_BYTES / 2);
+        cf_opts.set_max_write_buffer_number(2);
+        let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&opts, root.join("index"), cfs)?;
         let totals = match db.get_cf(cf(&db, CF_TOTALS), TOTALS_KEY)? {
             Some(b) => serde_cbor::from_slice(&b).map_err(|e| StoreError::Corrupt {
