@@ -50,8 +50,8 @@ const ALL_CFS: [&str; 7] =
 const TOTALS_KEY: &[u8] = b"totals";
 /// The index's block cache, shared by its column families.
 pub const INDEX_CACHE_BYTES: usize = 8 << 20;
-/// Most memory the index's write buffers (memtables) take together before the largest is flushed.
-pub const INDEX_WRITE_BUFFER_BYTES: usize = 8 << 20;
+/// Size of each of the index's write buffers (memtables): a column family has at most two.
+pub const INDEX_WRITE_BUFFER_BYTES: usize = 2 << 20;
 /// Key (in the totals column family) of the count of objects ever dropped.
 const DROPS_KEY: &[u8] = b"drops";
 /// Deepest chain of manifest includes followed.
@@ -624,15 +624,16 @@ impl Store {
         // every open.
         opts.set_log_level(rocksdb::LogLevel::Warn);
         // The index's memory is bounded whatever the store holds: one block cache for all its
-        // column families (RocksDB would give each its own of 32 MiB) and a budget for all its
-        // write buffers (each would take up to 2 x 64 MiB).
+        // column families (RocksDB would give each its own of 32 MiB) and small write buffers
+        // (each would take up to 2 x 64 MiB). A budget across the column families instead
+        // (`db_write_buffer_size`) is passed by their empty buffers' own overhead, and then
+        // flushes at every write.
         let cache = rocksdb::Cache::new_lru_cache(INDEX_CACHE_BYTES);
-        opts.set_db_write_buffer_size(INDEX_WRITE_BUFFER_BYTES);
         let mut cf_opts = Options::default();
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&cache);
         cf_opts.set_block_based_table_factory(&table);
-        cf_opts.set_write_buffer_size(INDEX_WRITE_BUFFER_BYTES / 2);
+        cf_opts.set_write_buffer_size(INDEX_WRITE_BUFFER_BYTES);
         cf_opts.set_max_write_buffer_number(2);
         let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_opts.clone()));
         let db = DB::open_cf_descriptors(&opts, root.join("index"), cfs)?;
