@@ -625,9 +625,7 @@ impl Store {
         opts.set_log_level(rocksdb::LogLevel::Warn);
         // The index's memory is bounded whatever the store holds: one block cache for all its
         // column families (RocksDB would give each its own of 32 MiB) and small write buffers
-        // (each would take up to 2 x 64 MiB). A budget across the column families instead
-        // (`db_write_buffer_size`) is passed by their empty buffers' own overhead, and then
-        // flushes at every write.
+        // (each would take up to 2 x 64 MiB).
         let cache = rocksdb::Cache::new_lru_cache(INDEX_CACHE_BYTES);
         let mut cf_opts = Options::default();
         let mut table = rocksdb::BlockBasedOptions::default();
