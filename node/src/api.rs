@@ -302,6 +302,71 @@ pub struct JobView {
     pub shards: Vec<ShardView>,
 }
 
+/// A job in the list of jobs: what [`JobView`] says of it as a whole, with its shards
+/// counted rather than listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// Job id.
+    #[serde(with = "text")]
+    pub job: ContentId,
+    /// Submission nonce.
+    #[serde(default)]
+    pub submission: u64,
+    /// Display name.
+    pub name: String,
+    /// When it was submitted, in Unix milliseconds (0: the node did not say).
+    #[serde(default)]
+    pub created_at_ms: u64,
+    /// Whether every shard is final.
+    pub finished: bool,
+    /// Why pending shards wait (or ended as NO_RESOURCE), when any do.
+    #[serde(default)]
+    pub pending_reason: Option<String>,
+    /// Results that disagreed with an accepted outcome.
+    #[serde(default)]
+    pub dissents: u64,
+    /// Its shards in all.
+    pub shards: u32,
+    /// Of those, the shards that passed.
+    pub passed: u32,
+    /// How many shards are in each state, by the state's upper-case name (states no shard
+    /// is in are left out).
+    pub states: BTreeMap<String, u32>,
+}
+
+impl JobSummary {
+    /// How many shards are in `state`.
+    pub fn count(&self, state: ShardState) -> u32 {
+        self.states.get(state.name()).copied().unwrap_or(0)
+    }
+
+    /// How many shards are final.
+    pub fn done(&self) -> u32 {
+        SHARD_STATES.into_iter().filter(|s| s.is_final()).map(|s| self.count(s)).sum()
+    }
+}
+
+impl From<&JobView> for JobSummary {
+    fn from(v: &JobView) -> JobSummary {
+        let mut states = BTreeMap::new();
+        for s in &v.shards {
+            *states.entry(s.state.name().to_string()).or_insert(0) += 1;
+        }
+        JobSummary {
+            job: v.job,
+            submission: v.submission,
+            name: v.name.clone(),
+            created_at_ms: v.created_at_ms,
+            finished: v.finished,
+            pending_reason: v.pending_reason.clone(),
+            dissents: v.dissents,
+            shards: v.shards.len() as u32,
+            passed: v.shards.iter().filter(|s| s.passed).count() as u32,
+            states,
+        }
+    }
+}
+
 /// What the engine reports about the worker side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerView {
@@ -507,8 +572,8 @@ pub struct NodeStatus {
     /// The node.
     #[serde(flatten)]
     pub status: StatusAnswer,
-    /// The jobs submitted through it.
-    pub jobs: Vec<JobView>,
+    /// The jobs submitted through it, a summary each.
+    pub jobs: Vec<JobSummary>,
 }
 
 /// One connected peer, in the answer to `peers`.
@@ -782,8 +847,8 @@ pub struct GcAnswer {
 /// The answer to `jobs`: every job this node submitted, and its worker side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobsAnswer {
-    /// The jobs.
-    pub jobs: Vec<JobView>,
+    /// The jobs, a summary each (`job` answers one whole).
+    pub jobs: Vec<JobSummary>,
     /// The worker side.
     pub worker: WorkerView,
 }
@@ -1195,11 +1260,11 @@ pub(crate) mod tests {
                 },
                 worker,
             },
-            jobs: vec![sample_job()],
+            jobs: vec![JobSummary::from(&sample_job())],
         };
         let json = serde_json::to_value(&status).unwrap();
         assert_eq!(json["worker"]["heard"][0], cid("job").to_string());
-        assert_eq!(json["jobs"][0]["shards"][2]["state"], "TIMED_OUT");
+        assert_eq!(json["jobs"][0]["states"]["TIMED_OUT"], 1, "{json}");
         assert_eq!(serde_json::from_value::<NodeStatus>(json).unwrap(), status);
     }
 

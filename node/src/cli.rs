@@ -14,7 +14,7 @@ use grid_protocol::content::{ContentId, Kind};
 use grid_protocol::output::ShardState;
 
 use crate::api::{
-    GcAnswer, IsolateSummary, JobView, NodeStatus, ShardView, StatusAnswer, TailAnswer,
+    GcAnswer, IsolateSummary, JobSummary, JobView, NodeStatus, ShardView, StatusAnswer, TailAnswer,
     VerifyAnswer,
 };
 use crate::exit::{self, UserError};
@@ -734,11 +734,10 @@ fn clip(s: &str, max: usize) -> String {
 
 /// A job's state in a word, from its shards: running, waiting (nothing runs, some are
 /// pending), canceled, or finished.
-fn job_state(v: &JobView) -> &'static str {
-    let any = |st: ShardState| v.shards.iter().any(|s| s.state == st);
-    if v.finished || !v.shards.iter().any(|s| !s.state.is_final()) {
-        if any(ShardState::Canceled) { "canceled" } else { "finished" }
-    } else if any(ShardState::Running) {
+fn job_state(v: &JobSummary) -> &'static str {
+    if v.finished || v.done() == v.shards {
+        if v.count(ShardState::Canceled) > 0 { "canceled" } else { "finished" }
+    } else if v.count(ShardState::Running) > 0 {
         "running"
     } else {
         "waiting"
@@ -746,11 +745,10 @@ fn job_state(v: &JobView) -> &'static str {
 }
 
 /// A job's shard counts: `12/48 done, 3 failed`.
-fn job_counts(v: &JobView) -> String {
-    let done: Vec<&ShardView> = v.shards.iter().filter(|s| s.state.is_final()).collect();
-    let canceled = done.iter().filter(|s| s.state == ShardState::Canceled).count();
-    let failed = done.iter().filter(|s| !s.passed && s.state != ShardState::Canceled).count();
-    let mut out = format!("{}/{} done", done.len(), v.shards.len());
+fn job_counts(v: &JobSummary) -> String {
+    let canceled = v.count(ShardState::Canceled);
+    let failed = v.done().saturating_sub(v.passed + canceled);
+    let mut out = format!("{}/{} done", v.done(), v.shards);
     if failed > 0 {
         out.push_str(&format!(", {failed} failed"));
     }
@@ -813,7 +811,7 @@ pub fn render_status(v: &NodeStatus, now_ms: u64) -> String {
         return o;
     }
     // Newest first.
-    let mut jobs: Vec<&JobView> = v.jobs.iter().collect();
+    let mut jobs: Vec<&JobSummary> = v.jobs.iter().collect();
     jobs.sort_by_key(|j| std::cmp::Reverse(j.created_at_ms));
     let _ = writeln!(o, "jobs submitted from this node, newest first:");
     for j in jobs.iter().take(STATUS_MAX_JOBS) {
@@ -847,7 +845,8 @@ pub fn render_job(v: &JobView, now_ms: u64) -> String {
     if v.created_at_ms > 0 {
         let _ = write!(o, "  submitted {}", fmt_age(now_ms, v.created_at_ms));
     }
-    let _ = writeln!(o, "\n{}, {}", job_state(v), job_counts(v));
+    let summary = JobSummary::from(v);
+    let _ = writeln!(o, "\n{}, {}", job_state(&summary), job_counts(&summary));
     let _ = writeln!(
         o,
         "{:>5}  {:<12} {:>4}  {:<14} {:>7}  {:>9}",
@@ -1059,6 +1058,7 @@ mod tests {
         canceled.shards = vec![ShardView::new(0, ShardState::Canceled)];
         let me = peer(9);
         let status = |jobs: Vec<JobView>, worker: WorkerView| NodeStatus {
+            jobs: jobs.iter().map(JobSummary::from).collect(),
             status: StatusAnswer {
                 mesh: MeshView {
                     peer: me.to_string(),
@@ -1079,7 +1079,6 @@ mod tests {
                 },
                 worker,
             },
-            jobs,
         };
         let worker = |slots, free_slots, started, results, quarantined: Option<&str>| WorkerView {
             dimensions: BTreeMap::from([("os".to_string(), vec!["Linux".to_string()])]),

@@ -8,6 +8,11 @@
 //! daemon's main task and is not shared: control clients and finished executions reach it
 //! through bounded channels. What it adds is IO and presentation: the views sent to watchers
 //! (at most every [`VIEW_INTERVAL`]) and the channels.
+//!
+//! A finished job leaves memory ([`NodeOutput::Retired`]): the engine keeps a summary of it
+//! for the list of jobs and a fingerprint of the logs and outputs its results name, and reads
+//! it back from the job database when someone asks for it whole (the last one read is kept).
+//! So a node's memory does not grow with the jobs it ran.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -30,7 +35,7 @@ use libp2p::identity::Keypair;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use crate::api::{JobView, WorkerView, view};
+use crate::api::{JobSummary, JobView, WorkerView, view};
 use crate::jobdb::JobDb;
 use crate::mesh::{Inbound, MeshHandle};
 
@@ -77,8 +82,8 @@ pub enum EngineCommand {
         /// The answer.
         reply: oneshot::Sender<Option<JobView>>,
     },
-    /// Every job's state.
-    Jobs(oneshot::Sender<Vec<JobView>>),
+    /// Every job, a summary each.
+    Jobs(oneshot::Sender<Vec<JobSummary>>),
     /// Progress of a job: a receiver of its views, sent on every change.
     Watch {
         /// The submission.
@@ -168,6 +173,28 @@ pub struct Engine {
     /// Set when a record could not be persisted: from then on nothing more is carried out,
     /// and the daemon stops (see [`Engine::fatal`]).
     fatal: Option<String>,
+    /// What is kept of each retired submission.
+    retired: BTreeMap<SubKey, Retired>,
+    /// The retired submission read back last, and its view.
+    loaded: Option<(SubKey, JobView)>,
+}
+
+/// What the engine keeps of a retired submission.
+#[derive(Debug)]
+struct Retired {
+    summary: JobSummary,
+    /// A fingerprint of every content id its results name as their log or outputs, sorted: a
+    /// hit is read back to find the nodes ([`EngineCommand::Producers`]).
+    names: Vec<u64>,
+}
+
+/// A short fingerprint of a content id (the last 8 bytes of its binary form).
+fn fingerprint(id: &ContentId) -> u64 {
+    let b = id.to_bytes();
+    let mut last = [0u8; 8];
+    let n = b.len().min(8);
+    last[8 - n..].copy_from_slice(&b[b.len() - n..]);
+    u64::from_be_bytes(last)
 }
 
 /// Shortest time between two progress views of one job sent to its watchers.
@@ -220,6 +247,7 @@ impl Engine {
             worker: WorkerConfig { slots: config.slots, ..config.worker },
             submitter: config.submitter,
             seed: rand_seed(),
+            retire_finished: true,
         })
         .map_err(|e| anyhow::anyhow!("invalid node dimensions: {e}"))?;
         // Two messages per execution at most (started, ended).
@@ -240,6 +268,8 @@ impl Engine {
             dirty: BTreeSet::new(),
             views_sent: Time::ZERO,
             fatal: None,
+            retired: BTreeMap::new(),
+            loaded: None,
         };
         // Results not yet acknowledged before a restart are delivered again.
         let t = now();
@@ -314,7 +344,102 @@ impl Engine {
                 }
             }
         }
+        // Retired submissions whose results may name it, newest first, read back.
+        let f = fingerprint(&id);
+        let mut hits: Vec<(u64, SubKey)> = self
+            .retired
+            .iter()
+            .filter(|(_, r)| r.names.binary_search(&f).is_ok())
+            .map(|(k, r)| (r.summary.created_at_ms, *k))
+            .collect();
+        hits.sort_by_key(|(c, _)| std::cmp::Reverse(*c));
+        for (_, (job, submission)) in hits {
+            let records = match self.db.submission(&job, submission) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(%job, submission, error = %e, "cannot read a finished job back");
+                    continue;
+                }
+            };
+            for r in records {
+                let Record::Result(r) = r else { continue };
+                if (r.body.log == Some(id) || r.body.outputs == Some(id))
+                    && let Some(n) = r.claimed_signer()
+                    && !out.contains(&n)
+                    && out.len() < MAX_PRODUCERS
+                {
+                    out.push(n);
+                }
+            }
+        }
         out
+    }
+
+    /// The view of a submission: from memory, or read back from the job database if it
+    /// retired.
+    fn job_view(&mut self, key: SubKey) -> Option<JobView> {
+        if let Some(s) = self.node.submission(&key) {
+            return Some(view(s));
+        }
+        if !self.node.is_retired(&key) {
+            return None;
+        }
+        if let Some((k, v)) = &self.loaded
+            && *k == key
+        {
+            return Some(v.clone());
+        }
+        let (job, submission) = key;
+        let read = self
+            .db
+            .submission(&job, submission)
+            .and_then(|records| Ok((records, self.db.is_canceled(&job, submission)?)));
+        let mut v = match read {
+            Ok((records, canceled)) => match self.node.load(now(), &records, canceled) {
+                Ok(s) => view(&s),
+                Err(e) => {
+                    warn!(%job, submission, error = %e, "cannot rebuild a finished job");
+                    return None;
+                }
+            },
+            Err(e) => {
+                warn!(%job, submission, error = %e, "cannot read a finished job back");
+                return None;
+            }
+        };
+        // What the submitter knew when it finished and its records do not say: why shards
+        // waited (the nodes it knew), and results that disagreed after the fact.
+        if let Some(r) = self.retired.get(&key) {
+            v.pending_reason.clone_from(&r.summary.pending_reason);
+            v.dissents = r.summary.dissents;
+        }
+        self.loaded = Some((key, v.clone()));
+        Some(v)
+    }
+
+    /// Keeps what is shown of a submission that retired.
+    fn retire(&mut self, key: SubKey) {
+        if let Some(s) = self.node.take_retired(&key) {
+            let v = view(&s);
+            let mut names: Vec<u64> = v
+                .shards
+                .iter()
+                .flat_map(|x| {
+                    let tries = x.tries.iter().flat_map(|t| [t.log, t.outputs]);
+                    [x.log, x.outputs].into_iter().chain(tries)
+                })
+                .flatten()
+                .map(|id| fingerprint(&id))
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            self.retired.insert(key, Retired { summary: JobSummary::from(&v), names });
+        }
+        self.watches.remove(&key);
+        self.dirty.remove(&key);
+        // The node remembers a bounded number; what it forgot goes here too.
+        let node = &self.node;
+        self.retired.retain(|k, _| node.is_retired(k));
     }
 
     /// The node's health, as the worker must know it before each input. A quarantine is said
@@ -421,14 +546,18 @@ impl Engine {
                 let _ = reply.send(r.map_err(|e| e.to_string()));
             }
             EngineCommand::Job { job, submission, reply } => {
-                let found = match submission {
-                    Some(u) => self.node.submission(&(job, u)),
-                    None => self.node.newest(&job).map(|(_, s)| s),
+                let key = match submission {
+                    Some(u) => Some((job, u)),
+                    None => self.node.newest_key(&job),
                 };
-                let _ = reply.send(found.map(view));
+                let _ = reply.send(key.and_then(|k| self.job_view(k)));
             }
             EngineCommand::Jobs(reply) => {
-                let _ = reply.send(self.node.submissions().map(|(_, s)| view(s)).collect());
+                let mut jobs: Vec<JobSummary> =
+                    self.node.submissions().map(|(_, s)| JobSummary::from(&view(s))).collect();
+                jobs.extend(self.retired.values().map(|r| r.summary.clone()));
+                jobs.sort_by_key(|j| j.created_at_ms);
+                let _ = reply.send(jobs);
             }
             EngineCommand::Watch { key, reply } => {
                 let known = self.node.submission(&key).is_some();
@@ -508,6 +637,7 @@ impl Engine {
                     warn!(%job, error = %e, "cannot record the cancel");
                 }
             }
+            NodeOutput::Retired(key) => self.retire(key),
             NodeOutput::Changed { key, finished } => {
                 // Watchers get a view at most every VIEW_INTERVAL (building one costs a pass
                 // over every shard), and the final one at once.

@@ -10,6 +10,10 @@
 //! - the job registry: at most [`MAX_SUBMITTED_JOBS`] submissions (the oldest finished one
 //!   makes room), records kept for [`JOB_RETENTION`], restore after a restart, cancel, and the
 //!   choice of earlier results an idempotent job reuses;
+//! - retirement ([`NodeConfig::retire_finished`]): a finished submission with no attempt still
+//!   running leaves memory; the node remembers only its key, and answers late messages for it
+//!   as its submitter would (a claim is refused as ended, a result acknowledged as late, a
+//!   heartbeat's leases revoked), so a node's memory does not grow with the jobs it ran;
 //! - announcements no peer heard, published again after [`REPUBLISH_AFTER`] at most
 //!   [`MAX_REPUBLISH`] times;
 //! - the quarantine gate: the driver says whether the machine is well ([`Node::set_health`]),
@@ -30,7 +34,9 @@ use libp2p_identity::{Keypair, PeerId};
 use crate::content::ContentId;
 use crate::dims::{DimensionError, Dimensions};
 use crate::job::{JobError, JobRequest, MAX_REPLICAS};
-use crate::message::{self, DecodeError, Message, Refusal, RefuseReason};
+use crate::message::{
+    self, Ack, DecodeError, HeartbeatReply, LeaseRef, Message, Refusal, RefuseReason, Verdict,
+};
 use crate::output::{ExecOutcome, LeaseId, Output, Record};
 use crate::record::{Announcement, SignedAnnouncement, SignedResult};
 use crate::submitter::{MAX_KNOWN_NODES, RestoreError, Submitter, SubmitterConfig};
@@ -66,6 +72,9 @@ pub struct NodeConfig {
     pub submitter: SubmitterConfig,
     /// Fixes every nonce and jitter of its machines.
     pub seed: u64,
+    /// Whether finished submissions leave memory ([`NodeOutput::Retired`]); their records
+    /// stay with the driver, which reads them back with [`Node::load`].
+    pub retire_finished: bool,
 }
 
 /// One thing the driver must do.
@@ -89,6 +98,10 @@ pub enum NodeOutput {
         /// Whether every shard is final.
         finished: bool,
     },
+    /// This finished submission left memory (with [`NodeConfig::retire_finished`]): take its
+    /// submitter with [`Node::take_retired`] to keep what the driver shows of it. Every output
+    /// it queued before comes first, so its records are complete.
+    Retired(SubKey),
 }
 
 /// Where a node reads the results it persisted earlier, for an idempotent job to reuse.
@@ -176,6 +189,11 @@ pub struct Node {
     /// Each submission's next deadline, and the same ordered by time.
     timer_of: BTreeMap<SubKey, Time>,
     timers: BTreeSet<(Time, SubKey)>,
+    retire_finished: bool,
+    /// Retired submissions, with their submission time.
+    retired: BTreeMap<SubKey, Time>,
+    /// Retired submitters the driver has not taken yet (one [`NodeOutput::Retired`] each).
+    retiring: BTreeMap<SubKey, Submitter>,
 }
 
 impl Node {
@@ -206,6 +224,9 @@ impl Node {
             changed: BTreeSet::new(),
             timer_of: BTreeMap::new(),
             timers: BTreeSet::new(),
+            retire_finished: config.retire_finished,
+            retired: BTreeMap::new(),
+            retiring: BTreeMap::new(),
         })
     }
 
@@ -219,9 +240,53 @@ impl Node {
         &self.worker
     }
 
-    /// One submission's submitter.
+    /// One submission's submitter, while it is in memory (retired ones are until the driver
+    /// takes them).
     pub fn submission(&self, key: &SubKey) -> Option<&Submitter> {
-        self.jobs.get(key)
+        self.jobs.get(key).or_else(|| self.retiring.get(key))
+    }
+
+    /// The retired submissions, with their submission times.
+    pub fn retired(&self) -> impl Iterator<Item = (&SubKey, &Time)> {
+        self.retired.iter()
+    }
+
+    /// Whether `key` is a retired submission.
+    pub fn is_retired(&self, key: &SubKey) -> bool {
+        self.retired.contains_key(key)
+    }
+
+    /// The submitter of a submission that just retired ([`NodeOutput::Retired`]), once.
+    pub fn take_retired(&mut self, key: &SubKey) -> Option<Submitter> {
+        self.retiring.remove(key)
+    }
+
+    /// The newest submission of `job`, in memory or retired.
+    pub fn newest_key(&self, job: &ContentId) -> Option<SubKey> {
+        let live = self.newest(job).map(|(k, s)| (s.created(), k));
+        let retired = self.retired.range((*job, 0)..=(*job, u64::MAX)).map(|(k, c)| (*c, *k)).max();
+        live.max(retired).map(|(_, k)| k)
+    }
+
+    /// A submission rebuilt from its records, to read (a retired one): nothing is sent, and
+    /// the node keeps nothing of it.
+    pub fn load(
+        &self,
+        now: Time,
+        records: &[Record],
+        canceled: bool,
+    ) -> Result<Submitter, RestoreError> {
+        let mut machine = Submitter::restore(
+            records,
+            self.keypair.clone(),
+            now,
+            self.submitter_config.clone(),
+            0,
+        )?;
+        if canceled {
+            machine.cancel(now);
+        }
+        Ok(machine)
     }
 
     /// Every submission, by key.
@@ -311,7 +376,12 @@ impl Node {
         force: bool,
         history: &mut dyn History,
     ) -> Result<SubKey, SubmitError> {
-        if self.jobs.len() >= MAX_SUBMITTED_JOBS {
+        if self.jobs.len() + self.retired.len() >= MAX_SUBMITTED_JOBS
+            && let Some(oldest) = self.oldest_retired()
+        {
+            // The oldest retired submission makes room (its records stay).
+            self.retired.remove(&oldest);
+        } else if self.jobs.len() >= MAX_SUBMITTED_JOBS {
             // The oldest finished submission makes room (its records stay).
             let done = self
                 .jobs
@@ -340,8 +410,10 @@ impl Node {
         Ok(key)
     }
 
-    /// Cancels every submission of `job`; whether there was one.
+    /// Cancels every submission of `job`; whether there was one (a retired one is finished:
+    /// there is nothing left to cancel).
     pub fn cancel(&mut self, now: Time, job: &ContentId) -> bool {
+        let retired = self.retired.range((*job, 0)..=(*job, u64::MAX)).next().is_some();
         let keys: Vec<SubKey> =
             self.jobs.range((*job, 0)..=(*job, u64::MAX)).map(|(k, _)| *k).collect();
         for key in &keys {
@@ -352,7 +424,7 @@ impl Node {
             self.touched.insert(*key);
         }
         self.pump(now);
-        !keys.is_empty()
+        retired || !keys.is_empty()
     }
 
     /// Whether the machine can take work (`None`) or why not: a quarantine the driver found
@@ -439,25 +511,56 @@ impl Node {
                     }
                     None => {
                         // The node that claims learns at once that there is nothing to wait
-                        // for (a job canceled and forgotten, or never submitted here).
+                        // for (a job finished, canceled and forgotten, or never submitted here).
+                        let reason = if self.retired.contains_key(&key) {
+                            RefuseReason::Ended
+                        } else {
+                            RefuseReason::UnknownJob
+                        };
                         let refusal = Refusal {
                             job: c.job,
                             submission: c.submission,
                             claim_id: c.claim_id,
-                            reason: RefuseReason::UnknownJob,
+                            reason,
                         };
                         self.send(now, from, Message::Refuse(refusal));
                     }
                 }
                 Ok(())
             }
+            Message::Heartbeat(h) if self.retired.contains_key(&(h.job, h.submission)) => {
+                // Every attempt of a retired job is over: whatever still runs is not wanted.
+                let reply = HeartbeatReply {
+                    job: h.job,
+                    submission: h.submission,
+                    renewed: Vec::new(),
+                    revoked: h.leases,
+                    ttl_ms: millis(self.submitter_config.lease_ttl),
+                };
+                self.send(now, from, Message::HeartbeatReply(reply));
+                Ok(())
+            }
             Message::Heartbeat(h) => {
                 self.for_job((h.job, h.submission), |s| s.handle_heartbeat(now, from, h))
+            }
+            Message::Result(r) if self.retired.contains_key(&(r.body.job, r.body.submission)) => {
+                // Every shard was decided without it: acknowledged so its worker stops
+                // sending it, counted nowhere.
+                let b = &r.body;
+                let ack = Ack {
+                    job: b.job,
+                    submission: b.submission,
+                    lease: LeaseRef { shard: b.shard, attempt: b.attempt },
+                    verdict: Verdict::Late,
+                };
+                self.send(now, from, Message::Ack(ack));
+                Ok(())
             }
             Message::Result(r) => {
                 let key = (r.body.job, r.body.submission);
                 self.for_job(key, |s| s.handle_result(now, from, r))
             }
+            Message::Decline(d) if self.retired.contains_key(&(d.job, d.submission)) => Ok(()),
             Message::Decline(d) => {
                 let key = (d.job, d.submission);
                 let r = self.for_job(key, |s| s.handle_decline(now, from, d));
@@ -644,6 +747,8 @@ impl Node {
 
     fn insert(&mut self, key: SubKey, machine: Submitter) {
         self.remove(key);
+        self.retired.remove(&key);
+        self.retiring.remove(&key);
         self.jobs.insert(key, machine);
         self.touched.insert(key);
         self.changed.insert(key);
@@ -672,6 +777,7 @@ impl Node {
     /// Drains every machine with something to say, delivering inside what is for this node,
     /// until none has; then re-arms the timers of the submissions it touched.
     fn pump(&mut self, now: Time) {
+        let mut visited = BTreeSet::new();
         loop {
             let mut progressed = false;
             while let Some(o) = self.worker.poll_output() {
@@ -679,6 +785,7 @@ impl Node {
                 self.carry(now, None, o);
             }
             for key in std::mem::take(&mut self.touched) {
+                visited.insert(key);
                 let mut changed = false;
                 while let Some(o) = self.jobs.get_mut(&key).and_then(Submitter::poll_output) {
                     progressed = true;
@@ -695,6 +802,33 @@ impl Node {
             }
         }
         self.flush_changed();
+        if self.retire_finished {
+            for key in visited {
+                if self.jobs.get(&key).is_some_and(Submitter::is_quiet) {
+                    self.retire(key);
+                }
+            }
+        }
+    }
+
+    /// Moves a quiet finished submission out of memory: the driver takes its submitter.
+    fn retire(&mut self, key: SubKey) {
+        let Some(machine) = self.jobs.get(&key) else { return };
+        let created = machine.created();
+        let machine = self.jobs.remove(&key).expect("present");
+        self.remove(key);
+        self.retiring.insert(key, machine);
+        self.retired.insert(key, created);
+        while self.jobs.len() + self.retired.len() > MAX_SUBMITTED_JOBS
+            && let Some(oldest) = self.oldest_retired()
+        {
+            self.retired.remove(&oldest);
+        }
+        self.outputs.push_back(NodeOutput::Retired(key));
+    }
+
+    fn oldest_retired(&self) -> Option<SubKey> {
+        self.retired.iter().min_by_key(|(k, c)| (**c, **k)).map(|(k, _)| *k)
     }
 
     fn flush_changed(&mut self) {
@@ -794,6 +928,7 @@ mod tests {
             worker: WorkerConfig { slots, ..WorkerConfig::default() },
             submitter: SubmitterConfig::default(),
             seed: 3,
+            retire_finished: false,
         })
         .unwrap()
     }
@@ -911,5 +1046,145 @@ mod tests {
         n.submit(Time(4), r, false, &mut NoHistory).unwrap();
         assert_eq!(n.submissions().count(), MAX_SUBMITTED_JOBS);
         assert!(n.submission(&first.unwrap()).is_none());
+    }
+
+    /// A node with `key`'s identity that trusts the submitter `key(7)`.
+    fn node_as(key_seed: u8, slots: u32, retire_finished: bool) -> Node {
+        let me = key(key_seed);
+        let dims = Dimensions::new().with("pool", "ci").with("os", "Linux").with("cpu", "x86-64");
+        Node::new(NodeConfig {
+            trust: TrustPolicy::default().trust(key(7).public().to_peer_id()),
+            keypair: me,
+            dimensions: dims,
+            worker: WorkerConfig { slots, ..WorkerConfig::default() },
+            submitter: SubmitterConfig::default(),
+            seed: u64::from(key_seed),
+            retire_finished,
+        })
+        .unwrap()
+    }
+
+    /// Carries everything between a submitter and a worker until neither has anything to
+    /// say; runs every execution the worker starts to a pass. Returns what the submitter
+    /// queued besides messages, and every message the worker sent.
+    fn exchange(t: Time, sub: &mut Node, w: &mut Node) -> (Vec<NodeOutput>, Vec<Message>) {
+        let (sub_id, w_id) = (sub.peer_id(), w.peer_id());
+        let (mut kept, mut from_worker) = (Vec::new(), Vec::new());
+        loop {
+            let mut moved = false;
+            while let Some(o) = sub.poll_output() {
+                moved = true;
+                match o {
+                    NodeOutput::Output(Output::Send { to, msg }) if to == w_id => {
+                        let _ = w.handle_message(t, sub_id, msg);
+                    }
+                    NodeOutput::Output(Output::Publish { msg: Message::Announce(a), .. }) => {
+                        let _ = w.handle_announcement(t, a);
+                    }
+                    other => kept.push(other),
+                }
+            }
+            while let Some(o) = w.poll_output() {
+                moved = true;
+                match o {
+                    NodeOutput::Output(Output::Send { to, msg }) if to == sub_id => {
+                        from_worker.push(msg.clone());
+                        let _ = sub.handle_message(t, w_id, msg);
+                    }
+                    NodeOutput::Output(Output::StartExecution(e)) => {
+                        w.execution_started(t, e.lease);
+                        let done = ExecOutcome::exited(0, Duration::from_secs(1));
+                        w.execution_finished(t, e.lease, done);
+                    }
+                    _ => {}
+                }
+            }
+            if !moved {
+                return (kept, from_worker);
+            }
+        }
+    }
+
+    #[test]
+    fn a_finished_job_leaves_memory_and_late_messages_still_get_its_answers() {
+        let (mut sub, mut w) = (node_as(7, 0, true), node_as(8, 1, false));
+        sub.peer_dimensions(w.peer_id(), w.dimensions.clone());
+        let t = Time(1_000);
+        let key = sub.submit(t, request(2), false, &mut NoHistory).unwrap();
+        let mut kept = Vec::new();
+        let mut sent = Vec::new();
+        for step in 0..20 {
+            let now = t + Duration::from_secs(step);
+            sub.handle_timeout(now);
+            w.handle_timeout(now);
+            let (k, m) = exchange(now, &mut sub, &mut w);
+            kept.extend(k);
+            sent.extend(m);
+        }
+        assert!(kept.contains(&NodeOutput::Changed { key, finished: true }), "{kept:?}");
+        assert!(kept.contains(&NodeOutput::Retired(key)), "{kept:?}");
+        // Its final state was there to read until the driver took it; then only its key is.
+        let retired = sub.take_retired(&key).expect("the driver takes it once");
+        assert_eq!(retired.shard_states(), vec![ShardState::Completed; 2]);
+        assert!(sub.take_retired(&key).is_none());
+        assert!(sub.submission(&key).is_none() && sub.submissions().next().is_none());
+        assert!(sub.is_retired(&key));
+        assert_eq!(sub.newest_key(&key.0), Some(key));
+        assert!(sub.poll_timeout().is_none(), "a retired job has no timers");
+        // Its records rebuild it, without the node keeping anything.
+        let records: Vec<Record> = kept
+            .iter()
+            .filter_map(|o| match o {
+                NodeOutput::Output(Output::Persist(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        let loaded = sub.load(t, &records, false).unwrap();
+        assert_eq!(loaded.shard_states(), vec![ShardState::Completed; 2]);
+        assert!(sub.submission(&key).is_none());
+        // The same messages again, as a slow or restarted worker sends them: each gets the
+        // answer that ends it.
+        let claim = sent.iter().find(|m| matches!(m, Message::Claim(_))).unwrap().clone();
+        let result = sent.iter().find(|m| matches!(m, Message::Result(_))).unwrap().clone();
+        let Message::Result(r) = &result else { unreachable!() };
+        let lease = LeaseRef { shard: r.body.shard, attempt: r.body.attempt };
+        let hb = Message::Heartbeat(message::Heartbeat {
+            job: key.0,
+            submission: key.1,
+            leases: vec![lease],
+            running: vec![],
+        });
+        let answers: Vec<Message> = [claim, result, hb]
+            .into_iter()
+            .flat_map(|m| {
+                sub.handle_message(t, w.peer_id(), m).unwrap();
+                drain(&mut sub)
+            })
+            .filter_map(|o| match o {
+                NodeOutput::Output(Output::Send { msg, .. }) => Some(msg),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(answers.len(), 3, "{answers:?}");
+        assert!(matches!(&answers[0], Message::Refuse(r) if r.reason == RefuseReason::Ended));
+        assert!(matches!(&answers[1], Message::Ack(a) if a.verdict == Verdict::Late));
+        assert!(
+            matches!(&answers[2], Message::HeartbeatReply(h) if h.revoked == vec![lease] && h.renewed.is_empty())
+        );
+        // A cancel finds the job, and has nothing to do.
+        assert!(sub.cancel(t, &key.0));
+        assert!(drain(&mut sub).is_empty());
+    }
+
+    #[test]
+    fn retired_jobs_count_against_the_limit_and_the_oldest_makes_room() {
+        let mut n = node_as(7, 0, true);
+        for i in 0..MAX_SUBMITTED_JOBS as u64 {
+            n.retired.insert((crate::content::job_id(b"old"), i), Time(i));
+        }
+        let key = n.submit(Time(10_000), request(1), false, &mut NoHistory).unwrap();
+        assert_eq!(n.retired().count(), MAX_SUBMITTED_JOBS - 1);
+        assert!(!n.is_retired(&(crate::content::job_id(b"old"), 0)), "the oldest went");
+        assert!(n.submission(&key).is_some());
     }
 }

@@ -592,6 +592,12 @@ impl Submitter {
         self.ended
     }
 
+    /// Whether it is finished with no attempt still running: nothing it does can change any
+    /// more, except counting a late result as a dissent.
+    pub fn is_quiet(&self) -> bool {
+        self.ended && self.attempts.values().all(|a| a.state != AttemptState::Running)
+    }
+
     /// The state of every shard, by index.
     pub fn shard_states(&self) -> Vec<ShardState> {
         self.shards.iter().map(|s| s.state).collect()

@@ -114,6 +114,7 @@ impl World {
                     worker: WorkerConfig { slots, ..WorkerConfig::default() },
                     submitter: SubmitterConfig::default(),
                     seed: rng.next_u64(),
+                    retire_finished: false,
                 }
             })
             .collect();

@@ -661,6 +661,8 @@ impl World {
             worker,
             submitter: self.submitter_cfg.clone(),
             seed,
+            // The invariant checkers read every finished submission.
+            retire_finished: false,
         };
         let mut m = gnode::Node::new(config).expect("valid dimensions");
         let t = self.local(i);
@@ -872,7 +874,7 @@ impl World {
                 self.nodes[iu].disk.canceled.insert(key);
                 return;
             }
-            NodeOutput::Changed { .. } => return,
+            NodeOutput::Changed { .. } | NodeOutput::Retired(_) => return,
         };
         match o {
             Output::Send { to, mut msg } => {

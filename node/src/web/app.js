@@ -103,11 +103,10 @@ function nodePage(app) {
         w.running.length ? el("ul", {}, ...w.running.map((r) => el("li", { class: "mono" }, r)))
           : el("p", { class: "muted" }, "none"));
       const jobRows = s.jobs.slice().reverse().map((j) => {
-        const passed = j.shards.filter((x) => x.passed).length;
         return [
           el("a", { href: withToken("/job/" + j.job, { submission: j.submission }) }, j.name || j.job),
           el("span", { class: "mono" }, j.job),
-          passed + "/" + j.shards.length + " passed",
+          j.passed + "/" + j.shards + " passed",
           j.finished ? "finished" : (j.pending_reason || "running"),
         ];
       });
