@@ -301,6 +301,8 @@ impl Engine {
                 }
                 Err(e) => warn!(%job, submission, error = %e, "cannot restore a job"),
             }
+            // A finished one retires at once: one at a time in memory.
+            engine.drain().await;
         }
         engine.drain().await;
         Ok((engine, finished_rx))
@@ -395,13 +397,15 @@ impl Engine {
             .submission(&job, submission)
             .and_then(|records| Ok((records, self.db.is_canceled(&job, submission)?)));
         let mut v = match read {
-            Ok((records, canceled)) => match self.node.load(now(), &records, canceled) {
-                Ok(s) => view(&s),
-                Err(e) => {
-                    warn!(%job, submission, error = %e, "cannot rebuild a finished job");
-                    return None;
+            Ok((records, canceled)) => {
+                match self.node.load(now(), &records, canceled, &mut DbHistory(&self.db)) {
+                    Ok(s) => view(&s),
+                    Err(e) => {
+                        warn!(%job, submission, error = %e, "cannot rebuild a finished job");
+                        return None;
+                    }
                 }
-            },
+            }
             Err(e) => {
                 warn!(%job, submission, error = %e, "cannot read a finished job back");
                 return None;

@@ -268,13 +268,15 @@ impl Node {
         live.max(retired).map(|(_, k)| k)
     }
 
-    /// A submission rebuilt from its records, to read (a retired one): nothing is sent, and
-    /// the node keeps nothing of it.
+    /// A submission rebuilt from its records, to read (a retired one) as a restore would
+    /// rebuild it ([`Node::restore_submission`]: the shards it reused are taken again from
+    /// `history`); nothing is sent, and the node keeps nothing of it.
     pub fn load(
         &self,
         now: Time,
         records: &[Record],
         canceled: bool,
+        history: &mut dyn History,
     ) -> Result<Submitter, RestoreError> {
         let mut machine = Submitter::restore(
             records,
@@ -285,6 +287,8 @@ impl Node {
         )?;
         if canceled {
             machine.cancel(now);
+        } else {
+            reuse_earlier(now, &mut machine, history);
         }
         Ok(machine)
     }
@@ -1139,7 +1143,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        let loaded = sub.load(t, &records, false).unwrap();
+        let loaded = sub.load(t, &records, false, &mut NoHistory).unwrap();
         assert_eq!(loaded.shard_states(), vec![ShardState::Completed; 2]);
         assert!(sub.submission(&key).is_none());
         // The same messages again, as a slow or restarted worker sends them: each gets the

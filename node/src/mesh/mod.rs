@@ -169,6 +169,23 @@ pub const AUTONAT_DIAL_BACKS_PER_SECOND: usize = 16;
 /// AutoNAT (v1): peers dial this node back at the addresses it asks about, and it dials back
 /// theirs. Private address ranges count (`only_global_ips: false`): LAN meshes and labs use
 /// them, and a dial-back only ever goes to the IP address the asking peer is seen at.
+/// How often a node refreshes its DHT routing table (a lookup of its own id, then one per
+/// bucket: in a mesh of 40, about 300 requests). libp2p's default is 5 minutes, go-libp2p's
+/// 10.
+pub const KAD_REFRESH: Duration = Duration::from_secs(10 * 60);
+/// How often a connected peer is asked again who it is. What changes (addresses, when
+/// reachability does) is pushed at once, so this only catches what a push missed; libp2p's
+/// default is 5 minutes.
+pub const IDENTIFY_INTERVAL: Duration = Duration::from_secs(30 * 60);
+
+/// Where in `period` this node's periodic work falls: taken from its peer id, so nodes
+/// started at the same moment do not all do it at once.
+fn refresh_phase(me: &PeerId, period: Duration) -> Duration {
+    let b = me.to_bytes();
+    let tail = b.iter().rev().take(8).fold(0u64, |acc, x| acc << 8 | u64::from(*x));
+    Duration::from_millis(tail % period.as_millis().max(1) as u64)
+}
+
 /// How often a node pings each connected peer (it answers pings whenever asked). Every ping
 /// wakes both ends, and an idle node may be connected to hundreds of peers (libp2p's default
 /// is 15 s).
@@ -553,6 +570,7 @@ pub fn start(
         listening: Vec::new(),
         starting,
         bootstrapped: false,
+        confirmed: BTreeSet::new(),
         relays: BTreeMap::new(),
         reserved: BTreeSet::new(),
         relay_peers: BTreeMap::new(),
@@ -618,8 +636,8 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
         .map_err(|e| setup(&e))?;
     let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
     kad_config.set_query_timeout(Duration::from_secs(10));
-    // Bootstrapping is driven here: once the routing table has a first peer, then every five
-    // minutes.
+    // Bootstrapping is driven here: once the routing table has a first peer, then every
+    // KAD_REFRESH at this node's own phase.
     kad_config.set_periodic_bootstrap_interval(None);
     #[cfg(feature = "test-hooks")]
     let blocks_support = if config.fault == Some(Fault::OldContent) {
@@ -673,6 +691,7 @@ fn build_swarm(keypair: Keypair, config: &MeshConfig) -> Result<Swarm<Behaviour>
                 identify: identify::Behaviour::new(
                     identify::Config::new("/grid/1.0.0".into(), key.public())
                         .with_agent_version(agent)
+                        .with_interval(IDENTIFY_INTERVAL)
                         // Only addresses others can dial (given, confirmed by AutoNAT, or
                         // through a relay): a home node's LAN address is nobody's business.
                         .with_hide_listen_addrs(true),
@@ -734,6 +753,9 @@ struct Driver {
     /// Listeners that have not yet reported an address (nor closed).
     starting: HashSet<libp2p::core::transport::ListenerId>,
     bootstrapped: bool,
+    /// External addresses confirmed so far (AutoNAT confirms them again at every refresh; only
+    /// a new one is news to peers).
+    confirmed: BTreeSet<Multiaddr>,
     /// Relays this node reserves (or tries to reserve) a slot on, and those that accepted.
     relays: BTreeMap<PeerId, Reservation>,
     reserved: BTreeSet<PeerId>,
@@ -852,7 +874,10 @@ impl Driver {
             }
             Err(e) => warn!(error = %e, "cannot list stored manifests to provide"),
         }
-        let mut bootstrap = tokio::time::interval(Duration::from_secs(300));
+        // Nodes started together refresh at different times: each at its own phase.
+        let phase = refresh_phase(self.swarm.local_peer_id(), KAD_REFRESH);
+        let mut bootstrap =
+            tokio::time::interval_at(tokio::time::Instant::now() + phase, KAD_REFRESH);
         let mut redial = tokio::time::interval(REDIAL_INTERVAL);
         loop {
             // The node's own commands and due timers before new remote traffic (rust-libp2p's
@@ -1348,10 +1373,15 @@ impl Driver {
                 }
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
-                info!(%address, "external address confirmed");
-                self.push_identify();
+                if self.confirmed.insert(address.clone()) {
+                    info!(%address, "external address confirmed");
+                    self.push_identify();
+                } else {
+                    debug!(%address, "external address confirmed again");
+                }
             }
             SwarmEvent::ExternalAddrExpired { address } => {
+                self.confirmed.remove(&address);
                 info!(%address, "external address withdrawn");
                 self.push_identify();
             }
