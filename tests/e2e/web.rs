@@ -398,6 +398,12 @@ fn a_job_s_page_shows_its_shards_go_from_pending_to_passed_without_a_reload() {
     // The stream ended with the job: the page says so rather than that it reconnects.
     let live = b.eval("document.getElementById('live').textContent");
     assert_eq!(live, "finished");
+    // The node's own page lists it, finished and counted (from the job's summary).
+    b.call("Page.navigate", serde_json::json!({ "url": url }));
+    wait_for(20, "the job in the node's list of jobs", || {
+        let t = b.eval("document.body.textContent");
+        t.as_str().is_some_and(|t| t.contains(&job) && t.contains("4/4 passed")).then_some(())
+    });
 }
 
 /// Base64 decoding for the one screenshot, without a crate for it.
