@@ -441,7 +441,12 @@ impl Engine {
         }
         self.watches.remove(&key);
         self.dirty.remove(&key);
-        // The node remembers a bounded number; what it forgot goes here too.
+        self.forget_retired();
+    }
+
+    /// The node remembers a bounded number of retired submissions (the oldest makes room for
+    /// a new one): what it forgot goes here too.
+    fn forget_retired(&mut self) {
         let node = &self.node;
         self.retired.retain(|k, _| node.is_retired(k));
     }
@@ -547,6 +552,7 @@ impl Engine {
                 if let Ok((job, submission)) = &r {
                     info!(%job, submission, "job submitted");
                 }
+                self.forget_retired();
                 let _ = reply.send(r.map_err(|e| e.to_string()));
             }
             EngineCommand::Job { job, submission, reply } => {
