@@ -398,7 +398,7 @@ impl Engine {
             .and_then(|records| Ok((records, self.db.is_canceled(&job, submission)?)));
         let mut v = match read {
             Ok((records, canceled)) => {
-                match self.node.load(now(), &records, canceled, &mut DbHistory(&self.db)) {
+                match self.node.load(&records, canceled, &mut DbHistory(&self.db)) {
                     Ok(s) => view(&s),
                     Err(e) => {
                         warn!(%job, submission, error = %e, "cannot rebuild a finished job");

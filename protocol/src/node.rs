@@ -268,27 +268,34 @@ impl Node {
         live.max(retired).map(|(_, k)| k)
     }
 
-    /// A submission rebuilt from its records, to read (a retired one) as a restore would
-    /// rebuild it ([`Node::restore_submission`]: the shards it reused are taken again from
-    /// `history`); nothing is sent, and the node keeps nothing of it.
+    /// A finished submission rebuilt from its records, to read (a retired one): as of its
+    /// submission time, so the shards it took from earlier runs are taken again from
+    /// `history` as they were then (not expired since, nor too old to reuse by now). Nothing
+    /// is sent, and the node keeps nothing of it.
     pub fn load(
         &self,
-        now: Time,
         records: &[Record],
         canceled: bool,
         history: &mut dyn History,
     ) -> Result<Submitter, RestoreError> {
+        let at = records
+            .iter()
+            .find_map(|r| match r {
+                Record::Job { created, .. } => Some(*created),
+                _ => None,
+            })
+            .ok_or(RestoreError::NoJob)?;
         let mut machine = Submitter::restore(
             records,
             self.keypair.clone(),
-            now,
+            at,
             self.submitter_config.clone(),
             0,
         )?;
         if canceled {
-            machine.cancel(now);
+            machine.cancel(at);
         } else {
-            reuse_earlier(now, &mut machine, history);
+            reuse_earlier(at, &mut machine, history);
         }
         Ok(machine)
     }
@@ -1143,7 +1150,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        let loaded = sub.load(t, &records, false, &mut NoHistory).unwrap();
+        let loaded = sub.load(&records, false, &mut NoHistory).unwrap();
         assert_eq!(loaded.shard_states(), vec![ShardState::Completed; 2]);
         assert!(sub.submission(&key).is_none());
         // The same messages again, as a slow or restarted worker sends them: each gets the
@@ -1190,5 +1197,57 @@ mod tests {
         assert_eq!(n.retired().count(), MAX_SUBMITTED_JOBS - 1);
         assert!(!n.is_retired(&(crate::content::job_id(b"old"), 0)), "the oldest went");
         assert!(n.submission(&key).is_some());
+    }
+
+    struct Kept(Vec<SignedResult>);
+
+    impl History for Kept {
+        fn results(&mut self, _: &ContentId) -> Vec<SignedResult> {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn a_submission_that_reused_every_shard_reads_back_the_same_long_after() {
+        let (mut sub, mut w) = (node_as(7, 0, true), node_as(8, 1, false));
+        sub.peer_dimensions(w.peer_id(), w.dimensions.clone());
+        let mut req = request(2);
+        req.spec.idempotent = true;
+        let t = Time(1_000);
+        sub.submit(t, req.clone(), false, &mut NoHistory).unwrap();
+        let mut kept = Vec::new();
+        for step in 0..20 {
+            let now = t + Duration::from_secs(step);
+            sub.handle_timeout(now);
+            w.handle_timeout(now);
+            kept.extend(exchange(now, &mut sub, &mut w).0);
+        }
+        let results: Vec<SignedResult> = kept
+            .iter()
+            .filter_map(|o| match o {
+                NodeOutput::Output(Output::Persist(Record::Result(r))) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(results.len(), 2, "{kept:?}");
+        let mut history = Kept(results);
+        // The same job a day later takes both shards from the first run, and is done at once.
+        let day = Duration::from_secs(24 * 3600);
+        let again = t + day;
+        let key = sub.submit(again, req, false, &mut history).unwrap();
+        let out = drain(&mut sub);
+        assert!(out.contains(&NodeOutput::Retired(key)), "{out:?}");
+        let records: Vec<Record> = out
+            .iter()
+            .filter_map(|o| match o {
+                NodeOutput::Output(Output::Persist(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        // Read back whenever (past its expiration, or past the age a result may be reused
+        // at): it is the submission it was, its shards not expired nor to run again.
+        let loaded = sub.load(&records, false, &mut history).unwrap();
+        assert_eq!(loaded.shard_states(), vec![ShardState::Completed; 2]);
+        assert!(loaded.is_finished());
     }
 }
