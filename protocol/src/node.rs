@@ -358,18 +358,27 @@ impl Node {
         history: &mut dyn History,
     ) -> Result<SubKey, RestoreError> {
         let seed = next_seed(&mut self.seed);
-        let mut machine = Submitter::restore(
-            records,
-            self.keypair.clone(),
-            now,
-            self.submitter_config.clone(),
-            seed,
-        )?;
-        if canceled {
-            machine.cancel(now);
-        } else {
-            reuse_earlier(now, &mut machine, history);
-        }
+        // A job that had finished is rebuilt as of its submission ([`Node::load`]: the shards it
+        // took from earlier runs as they were, not expired since); any other carries on now.
+        let finished = self.load(records, canceled, history).ok().filter(Submitter::is_finished);
+        let machine = match finished {
+            Some(machine) => machine,
+            None => {
+                let mut machine = Submitter::restore(
+                    records,
+                    self.keypair.clone(),
+                    now,
+                    self.submitter_config.clone(),
+                    seed,
+                )?;
+                if canceled {
+                    machine.cancel(now);
+                } else {
+                    reuse_earlier(now, &mut machine, history);
+                }
+                machine
+            }
+        };
         let key = (machine.job(), machine.submission());
         self.insert(key, machine);
         self.pump(now);
@@ -1249,5 +1258,12 @@ mod tests {
         let loaded = sub.load(&records, false, &mut history).unwrap();
         assert_eq!(loaded.shard_states(), vec![ShardState::Completed; 2]);
         assert!(loaded.is_finished());
+        // And so does a restart a week later.
+        let mut restarted = node_as(7, 0, true);
+        let later = again + 7 * day;
+        let key = restarted.restore_submission(later, &records, false, &mut history).unwrap();
+        drain(&mut restarted);
+        let restored = restarted.take_retired(&key).expect("finished, it retires at once");
+        assert_eq!(restored.shard_states(), vec![ShardState::Completed; 2]);
     }
 }
