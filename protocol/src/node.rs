@@ -957,6 +957,16 @@ mod tests {
         std::iter::from_fn(|| n.poll_output()).collect()
     }
 
+    /// The records among `out`, in order.
+    fn persisted(out: &[NodeOutput]) -> Vec<Record> {
+        out.iter()
+            .filter_map(|o| match o {
+                NodeOutput::Output(Output::Persist(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn sends(out: &[NodeOutput]) -> usize {
         out.iter().filter(|o| matches!(o, NodeOutput::Output(Output::Send { .. }))).count()
     }
@@ -1152,13 +1162,7 @@ mod tests {
         assert_eq!(sub.newest_key(&key.0), Some(key));
         assert!(sub.poll_timeout().is_none(), "a retired job has no timers");
         // Its records rebuild it, without the node keeping anything.
-        let records: Vec<Record> = kept
-            .iter()
-            .filter_map(|o| match o {
-                NodeOutput::Output(Output::Persist(r)) => Some(r.clone()),
-                _ => None,
-            })
-            .collect();
+        let records = persisted(&kept);
         let loaded = sub.load(&records, false, &mut NoHistory).unwrap();
         assert_eq!(loaded.shard_states(), vec![ShardState::Completed; 2]);
         assert!(sub.submission(&key).is_none());
@@ -1231,10 +1235,10 @@ mod tests {
             w.handle_timeout(now);
             kept.extend(exchange(now, &mut sub, &mut w).0);
         }
-        let results: Vec<SignedResult> = kept
-            .iter()
-            .filter_map(|o| match o {
-                NodeOutput::Output(Output::Persist(Record::Result(r))) => Some(r.clone()),
+        let results: Vec<SignedResult> = persisted(&kept)
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Result(r) => Some(r),
                 _ => None,
             })
             .collect();
@@ -1246,13 +1250,7 @@ mod tests {
         let key = sub.submit(again, req, false, &mut history).unwrap();
         let out = drain(&mut sub);
         assert!(out.contains(&NodeOutput::Retired(key)), "{out:?}");
-        let records: Vec<Record> = out
-            .iter()
-            .filter_map(|o| match o {
-                NodeOutput::Output(Output::Persist(r)) => Some(r.clone()),
-                _ => None,
-            })
-            .collect();
+        let records = persisted(&out);
         // Read back whenever (past its expiration, or past the age a result may be reused
         // at): it is the submission it was, its shards not expired nor to run again.
         let loaded = sub.load(&records, false, &mut history).unwrap();
