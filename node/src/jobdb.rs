@@ -100,10 +100,7 @@ impl JobDb {
         // A small database: keep its memory small too.
         opts.set_write_buffer_size(4 << 20);
         opts.set_max_write_buffer_number(2);
-        let cache = rocksdb::Cache::new_lru_cache(CACHE_BYTES);
-        let mut table = rocksdb::BlockBasedOptions::default();
-        table.set_block_cache(&cache);
-        opts.set_block_based_table_factory(&table);
+        opts.set_block_based_table_factory(&crate::store::block_cache_table(CACHE_BYTES));
         opts.set_keep_log_file_num(4);
         Ok(JobDb { db: DB::open(&opts, dir)? })
     }

@@ -52,6 +52,14 @@ const TOTALS_KEY: &[u8] = b"totals";
 pub const INDEX_CACHE_BYTES: usize = 8 << 20;
 /// Size of each of the index's write buffers (memtables): a column family has at most two.
 pub const INDEX_WRITE_BUFFER_BYTES: usize = 2 << 20;
+/// RocksDB table options with one LRU block cache of `bytes` (RocksDB's default is 32 MiB for
+/// each column family); column families given the same options share the cache.
+pub(crate) fn block_cache_table(bytes: usize) -> rocksdb::BlockBasedOptions {
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(&rocksdb::Cache::new_lru_cache(bytes));
+    table
+}
+
 /// Key (in the totals column family) of the count of objects ever dropped.
 const DROPS_KEY: &[u8] = b"drops";
 /// Deepest chain of manifest includes followed.
@@ -626,11 +634,8 @@ impl Store {
         // The index's memory is bounded whatever the store holds: one block cache for all its
         // column families (RocksDB would give each its own of 32 MiB) and small write buffers
         // (each would take up to 2 x 64 MiB).
-        let cache = rocksdb::Cache::new_lru_cache(INDEX_CACHE_BYTES);
         let mut cf_opts = Options::default();
-        let mut table = rocksdb::BlockBasedOptions::default();
-        table.set_block_cache(&cache);
-        cf_opts.set_block_based_table_factory(&table);
+        cf_opts.set_block_based_table_factory(&block_cache_table(INDEX_CACHE_BYTES));
         cf_opts.set_write_buffer_size(INDEX_WRITE_BUFFER_BYTES);
         cf_opts.set_max_write_buffer_number(2);
         let cfs = ALL_CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, cf_opts.clone()));

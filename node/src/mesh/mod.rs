@@ -166,9 +166,6 @@ pub const AUTONAT_REFRESH: Duration = Duration::from_secs(5 * 60);
 /// together); each is one connection attempt to the asking peer's own address.
 pub const AUTONAT_DIAL_BACKS_PER_SECOND: usize = 16;
 
-/// AutoNAT (v1): peers dial this node back at the addresses it asks about, and it dials back
-/// theirs. Private address ranges count (`only_global_ips: false`): LAN meshes and labs use
-/// them, and a dial-back only ever goes to the IP address the asking peer is seen at.
 /// How often a node refreshes its DHT routing table (a lookup of its own id, then one per
 /// bucket: in a mesh of 40, about 300 requests). libp2p's default is 5 minutes, go-libp2p's
 /// 10.
@@ -191,6 +188,9 @@ fn refresh_phase(me: &PeerId, period: Duration) -> Duration {
 /// is 15 s).
 pub const PING_INTERVAL: Duration = Duration::from_secs(60);
 
+/// AutoNAT (v1): peers dial this node back at the addresses it asks about, and it dials back
+/// theirs. Private address ranges count (`only_global_ips: false`): LAN meshes and labs use
+/// them, and a dial-back only ever goes to the IP address the asking peer is seen at.
 fn autonat_config() -> autonat::Config {
     autonat::Config {
         timeout: Duration::from_secs(10),
