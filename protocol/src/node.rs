@@ -805,7 +805,9 @@ impl Node {
                 self.carry(now, None, o);
             }
             for key in std::mem::take(&mut self.touched) {
-                visited.insert(key);
+                if self.retire_finished {
+                    visited.insert(key);
+                }
                 let mut changed = false;
                 while let Some(o) = self.jobs.get_mut(&key).and_then(Submitter::poll_output) {
                     progressed = true;
@@ -822,20 +824,17 @@ impl Node {
             }
         }
         self.flush_changed();
-        if self.retire_finished {
-            for key in visited {
-                if self.jobs.get(&key).is_some_and(Submitter::is_quiet) {
-                    self.retire(key);
-                }
+        for key in visited {
+            if self.jobs.get(&key).is_some_and(Submitter::is_quiet) {
+                self.retire(key);
             }
         }
     }
 
     /// Moves a quiet finished submission out of memory: the driver takes its submitter.
     fn retire(&mut self, key: SubKey) {
-        let Some(machine) = self.jobs.get(&key) else { return };
+        let Some(machine) = self.jobs.remove(&key) else { return };
         let created = machine.created();
-        let machine = self.jobs.remove(&key).expect("present");
         self.remove(key);
         self.retiring.insert(key, machine);
         self.retired.insert(key, created);
